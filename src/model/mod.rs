@@ -1,0 +1,473 @@
+//! The model runtime: a decoder-only transformer on the CPU in f32, with every residual-stream
+//! state exposed and the matrices that write into the residual stream editable in place.
+//!
+//! Weights are held under Hugging Face names (`model.layers.3.self_attn.o_proj.weight`) whatever
+//! file they came from, so that GGUF and safetensors checkpoints build the same model and an
+//! edited model can be exported for transformers.
+
+pub mod chat;
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod hf;
+pub mod llama;
+pub mod qwen2;
+pub mod source;
+pub mod tokenizer;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+
+pub use config::{Config, Family};
+pub use source::{load, LoadedModel};
+
+/// Tensors by Hugging Face name, f32 on the CPU.
+pub struct Weights {
+    pub tensors: HashMap<String, Tensor>,
+    pub origin: String,
+}
+
+impl Weights {
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.tensors.remove(name).with_context(|| {
+            format!("{} has no tensor '{name}': the checkpoint is incomplete or of another architecture", self.origin)
+        })
+    }
+
+    pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    pub fn take_shaped(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self.take(name)?;
+        if t.dims() != dims {
+            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}", self.origin, t.dims(), dims);
+        }
+        Ok(t)
+    }
+}
+
+/// `y = x Wᵀ + b` with `W` stored as `[out, in]`, like `torch.nn.Linear`.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n_in = *dims.last().context("linear input has no dimensions")?;
+        let rows = x.elem_count() / n_in;
+        let x2 = x.reshape((rows, n_in))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// The two matrices of a layer that write into the residual stream; abliteration edits these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Writer {
+    /// Attention output projection, `[d_model, heads × head_dim]`.
+    AttnOut,
+    /// MLP down projection, `[d_model, intermediate]`.
+    MlpDown,
+}
+
+impl Writer {
+    pub const ALL: [Writer; 2] = [Writer::AttnOut, Writer::MlpDown];
+
+    pub fn hf_name(self, layer: usize) -> String {
+        match self {
+            Writer::AttnOut => format!("model.layers.{layer}.self_attn.o_proj.weight"),
+            Writer::MlpDown => format!("model.layers.{layer}.mlp.down_proj.weight"),
+        }
+    }
+}
+
+/// Keys and values seen so far, `[batch, kv_heads, seq, head_dim]`.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match (&self.k, &self.v) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
+    }
+}
+
+/// What one layer needs besides its input: rotary tables for these positions and the additive
+/// attention mask `[batch, 1, 1, queries, keys]` (0 or −∞).
+pub struct StepContext {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+}
+
+/// One decoder block. A new family implements this in its own file.
+pub trait DecoderLayer: Send + Sync {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn writer(&self, which: Writer) -> &Linear;
+    fn writer_mut(&mut self, which: Writer) -> &mut Linear;
+    /// Every parameter under its Hugging Face name (for export).
+    fn named_tensors(&self, layer: usize) -> Vec<(String, Tensor)>;
+}
+
+/// A left-padded batch of token ids. `mask[b][t]` is 1 for real tokens, 0 for padding.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub ids: Vec<Vec<u32>>,
+    pub mask: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    /// Left-pads sequences to the longest one.
+    pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Batch {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len());
+        let mut mask = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let pad = t - s.len();
+            let mut row = vec![pad_id; pad];
+            row.extend_from_slice(s);
+            ids.push(row);
+            let mut m = vec![0u8; pad];
+            m.extend(std::iter::repeat_n(1u8, s.len()));
+            mask.push(m);
+        }
+        Batch { ids, mask }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map_or(0, |r| r.len())
+    }
+
+    /// Position ids that ignore left padding, so a padded prompt sees the same positions as alone.
+    pub fn positions(&self) -> Vec<Vec<u32>> {
+        self.mask
+            .iter()
+            .map(|m| {
+                let mut c = 0u32;
+                m.iter()
+                    .map(|&x| {
+                        if x == 1 {
+                            c += 1;
+                            c - 1
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Which convention the last hidden state follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenConvention {
+    /// Every entry is the raw residual stream: the last is the output of the last layer.
+    Residual,
+    /// Hugging Face transformers' `output_hidden_states`: the last entry is taken after the
+    /// final RMSNorm (heretic and PR #154 run on this).
+    Transformers,
+}
+
+/// Which positions to compute logits at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+pub struct ForwardOutput {
+    /// `[batch, vocab]` for `Logits::Last`, `[batch, seq, vocab]` for `Logits::All`.
+    pub logits: Option<Tensor>,
+    /// `residual[0]` is the embedding output, `residual[i]` the output of layer `i`;
+    /// `[batch, seq, d_model]` each. Empty unless asked for.
+    pub residual: Vec<Tensor>,
+    /// The last layer's output after the final RMSNorm, `[batch, seq, d_model]`.
+    pub final_normed: Option<Tensor>,
+}
+
+impl ForwardOutput {
+    /// The L+1 hidden states in the chosen convention.
+    pub fn hidden_states(&self, convention: HiddenConvention) -> Vec<Tensor> {
+        let mut hs = self.residual.clone();
+        if convention == HiddenConvention::Transformers {
+            if let (Some(last), Some(normed)) = (hs.last_mut(), &self.final_normed) {
+                *last = normed.clone();
+            }
+        }
+        hs
+    }
+}
+
+pub struct Model {
+    pub config: Config,
+    pub device: Device,
+    embed: Tensor,
+    layers: Vec<Box<dyn DecoderLayer>>,
+    norm: Tensor,
+    /// `None` when the output head is tied to the embeddings.
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f32>,
+}
+
+impl Model {
+    pub fn new(config: Config, mut w: Weights) -> Result<Model> {
+        config.validate()?;
+        let d = config.hidden_size;
+        let embed = w.take("model.embed_tokens.weight")?;
+        let (vocab, d_embed) = embed.dims2()?;
+        if d_embed != d {
+            bail!("{}: embedding width {d_embed} differs from hidden size {d}", w.origin);
+        }
+        let mut config = config;
+        config.vocab_size = vocab;
+        let mut layers: Vec<Box<dyn DecoderLayer>> = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            layers.push(match config.family {
+                Family::Llama => Box::new(llama::LlamaLayer::load(&config, &mut w, i, false)?),
+                Family::Qwen2 => qwen2::load_layer(&config, &mut w, i)?,
+            });
+        }
+        let norm = w.take_shaped("model.norm.weight", &[d])?;
+        let lm_head = if config.tie_word_embeddings {
+            w.take_opt("lm_head.weight");
+            None
+        } else {
+            match w.take_opt("lm_head.weight") {
+                Some(h) => Some(h),
+                None => {
+                    config.tie_word_embeddings = true;
+                    None
+                }
+            }
+        };
+        let hd = config.head_dim;
+        let theta = config.rope_theta as f32;
+        // Computed in f32 as transformers does, so positions rotate by bit-identical angles.
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        Ok(Model {
+            config,
+            device: Device::Cpu,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// The weight `[d_model, in]` of a residual writer.
+    pub fn writer(&self, layer: usize, which: Writer) -> &Tensor {
+        &self.layers[layer].writer(which).weight
+    }
+
+    /// Replaces a writer's weight. Keep the old tensor to restore it bit for bit: tensors are
+    /// immutable and shared, so the original is never overwritten.
+    pub fn set_writer(&mut self, layer: usize, which: Writer, weight: Tensor) -> Result<()> {
+        if layer >= self.layers.len() {
+            bail!("layer {layer} out of range (model has {})", self.layers.len());
+        }
+        let slot = &mut self.layers[layer].writer_mut(which).weight;
+        if slot.dims() != weight.dims() || weight.dtype() != DType::F32 {
+            bail!(
+                "new {which:?} weight for layer {layer} is {:?} {:?}, expected {:?} F32",
+                weight.dims(),
+                weight.dtype(),
+                slot.dims()
+            );
+        }
+        *slot = weight;
+        Ok(())
+    }
+
+    /// All writers as they are now; `restore` puts them back exactly.
+    pub fn snapshot_writers(&self) -> WriterSnapshot {
+        WriterSnapshot {
+            weights: (0..self.layers.len())
+                .flat_map(|l| Writer::ALL.map(|w| ((l, w), self.writer(l, w).clone())))
+                .collect(),
+        }
+    }
+
+    pub fn restore_writers(&mut self, snap: &WriterSnapshot) -> Result<()> {
+        for (&(l, w), t) in &snap.weights {
+            self.set_writer(l, w, t.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Every parameter under its Hugging Face name, for export.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            out.extend(l.named_tensors(i));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+
+    fn rope_tables(&self, positions: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, |p| p.len());
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (b, t, half), &self.device)?,
+            Tensor::from_vec(sin, (b, t, half), &self.device)?,
+        ))
+    }
+
+    /// Additive mask for `t` new queries after `past` cached keys. `key_mask` covers all
+    /// `past + t` keys. A query may always see itself, so padding rows never softmax over an
+    /// empty set (their values are never used).
+    fn attention_mask(&self, key_mask: &[Vec<u8>], past: usize, t: usize) -> Result<Tensor> {
+        let b = key_mask.len();
+        let tk = past + t;
+        let mut m = vec![0f32; b * t * tk];
+        for (bi, km) in key_mask.iter().enumerate() {
+            for i in 0..t {
+                let q = past + i;
+                let row = &mut m[(bi * t + i) * tk..(bi * t + i + 1) * tk];
+                for (j, v) in row.iter_mut().enumerate() {
+                    let ok = j == q || (j < q && km[j] == 1);
+                    if !ok {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, 1, t, tk), &self.device)?)
+    }
+
+    fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let b = ids.len();
+        let t = ids.first().map_or(0, |r| r.len());
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        if let Some(&bad) = flat.iter().find(|&&x| x as usize >= self.config.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size);
+        }
+        let idx = Tensor::from_vec(flat, b * t, &self.device)?;
+        Ok(self.embed.index_select(&idx, 0)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Linear { weight: w.clone(), bias: None }.forward(x)
+    }
+
+    /// One pass over `ids` (new tokens) given `past` cached positions.
+    /// `positions` has the same shape as `ids`; `key_mask` covers past and new keys.
+    pub fn step(
+        &self,
+        ids: &[Vec<u32>],
+        positions: &[Vec<u32>],
+        key_mask: &[Vec<u8>],
+        mut caches: Option<&mut [KvCache]>,
+        keep_residual: bool,
+        logits: Logits,
+    ) -> Result<ForwardOutput> {
+        let t = ids.first().map_or(0, |r| r.len());
+        let past = key_mask.first().map_or(0, |r| r.len()) - t;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mask = self.attention_mask(key_mask, past, t)?;
+        let ctx = StepContext { cos, sin, mask };
+        let mut x = self.embed(ids)?;
+        let mut residual = Vec::new();
+        if keep_residual {
+            residual.push(x.clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = layer.forward(&x, &ctx, cache)?;
+            if keep_residual {
+                residual.push(x.clone());
+            }
+        }
+        let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
+        let logits = match logits {
+            Logits::None => None,
+            Logits::All => Some(self.head(&normed)?),
+            Logits::Last => Some(self.head(&normed.narrow(1, t - 1, 1)?.squeeze(1)?)?),
+        };
+        Ok(ForwardOutput {
+            logits,
+            residual,
+            final_normed: if keep_residual { Some(normed) } else { None },
+        })
+    }
+
+    /// Full forward pass over a padded batch: logits and, when asked, all hidden states.
+    pub fn forward(&self, batch: &Batch, hidden: bool, logits: Logits) -> Result<ForwardOutput> {
+        if batch.is_empty() || batch.seq_len() == 0 {
+            bail!("forward pass on an empty batch");
+        }
+        self.step(&batch.ids, &batch.positions(), &batch.mask, None, hidden, logits)
+    }
+
+    /// Log-softmax of the next-token logits at the last position, `[batch, vocab]`.
+    pub fn next_token_logprobs(&self, batch: &Batch) -> Result<Tensor> {
+        let out = self.forward(batch, false, Logits::Last)?;
+        let logits = out.logits.expect("asked for logits");
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    pub fn new_caches(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.layers.len()]
+    }
+}
+
+pub struct WriterSnapshot {
+    weights: HashMap<(usize, Writer), Tensor>,
+}

