@@ -200,8 +200,12 @@ fn verified_marker(path: &Path) -> PathBuf {
 
 /// Path of the cached, verified file for `asset`, fetching it first if needed.
 pub fn ensure(asset: &Asset, kind: &str) -> Result<PathBuf> {
-    let dir = cache_dir().join(kind);
-    fs::create_dir_all(&dir)
+    ensure_in(asset, &cache_dir().join(kind))
+}
+
+/// As `ensure`, with an explicit cache folder.
+pub fn ensure_in(asset: &Asset, dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)
         .with_context(|| format!("cannot create cache directory {} (set OUTLIERLAB_CACHE to a writable folder)", dir.display()))?;
     let target = dir.join(asset.file_name);
     if is_verified(&target, asset.sha256) {
@@ -231,7 +235,7 @@ pub fn ensure(asset: &Asset, kind: &str) -> Result<PathBuf> {
         );
         fs::remove_file(&target)?;
     }
-    fetch(asset, &dir, &target)?;
+    fetch(asset, dir, &target)?;
     Ok(target)
 }
 

@@ -53,6 +53,11 @@ enum Command {
 }
 
 fn main() {
+    // candle attaches a backtrace to its errors whenever RUST_BACKTRACE is set; errors here are
+    // meant for users, one line each. Panics still honour RUST_BACKTRACE.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

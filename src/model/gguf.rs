@@ -129,9 +129,13 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     if !is_gguf(path) {
         bail!("{shown} is not a GGUF file (it does not start with the GGUF magic); pass a .gguf file, a Hugging Face folder, or a model alias");
     }
-    let content = Content::read(&mut f).with_context(|| {
-        format!("{shown} is truncated or corrupt (cannot read its GGUF header); delete it and fetch it again")
-    })?;
+    let content = match Content::read(&mut f) {
+        Ok(c) => c,
+        Err(e) if e.to_string().contains("unknown dtype") => bail!(
+            "{shown} holds a tensor type outlierlab cannot dequantise ({e}); use a GGUF with Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0/F16/F32 tensors"
+        ),
+        Err(e) => bail!("{shown} is truncated or corrupt (cannot read its GGUF header: {e}); delete it and fetch it again"),
+    };
     let m = &content.metadata;
     let arch = meta_str(m, "general.architecture").context("GGUF metadata has no 'general.architecture'")?;
     let family = Family::from_name(&arch)?;

@@ -29,3 +29,82 @@ pub fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_outlierlab")
 }
+
+/// Deterministic pseudo-random numbers in [-scale, scale).
+pub fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Writes a tiny Llama (2 layers, d=16, byte-level vocabulary) as a Hugging Face folder:
+/// config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+pub fn write_tiny_llama(dir: &std::path::Path) {
+    use candle_core::{Device, Tensor};
+    use outlierlab::model::gguf::GgufVocab;
+    use outlierlab::model::tokenizer::TextTokenizer;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1; tokens.len()];
+    for special in ["<|im_start|>", "<|im_end|>"] {
+        tokens.push(special.to_string());
+        types.push(3);
+    }
+    let vocab = tokens.len();
+    let eos = (vocab - 1) as u32;
+    let tok = TextTokenizer::from_gguf(&GgufVocab {
+        model: "gpt2".into(),
+        pre: "gpt2".into(),
+        tokens,
+        token_types: types,
+        merges: vec![],
+        bos: None,
+        eos: Some(eos),
+        pad: None,
+    })
+    .unwrap();
+    tok.inner.save(dir.join("tokenizer.json"), false).unwrap();
+    let (d, ff, layers, heads, kv, hd) = (16usize, 32usize, 2usize, 4usize, 2usize, 4usize);
+    let config = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d,
+        "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "vocab_size": vocab, "max_position_embeddings": 256, "tie_word_embeddings": true,
+        "eos_token_id": eos,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tcfg = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "chat_template": outlierlab::model::chat::CHATML,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tcfg.to_string()).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    let mut seed = 1u64;
+    let mut put = |name: String, dims: Vec<usize>, scale: f32, ones: bool| {
+        let n: usize = dims.iter().product();
+        seed += 1;
+        let data = if ones { vec![1.0f32; n] } else { noise(n, seed, scale) };
+        tensors.insert(name, Tensor::from_vec(data, dims, &Device::Cpu).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), vec![vocab, d], 1.0, false);
+    put("model.norm.weight".into(), vec![d], 0.0, true);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), vec![d], 0.0, true);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.0, true);
+        put(format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, d], 0.3, false);
+        put(format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d], 0.3, false);
+        put(format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d], 0.3, false);
+        put(format!("{p}.self_attn.o_proj.weight"), vec![d, heads * hd], 0.3, false);
+        put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], 0.3, false);
+        put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], 0.3, false);
+        put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], 0.3, false);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
