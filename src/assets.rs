@@ -102,7 +102,8 @@ pub fn model_assets() -> Vec<Asset> {
         },
         Asset {
             alias: "qwen2.5-coder-0.5b-instruct",
-            description: "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, d=896), Apache-2.0 upstream",
+            description:
+                "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, d=896), Apache-2.0 upstream",
             hub_id: "Qwen/Qwen2.5-Coder-0.5B-Instruct",
             file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -122,7 +123,8 @@ pub fn model_assets() -> Vec<Asset> {
         },
         Asset {
             alias: "qwen2.5-coder-1.5b-instruct",
-            description: "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, d=1536), Apache-2.0 upstream",
+            description:
+                "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, d=1536), Apache-2.0 upstream",
             hub_id: "Qwen/Qwen2.5-Coder-1.5B-Instruct",
             file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
@@ -205,8 +207,12 @@ pub fn ensure(asset: &Asset, kind: &str) -> Result<PathBuf> {
 
 /// As `ensure`, with an explicit cache folder.
 pub fn ensure_in(asset: &Asset, dir: &Path) -> Result<PathBuf> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create cache directory {} (set OUTLIERLAB_CACHE to a writable folder)", dir.display()))?;
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create cache directory {} (set OUTLIERLAB_CACHE to a writable folder)",
+            dir.display()
+        )
+    })?;
     let target = dir.join(asset.file_name);
     if is_verified(&target, asset.sha256) {
         return Ok(target);

@@ -5,4 +5,8 @@
 //! evaluate → study → report. Each stage keeps its data types in its own module.
 
 pub mod assets;
+pub mod bench;
+pub mod cli;
+pub mod detect;
 pub mod model;
+pub mod util;

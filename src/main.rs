@@ -50,6 +50,65 @@ enum Command {
         /// The user prompts.
         prompts: Vec<String>,
     },
+    /// Find massive activations: the dims that a detection preset flags, with where they fired.
+    ///
+    /// Scans the hidden states of the trigger prompt (and of --good/--bad prompt files) at every
+    /// layer and position, applies the preset's criteria and prints the detected dims with their
+    /// provenance. When nothing is found it prints the strongest near-misses and the criterion
+    /// that rejected each.
+    ///
+    /// Criteria (each off when unset): min_abs (|a| > x), median_ratio (|a| > x times the median
+    /// |h|), mad_ratio (| |a| - median | > x times 1.4826 MAD), max_cluster_size (a belongs to a
+    /// cluster of at most x top outliers), persistence (fraction of hidden states). Choices:
+    /// median_scope position|layer, median_kind lower|average, positions valid|all,
+    /// persistence_mode consecutive|total|dim-layers, min_position_fraction, top_k.
+    Detect {
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// Scan this prompt instead of the preset's trigger prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Harmless prompts to scan too, one per line.
+        #[arg(long)]
+        good: Option<std::path::PathBuf>,
+        /// Harmful prompts to scan too, one per line.
+        #[arg(long)]
+        bad: Option<std::path::PathBuf>,
+        /// pr154, pr154-described, sun2024, median-only, llm-int8, top-k.
+        #[arg(long, default_value = "pr154")]
+        preset: String,
+        /// Override a setting, e.g. --set median_ratio=400 --set persistence=none.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
+        system: String,
+        /// Hidden-state convention: transformers (last state after the final norm, as PR #154)
+        /// or residual.
+        #[arg(long, default_value = "transformers")]
+        hidden: String,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Save the candidate-score table (parquet).
+        #[arg(long)]
+        table: Option<std::path::PathBuf>,
+        /// Print {"dims": [...], "hits": [...], "near_misses": [...]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure prefill and batched greedy-decode throughput, and this machine's f32 matmul
+    /// throughput for comparison. Prints figures; asserts nothing.
+    Bench {
+        #[arg(long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens decoded per sequence.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Repeats per figure; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 fn main() {
@@ -70,7 +129,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch { model } => {
             let Some(a) = assets::find_model_asset(&model) else {
                 let aliases: Vec<&str> = assets::model_assets().iter().map(|a| a.alias).collect();
-                bail!("unknown model alias '{model}'; known aliases: {}", aliases.join(", "));
+                bail!(
+                    "unknown model alias '{model}'; known aliases: {}",
+                    aliases.join(", ")
+                );
             };
             let p = assets::ensure(&a, "models")?;
             println!("{}", p.display());
@@ -84,10 +146,21 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Generate { model, system, max_new_tokens, batch_size, json, prompts } => {
+        Command::Generate {
+            model,
+            system,
+            max_new_tokens,
+            batch_size,
+            json,
+            prompts,
+        } => {
             let prompts = read_prompts(prompts)?;
             let lm = model::load(&model)?;
-            let system = if system.is_empty() { None } else { Some(system.as_str()) };
+            let system = if system.is_empty() {
+                None
+            } else {
+                Some(system.as_str())
+            };
             let encoded = prompts
                 .iter()
                 .map(|p| lm.encode_chat(system, p))
@@ -110,8 +183,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let pb = indicatif::ProgressBar::new(encoded.len() as u64);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("generating [{bar:30}] {pos}/{len} prompts eta {eta}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "generating [{bar:30}] {pos}/{len} prompts eta {eta}",
+                )
+                .expect("valid template"),
             );
             for chunk in encoded.chunks(batch_size.max(1)) {
                 let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
@@ -134,6 +209,59 @@ fn run(cli: Cli) -> Result<()> {
             }
             pb.finish_and_clear();
         }
+        Command::Detect {
+            model,
+            prompt,
+            good,
+            bad,
+            preset,
+            overrides,
+            system,
+            hidden,
+            batch_size,
+            table,
+            json,
+        } => {
+            outlierlab::cli::detect(outlierlab::cli::DetectArgs {
+                model,
+                prompts: prompt,
+                good,
+                bad,
+                preset,
+                overrides,
+                system,
+                hidden,
+                batch_size,
+                table,
+                json,
+            })?;
+        }
+        Command::Bench {
+            model,
+            batch,
+            new_tokens,
+            repeats,
+        } => {
+            let lm = model::load(&model)?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            eprintln!(
+                "model loaded in {:.1} s; benchmarking on {threads} threads",
+                lm.load_seconds
+            );
+            let r = outlierlab::bench::run(&lm, batch, new_tokens, repeats)?;
+            println!("model                 {model}");
+            println!("f32 matmul (candle)   {:.1} GFLOP/s", r.matmul_gflops);
+            println!(
+                "prefill               {:.0} tokens/s  ({} prompts, {} tokens; {:.1} GFLOP/s = {:.0}% of matmul)",
+                r.prefill_tokens_per_s, r.batch, r.prompt_tokens, r.prefill_gflops,
+                100.0 * r.prefill_gflops / r.matmul_gflops
+            );
+            println!(
+                "decode (batch {:>2})     {:.0} tokens/s  ({} new tokens each; {:.1} GFLOP/s = {:.0}% of matmul)",
+                r.batch, r.decode_tokens_per_s, r.new_tokens, r.decode_gflops,
+                100.0 * r.decode_gflops / r.matmul_gflops
+            );
+        }
     }
     Ok(())
 }
@@ -142,7 +270,10 @@ fn read_prompts(prompts: Vec<String>) -> Result<Vec<String>> {
     let prompts = if prompts.len() == 1 && prompts[0] == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
-        s.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect()
+        s.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect()
     } else {
         prompts
     };

@@ -17,11 +17,21 @@ fn run(args: &[&str]) -> (bool, String) {
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let (ok, err) = run(args);
     assert!(!ok, "{args:?} should fail");
-    let lines: Vec<&str> = err.trim().lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = err
+        .trim()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(err.contains(needle), "{args:?}: error should mention {needle:?}:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: error should mention {needle:?}:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }
 
 fn write_gguf(path: &std::path::Path, arch: &str, dtype: GgmlDType) {
@@ -35,13 +45,22 @@ fn write_gguf(path: &std::path::Path, arch: &str, dtype: GgmlDType) {
 
 #[test]
 fn unknown_alias() {
-    assert_one_line_error(&["generate", "--model", "no-such-model", "hi"], "unknown model 'no-such-model'");
-    assert_one_line_error(&["fetch", "no-such-model"], "known aliases: smollm2-135m-instruct");
+    assert_one_line_error(
+        &["generate", "--model", "no-such-model", "hi"],
+        "unknown model 'no-such-model'",
+    );
+    assert_one_line_error(
+        &["fetch", "no-such-model"],
+        "known aliases: smollm2-135m-instruct",
+    );
 }
 
 #[test]
 fn missing_file() {
-    assert_one_line_error(&["generate", "--model", "/nonexistent/dir/model.gguf", "hi"], "does not exist");
+    assert_one_line_error(
+        &["generate", "--model", "/nonexistent/dir/model.gguf", "hi"],
+        "does not exist",
+    );
 }
 
 #[test]
@@ -49,7 +68,10 @@ fn not_a_gguf() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("model.gguf");
     std::fs::write(&p, "this is not a model").unwrap();
-    assert_one_line_error(&["generate", "--model", p.to_str().unwrap(), "hi"], "is not a GGUF file");
+    assert_one_line_error(
+        &["generate", "--model", p.to_str().unwrap(), "hi"],
+        "is not a GGUF file",
+    );
 }
 
 #[test]
@@ -63,10 +85,16 @@ fn truncated_gguf() {
     // The header survives, the tensor data does not.
     let (ok, err) = run(&["generate", "--model", cut.to_str().unwrap(), "hi"]);
     assert!(!ok);
-    assert!(err.contains("truncated or corrupt") || err.contains("has no"), "{err}");
+    assert!(
+        err.contains("truncated or corrupt") || err.contains("has no"),
+        "{err}"
+    );
     let head = tmp.path().join("head.gguf");
     std::fs::write(&head, &bytes[..40]).unwrap();
-    assert_one_line_error(&["generate", "--model", head.to_str().unwrap(), "hi"], "truncated or corrupt");
+    assert_one_line_error(
+        &["generate", "--model", head.to_str().unwrap(), "hi"],
+        "truncated or corrupt",
+    );
 }
 
 #[test]
@@ -74,7 +102,10 @@ fn unsupported_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("gpt2.gguf");
     write_gguf(&p, "gpt2", GgmlDType::F32);
-    assert_one_line_error(&["generate", "--model", p.to_str().unwrap(), "hi"], "unsupported architecture 'gpt2'");
+    assert_one_line_error(
+        &["generate", "--model", p.to_str().unwrap(), "hi"],
+        "unsupported architecture 'gpt2'",
+    );
 }
 
 #[test]
@@ -85,13 +116,22 @@ fn unsupported_tensor_type() {
     // The architecture metadata is incomplete too; the tensor type must be named first either way.
     let (ok, err) = run(&["generate", "--model", p.to_str().unwrap(), "hi"]);
     assert!(!ok);
-    assert!(err.contains("cannot dequantise") || err.contains("has no"), "{err}");
+    assert!(
+        err.contains("cannot dequantise") || err.contains("has no"),
+        "{err}"
+    );
 }
 
 #[test]
 fn empty_prompt_list_and_empty_prompt() {
-    assert_one_line_error(&["generate", "--model", "smollm2-135m-instruct"], "no prompts given");
-    assert_one_line_error(&["generate", "--model", "smollm2-135m-instruct", "ok", "  "], "prompt 2 is empty");
+    assert_one_line_error(
+        &["generate", "--model", "smollm2-135m-instruct"],
+        "no prompts given",
+    );
+    assert_one_line_error(
+        &["generate", "--model", "smollm2-135m-instruct", "ok", "  "],
+        "prompt 2 is empty",
+    );
 }
 
 #[test]
@@ -100,7 +140,14 @@ fn prompt_longer_than_context() {
     write_tiny_llama(&tmp.path().join("tiny"));
     let long = "word ".repeat(100);
     assert_one_line_error(
-        &["generate", "--model", tmp.path().join("tiny").to_str().unwrap(), "--max-new-tokens", "8", &long],
+        &[
+            "generate",
+            "--model",
+            tmp.path().join("tiny").to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            &long,
+        ],
         "exceeds the model's context of 256",
     );
 }
@@ -111,7 +158,10 @@ fn folder_without_weights() {
     let dir = tmp.path().join("tiny");
     write_tiny_llama(&dir);
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    assert_one_line_error(&["generate", "--model", dir.to_str().unwrap(), "hi"], "has no *.safetensors");
+    assert_one_line_error(
+        &["generate", "--model", dir.to_str().unwrap(), "hi"],
+        "has no *.safetensors",
+    );
 }
 
 #[test]
@@ -129,12 +179,19 @@ fn registry_file_with_wrong_sha256_is_refused() {
         parts: vec![Part {
             requirement: "six==1.16.0".into(),
             archive: "six-1.16.0-py2.py3-none-any.whl".into(),
-            archive_sha256: "1111111111111111111111111111111111111111111111111111111111111111".into(),
+            archive_sha256: "1111111111111111111111111111111111111111111111111111111111111111"
+                .into(),
             member: "six.py".into(),
         }],
         provenance_note: "",
     };
     let err = format!("{:#}", ensure_in(&asset, tmp.path()).unwrap_err());
-    assert!(err.contains("six-1.16.0-py2.py3-none-any.whl has sha256"), "{err}");
-    assert!(!tmp.path().join("six.py").exists(), "nothing unverified may land in the cache");
+    assert!(
+        err.contains("six-1.16.0-py2.py3-none-any.whl has sha256"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("six.py").exists(),
+        "nothing unverified may land in the cache"
+    );
 }

@@ -43,9 +43,16 @@ fn serve(files: HashMap<String, Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
             }
             let (status, headers, body): (&str, Vec<(String, String)>, Vec<u8>) =
                 if path == "/api/models/test-org/tiny-llama/revision/main" {
-                    let siblings: Vec<_> = files.keys().map(|k| serde_json::json!({"rfilename": k})).collect();
+                    let siblings: Vec<_> = files
+                        .keys()
+                        .map(|k| serde_json::json!({"rfilename": k}))
+                        .collect();
                     let body = serde_json::json!({"siblings": siblings, "sha": COMMIT}).to_string();
-                    ("200 OK", vec![("Content-Type".into(), "application/json".into())], body.into_bytes())
+                    (
+                        "200 OK",
+                        vec![("Content-Type".into(), "application/json".into())],
+                        body.into_bytes(),
+                    )
                 } else if let Some(name) = path.strip_prefix("/test-org/tiny-llama/resolve/main/") {
                     match files.get(name) {
                         Some(data) => {
@@ -58,7 +65,10 @@ fn serve(files: HashMap<String, Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
                                 vec![
                                     ("ETag".into(), etag),
                                     ("X-Repo-Commit".into(), COMMIT.into()),
-                                    ("Content-Range".into(), format!("bytes {a}-{}/{}", end - 1, data.len())),
+                                    (
+                                        "Content-Range".into(),
+                                        format!("bytes {a}-{}/{}", end - 1, data.len()),
+                                    ),
                                 ],
                                 data[a..end].to_vec(),
                             )
@@ -68,7 +78,10 @@ fn serve(files: HashMap<String, Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
                 } else {
                     ("404 Not Found", vec![], b"not found".to_vec())
                 };
-            let mut resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+            let mut resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
             for (k, v) in headers {
                 resp.push_str(&format!("{k}: {v}\r\n"));
             }
@@ -83,7 +96,16 @@ fn serve(files: HashMap<String, Vec<u8>>) -> (u16, Arc<AtomicUsize>) {
 
 fn generate(model: &str, envs: &[(&str, String)]) -> std::process::Output {
     let mut cmd = Command::new(bin());
-    cmd.args(["generate", "--model", model, "--max-new-tokens", "5", "--json", "hello there", "abc"]);
+    cmd.args([
+        "generate",
+        "--model",
+        model,
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "hello there",
+        "abc",
+    ]);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -96,19 +118,44 @@ fn hub_route_downloads_and_runs_the_same_model_as_the_folder() {
     let folder = tmp.path().join("tiny");
     write_tiny_llama(&folder);
     let mut files = HashMap::new();
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         files.insert(name.to_string(), std::fs::read(folder.join(name)).unwrap());
     }
     let (port, hits) = serve(files);
     let hf_home = tmp.path().join("hf-home");
-    let envs = [("HF_ENDPOINT", format!("http://127.0.0.1:{port}")), ("HF_HOME", hf_home.display().to_string())];
+    let envs = [
+        ("HF_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("HF_HOME", hf_home.display().to_string()),
+    ];
     let via_hub = generate("hf:test-org/tiny-llama", &envs);
-    assert!(via_hub.status.success(), "hub route failed: {}", String::from_utf8_lossy(&via_hub.stderr));
-    assert!(hits.load(Ordering::SeqCst) >= 4, "every file must come from the server");
-    assert!(hf_home.join("hub/models--test-org--tiny-llama").is_dir(), "files land in HF_HOME's cache");
+    assert!(
+        via_hub.status.success(),
+        "hub route failed: {}",
+        String::from_utf8_lossy(&via_hub.stderr)
+    );
+    assert!(
+        hits.load(Ordering::SeqCst) >= 4,
+        "every file must come from the server"
+    );
+    assert!(
+        hf_home.join("hub/models--test-org--tiny-llama").is_dir(),
+        "files land in HF_HOME's cache"
+    );
     let local = generate(folder.to_str().unwrap(), &[]);
-    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
-    assert_eq!(String::from_utf8_lossy(&via_hub.stdout), String::from_utf8_lossy(&local.stdout));
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&via_hub.stdout),
+        String::from_utf8_lossy(&local.stdout)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&local.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -118,7 +165,10 @@ fn hub_route_downloads_and_runs_the_same_model_as_the_folder() {
         for key in ["prompt", "rendered", "input_ids", "output_ids", "reply"] {
             assert!(l.get(key).is_some(), "missing {key} in {l}");
         }
-        assert!(l["rendered"].as_str().unwrap().ends_with("<|im_start|>assistant\n"));
+        assert!(l["rendered"]
+            .as_str()
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n"));
         assert!(!l["output_ids"].as_array().unwrap().is_empty());
     }
     // An explicit revision that the server does not know is an error naming the model.
@@ -132,10 +182,17 @@ fn hub_route_downloads_and_runs_the_same_model_as_the_folder() {
 fn unreachable_hub_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     // A port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let out = generate(
         "hf:some-org/some-model",
-        &[("HF_ENDPOINT", format!("http://127.0.0.1:{port}")), ("HF_HOME", tmp.path().display().to_string())],
+        &[
+            ("HF_ENDPOINT", format!("http://127.0.0.1:{port}")),
+            ("HF_HOME", tmp.path().display().to_string()),
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -14,29 +14,61 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn left_padded_batch_equals_each_prompt_alone() {
     let lm = model::load("smollm2-135m-instruct").unwrap();
-    let enc: Vec<_> = PROMPTS.iter().map(|p| lm.encode_chat(Some("You are a helpful assistant."), p).unwrap()).collect();
+    let enc: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            lm.encode_chat(Some("You are a helpful assistant."), p)
+                .unwrap()
+        })
+        .collect();
     let batch = lm.batch(&enc);
-    assert!(batch.mask.iter().any(|m| m[0] == 0), "the batch must actually contain padding");
+    assert!(
+        batch.mask.iter().any(|m| m[0] == 0),
+        "the batch must actually contain padding"
+    );
     let together = lm.model.forward(&batch, true, Logits::Last).unwrap();
     let hs = together.hidden_states(HiddenConvention::Transformers);
     let t = batch.seq_len();
     for (b, e) in enc.iter().enumerate() {
-        let alone = lm.model.forward(&Batch::left_padded(&[e.ids.clone()], 0), true, Logits::Last).unwrap();
-        let d = max_abs_diff(&together.logits.as_ref().unwrap().i(b).unwrap(), &alone.logits.as_ref().unwrap().i(0).unwrap());
+        let alone = lm
+            .model
+            .forward(&Batch::left_padded(&[e.ids.clone()], 0), true, Logits::Last)
+            .unwrap();
+        let d = max_abs_diff(
+            &together.logits.as_ref().unwrap().i(b).unwrap(),
+            &alone.logits.as_ref().unwrap().i(0).unwrap(),
+        );
         assert!(d <= 1e-4, "prompt {b}: padded logits differ by {d}");
         let alone_hs = alone.hidden_states(HiddenConvention::Transformers);
         let n = e.ids.len();
         for (layer, (h, a)) in hs.iter().zip(&alone_hs).enumerate() {
             let padded = h.i(b).unwrap().narrow(0, t - n, n).unwrap();
-            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
             let d = max_abs_diff(&padded, &a.i(0).unwrap());
-            assert!(d / scale <= 1e-4, "prompt {b} layer {layer}: hidden states differ by {d} (scale {scale})");
+            assert!(
+                d / scale <= 1e-4,
+                "prompt {b} layer {layer}: hidden states differ by {d} (scale {scale})"
+            );
         }
     }
 }
@@ -44,7 +76,10 @@ fn left_padded_batch_equals_each_prompt_alone() {
 #[test]
 fn kv_cache_decoding_equals_full_recomputation() {
     let lm = model::load("smollm2-135m-instruct").unwrap();
-    let ids: Vec<Vec<u32>> = PROMPTS.iter().map(|p| lm.encode_chat(None, p).unwrap().ids).collect();
+    let ids: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| lm.encode_chat(None, p).unwrap().ids)
+        .collect();
     let mut opts = GenerateOptions {
         max_new_tokens: 20,
         stop_ids: lm.tokenizer.stop_ids.clone(),
@@ -67,10 +102,13 @@ fn kv_cache_decoding_equals_full_recomputation() {
 #[test]
 fn generation_stops_each_sequence_at_eos() {
     let lm = model::load("smollm2-135m-instruct").unwrap();
-    let ids: Vec<Vec<u32>> = ["Say only the word yes.", "Write a long story about a dragon."]
-        .iter()
-        .map(|p| lm.encode_chat(None, p).unwrap().ids)
-        .collect();
+    let ids: Vec<Vec<u32>> = [
+        "Say only the word yes.",
+        "Write a long story about a dragon.",
+    ]
+    .iter()
+    .map(|p| lm.encode_chat(None, p).unwrap().ids)
+    .collect();
     let opts = GenerateOptions {
         max_new_tokens: 60,
         stop_ids: lm.tokenizer.stop_ids.clone(),
@@ -82,12 +120,19 @@ fn generation_stops_each_sequence_at_eos() {
         let stops = o.iter().filter(|t| opts.stop_ids.contains(t)).count();
         assert!(stops <= 1, "a sequence continued past its EOS: {o:?}");
         if stops == 1 {
-            assert!(opts.stop_ids.contains(o.last().unwrap()), "EOS must be the last token");
+            assert!(
+                opts.stop_ids.contains(o.last().unwrap()),
+                "EOS must be the last token"
+            );
         } else {
             assert_eq!(o.len(), 60);
         }
     }
-    assert!(out.iter().any(|o| opts.stop_ids.contains(o.last().unwrap())), "the short answer should end at EOS: {out:?}");
+    assert!(
+        out.iter()
+            .any(|o| opts.stop_ids.contains(o.last().unwrap())),
+        "the short answer should end at EOS: {out:?}"
+    );
 }
 
 #[test]
@@ -95,7 +140,12 @@ fn residual_writers_edit_and_restore_exactly() {
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
     let enc = lm.encode_chat(None, "How do I bake bread?").unwrap();
     let batch = lm.batch(&[enc]);
-    let before = lm.model.forward(&batch, false, Logits::Last).unwrap().logits.unwrap();
+    let before = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
     let snap = lm.model.snapshot_writers();
     let original = lm.model.writer(5, Writer::MlpDown).clone();
     let d = lm.model.hidden_size();
@@ -106,27 +156,67 @@ fn residual_writers_edit_and_restore_exactly() {
     let v = (&v / (d as f64).sqrt()).unwrap().reshape((d, 1)).unwrap();
     let projected = v.t().unwrap().matmul(&original).unwrap();
     let edited = (&original - v.matmul(&projected).unwrap()).unwrap();
-    lm.model.set_writer(5, Writer::MlpDown, edited.clone()).unwrap();
-    let along = v.t().unwrap().matmul(lm.model.writer(5, Writer::MlpDown)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    lm.model
+        .set_writer(5, Writer::MlpDown, edited.clone())
+        .unwrap();
+    let along = v
+        .t()
+        .unwrap()
+        .matmul(lm.model.writer(5, Writer::MlpDown))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(along < 1e-5, "edited writer still writes {along} along v");
-    let changed = lm.model.forward(&batch, false, Logits::Last).unwrap().logits.unwrap();
-    assert!(max_abs_diff(&before, &changed) > 1e-3, "editing a writer must change the output");
+    let changed = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    assert!(
+        max_abs_diff(&before, &changed) > 1e-3,
+        "editing a writer must change the output"
+    );
     // A wrongly shaped weight is refused.
     assert!(lm.model.set_writer(5, Writer::MlpDown, v.clone()).is_err());
     lm.model.restore_writers(&snap).unwrap();
-    let a: Vec<f32> = lm.model.writer(5, Writer::MlpDown).flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = lm
+        .model
+        .writer(5, Writer::MlpDown)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let b: Vec<f32> = original.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "restore must be bit-exact");
-    let after = lm.model.forward(&batch, false, Logits::Last).unwrap().logits.unwrap();
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "restore must be bit-exact"
+    );
+    let after = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
     let x: Vec<f32> = before.flatten_all().unwrap().to_vec1().unwrap();
     let y: Vec<f32> = after.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "logits after restore must be bit-identical");
+    assert!(
+        x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+        "logits after restore must be bit-identical"
+    );
 }
 
 #[test]
 fn first_token_logprobs_are_normalised() {
     let lm = model::load("smollm2-135m-instruct").unwrap();
-    let enc: Vec<_> = PROMPTS.iter().map(|p| lm.encode_chat(None, p).unwrap()).collect();
+    let enc: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| lm.encode_chat(None, p).unwrap())
+        .collect();
     let lp = lm.model.next_token_logprobs(&lm.batch(&enc)).unwrap();
     let sums: Vec<f32> = lp.exp().unwrap().sum(1).unwrap().to_vec1().unwrap();
     for s in sums {

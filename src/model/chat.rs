@@ -59,9 +59,15 @@ impl ChatTemplate {
     pub fn render_user(&self, system: Option<&str>, user: &str) -> Result<String> {
         let mut msgs = Vec::new();
         if let Some(s) = system {
-            msgs.push(Message { role: "system".into(), content: s.into() });
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.into(),
+            });
         }
-        msgs.push(Message { role: "user".into(), content: user.into() });
+        msgs.push(Message {
+            role: "user".into(),
+            content: user.into(),
+        });
         self.render(&msgs)
     }
 }

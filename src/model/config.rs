@@ -50,7 +50,8 @@ pub struct Config {
 
 impl Config {
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
             bail!(
                 "invalid head counts: {} attention heads, {} key/value heads",
                 self.num_heads,
@@ -58,14 +59,18 @@ impl Config {
             );
         }
         if self.head_dim % 2 != 0 {
-            bail!("head dimension {} is odd; rotary embeddings need an even one", self.head_dim);
+            bail!(
+                "head dimension {} is odd; rotary embeddings need an even one",
+                self.head_dim
+            );
         }
         Ok(())
     }
 
     /// Reads a Hugging Face config.json.
     pub fn from_hf_json(text: &str) -> Result<Config> {
-        let v: serde_json::Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_str(text).context("config.json is not valid JSON")?;
         let get = |k: &str| -> Result<usize> {
             v.get(k)
                 .and_then(|x| x.as_u64())
@@ -93,8 +98,14 @@ impl Config {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
-            rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-6),
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10000.0),
             vocab_size: get("vocab_size")?,
             context_length: get("max_position_embeddings").unwrap_or(4096),
             tie_word_embeddings: v

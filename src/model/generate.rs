@@ -26,7 +26,11 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// New tokens for each prompt (stop token included when one was produced).
-pub fn greedy(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+pub fn greedy(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -56,12 +60,19 @@ pub fn greedy(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Re
         &ids,
         &positions,
         &mask,
-        if opts.use_cache { Some(&mut caches) } else { None },
+        if opts.use_cache {
+            Some(&mut caches)
+        } else {
+            None
+        },
         false,
         Logits::Last,
     )?;
     let mut logits = first.logits.expect("asked for logits").to_vec2::<f32>()?;
-    let mut next_pos: Vec<u32> = positions.iter().map(|p| p.last().copied().unwrap_or(0) + 1).collect();
+    let mut next_pos: Vec<u32> = positions
+        .iter()
+        .map(|p| p.last().copied().unwrap_or(0) + 1)
+        .collect();
     for step in 0..opts.max_new_tokens {
         let mut tokens = vec![opts.pad_id; n];
         for b in 0..n {
@@ -85,7 +96,14 @@ pub fn greedy(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Re
         let res = if opts.use_cache {
             let step_ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
             let step_pos: Vec<Vec<u32>> = next_pos.iter().map(|&p| vec![p]).collect();
-            model.step(&step_ids, &step_pos, &mask, Some(&mut caches), false, Logits::Last)?
+            model.step(
+                &step_ids,
+                &step_pos,
+                &mask,
+                Some(&mut caches),
+                false,
+                Logits::Last,
+            )?
         } else {
             for (b, row) in ids.iter_mut().enumerate() {
                 row.push(tokens[b]);

@@ -38,12 +38,18 @@ pub struct GgufModel {
 /// Tensor types we dequantise (everything candle can dequantise; the list is a subset).
 fn supported(t: GgmlDType) -> bool {
     use GgmlDType::*;
-    matches!(t, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
+    matches!(
+        t,
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K
+    )
 }
 
 pub fn is_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 fn meta<'a>(m: &'a HashMap<String, Value>, key: &str) -> Option<&'a Value> {
@@ -120,7 +126,9 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute_rope(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
-    Ok(w.reshape((heads, hd / 2, 2, cols))?.transpose(1, 2)?.reshape((rows, cols))?)
+    Ok(w.reshape((heads, hd / 2, 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))?)
 }
 
 pub fn load(path: &Path) -> Result<GgufModel> {
@@ -137,7 +145,8 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         Err(e) => bail!("{shown} is truncated or corrupt (cannot read its GGUF header: {e}); delete it and fetch it again"),
     };
     let m = &content.metadata;
-    let arch = meta_str(m, "general.architecture").context("GGUF metadata has no 'general.architecture'")?;
+    let arch = meta_str(m, "general.architecture")
+        .context("GGUF metadata has no 'general.architecture'")?;
     let family = Family::from_name(&arch)?;
     let a = |k: &str| format!("{arch}.{k}");
     let hidden_size = meta_u(m, &a("embedding_length"))?;
@@ -161,7 +170,11 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     config.validate()?;
 
     let token_types = match meta(m, "tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec()?.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|x| x.to_i32().unwrap_or(1))
+            .collect(),
         None => vec![1; tokens.len()],
     };
     let vocab = GgufVocab {
@@ -186,9 +199,9 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let mut tensors = HashMap::new();
     for n in names {
         let Some(hf) = hf_name(n) else { continue };
-        let q = content
-            .tensor(&mut f, n, &Device::Cpu)
-            .with_context(|| format!("{shown} is truncated or corrupt (tensor '{n}'); delete it and fetch it again"))?;
+        let q = content.tensor(&mut f, n, &Device::Cpu).with_context(|| {
+            format!("{shown} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
+        })?;
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
         if family == Family::Llama {
             if hf.ends_with("q_proj.weight") {
@@ -208,7 +221,10 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     }
     Ok(GgufModel {
         config,
-        weights: Weights { tensors, origin: shown },
+        weights: Weights {
+            tensors,
+            origin: shown,
+        },
         vocab,
         chat_template: meta_str(m, "tokenizer.chat_template"),
         name: meta_str(m, "general.name"),

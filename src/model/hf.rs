@@ -16,7 +16,8 @@ pub fn load_folder(dir: &Path) -> Result<(Config, Weights)> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-    let config = Config::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+    let config =
+        Config::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -27,13 +28,23 @@ pub fn load_folder(dir: &Path) -> Result<(Config, Weights)> {
     }
     let mut tensors = HashMap::new();
     for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu)
-            .with_context(|| format!("{} is not a readable safetensors file (truncated or corrupt?)", f.display()))?;
+        let part = candle_core::safetensors::load(f, &Device::Cpu).with_context(|| {
+            format!(
+                "{} is not a readable safetensors file (truncated or corrupt?)",
+                f.display()
+            )
+        })?;
         for (k, t) in part {
             tensors.insert(k, t.to_dtype(DType::F32)?);
         }
     }
-    Ok((config, Weights { tensors, origin: shown }))
+    Ok((
+        config,
+        Weights {
+            tensors,
+            origin: shown,
+        },
+    ))
 }
 
 /// The chat template of a folder: chat_template.jinja, else tokenizer_config.json's
@@ -43,7 +54,8 @@ pub fn chat_template(dir: &Path) -> Option<String> {
         return Some(s);
     }
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?).ok()?;
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?)
+            .ok()?;
     match v.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(list) => list
@@ -75,7 +87,11 @@ pub fn download(spec: &str) -> Result<PathBuf> {
         .with_progress(true)
         .build()
         .map_err(|e| anyhow!("cannot set up the Hugging Face Hub client: {e}"))?;
-    let repo = api.repo(Repo::with_revision(id.clone(), RepoType::Model, rev.clone()));
+    let repo = api.repo(Repo::with_revision(
+        id.clone(),
+        RepoType::Model,
+        rev.clone(),
+    ));
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     let info = repo.info().map_err(|e| {
         anyhow!("cannot reach the Hugging Face Hub for {id}@{rev} at {endpoint}: {e}; without internet use a model alias (`outlierlab models`) or a local path")
@@ -89,7 +105,11 @@ pub fn download(spec: &str) -> Result<PathBuf> {
             f.ends_with(".safetensors")
                 || matches!(
                     f.as_str(),
-                    "config.json" | "tokenizer.json" | "tokenizer_config.json" | "chat_template.jinja" | "generation_config.json"
+                    "config.json"
+                        | "tokenizer.json"
+                        | "tokenizer_config.json"
+                        | "chat_template.jinja"
+                        | "generation_config.json"
                 )
         })
         .collect();

@@ -25,11 +25,20 @@ impl LlamaLayer {
     /// `qkv_bias`: Qwen2 adds biases to the q, k and v projections; Llama has none.
     pub fn load(cfg: &Config, w: &mut Weights, i: usize, qkv_bias: bool) -> Result<LlamaLayer> {
         let d = cfg.hidden_size;
-        let (h, kv, hd, ff) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let (h, kv, hd, ff) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        );
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = w.take_shaped(&format!("{p}.{name}.weight"), &[out, inp])?;
-            let bias = if bias { Some(w.take_shaped(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+            let bias = if bias {
+                Some(w.take_shaped(&format!("{p}.{name}.bias"), &[out])?)
+            } else {
+                None
+            };
             Ok(Linear { weight, bias })
         };
         let q_proj = lin("self_attn.q_proj", h * hd, d, qkv_bias)?;
@@ -41,7 +50,8 @@ impl LlamaLayer {
         let down_proj = lin("mlp.down_proj", d, ff, false)?;
         Ok(LlamaLayer {
             input_layernorm: w.take_shaped(&format!("{p}.input_layernorm.weight"), &[d])?,
-            post_attention_layernorm: w.take_shaped(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+            post_attention_layernorm: w
+                .take_shaped(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
             q_proj,
             k_proj,
             v_proj,
@@ -56,13 +66,33 @@ impl LlamaLayer {
         })
     }
 
-    fn attention(&self, x: &Tensor, ctx: &StepContext, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kv;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match cache {
@@ -76,7 +106,11 @@ impl LlamaLayer {
         let scores = q.matmul(&k.t()?)?.reshape((b, kv, rep, t, tk))?;
         let scores = scores.broadcast_add(&ctx.mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, rep * t, tk))?;
-        let y = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let y = probs
+            .matmul(&v)?
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
         self.o_proj.forward(&y)
     }
 
@@ -88,7 +122,12 @@ impl LlamaLayer {
 }
 
 impl DecoderLayer for LlamaLayer {
-    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &self.input_layernorm, self.eps)?;
         let x = (x + self.attention(&h, ctx, cache)?)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
@@ -112,8 +151,14 @@ impl DecoderLayer for LlamaLayer {
     fn named_tensors(&self, i: usize) -> Vec<(String, Tensor)> {
         let p = format!("model.layers.{i}");
         let mut out = vec![
-            (format!("{p}.input_layernorm.weight"), self.input_layernorm.clone()),
-            (format!("{p}.post_attention_layernorm.weight"), self.post_attention_layernorm.clone()),
+            (
+                format!("{p}.input_layernorm.weight"),
+                self.input_layernorm.clone(),
+            ),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                self.post_attention_layernorm.clone(),
+            ),
         ];
         for (name, l) in [
             ("self_attn.q_proj", &self.q_proj),

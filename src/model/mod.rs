@@ -42,7 +42,12 @@ impl Weights {
     pub fn take_shaped(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
         let t = self.take(name)?;
         if t.dims() != dims {
-            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}", self.origin, t.dims(), dims);
+            bail!(
+                "{}: tensor '{name}' has shape {:?}, expected {:?}",
+                self.origin,
+                t.dims(),
+                dims
+            );
         }
         Ok(t)
     }
@@ -121,7 +126,8 @@ pub struct StepContext {
 
 /// One decoder block. A new family implements this in its own file.
 pub trait DecoderLayer: Send + Sync {
-    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<&mut KvCache>)
+        -> Result<Tensor>;
     fn writer(&self, which: Writer) -> &Linear;
     fn writer_mut(&mut self, which: Writer) -> &mut Linear;
     /// Every parameter under its Hugging Face name (for export).
@@ -246,7 +252,10 @@ impl Model {
         let embed = w.take("model.embed_tokens.weight")?;
         let (vocab, d_embed) = embed.dims2()?;
         if d_embed != d {
-            bail!("{}: embedding width {d_embed} differs from hidden size {d}", w.origin);
+            bail!(
+                "{}: embedding width {d_embed} differs from hidden size {d}",
+                w.origin
+            );
         }
         let mut config = config;
         config.vocab_size = vocab;
@@ -304,7 +313,10 @@ impl Model {
     /// immutable and shared, so the original is never overwritten.
     pub fn set_writer(&mut self, layer: usize, which: Writer, weight: Tensor) -> Result<()> {
         if layer >= self.layers.len() {
-            bail!("layer {layer} out of range (model has {})", self.layers.len());
+            bail!(
+                "layer {layer} out of range (model has {})",
+                self.layers.len()
+            );
         }
         let slot = &mut self.layers[layer].writer_mut(which).weight;
         if slot.dims() != weight.dims() || weight.dtype() != DType::F32 {
@@ -396,15 +408,25 @@ impl Model {
         let t = ids.first().map_or(0, |r| r.len());
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         if let Some(&bad) = flat.iter().find(|&&x| x as usize >= self.config.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size);
+            bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            );
         }
         let idx = Tensor::from_vec(flat, b * t, &self.device)?;
-        Ok(self.embed.index_select(&idx, 0)?.reshape((b, t, self.config.hidden_size))?)
+        Ok(self
+            .embed
+            .index_select(&idx, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     fn head(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Linear { weight: w.clone(), bias: None }.forward(x)
+        Linear {
+            weight: w.clone(),
+            bias: None,
+        }
+        .forward(x)
     }
 
     /// One pass over `ids` (new tokens) given `past` cached positions.
@@ -453,7 +475,14 @@ impl Model {
         if batch.is_empty() || batch.seq_len() == 0 {
             bail!("forward pass on an empty batch");
         }
-        self.step(&batch.ids, &batch.positions(), &batch.mask, None, hidden, logits)
+        self.step(
+            &batch.ids,
+            &batch.positions(),
+            &batch.mask,
+            None,
+            hidden,
+            logits,
+        )
     }
 
     /// Log-softmax of the next-token logits at the last position, `[batch, vocab]`.

@@ -39,7 +39,10 @@ impl ModelSource {
         let aliases: Vec<&str> = assets::model_assets().iter().map(|a| a.alias).collect();
         let looks_like_path = spec.contains('/') || spec.contains('.') && spec.ends_with(".gguf");
         if looks_like_path {
-            bail!("model file {spec} does not exist; check the path, or use one of the aliases: {}", aliases.join(", "));
+            bail!(
+                "model file {spec} does not exist; check the path, or use one of the aliases: {}",
+                aliases.join(", ")
+            );
         }
         bail!(
             "unknown model '{spec}': not an alias ({}), not an existing path, and not hf:ORG/NAME; run `outlierlab models` for the list",
@@ -77,7 +80,12 @@ pub fn load(spec: &str) -> Result<LoadedModel> {
     } else {
         let g = gguf::load(&path)?;
         let tok = TextTokenizer::from_gguf(&g.vocab)?;
-        (Model::new(g.config, g.weights)?, tok, g.chat_template, g.name)
+        (
+            Model::new(g.config, g.weights)?,
+            tok,
+            g.chat_template,
+            g.name,
+        )
     };
     if tokenizer.vocab_size() > model.config.vocab_size {
         bail!(
@@ -117,7 +125,11 @@ impl LoadedModel {
     pub fn encode_chat(&self, system: Option<&str>, user: &str) -> Result<Encoded> {
         let rendered = self.chat.render_user(system, user)?;
         let ids = self.tokenizer.encode(&rendered)?;
-        Ok(Encoded { prompt: user.to_string(), rendered, ids })
+        Ok(Encoded {
+            prompt: user.to_string(),
+            rendered,
+            ids,
+        })
     }
 
     pub fn encode_messages(&self, messages: &[Message]) -> Result<Vec<u32>> {

@@ -34,12 +34,8 @@ impl TextTokenizer {
                 v.model
             );
         }
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex})
-        };
-        let split = |re: &str| {
-            json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
         let (normalizer, pre) = match v.pre.as_str() {
             // SmolLM2: digits one by one, then GPT-2's byte-level split.
             "smollm" => (
@@ -128,19 +124,35 @@ impl TextTokenizer {
         let eos_id = eos_token
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
-            .or_else(|| cfg.get("eos_token_id").and_then(|x| x.as_u64()).map(|x| x as u32));
+            .or_else(|| {
+                cfg.get("eos_token_id")
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as u32)
+            });
         let pad_id = token_str("pad_token")
             .and_then(|t| inner.token_to_id(&t))
             .or(eos_id)
             .unwrap_or(0);
-        let mut t = TextTokenizer { inner, stop_ids: Vec::new(), pad_id, bos_token, eos_token };
+        let mut t = TextTokenizer {
+            inner,
+            stop_ids: Vec::new(),
+            pad_id,
+            bos_token,
+            eos_token,
+        };
         t.stop_ids = t.default_stop_ids(eos_id);
         Ok(t)
     }
 
     fn default_stop_ids(&self, eos: Option<u32>) -> Vec<u32> {
         let mut ids: Vec<u32> = eos.into_iter().collect();
-        for marker in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>"] {
+        for marker in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<end_of_turn>",
+            "</s>",
+        ] {
             if let Some(id) = self.inner.token_to_id(marker) {
                 if !ids.contains(&id) {
                     ids.push(id);
@@ -162,7 +174,9 @@ impl TextTokenizer {
 
     /// Decodes a reply, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding failed: {e}"))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 
     pub fn token_text(&self, id: u32) -> String {

@@ -13,17 +13,29 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub fn fixture(name: &str) -> serde_json::Value {
     let p = fixtures_dir().join(name);
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e} (set OUTLIERLAB_FIXTURES)", p.display()));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| {
+        panic!(
+            "cannot read fixture {}: {e} (set OUTLIERLAB_FIXTURES)",
+            p.display()
+        )
+    });
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
 pub fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("int") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
 }
 
 pub fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 pub fn bin() -> &'static str {
@@ -32,10 +44,14 @@ pub fn bin() -> &'static str {
 
 /// Deterministic pseudo-random numbers in [-scale, scale).
 pub fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -48,7 +64,9 @@ pub fn write_tiny_llama(dir: &std::path::Path) {
     use outlierlab::model::gguf::GgufVocab;
     use outlierlab::model::tokenizer::TextTokenizer;
     std::fs::create_dir_all(dir).unwrap();
-    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
     alphabet.sort();
     let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
     let mut types = vec![1; tokens.len()];
@@ -89,19 +107,53 @@ pub fn write_tiny_llama(dir: &std::path::Path) {
     let mut put = |name: String, dims: Vec<usize>, scale: f32, ones: bool| {
         let n: usize = dims.iter().product();
         seed += 1;
-        let data = if ones { vec![1.0f32; n] } else { noise(n, seed, scale) };
+        let data = if ones {
+            vec![1.0f32; n]
+        } else {
+            noise(n, seed, scale)
+        };
         tensors.insert(name, Tensor::from_vec(data, dims, &Device::Cpu).unwrap());
     };
-    put("model.embed_tokens.weight".into(), vec![vocab, d], 1.0, false);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, d],
+        1.0,
+        false,
+    );
     put("model.norm.weight".into(), vec![d], 0.0, true);
     for i in 0..layers {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), vec![d], 0.0, true);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.0, true);
-        put(format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, d], 0.3, false);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d], 0.3, false);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d], 0.3, false);
-        put(format!("{p}.self_attn.o_proj.weight"), vec![d, heads * hd], 0.3, false);
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            0.0,
+            true,
+        );
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * hd, d],
+            0.3,
+            false,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv * hd, d],
+            0.3,
+            false,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv * hd, d],
+            0.3,
+            false,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, heads * hd],
+            0.3,
+            false,
+        );
         put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], 0.3, false);
         put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], 0.3, false);
         put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], 0.3, false);

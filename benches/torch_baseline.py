@@ -1,0 +1,87 @@
+"""PyTorch eager-CPU baseline for `outlierlab bench`: the same GGUF, prompts, batch and token
+counts through Hugging Face transformers (which dequantises GGUF to float32).
+
+    pip install torch transformers gguf
+    OMP_WAIT_POLICY=PASSIVE python benches/torch_baseline.py GGUF_PATH [--threads 2]
+
+Without OMP_WAIT_POLICY=PASSIVE and an explicit thread count, PyTorch's OpenMP threads spin and
+it runs many times slower on this 2-core machine.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# Same prompts as src/bench.rs BENCH_PROMPTS.
+PROMPTS = [
+    "How do I bake bread?",
+    "Write a haiku about autumn leaves.",
+    "Explain the difference between a list and a tuple in Python, with an example of each.",
+    "What is the capital of Australia?",
+    "Give me three tips for staying focused while studying for exams at home.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Why is the sky blue?",
+    "Write a short SQL query that counts the orders per customer in a table called orders.",
+    "What are the health benefits of regular walking?",
+    "Suggest a name for a small coffee shop near a university campus.",
+    "How many minutes are there in a week? Show the calculation.",
+    "Describe how photosynthesis works to a ten-year-old.",
+    "What should I pack for a three-day hiking trip in the mountains in autumn?",
+    "Write a limerick about a cat who learns to code.",
+    "List the planets of the solar system in order from the sun.",
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gguf")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    d, f = os.path.split(os.path.abspath(a.gguf))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    n = 4096
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    t0 = time.perf_counter()
+    x @ y
+    mm = 2 * n**3 / (time.perf_counter() - t0) / 1e9
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": p}],
+            tokenize=False, add_generation_prompt=True)
+        for p in (PROMPTS * 4)[: a.batch]
+    ]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    real = int(enc["attention_mask"].sum())
+    with torch.inference_mode():
+        model(**enc)
+        prefill = min(_timed(lambda: model(**enc)) for _ in range(a.repeats))
+        gen = lambda: model.generate(**enc, max_new_tokens=a.new_tokens + 1, min_new_tokens=a.new_tokens + 1,
+                                     do_sample=False, pad_token_id=tok.pad_token_id)
+        decode = min(_timed(gen) - prefill for _ in range(a.repeats))
+    print(f"torch {torch.__version__}, {a.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"f32 matmul (torch)    {mm:.1f} GFLOP/s")
+    print(f"prefill               {real / prefill:.0f} tokens/s  ({a.batch} prompts, {real} tokens)")
+    print(f"decode (batch {a.batch:>2})     {a.batch * a.new_tokens / decode:.0f} tokens/s  ({a.new_tokens} new tokens each)")
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

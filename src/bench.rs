@@ -1,0 +1,124 @@
+//! `outlierlab bench`: throughput figures for the runtime, printed as numbers and as fractions of
+//! this machine's measured f32 matmul throughput. Benchmarks, not tests: nothing here asserts a
+//! speed.
+
+use crate::model::generate::{self, GenerateOptions};
+use crate::model::{Batch, LoadedModel, Logits};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+/// Prompts of mixed length, as an evaluation batch would have.
+pub const BENCH_PROMPTS: [&str; 16] = [
+    "How do I bake bread?",
+    "Write a haiku about autumn leaves.",
+    "Explain the difference between a list and a tuple in Python, with an example of each.",
+    "What is the capital of Australia?",
+    "Give me three tips for staying focused while studying for exams at home.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Why is the sky blue?",
+    "Write a short SQL query that counts the orders per customer in a table called orders.",
+    "What are the health benefits of regular walking?",
+    "Suggest a name for a small coffee shop near a university campus.",
+    "How many minutes are there in a week? Show the calculation.",
+    "Describe how photosynthesis works to a ten-year-old.",
+    "What should I pack for a three-day hiking trip in the mountains in autumn?",
+    "Write a limerick about a cat who learns to code.",
+    "List the planets of the solar system in order from the sun.",
+];
+
+pub struct BenchReport {
+    pub matmul_gflops: f64,
+    pub prefill_tokens_per_s: f64,
+    pub prefill_gflops: f64,
+    pub decode_tokens_per_s: f64,
+    pub decode_gflops: f64,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+}
+
+/// f32 matmul throughput of this machine through candle (the same gemm the model uses), on a
+/// shape like the model's largest projections.
+pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+    let _ = a.matmul(&b.t()?)?; // warm-up
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let _c = a.matmul(&b.t()?)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// FLOPs per token through the decoder weights (two per multiply-add; attention scores are left
+/// out, small at these lengths). The output head is counted where it runs: once per sequence in
+/// prefill, once per token in decoding.
+pub fn flops_per_token(lm: &LoadedModel) -> f64 {
+    let c = &lm.model.config;
+    let d = c.hidden_size as f64;
+    let attn = d * (c.num_heads * c.head_dim) as f64 * 2.0
+        + d * (c.num_kv_heads * c.head_dim) as f64 * 2.0;
+    let mlp = 3.0 * d * c.intermediate_size as f64;
+    2.0 * c.num_layers as f64 * (attn + mlp)
+}
+
+pub fn run(
+    lm: &LoadedModel,
+    batch: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<BenchReport> {
+    let c = &lm.model.config;
+    let matmul = matmul_gflops(batch * 32, c.hidden_size, c.intermediate_size)?;
+    let enc = BENCH_PROMPTS
+        .iter()
+        .cycle()
+        .take(batch)
+        .map(|p| lm.encode_chat(Some(crate::model::chat::DEFAULT_SYSTEM_PROMPT), p))
+        .collect::<Result<Vec<_>>>()?;
+    let b: Batch = lm.batch(&enc);
+    let prompt_tokens: usize = enc.iter().map(|e| e.ids.len()).sum();
+    let per_tok = flops_per_token(lm);
+    let head = 2.0 * (c.hidden_size * c.vocab_size) as f64;
+
+    let _ = lm.model.forward(&b, false, Logits::Last)?;
+    let mut prefill = f64::MAX;
+    for _ in 0..repeats {
+        let t0 = Instant::now();
+        let _ = lm.model.forward(&b, false, Logits::Last)?;
+        prefill = prefill.min(t0.elapsed().as_secs_f64());
+    }
+    // Every sequence runs to the limit (no stop ids), so the count of decoded tokens is exact.
+    let opts = GenerateOptions {
+        max_new_tokens: new_tokens + 1,
+        stop_ids: vec![],
+        pad_id: lm.tokenizer.pad_id,
+        use_cache: true,
+    };
+    let ids: Vec<Vec<u32>> = enc.iter().map(|e| e.ids.clone()).collect();
+    let mut decode = f64::MAX;
+    for _ in 0..repeats {
+        let t0 = Instant::now();
+        let _ = generate::greedy(&lm.model, &ids, &opts)?;
+        decode = decode.min((t0.elapsed().as_secs_f64() - prefill).max(1e-9));
+    }
+    let decoded = batch * new_tokens;
+    let prefill_tps = prompt_tokens as f64 / prefill;
+    let decode_tps = decoded as f64 / decode;
+    // Padded positions are computed too, but only real tokens count as throughput.
+    let padded_tokens = (b.len() * b.seq_len()) as f64;
+    Ok(BenchReport {
+        matmul_gflops: matmul,
+        prefill_tokens_per_s: prefill_tps,
+        prefill_gflops: (padded_tokens * per_tok + batch as f64 * head) / prefill / 1e9,
+        decode_tokens_per_s: decode_tps,
+        decode_gflops: decoded as f64 * (per_tok + head) / decode / 1e9,
+        batch,
+        prompt_tokens,
+        new_tokens,
+    })
+}

@@ -1,0 +1,42 @@
+//! Small helpers shared by several stages.
+
+/// Edit distance, for did-you-mean hints on unknown keys.
+pub fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest of `choices` to `word`, when close enough to be a plausible typo.
+pub fn did_you_mean<'a>(word: &str, choices: &[&'a str]) -> Option<&'a str> {
+    choices
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= (c.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_keys_only() {
+        assert_eq!(
+            did_you_mean("median_ration", &["median_ratio", "mad_ratio"]),
+            Some("median_ratio")
+        );
+        assert_eq!(did_you_mean("zzzzzz", &["median_ratio", "mad_ratio"]), None);
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+    }
+}
