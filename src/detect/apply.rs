@@ -109,7 +109,7 @@ fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
             let member_needed = cfg.cluster_test == ClusterTest::Member;
             if !c.is_small(m) || (member_needed && !inside) {
                 why.push(format!(
-                    "cluster: largest log gap {:.2} after {} outlier(s) (needs < {m} outliers, gap > 1 and > spread {:.2}{})",
+                    "cluster: largest log gap {:.2} after {} outlier(s) (needs at most {m} outliers, a gap > 1 and > the spread {:.2}{})",
                     c.max_log_gap,
                     c.gap_index + 1,
                     c.intra_spread,

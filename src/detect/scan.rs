@@ -226,7 +226,8 @@ pub fn cluster_stats(abs: &[f32], med: f32) -> Cluster {
     if gaps.is_empty() {
         g = 0.0;
     }
-    let intra = gaps.iter().take(gi).sum();
+    // `+ 0.0` turns the empty sum's −0.0 into 0.0.
+    let intra = gaps.iter().take(gi).sum::<f32>() + 0.0;
     Cluster {
         top_dims: idx,
         gap_index: gi as u32,
