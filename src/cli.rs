@@ -204,3 +204,264 @@ pub fn ranges(v: &[u32]) -> String {
     }
     out.join(", ")
 }
+
+/// The arguments `abliterate` and `export` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VariantArgs {
+    /// Model alias, path, or hf:ORG/NAME[@REVISION].
+    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    pub model: String,
+    /// How massive activations are handled, `+`-joined: none, winsorize:Q, winsorize-global:Q,
+    /// zero-residual-dims, protect-output-rows, random-dims[:SEED], random-rotation:Q[:SEED].
+    #[arg(long, default_value = "none")]
+    pub handling: String,
+    /// Detection preset for handlings that need detected dims.
+    #[arg(long, default_value = "pr154")]
+    pub detect_preset: String,
+    /// Detection overrides, e.g. --set median_ratio=400.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub detect_set: Vec<String>,
+    /// Harmless prompt set (built-in name or file).
+    #[arg(long, default_value = "harmless-outlierlab")]
+    pub good: String,
+    /// Harmful prompt set (built-in name or file).
+    #[arg(long, default_value = "advbench")]
+    pub bad: String,
+    /// Direction prompts per side (the first N of each set).
+    #[arg(long, default_value_t = 128)]
+    pub direction_prompts: usize,
+    /// Evaluation prompts per side (the N after the direction prompts: disjoint by construction).
+    #[arg(long, default_value_t = 100)]
+    pub eval_prompts: usize,
+    /// A float between layers (0-based; heretic's direction_index), or "per-layer".
+    #[arg(long)]
+    pub direction_index: Option<String>,
+    #[arg(long)]
+    pub attn_max_weight: Option<f64>,
+    #[arg(long)]
+    pub attn_max_weight_position: Option<f64>,
+    #[arg(long)]
+    pub attn_min_weight: Option<f64>,
+    #[arg(long)]
+    pub attn_min_weight_distance: Option<f64>,
+    #[arg(long)]
+    pub mlp_max_weight: Option<f64>,
+    #[arg(long)]
+    pub mlp_max_weight_position: Option<f64>,
+    #[arg(long)]
+    pub mlp_min_weight: Option<f64>,
+    #[arg(long)]
+    pub mlp_min_weight_distance: Option<f64>,
+    /// none, pre or full (full renormalises every row exactly).
+    #[arg(long, default_value = "none")]
+    pub row_norm: String,
+    /// Do not orthogonalise the refusal direction against the harmless mean.
+    #[arg(long)]
+    pub no_orthogonalize: bool,
+    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
+    pub system: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+pub const DEFAULT_SYSTEM_PROMPT_STR: &str = crate::model::chat::DEFAULT_SYSTEM_PROMPT;
+
+impl VariantArgs {
+    pub fn variant(&self, lm: &crate::model::LoadedModel) -> Result<crate::study::variant::Variant> {
+        use crate::ablate::RowNorm;
+        let handlings = crate::direction::Handling::parse_list(&self.handling)?;
+        let mut detect_cfg = detect::preset(&self.detect_preset)?;
+        for s in &self.detect_set {
+            detect_cfg.set(s)?;
+        }
+        let mut ab = crate::study::variant::default_ablation(lm);
+        match self.direction_index.as_deref() {
+            None => {}
+            Some("per-layer") => ab.direction_index = None,
+            Some(x) => {
+                ab.direction_index = Some(x.parse().with_context(|| format!("--direction-index {x}: a number or 'per-layer'"))?)
+            }
+        }
+        let set = |dst: &mut f64, v: Option<f64>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        set(&mut ab.attn.max_weight, self.attn_max_weight);
+        set(&mut ab.attn.max_weight_position, self.attn_max_weight_position);
+        set(&mut ab.attn.min_weight, self.attn_min_weight);
+        set(&mut ab.attn.min_weight_distance, self.attn_min_weight_distance);
+        set(&mut ab.mlp.max_weight, self.mlp_max_weight);
+        set(&mut ab.mlp.max_weight_position, self.mlp_max_weight_position);
+        set(&mut ab.mlp.min_weight, self.mlp_min_weight);
+        set(&mut ab.mlp.min_weight_distance, self.mlp_min_weight_distance);
+        ab.row_norm = match self.row_norm.as_str() {
+            "none" => RowNorm::None,
+            "pre" => RowNorm::Pre,
+            "full" => RowNorm::Full,
+            other => bail!("--row-norm {other}: expected none, pre or full"),
+        };
+        Ok(crate::study::variant::Variant {
+            name: crate::direction::label_list(&handlings),
+            handlings,
+            detect: Some(detect_cfg),
+            ablation: ab,
+            orthogonalize: !self.no_orthogonalize,
+        })
+    }
+}
+
+/// Direction and evaluation prompts, disjoint by construction and checked.
+pub struct PromptSplit {
+    pub good_dir: Vec<String>,
+    pub bad_dir: Vec<String>,
+    pub good_eval: Vec<String>,
+    pub bad_eval: Vec<String>,
+}
+
+pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Result<PromptSplit> {
+    let g = crate::datasets::load(good)?;
+    let b = crate::datasets::load(bad)?;
+    let take = |v: &[String], n: usize, off: usize, what: &str| {
+        crate::datasets::take(v, n, off, None).with_context(|| format!("{what} prompts"))
+    };
+    let s = PromptSplit {
+        good_dir: take(&g, n_dir, 0, "harmless direction")?,
+        bad_dir: take(&b, n_dir, 0, "harmful direction")?,
+        good_eval: take(&g, n_eval, n_dir, "harmless evaluation")?,
+        bad_eval: take(&b, n_eval, n_dir, "harmful evaluation")?,
+    };
+    for (dir, eval, what) in [(&s.good_dir, &s.good_eval, "harmless"), (&s.bad_dir, &s.bad_eval, "harmful")] {
+        let set: std::collections::HashSet<&String> = dir.iter().collect();
+        if let Some(p) = eval.iter().find(|p| set.contains(p)) {
+            bail!("{what} direction and evaluation prompts overlap (e.g. {p:?}); the set holds duplicates, use another offset or set");
+        }
+    }
+    Ok(s)
+}
+
+fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} eta {eta}").expect("valid template"),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+fn pct(r: &crate::stats::Rate) -> String {
+    format!("{}/{} {:>5.1}% [{:.1}%, {:.1}%]", r.k, r.n, 100.0 * r.rate, 100.0 * r.lo, 100.0 * r.hi)
+}
+
+pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
+    use crate::evaluate::{compare, finish_comparisons, EvalOptions, Evaluator, RefusalClassifier};
+    use crate::study::variant;
+    let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
+    let mut lm = model::load(&a.model)?;
+    let v = a.variant(&lm)?;
+    let system = if a.system.is_empty() { None } else { Some(a.system.as_str()) };
+    let opts = EvalOptions { batch_size: a.batch_size, ..EvalOptions::default() };
+
+    let pb = bar((split.good_eval.len()) as u64, "reference (unedited)");
+    let ev = Evaluator::new(&lm, &split.good_eval, &split.bad_eval, system, opts, RefusalClassifier::default())?;
+    pb.finish_and_clear();
+    let score_bar = |name: &str, ev: &Evaluator| bar((ev.good.len() * 2 + ev.bad.len()) as u64, name);
+    let pb = score_bar("scoring unedited", &ev);
+    let base = ev.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+
+    let cfg = v.detect.clone().unwrap_or_default();
+    let scan = v.needs_dims().then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+    let trigger = cfg.sources.trigger.clone();
+    let n_dir = split.good_dir.len() + split.bad_dir.len() + usize::from(scan.is_some() && trigger.is_some());
+    let pb = bar(n_dir as u64, "direction prompts");
+    let data = variant::direction_data(
+        &lm, &split.good_dir, &split.bad_dir, trigger.as_deref(), system,
+        HiddenConvention::Transformers, scan, a.batch_size, |n| pb.inc(n as u64),
+    )?;
+    pb.finish_and_clear();
+
+    let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> = vec![("unedited".into(), base, vec![])];
+    let mut variants = vec![v.clone()];
+    if compare_none && !v.handlings.is_empty() {
+        variants.insert(0, crate::study::variant::Variant { name: "none".into(), handlings: vec![], ..v.clone() });
+    }
+    for var in &variants {
+        let prep = variant::prepare(var, &data)?;
+        let pb = score_bar(&format!("scoring {}", var.name), &ev);
+        let out = variant::score(&mut lm, &ev, var, &prep, |_, n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        eprintln!("scored {} in {:.0} s: refusals {}, KL {:.4}", var.name, out.seconds, pct(&out.refusal_rate()), out.kl_mean());
+        rows.push((var.name.clone(), out, prep.dims));
+    }
+    let mut comps = Vec::new();
+    for (name, out, _) in rows.iter().skip(1) {
+        comps.push(compare((name, out), ("unedited", &rows[0].1), 1));
+        if name != "none" {
+            if let Some((_, none_out, _)) = rows.iter().find(|r| r.0 == "none") {
+                comps.push(compare((name, out), ("none", none_out), 2));
+            }
+        }
+    }
+    finish_comparisons(&mut comps, 0.05);
+    if json {
+        let v = serde_json::json!({
+            "model": a.model,
+            "variant": v,
+            "results": rows.iter().map(|(n, o, dims)| serde_json::json!({
+                "name": n, "dims": dims, "refusals": o.refusal_rate(), "kl_mean": o.kl_mean(),
+                "over_refusals": o.over_refusal_rate(), "seconds": o.seconds,
+                "per_prompt": {"refused": o.refused, "replies": o.replies, "kl": o.kl, "over_refused": o.over_refused},
+            })).collect::<Vec<_>>(),
+            "comparisons": comps,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model {} | {} direction + {} evaluation prompts per side | direction index {:?}", a.model, split.good_dir.len(), split.good_eval.len(), v.ablation.direction_index);
+    println!("{:<28} {:<30} {:<22} {:<30} {}", "variant", "refusals [95% Wilson]", "KL mean", "over-refusals", "dims");
+    for (name, o, dims) in &rows {
+        println!(
+            "{:<28} {:<30} {:<22} {:<30} {:?}",
+            name,
+            pct(&o.refusal_rate()),
+            format!("{:.4}", o.kl_mean()),
+            if o.over_refused.is_empty() { "-".into() } else { pct(&o.over_refusal_rate()) },
+            dims
+        );
+    }
+    println!("comparisons (Holm-corrected over this table, alpha 0.05; lower is better):");
+    for c in &comps {
+        println!(
+            "  {} vs {}: refusals {:+.1} pts (only variant {}, only reference {}; McNemar p {:.3}, adj {:.3}) -> {}; KL {:+.4} [{:+.4}, {:+.4}] (bootstrap p {:.3}, adj {:.3}) -> {}",
+            c.variant, c.reference, 100.0 * c.refusals.diff, c.refusals.only_variant, c.refusals.only_reference,
+            c.refusals.p, c.refusals_p_adj, c.refusals_verdict.label(), c.kl.estimate, c.kl.lo, c.kl.hi, c.kl.p,
+            c.kl_p_adj, c.kl_verdict.label()
+        );
+    }
+    Ok(())
+}
+
+pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
+    use crate::study::variant;
+    let split = split_prompts(&a.good, &a.bad, a.direction_prompts, 0)?;
+    let mut lm = model::load(&a.model)?;
+    let v = a.variant(&lm)?;
+    let system = if a.system.is_empty() { None } else { Some(a.system.as_str()) };
+    let cfg = v.detect.clone().unwrap_or_default();
+    let scan = v.needs_dims().then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+    let pb = bar((split.good_dir.len() + split.bad_dir.len()) as u64, "direction prompts");
+    let data = variant::direction_data(
+        &lm, &split.good_dir, &split.bad_dir, cfg.sources.trigger.as_deref(), system,
+        HiddenConvention::Transformers, scan, a.batch_size, |n| pb.inc(n as u64),
+    )?;
+    pb.finish_and_clear();
+    let prep = variant::prepare(&v, &data)?;
+    let summary = crate::ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect)?;
+    crate::model::export::write_hf_folder(&lm, out)?;
+    let meta = serde_json::json!({"tool": "outlierlab", "version": env!("CARGO_PKG_VERSION"), "source_model": a.model,
+        "variant": v, "dims": prep.dims, "edited": summary.edited});
+    std::fs::write(out.join("outlierlab.json"), serde_json::to_string_pretty(&meta)?)?;
+    eprintln!("wrote {} ({} matrices edited)", out.display(), summary.edited.len());
+    Ok(())
+}

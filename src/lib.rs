@@ -4,9 +4,15 @@
 //! The pipeline, in the order data flows: `model` (runtime) → detect → direction → ablate →
 //! evaluate → study → report. Each stage keeps its data types in its own module.
 
+pub mod ablate;
 pub mod assets;
 pub mod bench;
 pub mod cli;
+pub mod datasets;
 pub mod detect;
+pub mod direction;
+pub mod evaluate;
 pub mod model;
+pub mod stats;
+pub mod study;
 pub mod util;

