@@ -25,7 +25,11 @@ impl Kernel {
         if distance > self.min_weight_distance {
             return None;
         }
-        let frac = if self.min_weight_distance > 0.0 { distance / self.min_weight_distance } else { 0.0 };
+        let frac = if self.min_weight_distance > 0.0 {
+            distance / self.min_weight_distance
+        } else {
+            0.0
+        };
         Some(self.max_weight + frac * (self.min_weight - self.max_weight))
     }
 }
@@ -65,7 +69,12 @@ impl AblationParams {
             min_weight: 0.5,
             min_weight_distance: (0.5 * l).round().max(1.0),
         };
-        AblationParams { direction_index: Some((0.6 * (l - 1.0)).round()), attn: k, mlp: k, row_norm: RowNorm::None }
+        AblationParams {
+            direction_index: Some((0.6 * (l - 1.0)).round()),
+            attn: k,
+            mlp: k,
+            row_norm: RowNorm::None,
+        }
     }
 
     pub fn kernel(&self, w: Writer) -> &Kernel {
@@ -83,7 +92,13 @@ fn row_norms(w: &Tensor) -> Result<Tensor> {
 
 /// The edited matrix for one writer. `keep` holds 0 for protected rows (they stay exactly as
 /// they were) and 1 elsewhere; None protects nothing.
-pub fn edit_matrix(w: &Tensor, v: &Tensor, lambda: f64, norm: RowNorm, keep: Option<&Tensor>) -> Result<Tensor> {
+pub fn edit_matrix(
+    w: &Tensor,
+    v: &Tensor,
+    lambda: f64,
+    norm: RowNorm,
+    keep: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = w.dim(0)?;
     let v = v.reshape((d, 1))?;
     // Scaling the left factor by the mask zeroes the change on protected rows and nowhere else.
@@ -108,7 +123,9 @@ pub fn edit_matrix(w: &Tensor, v: &Tensor, lambda: f64, norm: RowNorm, keep: Opt
             let wn = w.broadcast_div(&n)?;
             let vtw = v.t()?.matmul(&wn)?;
             let moved = (&wn - (left.matmul(&vtw)? * lambda)?)?;
-            let renormed = moved.broadcast_div(&row_norms(&moved)?)?.broadcast_mul(&n)?;
+            let renormed = moved
+                .broadcast_div(&row_norms(&moved)?)?
+                .broadcast_mul(&n)?;
             match keep {
                 // Renormalising a protected row reproduces it only up to rounding: put it back.
                 Some(m) => {
@@ -125,11 +142,20 @@ pub fn edit_matrix(w: &Tensor, v: &Tensor, lambda: f64, norm: RowNorm, keep: Opt
 
 /// Applies the abliteration to `model` (its writers as they are now). Undo with
 /// `model.restore_writers(&snapshot)` taken before.
-pub fn abliterate(model: &mut Model, dirs: &Directions, params: &AblationParams, protect: &[u32]) -> Result<EditSummary> {
+pub fn abliterate(
+    model: &mut Model,
+    dirs: &Directions,
+    params: &AblationParams,
+    protect: &[u32],
+) -> Result<EditSummary> {
     let layers = model.num_layers();
     let d = model.hidden_size();
     if dirs.dirs.len() != layers + 1 {
-        bail!("{} directions for a model with {} hidden states", dirs.dirs.len(), layers + 1);
+        bail!(
+            "{} directions for a model with {} hidden states",
+            dirs.dirs.len(),
+            layers + 1
+        );
     }
     let fixed = match params.direction_index {
         Some(i) => Some(dirs.interpolated(i)?),
@@ -152,11 +178,19 @@ pub fn abliterate(model: &mut Model, dirs: &Directions, params: &AblationParams,
         let dir = fixed.as_ref().unwrap_or(&dirs.dirs[layer + 1]);
         let v = Tensor::from_slice(dir, d, &Device::Cpu)?;
         for w in Writer::ALL {
-            let Some(lambda) = params.kernel(w).weight(layer) else { continue };
+            let Some(lambda) = params.kernel(w).weight(layer) else {
+                continue;
+            };
             if lambda == 0.0 {
                 continue;
             }
-            let edited = edit_matrix(model.writer(layer, w), &v, lambda, params.row_norm, keep.as_ref())?;
+            let edited = edit_matrix(
+                &model.writer(layer, w),
+                &v,
+                lambda,
+                params.row_norm,
+                keep.as_ref(),
+            )?;
             model.set_writer(layer, w, edited)?;
             summary.edited.push((layer, w, lambda));
         }

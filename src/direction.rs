@@ -59,7 +59,10 @@ pub fn collect(
     let mut data = vec![0f32; states * n * d];
     let mut done = 0;
     for chunk in prompts.chunks(batch_size.max(1)) {
-        let enc = chunk.iter().map(|p| lm.encode_chat(system, p)).collect::<Result<Vec<_>>>()?;
+        let enc = chunk
+            .iter()
+            .map(|p| lm.encode_chat(system, p))
+            .collect::<Result<Vec<_>>>()?;
         let batch = lm.batch(&enc);
         let t = batch.seq_len();
         let out = lm.model.forward(&batch, true, Logits::None)?;
@@ -118,7 +121,10 @@ impl Handling {
             Ok(v)
         };
         let seed = |i: usize| -> Result<u64> {
-            args.get(i).map_or(Ok(0), |x| x.parse().with_context(|| format!("handling '{s}': the seed must be a whole number")))
+            args.get(i).map_or(Ok(0), |x| {
+                x.parse()
+                    .with_context(|| format!("handling '{s}': the seed must be a whole number"))
+            })
         };
         Ok(match name {
             "none" => Handling::None,
@@ -127,21 +133,37 @@ impl Handling {
             "zero-residual-dims" => Handling::ZeroResidualDims,
             "protect-output-rows" => Handling::ProtectOutputRows,
             "random-dims" => Handling::RandomDims { seed: seed(0)? },
-            "random-rotation" => Handling::RandomRotation { q: q(0)?, seed: seed(1)? },
+            "random-rotation" => Handling::RandomRotation {
+                q: q(0)?,
+                seed: seed(1)?,
+            },
             other => {
                 let names = [
-                    "none", "winsorize", "winsorize-global", "zero-residual-dims", "protect-output-rows",
-                    "random-dims", "random-rotation",
+                    "none",
+                    "winsorize",
+                    "winsorize-global",
+                    "zero-residual-dims",
+                    "protect-output-rows",
+                    "random-dims",
+                    "random-rotation",
                 ];
-                let hint = crate::util::did_you_mean(other, &names).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
-                bail!("unknown handling '{other}'{hint}; handlings: {}", names.join(", "))
+                let hint = crate::util::did_you_mean(other, &names)
+                    .map(|n| format!(" (did you mean '{n}'?)"))
+                    .unwrap_or_default();
+                bail!(
+                    "unknown handling '{other}'{hint}; handlings: {}",
+                    names.join(", ")
+                )
             }
         })
     }
 
     /// Parses a `+`-joined combination.
     pub fn parse_list(s: &str) -> Result<Vec<Handling>> {
-        let v = s.split('+').map(Handling::parse).collect::<Result<Vec<_>>>()?;
+        let v = s
+            .split('+')
+            .map(Handling::parse)
+            .collect::<Result<Vec<_>>>()?;
         Ok(v.into_iter().filter(|h| *h != Handling::None).collect())
     }
 
@@ -159,7 +181,10 @@ impl Handling {
 
     /// Whether this handling needs detected dims.
     pub fn uses_dims(&self) -> bool {
-        matches!(self, Handling::ZeroResidualDims | Handling::ProtectOutputRows | Handling::RandomDims { .. })
+        matches!(
+            self,
+            Handling::ZeroResidualDims | Handling::ProtectOutputRows | Handling::RandomDims { .. }
+        )
     }
 }
 
@@ -194,7 +219,9 @@ fn winsorize_global(r: &mut Residuals, s: usize, q: f64) {
 /// A seeded random orthogonal matrix (Gram–Schmidt on a Gaussian matrix), `[d, d]` row-major.
 pub fn random_orthogonal(d: usize, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
-    let mut m: Vec<Vec<f64>> = (0..d).map(|_| (0..d).map(|_| rng.normal()).collect()).collect();
+    let mut m: Vec<Vec<f64>> = (0..d)
+        .map(|_| (0..d).map(|_| rng.normal()).collect())
+        .collect();
     for i in 0..d {
         for j in 0..i {
             let dot: f64 = (0..d).map(|k| m[i][k] * m[j][k]).sum();
@@ -214,7 +241,11 @@ fn rotate(r: &mut Residuals, q_mat: &Tensor, transpose: bool) -> Result<()> {
         let lo = s * r.n * r.d;
         let x = Tensor::from_slice(&r.data[lo..lo + r.n * r.d], (r.n, r.d), &Device::Cpu)?;
         // Rows are residuals: y = x Qᵀ rotates, y = x Q rotates back.
-        let y = if transpose { x.matmul(q_mat)? } else { x.matmul(&q_mat.t()?)? };
+        let y = if transpose {
+            x.matmul(q_mat)?
+        } else {
+            x.matmul(&q_mat.t()?)?
+        };
         let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
         r.data[lo..lo + r.n * r.d].copy_from_slice(&v);
     }
@@ -232,7 +263,12 @@ pub fn random_dims(d: usize, count: usize, seed: u64) -> Vec<u32> {
 
 /// Applies the residual-side handlings to good and bad residuals in place. `dims` are the
 /// detected dims. Returns the dims the edit must protect (protect-output-rows), if any.
-pub fn apply_handlings(handlings: &[Handling], dims: &[u32], good: &mut Residuals, bad: &mut Residuals) -> Result<Vec<u32>> {
+pub fn apply_handlings(
+    handlings: &[Handling],
+    dims: &[u32],
+    good: &mut Residuals,
+    bad: &mut Residuals,
+) -> Result<Vec<u32>> {
     let mut protect = Vec::new();
     for h in handlings {
         match h {
@@ -271,7 +307,11 @@ pub fn apply_handlings(handlings: &[Handling], dims: &[u32], good: &mut Residual
             }
             Handling::ProtectOutputRows => protect.extend_from_slice(dims),
             Handling::RandomRotation { q, seed } => {
-                let q_mat = Tensor::from_vec(random_orthogonal(good.d, *seed), (good.d, good.d), &Device::Cpu)?;
+                let q_mat = Tensor::from_vec(
+                    random_orthogonal(good.d, *seed),
+                    (good.d, good.d),
+                    &Device::Cpu,
+                )?;
                 for r in [&mut *good, &mut *bad] {
                     rotate(r, &q_mat, false)?;
                     for s in 0..r.states {
@@ -305,7 +345,11 @@ fn normalize(v: &mut [f64]) {
 
 /// normalise(mean(bad) − mean(good)); with `orthogonalize`, the component along the normalised
 /// good mean is removed and the result normalised again (heretic's default).
-pub fn refusal_directions(good: &Residuals, bad: &Residuals, orthogonalize: bool) -> Result<Directions> {
+pub fn refusal_directions(
+    good: &Residuals,
+    bad: &Residuals,
+    orthogonalize: bool,
+) -> Result<Directions> {
     if good.states != bad.states || good.d != bad.d {
         bail!("good and bad residuals come from different models");
     }
@@ -324,7 +368,10 @@ pub fn refusal_directions(good: &Residuals, bad: &Residuals, orthogonalize: bool
         }
         dirs.push(r.into_iter().map(|x| x as f32).collect());
     }
-    Ok(Directions { dirs, orthogonalized: orthogonalize })
+    Ok(Directions {
+        dirs,
+        orthogonalized: orthogonalize,
+    })
 }
 
 impl Directions {
@@ -335,13 +382,20 @@ impl Directions {
         let lo = pos.floor();
         let w = pos - lo;
         let lo = lo as isize;
-        if lo < 0 || lo as usize + 1 >= self.dirs.len() && w > 0.0 || lo as usize >= self.dirs.len() {
-            bail!("direction_index {index} is outside the model's layers (0..{})", self.dirs.len() - 2);
+        if lo < 0 || lo as usize + 1 >= self.dirs.len() && w > 0.0 || lo as usize >= self.dirs.len()
+        {
+            bail!(
+                "direction_index {index} is outside the model's layers (0..{})",
+                self.dirs.len() - 2
+            );
         }
         let a = &self.dirs[lo as usize];
         let mut v: Vec<f64> = if w > 0.0 {
             let b = &self.dirs[lo as usize + 1];
-            a.iter().zip(b).map(|(x, y)| *x as f64 + w * (*y as f64 - *x as f64)).collect()
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| *x as f64 + w * (*y as f64 - *x as f64))
+                .collect()
         } else {
             a.iter().map(|x| *x as f64).collect()
         };

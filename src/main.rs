@@ -156,7 +156,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch { model } => {
             let Some(a) = assets::find_model_asset(&model) else {
-                let aliases: Vec<String> = assets::model_assets().iter().map(|a| a.alias.clone()).collect();
+                let aliases: Vec<String> = assets::model_assets()
+                    .iter()
+                    .map(|a| a.alias.clone())
+                    .collect();
                 bail!(
                     "unknown model alias '{model}'; known aliases: {}",
                     aliases.join(", ")
@@ -264,12 +267,27 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             })?;
         }
-        Command::Abliterate { args, no_compare_none, json } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
+        Command::Abliterate {
+            args,
+            no_compare_none,
+            json,
+        } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
         Command::Export { args, out } => outlierlab::cli::export(&args, &out)?,
         Command::Datasets => {
             for m in outlierlab::datasets::manifests() {
-                let from = m.source.as_ref().map_or_else(|| format!("datasets/{}", m.path.clone().unwrap_or_default()), |s| s.package.clone());
-                println!("{:<22} {:>4} {:<9} {}  [{}; {}]", m.name, m.count, format!("{:?}", m.kind).to_lowercase(), m.description, from, m.licence);
+                let from = m.source.as_ref().map_or_else(
+                    || format!("datasets/{}", m.path.clone().unwrap_or_default()),
+                    |s| s.package.clone(),
+                );
+                println!(
+                    "{:<22} {:>4} {:<9} {}  [{}; {}]",
+                    m.name,
+                    m.count,
+                    format!("{:?}", m.kind).to_lowercase(),
+                    m.description,
+                    from,
+                    m.licence
+                );
             }
         }
         Command::Bench {

@@ -61,7 +61,13 @@ const Z95: f64 = 1.959_963_984_540_054;
 
 pub fn wilson(k: usize, n: usize) -> Rate {
     if n == 0 {
-        return Rate { k, n, rate: f64::NAN, lo: 0.0, hi: 1.0 };
+        return Rate {
+            k,
+            n,
+            rate: f64::NAN,
+            lo: 0.0,
+            hi: 1.0,
+        };
     }
     let (kf, nf) = (k as f64, n as f64);
     let p = kf / nf;
@@ -69,7 +75,13 @@ pub fn wilson(k: usize, n: usize) -> Rate {
     let denom = 1.0 + z2 / nf;
     let centre = (p + z2 / (2.0 * nf)) / denom;
     let half = Z95 * (p * (1.0 - p) / nf + z2 / (4.0 * nf * nf)).sqrt() / denom;
-    Rate { k, n, rate: p, lo: (centre - half).max(0.0), hi: (centre + half).min(1.0) }
+    Rate {
+        k,
+        n,
+        rate: p,
+        lo: (centre - half).max(0.0),
+        hi: (centre + half).min(1.0),
+    }
 }
 
 /// ln C(n, k).
@@ -89,7 +101,9 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
         return 1.0;
     }
     let m = b.min(c);
-    let tail: f64 = (0..=m).map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp()).sum();
+    let tail: f64 = (0..=m)
+        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
+        .sum();
     (2.0 * tail).min(1.0)
 }
 
@@ -108,11 +122,21 @@ pub fn paired_bootstrap(a: &[f64], b: &[f64], reps: usize, seed: u64) -> Differe
     let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
     let n = d.len();
     if n == 0 {
-        return Difference { estimate: 0.0, lo: 0.0, hi: 0.0, p: 1.0 };
+        return Difference {
+            estimate: 0.0,
+            lo: 0.0,
+            hi: 0.0,
+            p: 1.0,
+        };
     }
     let estimate = d.iter().sum::<f64>() / n as f64;
     if d.iter().all(|x| *x == 0.0) {
-        return Difference { estimate: 0.0, lo: 0.0, hi: 0.0, p: 1.0 };
+        return Difference {
+            estimate: 0.0,
+            lo: 0.0,
+            hi: 0.0,
+            p: 1.0,
+        };
     }
     let mut rng = Rng::new(seed);
     let mut means: Vec<f64> = (0..reps)
@@ -124,7 +148,12 @@ pub fn paired_bootstrap(a: &[f64], b: &[f64], reps: usize, seed: u64) -> Differe
     let above = means.iter().filter(|m| **m >= 0.0).count() as f64 / reps as f64;
     // The smallest p a bootstrap of this size can show is 1/reps; never report 0.
     let p = (2.0 * below.min(above)).clamp(1.0 / reps as f64, 1.0);
-    Difference { estimate, lo: q(0.025), hi: q(0.975), p }
+    Difference {
+        estimate,
+        lo: q(0.025),
+        hi: q(0.975),
+        p,
+    }
 }
 
 /// Quantile with linear interpolation between order statistics (as `torch.quantile` and numpy's
@@ -197,9 +226,21 @@ pub struct PairedRates {
 }
 
 pub fn paired_rates(variant: &[bool], reference: &[bool]) -> PairedRates {
-    assert_eq!(variant.len(), reference.len(), "paired outcomes must cover the same prompts");
-    let only_variant = variant.iter().zip(reference).filter(|(v, r)| **v && !**r).count();
-    let only_reference = variant.iter().zip(reference).filter(|(v, r)| !**v && **r).count();
+    assert_eq!(
+        variant.len(),
+        reference.len(),
+        "paired outcomes must cover the same prompts"
+    );
+    let only_variant = variant
+        .iter()
+        .zip(reference)
+        .filter(|(v, r)| **v && !**r)
+        .count();
+    let only_reference = variant
+        .iter()
+        .zip(reference)
+        .filter(|(v, r)| !**v && **r)
+        .count();
     let n = variant.len().max(1) as f64;
     PairedRates {
         only_variant,
@@ -240,7 +281,10 @@ mod tests {
         let adj = holm(&[0.01, 0.04, 0.03]);
         assert!((adj[0] - 0.03).abs() < 1e-12);
         assert!((adj[2] - 0.06).abs() < 1e-12);
-        assert!((adj[1] - 0.06).abs() < 1e-12, "monotone: never below a smaller p's adjustment");
+        assert!(
+            (adj[1] - 0.06).abs() < 1e-12,
+            "monotone: never below a smaller p's adjustment"
+        );
     }
 
     #[test]

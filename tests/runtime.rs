@@ -162,7 +162,7 @@ fn residual_writers_edit_and_restore_exactly() {
     let along = v
         .t()
         .unwrap()
-        .matmul(lm.model.writer(5, Writer::MlpDown))
+        .matmul(&lm.model.writer(5, Writer::MlpDown))
         .unwrap()
         .abs()
         .unwrap()

@@ -22,8 +22,13 @@ pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
     let id = |t: &Option<String>| t.as_deref().and_then(|s| tok.inner.token_to_id(s));
     let eos = tok.stop_ids.first().copied().or(id(&tok.eos_token));
     let config = lm.model.config.to_hf_json(id(&tok.bos_token), eos);
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    tok.inner.save(out.join("tokenizer.json"), false).map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    tok.inner
+        .save(out.join("tokenizer.json"), false)
+        .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
     let tcfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tok.bos_token,
@@ -33,8 +38,14 @@ pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
         "add_bos_token": false,
         "chat_template": lm.chat.source(),
     });
-    std::fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg)?)?;
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tcfg)?,
+    )?;
     let gen = serde_json::json!({"eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id, "do_sample": false});
-    std::fs::write(out.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
+    std::fs::write(
+        out.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)?,
+    )?;
     Ok(())
 }

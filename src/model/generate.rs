@@ -28,7 +28,11 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// New tokens for each prompt (stop token included when one was produced).
-pub fn greedy(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+pub fn greedy(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
     greedy_until(model, prompts, opts, &|_: &[u32]| false)
 }
 
@@ -66,9 +70,23 @@ pub fn greedy_until(
     let mut ids = batch.ids.clone();
     let mut mask = batch.mask.clone();
     let mut positions = batch.positions();
-    let first = model.step(&ids, &positions, &mask, if opts.use_cache { Some(&mut caches) } else { None }, false, Logits::Last)?;
+    let first = model.step(
+        &ids,
+        &positions,
+        &mask,
+        if opts.use_cache {
+            Some(&mut caches)
+        } else {
+            None
+        },
+        false,
+        Logits::Last,
+    )?;
     let mut logits = first.logits.expect("asked for logits").to_vec2::<f32>()?;
-    let mut next_pos: Vec<u32> = positions.iter().map(|p| p.last().copied().unwrap_or(0) + 1).collect();
+    let mut next_pos: Vec<u32> = positions
+        .iter()
+        .map(|p| p.last().copied().unwrap_or(0) + 1)
+        .collect();
     for step in 0..opts.max_new_tokens {
         let mut tokens = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
@@ -86,7 +104,9 @@ pub fn greedy_until(
         }
         if keep.len() < active.len() {
             // Drop finished rows from every per-row structure and from the KV caches.
-            let pick = |v: &mut Vec<Vec<u32>>| *v = keep.iter().map(|&r| std::mem::take(&mut v[r])).collect();
+            let pick = |v: &mut Vec<Vec<u32>>| {
+                *v = keep.iter().map(|&r| std::mem::take(&mut v[r])).collect()
+            };
             pick(&mut ids);
             pick(&mut positions);
             mask = keep.iter().map(|&r| std::mem::take(&mut mask[r])).collect();
@@ -94,7 +114,11 @@ pub fn greedy_until(
             next_pos = keep.iter().map(|&r| next_pos[r]).collect();
             active = keep.iter().map(|&r| active[r]).collect();
             if opts.use_cache {
-                let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), &Device::Cpu)?;
+                let idx = Tensor::from_vec(
+                    keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    keep.len(),
+                    &Device::Cpu,
+                )?;
                 for c in caches.iter_mut() {
                     if let (Some(k), Some(v)) = (&c.k, &c.v) {
                         c.k = Some(k.index_select(&idx, 0)?);
@@ -109,7 +133,14 @@ pub fn greedy_until(
         let res = if opts.use_cache {
             let step_ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
             let step_pos: Vec<Vec<u32>> = next_pos.iter().map(|&p| vec![p]).collect();
-            model.step(&step_ids, &step_pos, &mask, Some(&mut caches), false, Logits::Last)?
+            model.step(
+                &step_ids,
+                &step_pos,
+                &mask,
+                Some(&mut caches),
+                false,
+                Logits::Last,
+            )?
         } else {
             for (row, r) in ids.iter_mut().enumerate() {
                 r.push(tokens[row]);

@@ -39,7 +39,7 @@ impl LlamaLayer {
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Linear::new(weight, bias)
         };
         let q_proj = lin("self_attn.q_proj", h * hd, d, qkv_bias)?;
         let k_proj = lin("self_attn.k_proj", kv * hd, d, qkv_bias)?;
@@ -169,7 +169,7 @@ impl DecoderLayer for LlamaLayer {
             ("mlp.up_proj", &self.up_proj),
             ("mlp.down_proj", &self.down_proj),
         ] {
-            out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+            out.push((format!("{p}.{name}.weight"), l.weight()));
             if let Some(b) = &l.bias {
                 out.push((format!("{p}.{name}.bias"), b.clone()));
             }

@@ -36,7 +36,10 @@ impl ModelSource {
         if p.is_file() {
             return Ok(ModelSource::GgufFile(p.to_path_buf()));
         }
-        let aliases: Vec<String> = assets::model_assets().iter().map(|a| a.alias.clone()).collect();
+        let aliases: Vec<String> = assets::model_assets()
+            .iter()
+            .map(|a| a.alias.clone())
+            .collect();
         let looks_like_path = spec.contains('/') || spec.contains('.') && spec.ends_with(".gguf");
         if looks_like_path {
             bail!(

@@ -50,7 +50,11 @@ pub fn direction_data(
     let Some((kind, floor)) = scan else {
         let g = direction::collect(lm, good, system, convention, batch_size, &mut progress)?;
         let b = direction::collect(lm, bad, system, convention, batch_size, &mut progress)?;
-        return Ok(DirectionData { good: g, bad: b, scan: None });
+        return Ok(DirectionData {
+            good: g,
+            bad: b,
+            scan: None,
+        });
     };
     let mut prompts: Vec<(Source, String)> = Vec::new();
     if let Some(t) = trigger {
@@ -60,8 +64,18 @@ pub fn direction_data(
     prompts.extend(bad.iter().map(|p| (Source::Bad, p.clone())));
     let states = lm.model.num_layers() + 1;
     let d = lm.model.hidden_size();
-    let mut g = Residuals { n: good.len(), states, d, data: vec![0.0; states * good.len() * d] };
-    let mut b = Residuals { n: bad.len(), states, d, data: vec![0.0; states * bad.len() * d] };
+    let mut g = Residuals {
+        n: good.len(),
+        states,
+        d,
+        data: vec![0.0; states * good.len() * d],
+    };
+    let mut b = Residuals {
+        n: bad.len(),
+        states,
+        d,
+        data: vec![0.0; states * bad.len() * d],
+    };
     let (mut gi, mut bi) = (0, 0);
     let mut full: Option<Scan> = None;
     // Chunks keep the full hidden states of only a few batches in memory at a time.
@@ -75,7 +89,9 @@ pub fn direction_data(
                 Source::Trigger => continue,
             };
             for (s, h) in p.states.iter().enumerate() {
-                target.row_mut(s, *idx).copy_from_slice(&h[(t - 1) * d..t * d]);
+                target
+                    .row_mut(s, *idx)
+                    .copy_from_slice(&h[(t - 1) * d..t * d]);
             }
             *idx += 1;
         }
@@ -85,7 +101,11 @@ pub fn direction_data(
             Some(s) => s.merge(part),
         }
     }
-    Ok(DirectionData { good: g, bad: b, scan: full })
+    Ok(DirectionData {
+        good: g,
+        bad: b,
+        scan: full,
+    })
 }
 
 /// What a variant resolved to before editing.
@@ -99,21 +119,36 @@ pub struct Prepared {
 pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
     let dims = match (&v.detect, &data.scan, v.needs_dims()) {
         (Some(cfg), Some(scan), true) => detect::apply(cfg, scan)?.dim_ids(),
-        (_, _, true) => anyhow::bail!("variant {} needs detected dims but no detection was run", v.name),
+        (_, _, true) => anyhow::bail!(
+            "variant {} needs detected dims but no detection was run",
+            v.name
+        ),
         _ => Vec::new(),
     };
     let mut good = data.good.clone();
     let mut bad = data.bad.clone();
     let protect = direction::apply_handlings(&v.handlings, &dims, &mut good, &mut bad)?;
     let directions = direction::refusal_directions(&good, &bad, v.orthogonalize)?;
-    Ok(Prepared { dims, protect, directions })
+    Ok(Prepared {
+        dims,
+        protect,
+        directions,
+    })
 }
 
 /// Edits the model, scores it, restores it bit for bit.
-pub fn score(lm: &mut LoadedModel, ev: &Evaluator, v: &Variant, p: &Prepared, progress: impl FnMut(&str, usize)) -> Result<Outcome> {
+pub fn score(
+    lm: &mut LoadedModel,
+    ev: &Evaluator,
+    v: &Variant,
+    p: &Prepared,
+    progress: impl FnMut(&str, usize),
+) -> Result<Outcome> {
     let tok = &lm.tokenizer;
     let model = &mut lm.model;
-    ablate::with_edit(model, &p.directions, &v.ablation, &p.protect, |m| ev.score(m, tok, progress))
+    ablate::with_edit(model, &p.directions, &v.ablation, &p.protect, |m| {
+        ev.score(m, tok, progress)
+    })
 }
 
 pub fn default_ablation(lm: &LoadedModel) -> AblationParams {

@@ -1,0 +1,448 @@
+//! Directions, handlings, the edit and its undo, the refusal classifier, and export.
+
+mod common;
+
+use candle_core::{Device, IndexOp, Tensor};
+use common::*;
+use outlierlab::ablate::{self, edit_matrix, AblationParams, Kernel, RowNorm};
+use outlierlab::direction::{
+    self, apply_handlings, winsorize_row, Directions, Handling, Residuals,
+};
+use outlierlab::evaluate::{compare, finish_comparisons, RefusalClassifier};
+use outlierlab::model::{self, Batch, Logits, Writer};
+use outlierlab::stats::Verdict;
+
+fn unit(d: usize, seed: u64) -> Tensor {
+    let v = noise(d, seed, 1.0);
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    Tensor::from_vec(v.iter().map(|x| x / n).collect::<Vec<_>>(), d, &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+#[test]
+fn a_full_strength_edit_leaves_nothing_along_v() {
+    let lm = model::load("smollm2-135m-instruct").unwrap();
+    let d = lm.model.hidden_size();
+    let v = unit(d, 7);
+    for w in Writer::ALL {
+        let orig = lm.model.writer(10, w);
+        let edited = edit_matrix(&orig, &v, 1.0, RowNorm::None, None).unwrap();
+        let along = v.reshape((1, d)).unwrap().matmul(&edited).unwrap();
+        assert!(
+            max_abs(&along) < 1e-5,
+            "{w:?}: output still has {} along v",
+            max_abs(&along)
+        );
+        // Half strength leaves half of it.
+        let half = edit_matrix(&orig, &v, 0.5, RowNorm::None, None).unwrap();
+        let before = v.reshape((1, d)).unwrap().matmul(&orig).unwrap();
+        let after = v.reshape((1, d)).unwrap().matmul(&half).unwrap();
+        assert!(max_abs(&((after * 2.0).unwrap() - before).unwrap()) < 1e-4);
+        // Full row normalisation keeps every row's norm.
+        let full = edit_matrix(&orig, &v, 1.0, RowNorm::Full, None).unwrap();
+        let n0: Vec<f32> = orig
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let n1: Vec<f32> = full
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            n0.iter()
+                .zip(&n1)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * a.max(1.0)),
+            "row norms must be kept"
+        );
+        let pre = edit_matrix(&orig, &v, 1.0, RowNorm::Pre, None).unwrap();
+        assert!(
+            max_abs(&(&pre - &orig).unwrap()) > 1e-4,
+            "pre changes the matrix"
+        );
+    }
+}
+
+#[test]
+fn protected_rows_are_left_exactly_as_they_were() {
+    let lm = model::load("smollm2-135m-instruct").unwrap();
+    let d = lm.model.hidden_size();
+    let v = unit(d, 8);
+    let mut keep = vec![1f32; d];
+    keep[507] = 0.0;
+    keep[17] = 0.0;
+    let keep = Tensor::from_vec(keep, d, &Device::Cpu).unwrap();
+    let orig = lm.model.writer(12, Writer::MlpDown);
+    for norm in [RowNorm::None, RowNorm::Pre, RowNorm::Full] {
+        let e = edit_matrix(&orig, &v, 1.0, norm, Some(&keep)).unwrap();
+        for r in [17usize, 507] {
+            assert_eq!(
+                bits(&e.i(r).unwrap()),
+                bits(&orig.i(r).unwrap()),
+                "{norm:?}: row {r} changed"
+            );
+        }
+        assert!(
+            max_abs(&(e.i(0).unwrap() - orig.i(0).unwrap()).unwrap()) > 0.0,
+            "{norm:?}: other rows change"
+        );
+    }
+}
+
+fn synthetic_residuals(n: usize, states: usize, d: usize, seed: u64) -> Residuals {
+    Residuals {
+        n,
+        states,
+        d,
+        data: noise(n * states * d, seed, 1.0),
+    }
+}
+
+#[test]
+fn empty_dims_make_dim_handlings_identical_to_none() {
+    let (good, bad) = (
+        synthetic_residuals(6, 4, 32, 1),
+        synthetic_residuals(6, 4, 32, 2),
+    );
+    let none = direction::refusal_directions(&good, &bad, true).unwrap();
+    for h in [Handling::ZeroResidualDims, Handling::ProtectOutputRows] {
+        let (mut g, mut b) = (good.clone(), bad.clone());
+        let protect = apply_handlings(&[h.clone()], &[], &mut g, &mut b).unwrap();
+        assert!(protect.is_empty());
+        assert_eq!(g.data, good.data);
+        let dirs = direction::refusal_directions(&g, &b, true).unwrap();
+        assert_eq!(dirs.dirs, none.dirs, "{h:?}");
+    }
+    // …and the edit itself: protecting nothing is bit-identical to not protecting.
+    let mut lm = model::load("smollm2-135m-instruct").unwrap();
+    let d = lm.model.hidden_size();
+    let states = lm.model.num_layers() + 1;
+    let dirs = Directions {
+        dirs: (0..states)
+            .map(|s| unit(d, 100 + s as u64).to_vec1().unwrap())
+            .collect(),
+        orthogonalized: true,
+    };
+    let params = AblationParams::default_for(lm.model.num_layers());
+    let snap = lm.model.snapshot_writers();
+    ablate::abliterate(&mut lm.model, &dirs, &params, &[]).unwrap();
+    let a = bits(&lm.model.writer(17, Writer::AttnOut));
+    lm.model.restore_writers(&snap).unwrap();
+    let p = Handling::ProtectOutputRows;
+    let (mut g, mut b) = (good.clone(), bad.clone());
+    let protect = apply_handlings(&[p], &[], &mut g, &mut b).unwrap();
+    ablate::abliterate(&mut lm.model, &dirs, &params, &protect).unwrap();
+    assert_eq!(bits(&lm.model.writer(17, Writer::AttnOut)), a);
+}
+
+#[test]
+fn undo_restores_weights_and_outputs_bit_for_bit() {
+    let mut lm = model::load("smollm2-135m-instruct").unwrap();
+    let enc = lm.encode_chat(None, "Tell me a joke.").unwrap();
+    let batch = Batch::left_padded(&[enc.ids], 0);
+    let before = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    let w_before: Vec<Vec<u32>> = (0..lm.model.num_layers())
+        .map(|l| bits(&lm.model.writer(l, Writer::MlpDown)))
+        .collect();
+    let d = lm.model.hidden_size();
+    let states = lm.model.num_layers() + 1;
+    let dirs = Directions {
+        dirs: (0..states)
+            .map(|s| unit(d, s as u64).to_vec1().unwrap())
+            .collect(),
+        orthogonalized: false,
+    };
+    let mut params = AblationParams::default_for(lm.model.num_layers());
+    params.row_norm = RowNorm::Full;
+    let changed = ablate::with_edit(&mut lm.model, &dirs, &params, &[], |m| {
+        Ok(m.forward(&batch, false, Logits::Last)?.logits.unwrap())
+    })
+    .unwrap();
+    assert!(
+        max_abs(&(&changed - &before).unwrap()) > 1e-3,
+        "the edit must change the output"
+    );
+    let after = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(bits(&after), bits(&before));
+    for l in 0..lm.model.num_layers() {
+        assert_eq!(
+            bits(&lm.model.writer(l, Writer::MlpDown)),
+            w_before[l],
+            "layer {l}"
+        );
+    }
+}
+
+#[test]
+fn winsorization_matches_hand_computed_quantiles() {
+    // |v| sorted: 1 2 3 4 100. q = 0.75 → position 3 → 4. q = 0.9 → 3.6 → 4 + 0.6·96 = 61.6.
+    let mut v = vec![1.0f32, -2.0, 3.0, -100.0, 4.0];
+    winsorize_row(&mut v, 0.75);
+    assert_eq!(v, vec![1.0, -2.0, 3.0, -4.0, 4.0]);
+    let mut v = vec![1.0f32, -2.0, 3.0, -100.0, 4.0];
+    winsorize_row(&mut v, 0.9);
+    assert!((v[3] + 61.6).abs() < 1e-4, "{v:?}");
+    let mut v = vec![5.0f32, -7.0];
+    winsorize_row(&mut v, 1.0);
+    assert_eq!(v, vec![5.0, -7.0], "q = 1 changes nothing");
+    // Global: one quantile over all prompts of a state.
+    let mut r = Residuals {
+        n: 2,
+        states: 1,
+        d: 3,
+        data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 600.0],
+    };
+    let mut other = r.clone();
+    apply_handlings(
+        &[Handling::WinsorizeGlobal { q: 0.8 }],
+        &[],
+        &mut r,
+        &mut other,
+    )
+    .unwrap();
+    // sorted 1..5, 600; position 0.8·5 = 4 → 5.
+    assert_eq!(r.data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 5.0]);
+}
+
+#[test]
+fn random_rotation_without_clamping_changes_nothing() {
+    let (good, bad) = (
+        synthetic_residuals(5, 3, 24, 3),
+        synthetic_residuals(5, 3, 24, 4),
+    );
+    let (mut g, mut b) = (good.clone(), bad.clone());
+    apply_handlings(
+        &[Handling::RandomRotation { q: 1.0, seed: 9 }],
+        &[],
+        &mut g,
+        &mut b,
+    )
+    .unwrap();
+    let diff = g
+        .data
+        .iter()
+        .zip(&good.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "rotating there and back must be the identity, off by {diff}"
+    );
+    // With clamping, the rotated basis clamps different components than the original one.
+    let (mut g1, mut b1) = (good.clone(), bad.clone());
+    let (mut g2, mut b2) = (good.clone(), bad.clone());
+    apply_handlings(&[Handling::Winsorize { q: 0.5 }], &[], &mut g1, &mut b1).unwrap();
+    apply_handlings(
+        &[Handling::RandomRotation { q: 0.5, seed: 9 }],
+        &[],
+        &mut g2,
+        &mut b2,
+    )
+    .unwrap();
+    assert_ne!(g1.data, g2.data);
+    // Random dims: as many as detected, seeded.
+    assert_eq!(
+        direction::random_dims(100, 3, 1),
+        direction::random_dims(100, 3, 1)
+    );
+    assert_ne!(
+        direction::random_dims(100, 3, 1),
+        direction::random_dims(100, 3, 2)
+    );
+    assert_eq!(direction::random_dims(100, 3, 1).len(), 3);
+}
+
+#[test]
+fn kernel_and_direction_index_follow_heretic() {
+    let k = Kernel {
+        max_weight: 1.2,
+        max_weight_position: 10.0,
+        min_weight: 0.2,
+        min_weight_distance: 4.0,
+    };
+    assert_eq!(k.weight(10), Some(1.2));
+    assert!((k.weight(12).unwrap() - 0.7).abs() < 1e-12);
+    assert!((k.weight(6).unwrap() - 0.2).abs() < 1e-12);
+    assert_eq!(k.weight(15), None);
+    let dirs = Directions {
+        dirs: vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 0.0]],
+        orthogonalized: false,
+    };
+    // index 0 = the first layer's output = dirs[1].
+    assert_eq!(dirs.interpolated(0.0).unwrap(), vec![0.0, 1.0]);
+    let h = dirs.interpolated(0.5).unwrap();
+    assert!((h[0] - 0.70710677).abs() < 1e-6 && (h[1] - 0.70710677).abs() < 1e-6);
+    assert!(dirs.interpolated(5.0).is_err());
+    // Orthogonalisation removes the good mean's component.
+    let good = Residuals {
+        n: 1,
+        states: 1,
+        d: 2,
+        data: vec![1.0, 0.0],
+    };
+    let bad = Residuals {
+        n: 1,
+        states: 1,
+        d: 2,
+        data: vec![2.0, 1.0],
+    };
+    let r = direction::refusal_directions(&good, &bad, true).unwrap();
+    assert!(r.dirs[0][0].abs() < 1e-7 && (r.dirs[0][1] - 1.0).abs() < 1e-7);
+    let r = direction::refusal_directions(&good, &bad, false).unwrap();
+    assert!((r.dirs[0][0] - 0.70710677).abs() < 1e-6);
+}
+
+#[test]
+fn refusal_classifier_on_tricky_replies() {
+    let c = RefusalClassifier::default();
+    let cases: [(&str, bool); 14] = [
+        ("I'm sorry, but I can't assist with that.", true),
+        ("I can\u{2019}t help with that request.", true),
+        ("I *will not* do that.", true),
+        ("I   will\n\nnot help.", true),
+        ("", true),
+        ("   \n ", true),
+        ("As an AI, I have no opinions.", true),
+        ("That would be ILLEGAL in most places.", true),
+        ("Here is a recipe for bread: flour, water, salt.", false),
+        ("Sure! Step 1: preheat the oven.", false),
+        ("The word 'sorry' rarely appears here", true),
+        ("This is a violation of the rules", true),
+        ("I can do that for you.", false),
+        ("I can help: first, gather ingredients.", false),
+    ];
+    for (reply, want) in cases {
+        assert_eq!(c.is_refusal(reply), want, "{reply:?}");
+    }
+    // Markers inside words count, as in heretic ("violat" matches "violation"), and custom
+    // markers are normalised the same way.
+    let custom = RefusalClassifier::new(vec!["Won\u{2019}t".into()]);
+    assert!(custom.is_refusal("I won't."));
+    assert!(!custom.is_refusal("I will."));
+}
+
+#[test]
+fn an_a_a_comparison_cannot_tell() {
+    use outlierlab::evaluate::Outcome;
+    let o = Outcome {
+        refused: (0..100).map(|i| i % 3 == 0).collect(),
+        replies: vec![String::new(); 100],
+        reply_tokens: vec![1; 100],
+        kl: (0..100).map(|i| 0.01 * (i % 7) as f64).collect(),
+        over_refused: vec![false; 100],
+        seconds: 0.0,
+    };
+    let mut cs = vec![compare(("a", &o), ("a again", &o), 1)];
+    finish_comparisons(&mut cs, 0.05);
+    assert_eq!(cs[0].refusals_verdict, Verdict::CannotTell);
+    assert_eq!(cs[0].kl_verdict, Verdict::CannotTell);
+    assert_eq!(cs[0].refusals.p, 1.0);
+    // 3 vs 6 refusals out of 100 is noise; 0 vs 12 is not.
+    let mut a = o.clone();
+    a.refused = (0..100).map(|i| i < 3).collect();
+    let mut b = o.clone();
+    b.refused = (0..100).map(|i| i < 6).collect();
+    let mut cs = vec![compare(("a", &a), ("b", &b), 1)];
+    finish_comparisons(&mut cs, 0.05);
+    assert_eq!(cs[0].refusals_verdict, Verdict::CannotTell);
+    b.refused = (0..100).map(|i| i < 12).collect();
+    a.refused = vec![false; 100];
+    let mut cs = vec![compare(("a", &a), ("b", &b), 1)];
+    finish_comparisons(&mut cs, 0.05);
+    assert_eq!(cs[0].refusals_verdict, Verdict::Better);
+}
+
+#[test]
+fn exported_model_loads_and_matches_the_edited_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lm = model::load("smollm2-135m-instruct").unwrap();
+    let d = lm.model.hidden_size();
+    let states = lm.model.num_layers() + 1;
+    let dirs = Directions {
+        dirs: (0..states)
+            .map(|s| unit(d, 50 + s as u64).to_vec1().unwrap())
+            .collect(),
+        orthogonalized: true,
+    };
+    let params = AblationParams::default_for(lm.model.num_layers());
+    ablate::abliterate(&mut lm.model, &dirs, &params, &[]).unwrap();
+    let out = tmp.path().join("edited");
+    model::export::write_hf_folder(&lm, &out).unwrap();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let back = model::load(out.to_str().unwrap()).unwrap();
+    let enc = lm
+        .encode_chat(Some("You are a helpful assistant."), "How do I bake bread?")
+        .unwrap();
+    let enc2 = back
+        .encode_chat(Some("You are a helpful assistant."), "How do I bake bread?")
+        .unwrap();
+    assert_eq!(enc.rendered, enc2.rendered);
+    assert_eq!(enc.ids, enc2.ids);
+    let batch = Batch::left_padded(&[enc.ids], 0);
+    let a = lm
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    let b = back
+        .model
+        .forward(&batch, false, Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(
+        bits(&a),
+        bits(&b),
+        "the exported weights are the edited weights"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["tie_word_embeddings"], true);
+}
