@@ -260,9 +260,59 @@ impl Evaluator {
         mut progress: impl FnMut(&str, usize),
     ) -> Result<Outcome> {
         let t0 = std::time::Instant::now();
+        let decided = |ids: &[u32]| {
+            self.classifier
+                .marker(&tok.decode(ids).unwrap_or_default())
+                .is_some()
+        };
+        // With first-token KL and an over-refusal check, one prefill of the harmless prompts
+        // serves both: its output is the first-token distribution.
+        let (lps, over_refused) = if self.options.kl_tokens <= 1
+            && self.options.over_refusal_tokens > 0
+        {
+            let opts = GenerateOptions {
+                max_new_tokens: self.options.over_refusal_tokens,
+                stop_ids: self.stop_ids.clone(),
+                pad_id: self.pad_id,
+                use_cache: true,
+            };
+            let mut lps = Vec::with_capacity(self.good.len());
+            let mut over = Vec::with_capacity(self.good.len());
+            for chunk in self.good.chunks(self.options.batch_size.max(1)) {
+                let (outs, first) =
+                    generate::greedy_with_first_logits(model, chunk, &opts, &decided)?;
+                let lp = candle_nn::ops::log_softmax(&first.expect("prefill logits"), D::Minus1)?;
+                for b in 0..chunk.len() {
+                    lps.push(lp.get(b)?.unsqueeze(0)?);
+                }
+                for o in outs {
+                    over.push(self.classifier.marker(&tok.decode(&o)?).is_some());
+                }
+                progress("kl", chunk.len());
+                progress("over-refusals", chunk.len());
+            }
+            (lps, over)
+        } else {
+            let lps = self.logprobs(model)?;
+            progress("kl", self.good.len());
+            let over = if self.options.over_refusal_tokens > 0 {
+                let (r, _) = self.replies(
+                    model,
+                    tok,
+                    &self.good,
+                    self.options.over_refusal_tokens,
+                    &mut progress,
+                    "over-refusals",
+                )?;
+                r.iter()
+                    .map(|x| self.classifier.marker(x).is_some())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (lps, over)
+        };
         let mut kl = Vec::with_capacity(self.good.len());
-        let lps = self.logprobs(model)?;
-        progress("kl", self.good.len());
         for (base, now) in self.base_logprobs.iter().zip(&lps) {
             // KL(base ‖ now) = Σ p_base (log p_base − log p_now), averaged over the k positions:
             // torch's kl_div(now, base, log_target=True, reduction="batchmean").
@@ -283,21 +333,6 @@ impl Evaluator {
             .iter()
             .map(|r| self.classifier.is_refusal(r))
             .collect();
-        let over_refused = if self.options.over_refusal_tokens > 0 {
-            let (r, _) = self.replies(
-                model,
-                tok,
-                &self.good,
-                self.options.over_refusal_tokens,
-                &mut progress,
-                "over-refusals",
-            )?;
-            r.iter()
-                .map(|x| self.classifier.marker(x).is_some())
-                .collect()
-        } else {
-            Vec::new()
-        };
         Ok(Outcome {
             refused,
             replies,

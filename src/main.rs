@@ -121,6 +121,43 @@ enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Check a study file without running it: syntax, types, unknown keys (with did-you-mean),
+    /// datasets, handlings, detection settings, and how many variants it expands to.
+    Validate {
+        /// The study file (YAML).
+        file: std::path::PathBuf,
+    },
+    /// Run a study: every variant scored, results written as they finish, then the report.
+    ///
+    /// Running the same file again resumes: finished scores are not redone. Variants whose
+    /// settings lead to the same detected dims and edit are scored once. --shard I/N runs every
+    /// N-th score (merge the shard folders with `outlierlab merge`).
+    Run {
+        file: std::path::PathBuf,
+        /// Run directory (default: the study's `output`, else runs/<name>).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Run every N-th score, starting at I (0-based), e.g. --shard 0/4.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Report folder (default reports/<run-name>).
+        #[arg(long)]
+        report_dir: Option<std::path::PathBuf>,
+    },
+    /// Combine shard run directories into one run (equal to a single-machine run).
+    Merge {
+        /// The combined run directory.
+        #[arg(long)]
+        into: std::path::PathBuf,
+        shards: Vec<std::path::PathBuf>,
+    },
+    /// Render the report of a run directory (no model needed).
+    Report {
+        run_dir: std::path::PathBuf,
+        /// Output folder (default reports/<run-name>).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// List the built-in prompt sets.
     Datasets,
     /// Measure prefill and batched greedy-decode throughput, and this machine's f32 matmul
@@ -273,6 +310,71 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
         Command::Export { args, out } => outlierlab::cli::export(&args, &out)?,
+        Command::Validate { file } => {
+            let study = outlierlab::study::spec::load(&file)?;
+            let plan = outlierlab::study::plan::plan(&study, 24)?;
+            println!(
+                "{}: ok — study '{}', {} variant(s) x {} replicate(s) on {}",
+                file.display(),
+                study.name,
+                plan.variants.len(),
+                plan.replicates.len(),
+                study.file.model
+            );
+        }
+        Command::Run {
+            file,
+            out,
+            shard,
+            report_dir,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
+            let study = outlierlab::study::spec::parse(&text, &file.display().to_string())?;
+            let out = out
+                .or_else(|| study.file.output.clone().map(std::path::PathBuf::from))
+                .unwrap_or_else(|| std::path::PathBuf::from("runs").join(&study.name));
+            let shard = match shard {
+                None => None,
+                Some(s) => {
+                    let (i, n) = s
+                        .split_once('/')
+                        .ok_or_else(|| anyhow::anyhow!("--shard {s}: expected I/N, e.g. 0/4"))?;
+                    let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
+                    if n == 0 || i >= n {
+                        bail!("--shard {s}: I must be below N (0-based)");
+                    }
+                    Some((i, n))
+                }
+            };
+            outlierlab::study::runner::run(
+                &study,
+                &text,
+                &outlierlab::study::runner::RunOptions {
+                    out: out.clone(),
+                    shard,
+                },
+            )?;
+            if shard.is_none() {
+                let dir = report_dir
+                    .unwrap_or_else(|| std::path::PathBuf::from("reports").join(run_name(&out)));
+                let p = outlierlab::report::render(&out, &dir)?;
+                println!("report: {}", p.display());
+            }
+        }
+        Command::Merge { into, shards } => {
+            if shards.is_empty() {
+                bail!("no shard directories given");
+            }
+            outlierlab::study::runner::merge(&into, &shards)?;
+            println!("merged {} shard(s) into {}", shards.len(), into.display());
+        }
+        Command::Report { run_dir, out } => {
+            let dir =
+                out.unwrap_or_else(|| std::path::PathBuf::from("reports").join(run_name(&run_dir)));
+            let p = outlierlab::report::render(&run_dir, &dir)?;
+            println!("{}", p.display());
+        }
         Command::Datasets => {
             for m in outlierlab::datasets::manifests() {
                 let from = m.source.as_ref().map_or_else(
@@ -318,6 +420,12 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn run_name(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into())
 }
 
 fn read_prompts(prompts: Vec<String>) -> Result<Vec<String>> {

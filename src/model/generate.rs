@@ -16,17 +16,6 @@ pub struct GenerateOptions {
     pub use_cache: bool,
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    // First index of the maximum, as torch.argmax.
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// New tokens for each prompt (stop token included when one was produced).
 pub fn greedy(
     model: &Model,
@@ -44,8 +33,19 @@ pub fn greedy_until(
     opts: &GenerateOptions,
     decided: &dyn Fn(&[u32]) -> bool,
 ) -> Result<Vec<Vec<u32>>> {
+    Ok(greedy_with_first_logits(model, prompts, opts, decided)?.0)
+}
+
+/// As `greedy_until`, also returning the logits of the first generated token `[batch, vocab]`
+/// (the prefill's output), so a caller that needs both pays for one prefill.
+pub fn greedy_with_first_logits(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    decided: &dyn Fn(&[u32]) -> bool,
+) -> Result<(Vec<Vec<u32>>, Option<Tensor>)> {
     if prompts.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         bail!("prompt {i} has no tokens");
@@ -60,9 +60,6 @@ pub fn greedy_until(
     }
     let n = prompts.len();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
-    if opts.max_new_tokens == 0 {
-        return Ok(out);
-    }
     let batch = Batch::left_padded(prompts, opts.pad_id);
     // Rows still running, as indices into `prompts`; the tensors below hold only these rows.
     let mut active: Vec<usize> = (0..n).collect();
@@ -82,7 +79,11 @@ pub fn greedy_until(
         false,
         Logits::Last,
     )?;
-    let mut logits = first.logits.expect("asked for logits").to_vec2::<f32>()?;
+    let first_logits = first.logits.expect("asked for logits");
+    if opts.max_new_tokens == 0 {
+        return Ok((out, Some(first_logits)));
+    }
+    let mut logits = argmax_rows(&first_logits)?;
     let mut next_pos: Vec<u32> = positions
         .iter()
         .map(|p| p.last().copied().unwrap_or(0) + 1)
@@ -91,7 +92,7 @@ pub fn greedy_until(
         let mut tokens = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (row, &b) in active.iter().enumerate() {
-            let t = argmax(&logits[row]);
+            let t = logits[row];
             out[b].push(t);
             tokens.push(t);
             let finished = opts.stop_ids.contains(&t) || decided(&out[b]);
@@ -148,10 +149,15 @@ pub fn greedy_until(
             }
             model.step(&ids, &positions, &mask, None, false, Logits::Last)?
         };
-        logits = res.logits.expect("asked for logits").to_vec2::<f32>()?;
+        logits = argmax_rows(&res.logits.expect("asked for logits"))?;
         for p in next_pos.iter_mut() {
             *p += 1;
         }
     }
-    Ok(out)
+    Ok((out, Some(first_logits)))
+}
+
+/// The greedy token of each row of `[batch, vocab]` logits, without copying the logits out.
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
 }

@@ -1,0 +1,631 @@
+//! The study file: what a researcher writes. Parsed with serde_yaml; every error names the file,
+//! line and column, the field path, what was expected, and a did-you-mean for unknown keys.
+
+use crate::ablate::{AblationParams, Kernel, RowNorm};
+use crate::detect::{self, DetectConfig};
+use crate::direction::Handling;
+use crate::evaluate::EvalOptions;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyFile {
+    /// Defaults to the file name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alias, path or hf:ORG/NAME[@REVISION].
+    pub model: String,
+    #[serde(default = "default_system")]
+    pub system_prompt: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub datasets: DatasetsSpec,
+    #[serde(default)]
+    pub detection: DetectionSpec,
+    #[serde(default)]
+    pub ablation: AblationSpec,
+    #[serde(default)]
+    pub evaluation: EvaluationSpec,
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+    #[serde(default)]
+    pub sweeps: Vec<SweepSpec>,
+    /// Seeds that resample direction and evaluation prompts; empty = one draw with `seed`.
+    #[serde(default)]
+    pub replicates: Vec<u64>,
+    /// Run directory; defaults to runs/<name>.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+fn default_system() -> String {
+    crate::model::chat::DEFAULT_SYSTEM_PROMPT.to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetsSpec {
+    pub direction: PairSpec,
+    pub evaluation: PairSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairSpec {
+    pub good: SetSpec,
+    pub bad: SetSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetSpec {
+    /// A built-in set (`outlierlab datasets`) or a file.
+    pub name: String,
+    pub count: usize,
+    #[serde(default)]
+    pub offset: usize,
+    /// Draw a seeded sample (seed = the replicate's) instead of taking the slice in file order.
+    #[serde(default)]
+    pub sample: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionSpec {
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Overrides, as `outlierlab detect --set key=value`; `null` switches a criterion off.
+    #[serde(default)]
+    pub set: BTreeMap<String, serde_yaml::Value>,
+}
+
+fn default_preset() -> String {
+    "pr154".into()
+}
+
+impl Default for DetectionSpec {
+    fn default() -> Self {
+        DetectionSpec {
+            preset: default_preset(),
+            set: BTreeMap::new(),
+        }
+    }
+}
+
+fn yaml_scalar(v: &serde_yaml::Value) -> String {
+    match v {
+        serde_yaml::Value::Null => "none".into(),
+        serde_yaml::Value::Bool(b) => b.to_string(),
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+impl DetectionSpec {
+    pub fn resolve(&self) -> Result<DetectConfig> {
+        let mut c = detect::preset(&self.preset)?;
+        for (k, v) in &self.set {
+            c.set(&format!("{k}={}", yaml_scalar(v)))?;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblationSpec {
+    /// A float between layers (0-based), or "per-layer"; default: 60% depth.
+    #[serde(default)]
+    pub direction_index: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub attn: Option<Kernel>,
+    #[serde(default)]
+    pub mlp: Option<Kernel>,
+    #[serde(default)]
+    pub row_norm: Option<RowNorm>,
+    #[serde(default)]
+    pub orthogonalize: Option<bool>,
+}
+
+impl AblationSpec {
+    pub fn resolve(&self, layers: usize) -> Result<(AblationParams, bool)> {
+        let mut p = AblationParams::default_for(layers);
+        match &self.direction_index {
+            None => {}
+            Some(serde_yaml::Value::String(s)) if s == "per-layer" => p.direction_index = None,
+            Some(serde_yaml::Value::Number(n)) => p.direction_index = n.as_f64(),
+            Some(other) => bail!(
+                "ablation.direction_index: expected a number or \"per-layer\", got {}",
+                yaml_scalar(other)
+            ),
+        }
+        if let Some(k) = self.attn {
+            p.attn = k;
+        }
+        if let Some(k) = self.mlp {
+            p.mlp = k;
+        }
+        if let Some(r) = self.row_norm {
+            p.row_norm = r;
+        }
+        Ok((p, self.orthogonalize.unwrap_or(true)))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationSpec {
+    #[serde(default = "d_max_response")]
+    pub max_response_tokens: usize,
+    #[serde(default = "d_over_refusal")]
+    pub over_refusal_tokens: usize,
+    #[serde(default = "d_kl_tokens")]
+    pub kl_tokens: usize,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+}
+
+fn d_max_response() -> usize {
+    EvalOptions::default().max_response_tokens
+}
+fn d_over_refusal() -> usize {
+    EvalOptions::default().over_refusal_tokens
+}
+fn d_kl_tokens() -> usize {
+    1
+}
+fn d_batch() -> usize {
+    EvalOptions::default().batch_size
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        EvaluationSpec {
+            max_response_tokens: d_max_response(),
+            over_refusal_tokens: d_over_refusal(),
+            kl_tokens: d_kl_tokens(),
+            batch_size: d_batch(),
+        }
+    }
+}
+
+impl EvaluationSpec {
+    pub fn options(&self) -> EvalOptions {
+        EvalOptions {
+            max_response_tokens: self.max_response_tokens,
+            over_refusal_tokens: self.over_refusal_tokens,
+            kl_tokens: self.kl_tokens.max(1),
+            batch_size: self.batch_size.max(1),
+            early_stop: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    pub name: String,
+    /// `+`-joined handlings, e.g. `winsorize:0.95` or `zero-residual-dims+protect-output-rows`.
+    #[serde(default = "d_handling_none")]
+    pub handling: String,
+    /// Detection for this variant (default: the study's).
+    #[serde(default)]
+    pub detection: Option<DetectionSpec>,
+}
+
+fn d_handling_none() -> String {
+    "none".into()
+}
+
+fn d_handling_zero() -> String {
+    "zero-residual-dims".into()
+}
+
+/// A list of values, or `{log: [low, high, count]}` (geometric grid, both ends included).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Grid {
+    List(Vec<f64>),
+    Log { log: (f64, f64, usize) },
+}
+
+impl Grid {
+    pub fn values(&self) -> Result<Vec<f64>> {
+        Ok(match self {
+            Grid::List(v) => v.clone(),
+            Grid::Log { log: (lo, hi, n) } => {
+                if *lo <= 0.0 || *hi <= 0.0 || *n == 0 {
+                    bail!(
+                        "a log grid needs positive ends and a count, e.g. {{log: [10, 1000, 5]}}"
+                    );
+                }
+                if *n == 1 {
+                    vec![*lo]
+                } else {
+                    (0..*n)
+                        .map(|i| lo * (hi / lo).powf(i as f64 / (*n - 1) as f64))
+                        .collect()
+                }
+            }
+        })
+    }
+}
+
+/// `all` (all 32 on/off combinations of the five criteria) or a list of subsets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Subsets {
+    All(String),
+    Listed(Vec<Vec<String>>),
+}
+
+pub const CRITERIA: [&str; 5] = [
+    "min_abs",
+    "median_ratio",
+    "mad_ratio",
+    "cluster",
+    "persistence",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    /// Prefix of the generated variants' names.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Handling applied with the detected dims.
+    #[serde(default = "d_handling_zero")]
+    pub handling: String,
+    /// Base detection of the sweep (default: the study's).
+    #[serde(default)]
+    pub detection: Option<DetectionSpec>,
+    #[serde(default)]
+    pub criteria_subsets: Option<Subsets>,
+    #[serde(default)]
+    pub median_scope: Option<Vec<String>>,
+    /// Threshold grids by setting name (min_abs, median_ratio, mad_ratio, max_cluster_size,
+    /// persistence, top_k, min_position_fraction).
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, Grid>,
+    /// Winsorization quantiles: each makes a `winsorize:q` variant (no detection).
+    #[serde(default)]
+    pub winsorize: Vec<f64>,
+}
+
+/// A parsed study and where it came from.
+#[derive(Debug, Clone)]
+pub struct Study {
+    pub file: StudyFile,
+    pub path: String,
+    pub name: String,
+}
+
+/// Reads and checks a study file: syntax, types, unknown keys, and the meaning of every value
+/// that can be checked without a model.
+pub fn load(path: &Path) -> Result<Study> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", path.display()))?;
+    parse(&text, &path.display().to_string())
+}
+
+pub fn parse(text: &str, shown: &str) -> Result<Study> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    let file: StudyFile = match serde_path_to_error::deserialize(de) {
+        Ok(f) => f,
+        Err(e) => bail!("{}", describe(shown, text, &e)),
+    };
+    let name = file.name.clone().unwrap_or_else(|| {
+        Path::new(shown)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "study".into())
+    });
+    let s = Study {
+        file,
+        path: shown.to_string(),
+        name,
+    };
+    check(&s, text)?;
+    Ok(s)
+}
+
+/// Known keys of every section, for did-you-mean hints.
+const KEYS: [&str; 44] = [
+    "name",
+    "model",
+    "system_prompt",
+    "seed",
+    "datasets",
+    "detection",
+    "ablation",
+    "evaluation",
+    "variants",
+    "sweeps",
+    "replicates",
+    "output",
+    "direction",
+    "good",
+    "bad",
+    "count",
+    "offset",
+    "sample",
+    "preset",
+    "set",
+    "direction_index",
+    "attn",
+    "mlp",
+    "row_norm",
+    "orthogonalize",
+    "max_weight",
+    "max_weight_position",
+    "min_weight",
+    "min_weight_distance",
+    "max_response_tokens",
+    "over_refusal_tokens",
+    "kl_tokens",
+    "batch_size",
+    "handling",
+    "criteria_subsets",
+    "median_scope",
+    "thresholds",
+    "winsorize",
+    "log",
+    "evaluation",
+    "tune",
+    "search",
+    "trials",
+    "objective",
+];
+
+fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
+    let inner = e.inner();
+    let path = e.path().to_string();
+    let loc = inner
+        .location()
+        .map(|l| format!("{}:{}", l.line(), l.column()));
+    let msg = inner.to_string();
+    // serde_yaml appends " at line L column C" to its messages; the location leads here instead.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    let mut hint = String::new();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        let expected: Vec<&str> = rest
+            .split("expected ")
+            .nth(1)
+            .map(|x| {
+                x.split(", ")
+                    .map(|k| {
+                        k.trim_matches(|c| c == '`' || c == ' ' || c == ',')
+                            .trim_start_matches("one of ")
+                            .trim_matches('`')
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pool: Vec<&str> = if expected.is_empty() {
+            KEYS.to_vec()
+        } else {
+            expected
+        };
+        if let Some(s) = crate::util::did_you_mean(field, &pool) {
+            hint = format!(" (did you mean '{s}'?)");
+        }
+    }
+    let loc = loc
+        .or_else(|| locate_path(text, &path))
+        .unwrap_or_else(|| "1:1".into());
+    let at = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!(" at `{path}`")
+    };
+    format!("{shown}:{loc}:{at} {msg}{hint}")
+}
+
+/// Best-effort line:column of a dotted path's last key in the text.
+fn locate_path(text: &str, path: &str) -> Option<String> {
+    let key = path.rsplit('.').next()?.split('[').next()?;
+    if key.is_empty() {
+        return None;
+    }
+    text.lines().enumerate().find_map(|(i, l)| {
+        let t = l.trim_start();
+        (t.starts_with(&format!("{key}:")) || t.starts_with(&format!("- {key}:")))
+            .then(|| format!("{}:{}", i + 1, l.len() - t.len() + 1))
+    })
+}
+
+fn at_key(s: &Study, text: &str, path: &str, msg: String) -> anyhow::Error {
+    let loc = locate_path(text, path).unwrap_or_else(|| "1:1".into());
+    anyhow::anyhow!("{}:{loc}: at `{path}`: {msg}", s.path)
+}
+
+fn check(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
+    crate::model::source::ModelSource::parse(&f.model)
+        .map_err(|e| at_key(s, text, "model", e.to_string()))?;
+    let known = crate::datasets::names();
+    for (side, pair) in [
+        ("direction", &f.datasets.direction),
+        ("evaluation", &f.datasets.evaluation),
+    ] {
+        for (which, set) in [("good", &pair.good), ("bad", &pair.bad)] {
+            let path = format!("datasets.{side}.{which}.name");
+            if !known.contains(&set.name) && !Path::new(&set.name).is_file() {
+                let hint = crate::util::did_you_mean(
+                    &set.name,
+                    &known.iter().map(String::as_str).collect::<Vec<_>>(),
+                )
+                .map(|k| format!(" (did you mean '{k}'?)"))
+                .unwrap_or_default();
+                return Err(at_key(
+                    s,
+                    text,
+                    &path,
+                    format!(
+                        "unknown dataset '{}'{hint}; expected a built-in set ({}) or a file",
+                        set.name,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if set.count == 0 {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("datasets.{side}.{which}.count"),
+                    "count must be at least 1".into(),
+                ));
+            }
+        }
+    }
+    for which in ["good", "bad"] {
+        let (d, e) = match which {
+            "good" => (&f.datasets.direction.good, &f.datasets.evaluation.good),
+            _ => (&f.datasets.direction.bad, &f.datasets.evaluation.bad),
+        };
+        if d.name == e.name {
+            let overlap = if d.sample || e.sample {
+                d.sample != e.sample
+                    || d.offset < e.offset + e.count && e.offset < d.offset + d.count
+            } else {
+                d.offset < e.offset + e.count && e.offset < d.offset + d.count
+            };
+            if overlap {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("datasets.evaluation.{which}.offset"),
+                    format!(
+                        "direction prompts ({}, offset {}, count {}) and evaluation prompts (offset {}, count {}) overlap; give the evaluation an offset of at least {}",
+                        d.name, d.offset, d.count, e.offset, e.count, d.offset + d.count
+                    ),
+                ));
+            }
+        }
+    }
+    f.detection
+        .resolve()
+        .map_err(|e| at_key(s, text, "detection", format!("{e:#}")))?;
+    f.ablation
+        .resolve(2)
+        .map_err(|e| at_key(s, text, "ablation", format!("{e:#}")))?;
+    for (i, v) in f.variants.iter().enumerate() {
+        Handling::parse_list(&v.handling).map_err(|e| {
+            at_key(
+                s,
+                text,
+                &format!("variants[{i}].handling"),
+                format!("{e:#}"),
+            )
+        })?;
+        if let Some(d) = &v.detection {
+            d.resolve().map_err(|e| {
+                at_key(
+                    s,
+                    text,
+                    &format!("variants[{i}].detection"),
+                    format!("{e:#}"),
+                )
+            })?;
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for v in &f.variants {
+        if !names.insert(&v.name) {
+            return Err(at_key(
+                s,
+                text,
+                "variants",
+                format!("two variants are named '{}'; names must be unique", v.name),
+            ));
+        }
+    }
+    for (i, sw) in f.sweeps.iter().enumerate() {
+        Handling::parse_list(&sw.handling)
+            .map_err(|e| at_key(s, text, &format!("sweeps[{i}].handling"), format!("{e:#}")))?;
+        if let Some(Subsets::All(x)) = &sw.criteria_subsets {
+            if x != "all" {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("sweeps[{i}].criteria_subsets"),
+                    format!("expected `all` or a list of subsets, got '{x}'"),
+                ));
+            }
+        }
+        if let Some(Subsets::Listed(list)) = &sw.criteria_subsets {
+            for c in list.iter().flatten() {
+                if !CRITERIA.contains(&c.as_str()) {
+                    let hint = crate::util::did_you_mean(c, &CRITERIA)
+                        .map(|k| format!(" (did you mean '{k}'?)"))
+                        .unwrap_or_default();
+                    return Err(at_key(
+                        s,
+                        text,
+                        &format!("sweeps[{i}].criteria_subsets"),
+                        format!(
+                            "unknown criterion '{c}'{hint}; criteria: {}",
+                            CRITERIA.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        for m in sw.median_scope.iter().flatten() {
+            if m != "position" && m != "layer" {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("sweeps[{i}].median_scope"),
+                    format!("expected position or layer, got '{m}'"),
+                ));
+            }
+        }
+        for (k, g) in &sw.thresholds {
+            g.values().map_err(|e| {
+                at_key(
+                    s,
+                    text,
+                    &format!("sweeps[{i}].thresholds.{k}"),
+                    e.to_string(),
+                )
+            })?;
+            let mut probe = detect::preset("pr154")?;
+            probe.set(&format!("{k}=1")).map_err(|e| {
+                at_key(
+                    s,
+                    text,
+                    &format!("sweeps[{i}].thresholds.{k}"),
+                    e.to_string(),
+                )
+            })?;
+        }
+        for q in &sw.winsorize {
+            if !(0.0..=1.0).contains(q) {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("sweeps[{i}].winsorize"),
+                    format!("quantile {q} is outside 0..1"),
+                ));
+            }
+        }
+    }
+    if f.variants.is_empty() && f.sweeps.is_empty() {
+        return Err(at_key(
+            s,
+            text,
+            "variants",
+            "the study has no variants and no sweeps: nothing to run".into(),
+        ));
+    }
+    Ok(())
+}
