@@ -75,12 +75,23 @@ pub fn wilson(k: usize, n: usize) -> Rate {
     let denom = 1.0 + z2 / nf;
     let centre = (p + z2 / (2.0 * nf)) / denom;
     let half = Z95 * (p * (1.0 - p) / nf + z2 / (4.0 * nf * nf)).sqrt() / denom;
+    // At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); rounding would leave 1e-18.
+    let lo = if k == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if k == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
     Rate {
         k,
         n,
         rate: p,
-        lo: (centre - half).max(0.0),
-        hi: (centre + half).min(1.0),
+        lo,
+        hi,
     }
 }
 

@@ -5,7 +5,7 @@
 use super::plan::{plan, Plan, PlannedVariant};
 use super::spec::{SetSpec, Study};
 use super::variant::{self, DirectionData, Variant};
-use crate::detect::{self, Scan};
+use crate::detect;
 use crate::direction::Residuals;
 use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
 use crate::model::{self, HiddenConvention, LoadedModel};
@@ -115,6 +115,8 @@ fn git_revision() -> Option<String> {
 struct Replicate {
     seed: u64,
     data: DirectionData,
+    /// Detected dims by detection-config hash.
+    dims: BTreeMap<String, Vec<u32>>,
     evaluator: Evaluator,
     base: Outcome,
 }
@@ -211,26 +213,34 @@ fn prepare_replicate(
         floor,
     ));
     let dir_path = cache.join(format!("direction-{dir_key}"));
-    let data = if dir_path.join("done").exists() {
-        let scan: Option<Scan> = if needs_scan {
-            Some(
-                serde_json::from_slice(&fs::read(dir_path.join("scan.json"))?)
-                    .context("cached scan is unreadable; delete the cache folder")?,
-            )
-        } else {
-            None
-        };
-        DirectionData {
+    // Detected dims per detection config, the only thing the runner needs from a scan; the scan
+    // itself (hundreds of MB for a few hundred prompts) is not kept, its candidate table is.
+    let configs: BTreeMap<String, detect::DetectConfig> = plan
+        .variants
+        .iter()
+        .filter(|v| v.variant.needs_dims())
+        .filter_map(|v| v.variant.detect.clone())
+        .map(|c| (hash_json(&c), c))
+        .collect();
+    let dims_path = dir_path.join("dims.json");
+    let cached_dims: BTreeMap<String, Vec<u32>> = fs::read(&dims_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let have_all = configs.keys().all(|k| cached_dims.contains_key(k));
+    let (data, dims) = if dir_path.join("done").exists() && have_all {
+        let data = DirectionData {
             good: load_residuals(&dir_path.join("good.f32"))?,
             bad: load_residuals(&dir_path.join("bad.f32"))?,
-            scan,
-        }
+            scan: None,
+        };
+        (data, cached_dims)
     } else {
         let pb = progress_bar(
             (good_dir.len() + bad_dir.len()) as u64,
             &format!("replicate {seed}: direction prompts"),
         );
-        let data = variant::direction_data(
+        let mut data = variant::direction_data(
             lm,
             &good_dir,
             &bad_dir,
@@ -244,13 +254,17 @@ fn prepare_replicate(
         pb.finish_and_clear();
         save_residuals(&dir_path.join("good.f32"), &data.good)?;
         save_residuals(&dir_path.join("bad.f32"), &data.bad)?;
-        if let Some(s) = &data.scan {
-            write_atomic(&dir_path.join("scan.json"), &serde_json::to_vec(s)?)?;
-            let mut df = detect::table::candidate_table(s)?;
+        let mut dims = cached_dims;
+        if let Some(scan) = data.scan.take() {
+            for (k, c) in &configs {
+                dims.insert(k.clone(), detect::apply(c, &scan)?.dim_ids());
+            }
+            let mut df = detect::table::candidate_table(&scan)?;
             detect::table::write_parquet(&mut df, &dir_path.join("candidates.parquet"))?;
         }
+        write_atomic(&dims_path, &serde_json::to_vec_pretty(&dims)?)?;
         write_atomic(&dir_path.join("done"), b"ok\n")?;
-        data
+        (data, dims)
     };
     provenance.datasets.insert(
         format!("r{seed}:direction"),
@@ -291,6 +305,7 @@ fn prepare_replicate(
     Ok(Replicate {
         seed,
         data,
+        dims,
         evaluator,
         base,
     })
@@ -311,6 +326,11 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
     let mut canon = v.clone();
     canon.name = String::new();
     canon.detect = None;
+    if dims.is_empty() {
+        // With nothing detected, zeroing or protecting dims is exactly `none` (tested), so such
+        // variants share `none`'s score.
+        canon.handlings.retain(|h| !h.uses_dims());
+    }
     hash_json(&(&canon, dims, replicate))
 }
 
@@ -385,10 +405,13 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         // Resolve every variant to its dims, then group by what the edit depends on.
         let mut groups: BTreeMap<String, (Vec<u32>, Vec<&PlannedVariant>)> = BTreeMap::new();
         for pv in &plan.variants {
-            let dims = match (&pv.variant.detect, &rep.data.scan, pv.variant.needs_dims()) {
-                (Some(c), Some(scan), true) => detect::apply(c, scan)?.dim_ids(),
-                _ => Vec::new(),
-            };
+            let dims =
+                match (&pv.variant.detect, pv.variant.needs_dims()) {
+                    (Some(c), true) => rep.dims.get(&hash_json(c)).cloned().with_context(|| {
+                        format!("no detected dims for variant {}", pv.variant.name)
+                    })?,
+                    _ => Vec::new(),
+                };
             let key = score_key(&pv.variant, &dims, seed);
             groups
                 .entry(key)

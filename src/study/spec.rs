@@ -393,8 +393,13 @@ fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::
     let msg = inner.to_string();
     // serde_yaml appends " at line L column C" to its messages; the location leads here instead.
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    // serde_yaml may lead with its own "a.b.c: " path; the path is given separately here.
+    let msg = match msg.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') && path.starts_with(head) => rest.to_string(),
+        _ => msg,
+    };
     let mut hint = String::new();
-    if let Some(rest) = msg.strip_prefix("unknown field `") {
+    if let Some(rest) = msg.split_once("unknown field `").map(|x| x.1) {
         let field = rest.split('`').next().unwrap_or("");
         let expected: Vec<&str> = rest
             .split("expected ")
@@ -429,17 +434,32 @@ fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::
     format!("{shown}:{loc}:{at} {msg}{hint}")
 }
 
-/// Best-effort line:column of a dotted path's last key in the text.
+/// Best-effort line:column of a dotted path in the text: each key is looked for after the line
+/// where the previous one was found, in block (`key:`) or flow (`{key: …}`) style.
 fn locate_path(text: &str, path: &str) -> Option<String> {
-    let key = path.rsplit('.').next()?.split('[').next()?;
-    if key.is_empty() {
-        return None;
+    let lines: Vec<&str> = text.lines().collect();
+    let (mut line, mut col) = (0usize, 0usize);
+    let mut found_any = false;
+    for seg in path.split('.') {
+        let key = seg.split('[').next().unwrap_or(seg);
+        if key.is_empty() {
+            continue;
+        }
+        let pat = format!("{key}:");
+        let hit = (line..lines.len()).find_map(|i| {
+            let l = lines[i];
+            l.match_indices(&pat)
+                .find(|(j, _)| {
+                    let before = l[..*j].chars().last();
+                    matches!(before, None | Some(' ') | Some('{') | Some(',') | Some('-'))
+                })
+                .map(|(j, _)| (i, j))
+        })?;
+        line = hit.0;
+        col = hit.1;
+        found_any = true;
     }
-    text.lines().enumerate().find_map(|(i, l)| {
-        let t = l.trim_start();
-        (t.starts_with(&format!("{key}:")) || t.starts_with(&format!("- {key}:")))
-            .then(|| format!("{}:{}", i + 1, l.len() - t.len() + 1))
-    })
+    found_any.then(|| format!("{}:{}", line + 1, col + 1))
 }
 
 fn at_key(s: &Study, text: &str, path: &str, msg: String) -> anyhow::Error {

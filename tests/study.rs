@@ -1,0 +1,314 @@
+//! Study files, plans, and the runner: located errors, stable ids, dedupe, resume after kill -9,
+//! shards + merge, the run-directory lock.
+
+mod common;
+
+use common::bin;
+use outlierlab::study::{plan, runner, spec};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn err_of(text: &str) -> String {
+    format!("{:#}", spec::parse(text, "s.yaml").unwrap_err())
+}
+
+const GOOD: &str = "model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {name: harmless-outlierlab, count: 8}
+    bad: {name: advbench, count: 8}
+  evaluation:
+    good: {name: harmless-outlierlab, count: 4, offset: 8}
+    bad: {name: advbench, count: 4, offset: 8}
+variants:
+  - name: none
+    handling: none
+";
+
+#[test]
+fn invalid_study_files_give_located_messages() {
+    assert!(spec::parse(GOOD, "s.yaml").is_ok());
+    let e = err_of(&GOOD.replace("model:", "modle:"));
+    assert!(e.starts_with("s.yaml:1:1:"), "{e}");
+    assert!(
+        e.contains("unknown field `modle`") && e.contains("did you mean 'model'?"),
+        "{e}"
+    );
+    let e = err_of(&GOOD.replace("count: 8}\n    bad", "cout: 8}\n    bad"));
+    assert!(
+        e.contains("s.yaml:4:")
+            && e.contains("`datasets.direction.good.cout`")
+            && e.contains("did you mean 'count'?"),
+        "{e}"
+    );
+    let e = err_of(&format!("seed: abc\n{GOOD}"));
+    assert!(
+        e.starts_with("s.yaml:1:") && e.contains("`seed`") && e.contains("invalid type"),
+        "{e}"
+    );
+    let e = err_of(&GOOD.replace(
+        "count: 4, offset: 8}\n    bad: {name: advbench, count: 4, offset: 8}",
+        "count: 4, offset: 8}\n    bad: {name: advbench, count: 4, offset: 5}",
+    ));
+    assert!(
+        e.contains("overlap")
+            && e.contains("offset of at least 8")
+            && e.contains("`datasets.evaluation.bad.offset`"),
+        "{e}"
+    );
+    let e = err_of(&GOOD.replace("name: advbench, count: 8", "name: advbnch, count: 8"));
+    assert!(
+        e.contains("unknown dataset 'advbnch'")
+            && e.contains("did you mean 'advbench'?")
+            && e.starts_with("s.yaml:5:"),
+        "{e}"
+    );
+    let e = err_of(&GOOD.replace("handling: none", "handling: winsorise:0.9"));
+    assert!(
+        e.contains("`variants[0].handling`") && e.contains("did you mean 'winsorize'?"),
+        "{e}"
+    );
+    let e = err_of(&format!(
+        "{GOOD}sweeps:\n  - criteria_subsets: [[min_abs, persistance]]\n"
+    ));
+    assert!(
+        e.contains("unknown criterion 'persistance'") && e.contains("did you mean 'persistence'?"),
+        "{e}"
+    );
+    let e = err_of(&format!(
+        "{GOOD}detection:\n  preset: pr154\n  set: {{median_ration: 4}}\n"
+    ));
+    assert!(e.contains("did you mean 'median_ratio'?"), "{e}");
+    let e = err_of(&GOOD[..GOOD.find("variants:").unwrap()]);
+    assert!(e.contains("nothing to run"), "{e}");
+    let e = err_of(&GOOD.replace("smollm2-135m-instruct", "no-such-model"));
+    assert!(
+        e.contains("`model`") && e.contains("unknown model 'no-such-model'"),
+        "{e}"
+    );
+    // The CLI prints the same, one line, non-zero exit.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.yaml");
+    std::fs::write(&p, GOOD.replace("model:", "modle:")).unwrap();
+    let out = Command::new(bin())
+        .args(["validate", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.yaml:1:1:"), "{err}");
+}
+
+#[test]
+fn plans_expand_with_stable_ids() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let s = spec::load(&root.join("criteria-ablation.yaml")).unwrap();
+    let p = plan::plan(&s, 24).unwrap();
+    // none + 32 subsets x 2 scopes + 3 quantiles.
+    assert_eq!(p.variants.len(), 1 + 64 + 3);
+    let again = plan::plan(
+        &spec::load(&root.join("criteria-ablation.yaml")).unwrap(),
+        24,
+    )
+    .unwrap();
+    let ids: Vec<&str> = p.variants.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        again
+            .variants
+            .iter()
+            .map(|v| v.id.as_str())
+            .collect::<Vec<_>>()
+    );
+    let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len());
+    // The id depends on the settings, not on the name.
+    let mut v = p.variants[3].variant.clone();
+    v.name = "renamed".into();
+    assert_eq!(plan::variant_id(&v), p.variants[3].id);
+    v.handlings
+        .push(outlierlab::direction::Handling::ProtectOutputRows);
+    assert_ne!(plan::variant_id(&v), p.variants[3].id);
+    // A log grid and lists multiply out.
+    let text = format!("{GOOD}sweeps:\n  - thresholds: {{median_ratio: {{log: [10, 1000, 3]}}, mad_ratio: [100, 1000]}}\n");
+    let p = plan::plan(&spec::parse(&text, "s.yaml").unwrap(), 30).unwrap();
+    assert_eq!(p.variants.len(), 1 + 3 * 2);
+    assert!(
+        p.variants
+            .iter()
+            .any(|v| v.variant.name.ends_with("median_ratio=100")),
+        "{:?}",
+        p.variants
+            .iter()
+            .map(|v| &v.variant.name)
+            .collect::<Vec<_>>()
+    );
+}
+
+const RUN: &str = "name: tiny
+model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {name: harmless-outlierlab, count: 6}
+    bad: {name: advbench, count: 6}
+  evaluation:
+    good: {name: harmless-outlierlab, count: 4, offset: 6}
+    bad: {name: advbench, count: 4, offset: 6}
+detection: {preset: pr154, set: {median_ratio: 400, mad_ratio: 400}}
+ablation: {direction_index: 17}
+evaluation: {max_response_tokens: 6, over_refusal_tokens: 3, batch_size: 8}
+variants:
+  - {name: none, handling: none}
+  - {name: winsorize, handling: 'winsorize:0.95'}
+  - {name: zero, handling: zero-residual-dims}
+  - {name: protect, handling: protect-output-rows}
+sweeps:
+  - name: ratio
+    thresholds: {median_ratio: [300, 400, 450]}
+";
+
+fn run_cli(study: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args([
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--report-dir",
+        ])
+        .arg(out.join("report"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// key → (refused, kl) of every stored score.
+fn scores(dir: &Path) -> BTreeMap<String, (Vec<bool>, Vec<f64>)> {
+    let r = runner::read_results(dir).unwrap();
+    r.scores
+        .into_iter()
+        .map(|((rep, k), s)| (format!("{rep}/{k}"), (s.outcome.refused, s.outcome.kl)))
+        .collect()
+}
+
+#[test]
+fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("tiny.yaml");
+    std::fs::write(&study, RUN).unwrap();
+
+    let full = tmp.path().join("full");
+    let out = run_cli(&study, &full, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = scores(&full);
+    let r = runner::read_results(&full).unwrap();
+    // 7 variants, 6 after planning (ratio-400 has exactly `zero`'s settings). `zero` and
+    // ratio-300 detect the same dims ([507]) with the same handling, so they share one score.
+    assert_eq!(r.plan.variants.len(), 6);
+    assert_eq!(
+        reference.len(),
+        4,
+        "none, winsorize, zero (shared by the ratio sweep), protect"
+    );
+    let shared = r
+        .scores
+        .values()
+        .find(|s| s.dims == vec![507] && s.variant_ids.len() > 1)
+        .expect("a shared score for dims [507]");
+    assert!(
+        shared.variant_ids.len() >= 2,
+        "zero-residual-dims and the ratio-300 sweep point detect the same dims"
+    );
+    assert!(full.join("variants.parquet").is_file() && full.join("outcomes.parquet").is_file());
+    let report = std::fs::read_to_string(full.join("report/report.md")).unwrap();
+    assert!(report.contains("| none |") && report.contains("cannot tell"));
+
+    // kill -9 mid-run, then run again: the same results as the uninterrupted run.
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+            killed.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_dir(killed.join("results/r0"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        // reference.json plus at least one score written
+        if n >= 2 || t0.elapsed().as_secs() > 120 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = scores(&killed).len();
+    assert!(partial < 4, "the kill should land mid-run (had {partial})");
+    let out = run_cli(&study, &killed, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(scores(&killed), reference);
+
+    // Two shards and a merge equal one run.
+    let (a, b, merged) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("merged"),
+    );
+    for (dir, s) in [(&a, "0/2"), (&b, "1/2")] {
+        let out = run_cli(&study, dir, &["--shard", s]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(scores(&a).len() < 4 && scores(&b).len() < 4);
+    let out = Command::new(bin())
+        .args([
+            "merge",
+            "--into",
+            merged.to_str().unwrap(),
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(scores(&merged), reference);
+    let out = Command::new(bin())
+        .args([
+            "report",
+            merged.to_str().unwrap(),
+            "--out",
+            tmp.path().join("mr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    // A second run on a directory in use is refused.
+    let _held = runner::lock_run_dir(&full).unwrap();
+    let out = run_cli(&study, &full, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another outlierlab run"));
+}
