@@ -260,6 +260,12 @@ pub struct VariantArgs {
     pub no_orthogonalize: bool,
     #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
     pub system: String,
+    /// Longest reply to a harmful prompt, in tokens (heretic's max_response_length).
+    #[arg(long, default_value_t = 100)]
+    pub max_response_tokens: usize,
+    /// Tokens of each harmless reply checked for over-refusal (0 = skip).
+    #[arg(long, default_value_t = 24)]
+    pub over_refusal_tokens: usize,
     /// Prompts per batch (decoding gets faster with larger batches).
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
@@ -396,6 +402,8 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     };
     let opts = EvalOptions {
         batch_size: a.batch_size,
+        max_response_tokens: a.max_response_tokens,
+        over_refusal_tokens: a.over_refusal_tokens,
         ..EvalOptions::default()
     };
 
