@@ -81,13 +81,7 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     } else {
         Some(a.system.as_str())
     };
-    let pb = indicatif::ProgressBar::new(prompts.len() as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "scanning hidden states [{bar:30}] {pos}/{len} prompts eta {eta}",
-        )
-        .expect("valid template"),
-    );
+    let pb = crate::util::progress_bar(prompts.len() as u64, "scanning hidden states");
     let floor = detect::floor_for(&cfg);
     let mut scan: Option<detect::Scan> = None;
     // Scan batch by batch so the hidden states of a large prompt set never sit in memory at once.
@@ -368,15 +362,7 @@ pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Resu
     Ok(s)
 }
 
-fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} eta {eta}")
-            .expect("valid template"),
-    );
-    pb.set_message(msg.to_string());
-    pb
-}
+use crate::util::progress_bar as bar;
 
 fn pct(r: &crate::stats::Rate) -> String {
     format!(
@@ -387,6 +373,37 @@ fn pct(r: &crate::stats::Rate) -> String {
         100.0 * r.lo,
         100.0 * r.hi
     )
+}
+
+/// One pass over the direction prompts: residuals, and the detection scan when the variant's
+/// handling needs detected dims.
+fn direction_pass(
+    a: &VariantArgs,
+    lm: &model::LoadedModel,
+    split: &PromptSplit,
+    v: &crate::study::variant::Variant,
+) -> Result<crate::study::variant::DirectionData> {
+    let system = (!a.system.is_empty()).then_some(a.system.as_str());
+    let cfg = v.detect.clone().unwrap_or_default();
+    let scan = v
+        .needs_dims()
+        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+    let trigger = cfg.sources.trigger.clone().filter(|_| scan.is_some());
+    let n = split.good_dir.len() + split.bad_dir.len() + usize::from(trigger.is_some());
+    let pb = bar(n as u64, "direction prompts");
+    let data = crate::study::variant::direction_data(
+        lm,
+        &split.good_dir,
+        &split.bad_dir,
+        trigger.as_deref(),
+        system,
+        HiddenConvention::Transformers,
+        scan,
+        a.batch_size,
+        |n| pb.inc(n as u64),
+    )?;
+    pb.finish_and_clear();
+    Ok(data)
 }
 
 pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
@@ -423,27 +440,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     let base = ev.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
 
-    let cfg = v.detect.clone().unwrap_or_default();
-    let scan = v
-        .needs_dims()
-        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
-    let trigger = cfg.sources.trigger.clone();
-    let n_dir = split.good_dir.len()
-        + split.bad_dir.len()
-        + usize::from(scan.is_some() && trigger.is_some());
-    let pb = bar(n_dir as u64, "direction prompts");
-    let data = variant::direction_data(
-        &lm,
-        &split.good_dir,
-        &split.bad_dir,
-        trigger.as_deref(),
-        system,
-        HiddenConvention::Transformers,
-        scan,
-        a.batch_size,
-        |n| pb.inc(n as u64),
-    )?;
-    pb.finish_and_clear();
+    let data = direction_pass(a, &lm, &split, &v)?;
 
     let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> =
         vec![("unedited".into(), base, vec![])];
@@ -504,8 +501,8 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
         v.ablation.direction_index
     );
     println!(
-        "{:<28} {:<30} {:<22} {:<30} {}",
-        "variant", "refusals [95% Wilson]", "KL mean", "over-refusals", "dims"
+        "{:<28} {:<30} {:<22} {:<30} dims",
+        "variant", "refusals [95% Wilson]", "KL mean", "over-refusals"
     );
     for (name, o, dims) in &rows {
         println!(
@@ -538,31 +535,7 @@ pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, 0)?;
     let mut lm = model::load(&a.model)?;
     let v = a.variant(&lm)?;
-    let system = if a.system.is_empty() {
-        None
-    } else {
-        Some(a.system.as_str())
-    };
-    let cfg = v.detect.clone().unwrap_or_default();
-    let scan = v
-        .needs_dims()
-        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
-    let pb = bar(
-        (split.good_dir.len() + split.bad_dir.len()) as u64,
-        "direction prompts",
-    );
-    let data = variant::direction_data(
-        &lm,
-        &split.good_dir,
-        &split.bad_dir,
-        cfg.sources.trigger.as_deref(),
-        system,
-        HiddenConvention::Transformers,
-        scan,
-        a.batch_size,
-        |n| pb.inc(n as u64),
-    )?;
-    pb.finish_and_clear();
+    let data = direction_pass(a, &lm, &split, &v)?;
     let prep = variant::prepare(&v, &data)?;
     let summary =
         crate::ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect)?;

@@ -249,13 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                 pad_id: lm.tokenizer.pad_id,
                 use_cache: true,
             };
-            let pb = indicatif::ProgressBar::new(encoded.len() as u64);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "generating [{bar:30}] {pos}/{len} prompts eta {eta}",
-                )
-                .expect("valid template"),
-            );
+            let pb = outlierlab::util::progress_bar(encoded.len() as u64, "generating");
             for chunk in encoded.chunks(batch_size.max(1)) {
                 let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
                 let outs = generate::greedy(&lm.model, &ids, &opts)?;

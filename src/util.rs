@@ -1,5 +1,18 @@
 //! Small helpers shared by several stages.
 
+/// A progress bar for `len` items of work, labelled `msg`, with an ETA. It draws only on a
+/// terminal, so logs and pipes stay clean.
+pub fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<40} [{bar:30}] {pos}/{len} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
 /// Edit distance, for did-you-mean hints on unknown keys.
 pub fn levenshtein(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();

@@ -171,7 +171,7 @@ pub fn median(v: &mut [f32], kind: MedianKind) -> f32 {
     let m = *m;
     match kind {
         MedianKind::Lower => m,
-        MedianKind::Average if n % 2 == 0 => {
+        MedianKind::Average if n.is_multiple_of(2) => {
             let next = upper.iter().copied().fold(f32::INFINITY, f32::min);
             (m + next) / 2.0
         }

@@ -210,7 +210,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
                 t = unpermute_rope(&t, num_kv_heads)?;
             }
         }
-        if t.dims().iter().any(|&d| d == 0) {
+        if t.dims().contains(&0) {
             bail!("{shown}: tensor '{n}' is empty");
         }
         let values_ok = t.flatten_all()?.sum_all()?.to_scalar::<f32>()?.is_finite();

@@ -9,6 +9,7 @@ use crate::detect;
 use crate::direction::Residuals;
 use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
 use crate::model::{self, HiddenConvention, LoadedModel};
+use crate::util::progress_bar;
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -309,16 +310,6 @@ fn prepare_replicate(
         evaluator,
         base,
     })
-}
-
-fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:<40} [{bar:30}] {pos}/{len} eta {eta}")
-            .expect("valid template"),
-    );
-    pb.set_message(msg.to_string());
-    pb
 }
 
 /// The key of a distinct score: what the edit depends on, nothing else.
