@@ -5,17 +5,38 @@ use crate::model::{self, HiddenConvention};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
+#[derive(Debug, Clone, clap::Args)]
 pub struct DetectArgs {
+    #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
+    /// Scan this prompt instead of the preset's trigger prompt (repeatable).
+    #[arg(long = "prompt")]
     pub prompts: Vec<String>,
+    /// Harmless prompts to scan too, one per line.
+    #[arg(long)]
     pub good: Option<PathBuf>,
+    /// Harmful prompts to scan too, one per line.
+    #[arg(long)]
     pub bad: Option<PathBuf>,
+    /// pr154, pr154-described, sun2024, median-only, llm-int8, top-k.
+    #[arg(long, default_value = "pr154")]
     pub preset: String,
+    /// Override a setting, e.g. --set median_ratio=400 --set persistence=none.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
     pub system: String,
+    /// Hidden-state convention: transformers (last state after the final norm, as PR #154)
+    /// or residual.
+    #[arg(long, default_value = "transformers")]
     pub hidden: String,
+    #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Save the candidate-score table (parquet).
+    #[arg(long)]
     pub table: Option<PathBuf>,
+    /// Print {"dims": [...], "hits": [...], "near_misses": [...]} as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

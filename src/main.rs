@@ -61,39 +61,11 @@ enum Command {
     /// |h|), mad_ratio (| |a| - median | > x times 1.4826 MAD), max_cluster_size (a belongs to a
     /// cluster of at most x top outliers), persistence (fraction of hidden states). Choices:
     /// median_scope position|layer, median_kind lower|average, positions valid|all,
-    /// persistence_mode consecutive|total|dim-layers, min_position_fraction, top_k.
+    /// persistence_mode consecutive|total|dim-layers, cluster_test position|member,
+    /// min_position_fraction, top_k.
     Detect {
-        #[arg(long, default_value = "smollm2-135m-instruct")]
-        model: String,
-        /// Scan this prompt instead of the preset's trigger prompt (repeatable).
-        #[arg(long)]
-        prompt: Vec<String>,
-        /// Harmless prompts to scan too, one per line.
-        #[arg(long)]
-        good: Option<std::path::PathBuf>,
-        /// Harmful prompts to scan too, one per line.
-        #[arg(long)]
-        bad: Option<std::path::PathBuf>,
-        /// pr154, pr154-described, sun2024, median-only, llm-int8, top-k.
-        #[arg(long, default_value = "pr154")]
-        preset: String,
-        /// Override a setting, e.g. --set median_ratio=400 --set persistence=none.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
-        system: String,
-        /// Hidden-state convention: transformers (last state after the final norm, as PR #154)
-        /// or residual.
-        #[arg(long, default_value = "transformers")]
-        hidden: String,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// Save the candidate-score table (parquet).
-        #[arg(long)]
-        table: Option<std::path::PathBuf>,
-        /// Print {"dims": [...], "hits": [...], "near_misses": [...]} as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: outlierlab::cli::DetectArgs,
     },
     /// Abliterate with one handling of massive activations and score it against the unedited
     /// model (and against the same edit without handling), with intervals and verdicts.
@@ -271,33 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             pb.finish_and_clear();
         }
-        Command::Detect {
-            model,
-            prompt,
-            good,
-            bad,
-            preset,
-            overrides,
-            system,
-            hidden,
-            batch_size,
-            table,
-            json,
-        } => {
-            outlierlab::cli::detect(outlierlab::cli::DetectArgs {
-                model,
-                prompts: prompt,
-                good,
-                bad,
-                preset,
-                overrides,
-                system,
-                hidden,
-                batch_size,
-                table,
-                json,
-            })?;
-        }
+        Command::Detect { args } => outlierlab::cli::detect(args)?,
         Command::Abliterate {
             args,
             no_compare_none,

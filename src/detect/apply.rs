@@ -80,13 +80,18 @@ fn source_on(cfg: &DetectConfig, s: Source) -> bool {
     }
 }
 
+/// The ratio to the median and the MAD z-score in the configured median scope.
+fn scoped(cfg: &DetectConfig, e: &Entry) -> (f32, f32) {
+    match cfg.median_scope {
+        MedianScope::Position => (e.ratio_position, e.mad_z_position),
+        MedianScope::Layer => (e.ratio_layer, e.mad_z_layer),
+    }
+}
+
 /// The criteria (1–4) that `e` fails; empty = a candidate.
 fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
     let mut why = Vec::new();
-    let (ratio, z) = match cfg.median_scope {
-        MedianScope::Position => (e.ratio_position, e.mad_z_position),
-        MedianScope::Layer => (e.ratio_layer, e.mad_z_layer),
-    };
+    let (ratio, z) = scoped(cfg, e);
     if let Some(t) = cfg.min_abs {
         if e.abs <= t {
             why.push(format!("min_abs: |a| {:.1} <= {t}", e.abs));
@@ -324,10 +329,7 @@ fn hit(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Hit {
         abs: e.abs,
         ratio_position: e.ratio_position,
         ratio_layer: e.ratio_layer,
-        mad_z: match cfg.median_scope {
-            MedianScope::Position => e.mad_z_position,
-            MedianScope::Layer => e.mad_z_layer,
-        },
+        mad_z: scoped(cfg, e).1,
     }
 }
 
@@ -377,10 +379,7 @@ fn near_misses(
                 abs: e.abs,
                 ratio_position: e.ratio_position,
                 ratio_layer: e.ratio_layer,
-                mad_z: match cfg.median_scope {
-                    MedianScope::Position => e.mad_z_position,
-                    MedianScope::Layer => e.mad_z_layer,
-                },
+                mad_z: scoped(cfg, e).1,
                 rejected_by: why,
             }
         })
