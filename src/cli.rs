@@ -18,6 +18,10 @@ pub struct DetectArgs {
     /// Harmful prompts to scan too, one per line.
     #[arg(long)]
     pub bad: Option<PathBuf>,
+    /// A prompt set to scan too: a built-in name (`outlierlab datasets`) or a file, optionally
+    /// with a count, e.g. advbench:64. Harmful sets scan as bad prompts, others as good.
+    #[arg(long)]
+    pub dataset: Vec<String>,
     /// pr154, pr154-described, sun2024, median-only, llm-int8, top-k.
     #[arg(long, default_value = "pr154")]
     pub preset: String,
@@ -93,8 +97,21 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     if let Some(p) = &a.bad {
         prompts.extend(read_prompt_lines(p)?.into_iter().map(|t| (Source::Bad, t)));
     }
+    for spec in &a.dataset {
+        let (name, count) = match spec.rsplit_once(':') {
+            Some((n, c)) if c.parse::<usize>().is_ok() => (n, Some(c.parse::<usize>()?)),
+            _ => (spec.as_str(), None),
+        };
+        let all = crate::datasets::load(name)?;
+        let source = match crate::datasets::manifest(name).map(|m| m.kind) {
+            Some(crate::datasets::Kind::Harmful) => Source::Bad,
+            _ => Source::Good,
+        };
+        let take = count.unwrap_or(all.len());
+        prompts.extend(crate::datasets::take(&all, take, 0, None)?.into_iter().map(|t| (source, t)));
+    }
     if prompts.is_empty() {
-        bail!("nothing to scan: the preset has no trigger prompt; pass --prompt, --good or --bad");
+        bail!("nothing to scan: the preset has no trigger prompt; pass --prompt, --dataset, --good or --bad");
     }
     let lm = model::load(&a.model)?;
     let system = if a.system.is_empty() {

@@ -419,3 +419,17 @@ fn cluster_membership_is_a_choice() {
         "PR text: only values inside the cluster"
     );
 }
+
+#[test]
+fn the_scan_floor_is_a_shared_prefilter() {
+    // With every value criterion off, only entries that stand out by the floor (20x or 20 MADs)
+    // are candidates: the planted dim, not the noise.
+    let prompts = planted_pair();
+    let scan = detect::scan(&prompts, MedianKind::Lower, Floor::default());
+    let mut only_persistence = preset("pr154").unwrap();
+    only_persistence.min_abs = None;
+    only_persistence.median_ratio = None;
+    only_persistence.mad_ratio = None;
+    only_persistence.max_cluster_size = None;
+    assert_eq!(detect::apply(&only_persistence, &scan).unwrap().dim_ids(), vec![17, 42]);
+}

@@ -88,6 +88,28 @@ fn scoped(cfg: &DetectConfig, e: &Entry) -> (f32, f32) {
     }
 }
 
+/// Whether `e` passes criteria 1–4: `failures` without building the explanations, for the
+/// hot loop over millions of entries.
+fn passes(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> bool {
+    let (ratio, z) = scoped(cfg, e);
+    if cfg.min_abs.is_some_and(|t| e.abs <= t)
+        || cfg.median_ratio.is_some_and(|t| ratio <= t)
+        || cfg.mad_ratio.is_some_and(|t| z <= t)
+    {
+        return false;
+    }
+    if let Some(m) = cfg.max_cluster_size {
+        if let Some(ps) = scan.position_stats(e.layer, e.prompt, e.position) {
+            let c = &ps.cluster;
+            let inside = e.deviation_rank.is_some_and(|r| r as u32 <= c.gap_index);
+            if !c.is_small(m) || (cfg.cluster_test == ClusterTest::Member && !inside) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// The criteria (1–4) that `e` fails; empty = a candidate.
 fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
     let mut why = Vec::new();
@@ -126,21 +148,23 @@ fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
     why
 }
 
-/// Checks that the scan kept every entry these thresholds could accept: the scan keeps entries
-/// whose ratio or MAD z-score (either scope) reaches its floor, or whose |a| reaches its min_abs.
+/// Checks that the scan kept every entry these thresholds could accept. The scan keeps entries
+/// whose ratio or MAD z-score (either scope) reaches its floor, or whose |a| reaches its
+/// min_abs; that floor is also a pre-filter every detection shares, so a criteria subset without
+/// a ratio criterion still only sees entries that stand out by the floor. What is refused is a
+/// ratio threshold looser than the floor, which would silently miss entries.
 pub fn check_floor(cfg: &DetectConfig, scan: &Scan) -> Result<()> {
     let f = scan.floor.min_ratio;
-    let by_ratio =
-        cfg.median_ratio.is_some_and(|t| t >= f) || cfg.mad_ratio.is_some_and(|t| t >= f);
-    let by_abs = matches!((cfg.min_abs, scan.floor.min_abs), (Some(t), Some(m)) if t >= m);
-    if by_ratio || by_abs {
-        return Ok(());
+    for (name, t) in [("median_ratio", cfg.median_ratio), ("mad_ratio", cfg.mad_ratio)] {
+        if let Some(t) = t {
+            if t < f {
+                bail!(
+                    "{name} {t} is below the scan's floor ({f}): entries between them were not kept; rescan with a lower floor"
+                );
+            }
+        }
     }
-    bail!(
-        "these thresholds can accept entries the scan did not keep (its floor: ratio or MAD z >= {f}{}); \
-         use median_ratio or mad_ratio >= {f}, or rescan with a lower floor",
-        scan.floor.min_abs.map(|m| format!(", or |a| >= {m}")).unwrap_or_default()
-    )
+    Ok(())
 }
 
 pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
@@ -161,7 +185,7 @@ pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
         && cfg.max_cluster_size.is_none();
     if !(no_row_criteria && cfg.top_k.is_some()) {
         for e in scan.entries.iter().filter(|e| scoped(e)) {
-            if failures(cfg, scan, e).is_empty() {
+            if passes(cfg, scan, e) {
                 cand.entry((e.prompt, e.position, e.dim))
                     .or_default()
                     .insert(e.layer);

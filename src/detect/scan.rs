@@ -156,6 +156,9 @@ pub struct Scan {
     /// Peak |a| of each dim over valid positions and over all positions.
     pub dim_peak_valid: Vec<f32>,
     pub dim_peak_all: Vec<f32>,
+    /// Index of each prompt's first entry in `positions` (kept by `scan` and `merge`).
+    #[serde(default)]
+    pub offsets: Vec<usize>,
 }
 
 pub const MAD_SCALE: f32 = 1.4826;
@@ -263,10 +266,12 @@ pub fn scan(prompts: &[PromptStates], kind: MedianKind, floor: Floor) -> Scan {
         non_finite: Vec::new(),
         dim_peak_valid: vec![0.0; d],
         dim_peak_all: vec![0.0; d],
+        offsets: Vec::new(),
     };
     let mut scratch = Vec::new();
     let mut abs = vec![0f32; d];
     for (pi, p) in prompts.iter().enumerate() {
+        out.offsets.push(out.positions.len());
         let t = p.tokens.len();
         for (s, state) in p.states.iter().enumerate() {
             assert_eq!(
@@ -381,6 +386,8 @@ impl Scan {
     /// Appends the scan of further prompts (same model, median kind and floor).
     pub fn merge(&mut self, other: Scan) {
         let off = self.prompts.len() as u32;
+        let base = self.positions.len();
+        self.offsets.extend(other.offsets.iter().map(|o| o + base));
         self.prompts.extend(other.prompts);
         self.positions
             .extend(other.positions.into_iter().map(|mut p| {
@@ -411,10 +418,10 @@ impl Scan {
     pub fn position_stats(&self, layer: u32, prompt: u32, position: u32) -> Option<&PositionStats> {
         // positions are pushed prompt-major, then layer, then position.
         let p = &self.prompts[prompt as usize];
-        let before: usize = self.prompts[..prompt as usize]
-            .iter()
-            .map(|q| q.tokens.len() * self.num_states)
-            .sum();
+        let before: usize = match self.offsets.get(prompt as usize) {
+            Some(&o) => o,
+            None => self.prompts[..prompt as usize].iter().map(|q| q.tokens.len() * self.num_states).sum(),
+        };
         let i = before + layer as usize * p.tokens.len() + position as usize;
         self.positions
             .get(i)
