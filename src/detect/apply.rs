@@ -155,7 +155,10 @@ fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
 /// ratio threshold looser than the floor, which would silently miss entries.
 pub fn check_floor(cfg: &DetectConfig, scan: &Scan) -> Result<()> {
     let f = scan.floor.min_ratio;
-    for (name, t) in [("median_ratio", cfg.median_ratio), ("mad_ratio", cfg.mad_ratio)] {
+    for (name, t) in [
+        ("median_ratio", cfg.median_ratio),
+        ("mad_ratio", cfg.mad_ratio),
+    ] {
         if let Some(t) = t {
             if t < f {
                 bail!(

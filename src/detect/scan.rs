@@ -420,7 +420,10 @@ impl Scan {
         let p = &self.prompts[prompt as usize];
         let before: usize = match self.offsets.get(prompt as usize) {
             Some(&o) => o,
-            None => self.prompts[..prompt as usize].iter().map(|q| q.tokens.len() * self.num_states).sum(),
+            None => self.prompts[..prompt as usize]
+                .iter()
+                .map(|q| q.tokens.len() * self.num_states)
+                .sum(),
         };
         let i = before + layer as usize * p.tokens.len() + position as usize;
         self.positions
