@@ -30,25 +30,6 @@ fn random_dirs(lm: &model::LoadedModel, seed: u64, orthogonalized: bool) -> Dire
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
-}
-
 #[test]
 fn a_full_strength_edit_leaves_nothing_along_v() {
     let lm = model::load("smollm2-135m-instruct").unwrap();
@@ -172,12 +153,7 @@ fn undo_restores_weights_and_outputs_bit_for_bit() {
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
     let enc = lm.encode_chat(None, "Tell me a joke.").unwrap();
     let batch = Batch::left_padded(&[enc.ids], 0);
-    let before = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
+    let before = last_logits(&lm.model, &batch);
     let w_before: Vec<Vec<u32>> = (0..lm.model.num_layers())
         .map(|l| bits(&lm.model.writer(l, Writer::MlpDown)))
         .collect();
@@ -192,12 +168,7 @@ fn undo_restores_weights_and_outputs_bit_for_bit() {
         max_abs(&(&changed - &before).unwrap()) > 1e-3,
         "the edit must change the output"
     );
-    let after = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
+    let after = last_logits(&lm.model, &batch);
     assert_eq!(bits(&after), bits(&before));
     for l in 0..lm.model.num_layers() {
         assert_eq!(
@@ -415,18 +386,8 @@ fn exported_model_loads_and_matches_the_edited_model() {
     assert_eq!(enc.rendered, enc2.rendered);
     assert_eq!(enc.ids, enc2.ids);
     let batch = Batch::left_padded(&[enc.ids], 0);
-    let a = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
-    let b = back
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
+    let a = last_logits(&lm.model, &batch);
+    let b = last_logits(&back.model, &batch);
     assert_eq!(
         bits(&a),
         bits(&b),

@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{IndexOp, Tensor};
+use common::{bits, last_logits, max_abs};
 use outlierlab::model::generate::{self, GenerateOptions};
 use outlierlab::model::{self, Batch, HiddenConvention, Logits, Writer};
 
@@ -14,14 +15,7 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 #[test]
@@ -140,12 +134,7 @@ fn residual_writers_edit_and_restore_exactly() {
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
     let enc = lm.encode_chat(None, "How do I bake bread?").unwrap();
     let batch = lm.batch(&[enc]);
-    let before = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
+    let before = last_logits(&lm.model, &batch);
     let snap = lm.model.snapshot_writers();
     let original = lm.model.writer(5, Writer::MlpDown).clone();
     let d = lm.model.hidden_size();
@@ -159,24 +148,14 @@ fn residual_writers_edit_and_restore_exactly() {
     lm.model
         .set_writer(5, Writer::MlpDown, edited.clone())
         .unwrap();
-    let along = v
-        .t()
-        .unwrap()
-        .matmul(&lm.model.writer(5, Writer::MlpDown))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let along = max_abs(
+        &v.t()
+            .unwrap()
+            .matmul(&lm.model.writer(5, Writer::MlpDown))
+            .unwrap(),
+    );
     assert!(along < 1e-5, "edited writer still writes {along} along v");
-    let changed = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
+    let changed = last_logits(&lm.model, &batch);
     assert!(
         max_abs_diff(&before, &changed) > 1e-3,
         "editing a writer must change the output"
@@ -184,28 +163,15 @@ fn residual_writers_edit_and_restore_exactly() {
     // A wrongly shaped weight is refused.
     assert!(lm.model.set_writer(5, Writer::MlpDown, v.clone()).is_err());
     lm.model.restore_writers(&snap).unwrap();
-    let a: Vec<f32> = lm
-        .model
-        .writer(5, Writer::MlpDown)
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = original.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(
-        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+    assert_eq!(
+        bits(&lm.model.writer(5, Writer::MlpDown)),
+        bits(&original),
         "restore must be bit-exact"
     );
-    let after = lm
-        .model
-        .forward(&batch, false, Logits::Last)
-        .unwrap()
-        .logits
-        .unwrap();
-    let x: Vec<f32> = before.flatten_all().unwrap().to_vec1().unwrap();
-    let y: Vec<f32> = after.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(
-        x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+    let after = last_logits(&lm.model, &batch);
+    assert_eq!(
+        bits(&after),
+        bits(&before),
         "logits after restore must be bit-identical"
     );
 }

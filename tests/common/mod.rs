@@ -160,3 +160,35 @@ pub fn write_tiny_llama(dir: &std::path::Path) {
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The bit patterns of a tensor's values, for bit-exact comparisons.
+pub fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// Next-token logits at the last position of every row of `batch`.
+pub fn last_logits(
+    m: &outlierlab::model::Model,
+    batch: &outlierlab::model::Batch,
+) -> candle_core::Tensor {
+    m.forward(batch, false, outlierlab::model::Logits::Last)
+        .unwrap()
+        .logits
+        .unwrap()
+}
