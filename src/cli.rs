@@ -368,6 +368,8 @@ impl VariantArgs {
             detect: Some(detect_cfg),
             ablation: ab,
             orthogonalize: !self.no_orthogonalize,
+            search: None,
+            tune: None,
         })
     }
 }

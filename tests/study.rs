@@ -312,3 +312,117 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another outlierlab run"));
 }
+
+const OPTIMISED: &str = "name: tuned
+model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {name: harmless-outlierlab, count: 6}
+    bad: {name: advbench, count: 6}
+  evaluation:
+    good: {name: harmless-outlierlab, count: 4, offset: 6}
+    bad: {name: advbench, count: 4, offset: 6}
+  selection:
+    good: {name: harmless-outlierlab, count: 5, offset: 10}
+    bad: {name: advbench, count: 5, offset: 10}
+detection: {preset: pr154}
+ablation:
+  direction_index: 17
+  search: {trials: 3, seed: 1}
+evaluation: {max_response_tokens: 6, over_refusal_tokens: 3, batch_size: 8}
+variants:
+  - {name: none, handling: none}
+tune:
+  - name: pr154-tuned
+    thresholds: {median_ratio: [100, 3000], mad_ratio: [100, 3000]}
+    trials: 7
+    seed: 2
+";
+
+#[test]
+fn tuning_and_search_optimise_on_selection_and_report_held_out() {
+    // Both need a selection split, disjoint from the other two.
+    let no_sel = OPTIMISED.replace("  selection:\n", "  selection_:\n");
+    assert!(err_of(&no_sel).contains("did you mean 'selection'?"));
+    let cut = OPTIMISED.find("  selection:").unwrap();
+    let end = OPTIMISED.find("detection:").unwrap();
+    let without = format!("{}{}", &OPTIMISED[..cut], &OPTIMISED[end..]);
+    let e = err_of(&without);
+    assert!(
+        e.contains("`tune`") && e.contains("add datasets.selection"),
+        "{e}"
+    );
+    let e = err_of(&OPTIMISED.replace("count: 5, offset: 10}\n    bad", "count: 5, offset: 8}\n    bad"));
+    assert!(
+        e.contains("evaluation prompts (harmless-outlierlab, offset 6, count 4) and selection prompts")
+            && e.contains("`datasets.selection.good.offset`"),
+        "{e}"
+    );
+    let e = err_of(&OPTIMISED.replace("[100, 3000], mad", "[0, 3000], mad"));
+    assert!(e.contains("`tune[0].thresholds.median_ratio`") && e.contains("0 < low < high"), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("tuned.yaml");
+    std::fs::write(&study, OPTIMISED).unwrap();
+    let dir = tmp.path().join("run");
+    let out = run_cli(&study, &dir, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let r = runner::read_results(&dir).unwrap();
+
+    // Tuning: exactly the trial budget, inside the bounds, one scoring per distinct dim set,
+    // the chosen thresholds are the best trial's.
+    assert_eq!(r.tunes.len(), 1);
+    let t = &r.tunes[0];
+    assert_eq!(t.trials.len(), 7);
+    for tr in &t.trials {
+        for v in tr.params.values() {
+            assert!((100.0 - 1e-6..=3000.0 + 1e-6).contains(v), "{v}");
+        }
+        assert_eq!(tr.n_bad, 5, "tuning scores the selection split");
+    }
+    let distinct: std::collections::BTreeSet<&Vec<u32>> =
+        t.trials.iter().map(|x| x.dims.as_ref().unwrap()).collect();
+    assert_eq!(t.trials.iter().filter(|x| x.scored).count(), distinct.len());
+    let min = t.trials.iter().map(|x| x.objective).fold(f64::INFINITY, f64::min);
+    assert_eq!(t.objective, min);
+    // The same dims always give the same objective.
+    for a in &t.trials {
+        for b in &t.trials {
+            if a.dims == b.dims {
+                assert_eq!(a.objective, b.objective);
+            }
+        }
+    }
+    // The tuned variant is then scored once on the evaluation prompts, with the chosen dims.
+    let tuned_id = &r.plan.variants.iter().find(|v| v.variant.name == "pr154-tuned").unwrap().id;
+    let a = r.assignments.iter().find(|a| &a.variant_id == tuned_id).unwrap();
+    assert_eq!(a.dims, t.dims);
+    let held_out = &r.scores[&(0, a.key.clone())];
+    assert_eq!(held_out.outcome.refused.len(), 4);
+
+    // Search: per score, the budget on the selection split; the final score uses the best edit.
+    assert_eq!(r.searches.len(), r.scores.len());
+    for s in &r.searches {
+        assert_eq!(s.trials.len(), 3);
+        let best = s.trials.iter().map(|x| x.objective).fold(f64::INFINITY, f64::min);
+        assert_eq!(s.objective, best);
+        let rec = &r.scores[&(s.replicate, s.key.clone())];
+        assert_eq!(rec.ablation.as_ref(), Some(&s.params));
+        let di = s.params.direction_index.unwrap();
+        assert!((0.4 * 29.0..=0.9 * 29.0).contains(&di), "{di}");
+    }
+    let report = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    assert!(report.contains("Threshold tuning") && report.contains("pr154-tuned"), "{report}");
+
+    // Running again redoes nothing: neither the tuning nor the searches nor the scores.
+    let before = std::fs::read(dir.join("tune/r0").join(format!("{tuned_id}.json"))).unwrap();
+    let out = run_cli(&study, &dir, &[]);
+    let again = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && again.contains("0 score(s) computed now"), "{again}");
+    assert!(!again.contains("tuning "), "{again}");
+    assert_eq!(
+        before,
+        std::fs::read(dir.join("tune/r0").join(format!("{tuned_id}.json"))).unwrap()
+    );
+}

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod config;
 pub mod scan;
+pub mod summary;
 pub mod table;
 
 pub use apply::{apply, Detection};

@@ -1,5 +1,7 @@
-//! Stage 6: studies — the study file, the plan it expands to, and the runner that scores it.
+//! Stage 6: studies — the study file, the plan it expands to, the runner that scores it, and the
+//! optimisers it runs on the selection split.
 
+pub mod optimize;
 pub mod plan;
 pub mod runner;
 pub mod spec;

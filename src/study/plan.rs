@@ -87,6 +87,8 @@ fn expand_sweep(
             detect: None,
             ablation: ablation.clone(),
             orthogonalize: orth,
+            search: None,
+            tune: None,
         });
     }
     let detection_sweep =
@@ -153,6 +155,8 @@ fn expand_sweep(
                     detect: Some(c),
                     ablation: ablation.clone(),
                     orthogonalize: orth,
+                    search: None,
+                    tune: None,
                 });
             }
         }
@@ -179,10 +183,30 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
             detect: Some(detect),
             ablation: ablation.clone(),
             orthogonalize: orth,
+            search: None,
+            tune: None,
         });
     }
     for sw in &f.sweeps {
         variants.extend(expand_sweep(sw, &base, &ablation, orth)?);
+    }
+    for t in &f.tune {
+        let detect = match &t.detection {
+            Some(d) => d.resolve()?,
+            None => base.clone(),
+        };
+        variants.push(Variant {
+            name: t.name.clone(),
+            handlings: Handling::parse_list(&t.handling)?,
+            detect: Some(detect),
+            ablation: ablation.clone(),
+            orthogonalize: orth,
+            search: None,
+            tune: Some(t.clone()),
+        });
+    }
+    for v in &mut variants {
+        v.search = f.ablation.search.clone();
     }
     // The same settings twice are one variant (the first name wins).
     let mut seen = std::collections::HashSet::new();

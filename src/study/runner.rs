@@ -3,8 +3,10 @@
 //! atomically. Running again resumes; a second run on the same directory is refused.
 
 use super::plan::{plan, Plan, PlannedVariant};
+use super::optimize::{self, SearchResult, Selection, TuneResult};
 use super::spec::{SetSpec, Study};
 use super::variant::{self, DirectionData, Variant};
+use crate::ablate::AblationParams;
 use crate::detect;
 use crate::direction::Residuals;
 use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
@@ -87,6 +89,9 @@ pub struct ScoreRecord {
     pub dims: Vec<u32>,
     pub variant_ids: Vec<String>,
     pub outcome: Outcome,
+    /// The edit's parameters when they were searched (otherwise the variant's own).
+    #[serde(default)]
+    pub ablation: Option<AblationParams>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +125,7 @@ struct Replicate {
     dims: BTreeMap<String, Vec<u32>>,
     evaluator: Evaluator,
     base: Outcome,
+    selection: Option<Selection>,
 }
 
 fn cache_dir(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
@@ -167,6 +173,8 @@ fn prepare_replicate(
     cache: &Path,
     sets: &BTreeMap<String, Vec<String>>,
     provenance: &mut Provenance,
+    keep_scan: bool,
+    out_dir: &Path,
 ) -> Result<Replicate> {
     let f = &study.file;
     let d = &f.datasets;
@@ -174,13 +182,24 @@ fn prepare_replicate(
     let bad_dir = pick(&sets[&d.direction.bad.name], &d.direction.bad, seed)?;
     let good_eval = pick(&sets[&d.evaluation.good.name], &d.evaluation.good, seed)?;
     let bad_eval = pick(&sets[&d.evaluation.bad.name], &d.evaluation.bad, seed)?;
+    let (good_sel, bad_sel) = match &d.selection {
+        Some(sel) => (
+            pick(&sets[&sel.good.name], &sel.good, seed)?,
+            pick(&sets[&sel.bad.name], &sel.bad, seed)?,
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
     for (a, b, what) in [
-        (&good_dir, &good_eval, "harmless"),
-        (&bad_dir, &bad_eval, "harmful"),
+        (&good_dir, &good_eval, "harmless direction and evaluation"),
+        (&bad_dir, &bad_eval, "harmful direction and evaluation"),
+        (&good_sel, &good_eval, "harmless selection and evaluation"),
+        (&bad_sel, &bad_eval, "harmful selection and evaluation"),
+        (&good_sel, &good_dir, "harmless selection and direction"),
+        (&bad_sel, &bad_dir, "harmful selection and direction"),
     ] {
         let set: std::collections::HashSet<&String> = a.iter().collect();
         if let Some(p) = b.iter().find(|p| set.contains(p)) {
-            bail!("replicate {seed}: {what} direction and evaluation prompts overlap (e.g. {p:?})");
+            bail!("replicate {seed}: {what} prompts overlap (e.g. {p:?})");
         }
     }
     let system = (!f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
@@ -195,7 +214,7 @@ fn prepare_replicate(
     let base_cfg = f.detection.resolve()?;
     let mut floor = detect::Floor::default();
     for v in plan.variants.iter().filter(|v| v.variant.needs_dims()) {
-        if let Some(c) = &v.variant.detect {
+        if let Some(c) = &v.variant.loosest_detect()? {
             let fl = detect::floor_for(c);
             floor.min_ratio = floor.min_ratio.min(fl.min_ratio);
             if let Some(m) = fl.min_abs {
@@ -219,7 +238,7 @@ fn prepare_replicate(
     let configs: BTreeMap<String, detect::DetectConfig> = plan
         .variants
         .iter()
-        .filter(|v| v.variant.needs_dims())
+        .filter(|v| v.variant.needs_dims() && v.variant.tune.is_none())
         .filter_map(|v| v.variant.detect.clone())
         .map(|c| (hash_json(&c), c))
         .collect();
@@ -229,7 +248,8 @@ fn prepare_replicate(
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let have_all = configs.keys().all(|k| cached_dims.contains_key(k));
-    let (data, dims) = if dir_path.join("done").exists() && have_all {
+    let have_summary = !needs_scan || dir_path.join("detection.json").exists();
+    let (data, dims) = if dir_path.join("done").exists() && have_all && have_summary && !keep_scan {
         let data = DirectionData {
             good: load_residuals(&dir_path.join("good.f32"))?,
             bad: load_residuals(&dir_path.join("bad.f32"))?,
@@ -256,17 +276,36 @@ fn prepare_replicate(
         save_residuals(&dir_path.join("good.f32"), &data.good)?;
         save_residuals(&dir_path.join("bad.f32"), &data.bad)?;
         let mut dims = cached_dims;
-        if let Some(scan) = data.scan.take() {
+        if let Some(scan) = &data.scan {
             for (k, c) in &configs {
-                dims.insert(k.clone(), detect::apply(c, &scan)?.dim_ids());
+                dims.insert(k.clone(), detect::apply(c, scan)?.dim_ids());
             }
-            let mut df = detect::table::candidate_table(&scan)?;
+            let mut df = detect::table::candidate_table(scan)?;
             detect::table::write_parquet(&mut df, &dir_path.join("candidates.parquet"))?;
+            let cfgs: Vec<&detect::DetectConfig> = configs.values().collect();
+            let summary = detect::summary::summarise(scan, &base_cfg, &cfgs)?;
+            write_atomic(
+                &dir_path.join("detection.json"),
+                &serde_json::to_vec(&summary)?,
+            )?;
+        }
+        if !keep_scan {
+            data.scan = None;
         }
         write_atomic(&dims_path, &serde_json::to_vec_pretty(&dims)?)?;
         write_atomic(&dir_path.join("done"), b"ok\n")?;
         (data, dims)
     };
+    // The report reads the detection summary from the results, not from the cache.
+    if let Ok(b) = fs::read(dir_path.join("detection.json")) {
+        write_atomic(
+            &out_dir
+                .join("results")
+                .join(format!("r{seed}"))
+                .join("detection.json"),
+            &b,
+        )?;
+    }
     provenance.datasets.insert(
         format!("r{seed}:direction"),
         hash_json(&(&good_dir, &bad_dir)),
@@ -303,12 +342,48 @@ fn prepare_replicate(
             o
         }
     };
+    let selection = if good_sel.is_empty() {
+        None
+    } else {
+        provenance.datasets.insert(
+            format!("r{seed}:selection"),
+            hash_json(&(&good_sel, &bad_sel)),
+        );
+        let evaluator = Evaluator::new(
+            lm,
+            &good_sel,
+            &bad_sel,
+            system,
+            opts.clone(),
+            RefusalClassifier::default(),
+        )?;
+        let key = hash_json(&(&model_key, &good_sel, &bad_sel, system, &opts));
+        let path = cache.join(format!("reference-{key}.json"));
+        let base = match fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(o) => o,
+            None => {
+                let pb = progress_bar(
+                    (good_sel.len() * 2 + bad_sel.len()) as u64,
+                    &format!("replicate {seed}: unedited model, selection split"),
+                );
+                let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
+                pb.finish_and_clear();
+                write_atomic(&path, &serde_json::to_vec(&o)?)?;
+                o
+            }
+        };
+        Some(Selection { evaluator, base })
+    };
     Ok(Replicate {
         seed,
         data,
         dims,
         evaluator,
         base,
+        selection,
     })
 }
 
@@ -317,6 +392,8 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
     let mut canon = v.clone();
     canon.name = String::new();
     canon.detect = None;
+    // A tuned variant's edit depends on the dims it ended with, not on how they were found.
+    canon.tune = None;
     if dims.is_empty() {
         // With nothing detected, zeroing or protecting dims is exactly `none` (tested), so such
         // variants share `none`'s score.
@@ -329,6 +406,28 @@ pub fn result_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
     out.join("results")
         .join(format!("r{replicate}"))
         .join(format!("{key}.json"))
+}
+
+fn tune_path(out: &Path, replicate: u64, variant_id: &str) -> PathBuf {
+    out.join("tune")
+        .join(format!("r{replicate}"))
+        .join(format!("{variant_id}.json"))
+}
+
+fn search_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
+    out.join("search")
+        .join(format!("r{replicate}"))
+        .join(format!("{key}.json"))
+}
+
+/// Dims for a one-line summary: all of them when few, else the first few and the count.
+pub fn dims_summary(dims: &[u32]) -> String {
+    if dims.len() <= 8 {
+        format!("{dims:?}")
+    } else {
+        let head: Vec<String> = dims[..6].iter().map(|d| d.to_string()).collect();
+        format!("[{}, … {} dims]", head.join(", "), dims.len())
+    }
 }
 
 /// Runs (or resumes) a study. Returns the number of scores computed now.
@@ -384,7 +483,66 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let mut computed = 0;
     let mut assignments: Vec<Assignment> = Vec::new();
     for &seed in &plan.replicates {
-        let rep = prepare_replicate(study, &lm, &plan, seed, &cache, &sets, &mut prov)?;
+        let tuned_variants: Vec<&PlannedVariant> = plan
+            .variants
+            .iter()
+            .filter(|v| v.variant.tune.is_some())
+            .collect();
+        let keep_scan = tuned_variants
+            .iter()
+            .any(|v| !tune_path(&opts.out, seed, &v.id).exists());
+        let mut rep =
+            prepare_replicate(
+            study, &lm, &plan, seed, &cache, &sets, &mut prov, keep_scan, &opts.out,
+        )?;
+        // Tuning first: its chosen dims decide which scores the tuned variants share.
+        let mut tuned: BTreeMap<String, TuneResult> = BTreeMap::new();
+        for pv in &tuned_variants {
+            let path = tune_path(&opts.out, seed, &pv.id);
+            let r: TuneResult = match fs::read(&path) {
+                Ok(b) => serde_json::from_slice(&b)
+                    .with_context(|| format!("{} is unreadable", path.display()))?,
+                Err(_) => {
+                    let spec = pv.variant.tune.as_ref().expect("tuned");
+                    let sel = rep
+                        .selection
+                        .as_ref()
+                        .context("tuning needs datasets.selection")?;
+                    let scan = rep.data.scan.as_ref().context("tuning needs the scan")?;
+                    eprintln!(
+                        "tuning {} on the selection split ({} trials)",
+                        pv.variant.name, spec.trials
+                    );
+                    let r = optimize::tune_thresholds(
+                        &mut lm,
+                        sel,
+                        &pv.variant,
+                        &pv.id,
+                        seed,
+                        scan,
+                        &rep.data,
+                        spec,
+                    )?;
+                    write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
+                    eprintln!(
+                        "tuned {} r{seed}: {} -> dims {} (selection objective {:.4}; {} distinct dim sets scored, {:.0} s)",
+                        pv.variant.name,
+                        r.thresholds
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v:.1}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        dims_summary(&r.dims),
+                        r.objective,
+                        r.trials.iter().filter(|t| t.scored).count(),
+                        r.seconds
+                    );
+                    r
+                }
+            };
+            tuned.insert(pv.id.clone(), r);
+        }
+        rep.data.scan = None;
         write_atomic(
             &opts
                 .out
@@ -396,13 +554,13 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         // Resolve every variant to its dims, then group by what the edit depends on.
         let mut groups: BTreeMap<String, (Vec<u32>, Vec<&PlannedVariant>)> = BTreeMap::new();
         for pv in &plan.variants {
-            let dims =
-                match (&pv.variant.detect, pv.variant.needs_dims()) {
-                    (Some(c), true) => rep.dims.get(&hash_json(c)).cloned().with_context(|| {
-                        format!("no detected dims for variant {}", pv.variant.name)
-                    })?,
-                    _ => Vec::new(),
-                };
+            let dims = match (&pv.variant.detect, pv.variant.needs_dims()) {
+                (_, true) if pv.variant.tune.is_some() => tuned[&pv.id].dims.clone(),
+                (Some(c), true) => rep.dims.get(&hash_json(c)).cloned().with_context(|| {
+                    format!("no detected dims for variant {}", pv.variant.name)
+                })?,
+                _ => Vec::new(),
+            };
             let key = score_key(&pv.variant, &dims, seed);
             groups
                 .entry(key)
@@ -430,9 +588,50 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             if path.exists() {
                 continue;
             }
-            let v = &members[0].variant;
             let t = Instant::now();
-            let data = rep_data_with_dims(&rep.data, v, dims)?;
+            let data = variant::prepare_with_dims(&rep.data, &members[0].variant, dims)?;
+            let mut searched = None;
+            if let Some(spec) = &members[0].variant.search {
+                let spath = search_path(&opts.out, seed, key);
+                let sr: SearchResult = match fs::read(&spath) {
+                    Ok(b) => serde_json::from_slice(&b)
+                        .with_context(|| format!("{} is unreadable", spath.display()))?,
+                    Err(_) => {
+                        let sel = rep
+                            .selection
+                            .as_ref()
+                            .context("ablation.search needs datasets.selection")?;
+                        let t = Instant::now();
+                        let label = format!("r{seed} {}", trunc(&members[0].variant.name, 24));
+                        let (params, objective, base_refusals, trials) = optimize::search_edit(
+                            &mut lm,
+                            sel,
+                            &members[0].variant,
+                            &data,
+                            spec,
+                            &label,
+                        )?;
+                        let sr = SearchResult {
+                            key: key.clone(),
+                            replicate: seed,
+                            variant_ids: members.iter().map(|m| m.id.clone()).collect(),
+                            params,
+                            objective,
+                            base_refusals,
+                            trials,
+                            seconds: t.elapsed().as_secs_f64(),
+                        };
+                        write_atomic(&spath, &serde_json::to_vec_pretty(&sr)?)?;
+                        sr
+                    }
+                };
+                searched = Some(sr.params);
+            }
+            let mut vv = members[0].variant.clone();
+            if let Some(p) = &searched {
+                vv.ablation = p.clone();
+            }
+            let v = &vv;
             let pb = progress_bar(
                 (rep.evaluator.good.len() * 2 + rep.evaluator.bad.len()) as u64,
                 &format!("r{seed} {}", trunc(&v.name, 34)),
@@ -445,19 +644,20 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 dims: dims.clone(),
                 variant_ids: members.iter().map(|m| m.id.clone()).collect(),
                 outcome: out,
+                ablation: searched,
             };
             write_atomic(&path, &serde_json::to_vec(&rec)?)?;
             computed += 1;
             let names: Vec<&str> = members.iter().map(|m| m.variant.name.as_str()).collect();
             eprintln!(
-                "[{}/{}] r{seed} {:<40} refusals {:>3}/{:<3} KL {:.4} dims {:?} ({:.0} s{})",
+                "[{}/{}] r{seed} {:<40} refusals {:>3}/{:<3} KL {:.4} dims {} ({:.0} s{})",
                 i + 1,
                 keys.len(),
                 trunc(&names.join(" | "), 40),
                 rec.outcome.refused.iter().filter(|x| **x).count(),
                 rec.outcome.refused.len(),
                 rec.outcome.kl_mean(),
-                dims,
+                dims_summary(dims),
                 t.elapsed().as_secs_f64(),
                 if names.len() > 1 {
                     format!(", shared by {} variants", names.len())
@@ -499,23 +699,6 @@ fn trunc(s: &str, n: usize) -> String {
     }
 }
 
-/// The variant's prepared edit given its (already resolved) dims.
-fn rep_data_with_dims(
-    data: &DirectionData,
-    v: &Variant,
-    dims: &[u32],
-) -> Result<variant::Prepared> {
-    let mut good = data.good.clone();
-    let mut bad = data.bad.clone();
-    let protect = crate::direction::apply_handlings(&v.handlings, dims, &mut good, &mut bad)?;
-    let directions = crate::direction::refusal_directions(&good, &bad, v.orthogonalize)?;
-    Ok(variant::Prepared {
-        dims: dims.to_vec(),
-        protect,
-        directions,
-    })
-}
-
 /// Which score each (replicate, variant) maps to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Assignment {
@@ -531,6 +714,40 @@ pub struct RunResults {
     pub assignments: Vec<Assignment>,
     pub scores: BTreeMap<(u64, String), ScoreRecord>,
     pub references: BTreeMap<u64, Outcome>,
+    pub tunes: Vec<TuneResult>,
+    pub searches: Vec<SearchResult>,
+    /// The detection summary of each replicate (runs with detection only).
+    pub detections: BTreeMap<u64, detect::summary::Summary>,
+}
+
+/// Every JSON file under `dir/<sub>/r*/`, parsed.
+fn read_json_tree<T: serde::de::DeserializeOwned>(dir: &Path, sub: &str) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    let root = dir.join(sub);
+    if !root.is_dir() {
+        return Ok(out);
+    }
+    let mut files = Vec::new();
+    for rep in fs::read_dir(&root)? {
+        let rep = rep?.path();
+        if rep.is_dir() {
+            for f in fs::read_dir(&rep)? {
+                let p = f?.path();
+                if p.extension().is_some_and(|x| x == "json") {
+                    files.push(p);
+                }
+            }
+        }
+    }
+    // Sorted, so reports do not depend on the order the file system lists files in.
+    files.sort();
+    for p in files {
+        out.push(
+            serde_json::from_slice(&fs::read(&p)?)
+                .with_context(|| format!("{} is unreadable", p.display()))?,
+        );
+    }
+    Ok(out)
 }
 
 pub fn read_results(dir: &Path) -> Result<RunResults> {
@@ -539,8 +756,11 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
             format!("{} is not a run directory (no plan.json)", dir.display())
         })?)?;
     let mut assignments: Vec<Assignment> = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let p = e?.path();
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    entries.sort();
+    for p in entries {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with("assignments") && name.ends_with(".json") {
             let a: Vec<Assignment> = serde_json::from_slice(&fs::read(&p)?)?;
@@ -553,6 +773,7 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
     }
     let mut scores = BTreeMap::new();
     let mut references = BTreeMap::new();
+    let mut detections = BTreeMap::new();
     let results = dir.join("results");
     if results.is_dir() {
         for rep in fs::read_dir(&results)? {
@@ -560,6 +781,20 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
             for f in fs::read_dir(&rep)? {
                 let p = f?.path();
                 if p.extension().is_some_and(|x| x == "json") {
+                    if p.file_name().is_some_and(|n| n == "detection.json") {
+                        let seed: u64 = rep
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .and_then(|n| n.strip_prefix('r'))
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        detections.insert(
+                            seed,
+                            serde_json::from_slice(&fs::read(&p)?)
+                                .with_context(|| format!("{} is unreadable", p.display()))?,
+                        );
+                        continue;
+                    }
                     if p.file_name().is_some_and(|n| n == "reference.json") {
                         let seed: u64 = rep
                             .file_name()
@@ -582,6 +817,9 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
         assignments,
         scores,
         references,
+        detections,
+        tunes: read_json_tree(dir, "tune")?,
+        searches: read_json_tree(dir, "search")?,
     })
 }
 
@@ -738,15 +976,18 @@ pub fn merge(into: &Path, shards: &[PathBuf]) -> Result<()> {
                 write_atomic(&into.join(&name), &fs::read(&p)?)?;
             }
         }
-        let res = s.join("results");
-        if res.is_dir() {
+        for sub in ["results", "tune", "search"] {
+            let res = s.join(sub);
+            if !res.is_dir() {
+                continue;
+            }
             for rep in fs::read_dir(&res)? {
                 let rep = rep?.path();
                 let rname = rep.file_name().expect("dir").to_owned();
                 for f in fs::read_dir(&rep)? {
                     let p = f?.path();
                     let target = into
-                        .join("results")
+                        .join(sub)
                         .join(&rname)
                         .join(p.file_name().expect("file"));
                     if !target.exists() {

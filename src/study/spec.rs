@@ -36,6 +36,10 @@ pub struct StudyFile {
     /// Seeds that resample direction and evaluation prompts; empty = one draw with `seed`.
     #[serde(default)]
     pub replicates: Vec<u64>,
+    /// Detection thresholds optimised on the selection split, then scored once on the
+    /// evaluation prompts (fit / select / report).
+    #[serde(default)]
+    pub tune: Vec<TuneSpec>,
     /// Run directory; defaults to runs/<name>.
     #[serde(default)]
     pub output: Option<String>,
@@ -50,6 +54,10 @@ fn default_system() -> String {
 pub struct DatasetsSpec {
     pub direction: PairSpec,
     pub evaluation: PairSpec,
+    /// Prompts that `ablation.search` and `tune` optimise on; disjoint from both other splits,
+    /// so the reported (evaluation) figure is never the optimised one.
+    #[serde(default)]
+    pub selection: Option<PairSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,7 +80,7 @@ pub struct SetSpec {
     pub sample: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetectionSpec {
     #[serde(default = "default_preset")]
@@ -132,6 +140,57 @@ pub struct AblationSpec {
     pub row_norm: Option<RowNorm>,
     #[serde(default)]
     pub orthogonalize: Option<bool>,
+    /// Search the edit per variant (the fixed values above are ignored where searched).
+    #[serde(default)]
+    pub search: Option<SearchSpec>,
+}
+
+/// heretic's objective, one number: KL (or, below the KL target, the refusal ratio scaled to
+/// the target) plus refusals / refusals of the unedited model, both on the selection split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSpec {
+    /// Objective evaluations (each one scores the selection prompts).
+    pub trials: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_kl_target")]
+    pub kl_target: f64,
+    #[serde(default = "d_kl_scale")]
+    pub kl_scale: f64,
+}
+
+fn d_kl_target() -> f64 {
+    0.01
+}
+fn d_kl_scale() -> f64 {
+    1.0
+}
+fn d_tune_trials() -> usize {
+    24
+}
+
+/// Thresholds to optimise in log space within `[low, high]` bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneSpec {
+    pub name: String,
+    #[serde(default = "d_handling_zero")]
+    pub handling: String,
+    /// Detection whose thresholds are tuned (default: the study's).
+    #[serde(default)]
+    pub detection: Option<DetectionSpec>,
+    /// Setting name -> [low, high].
+    pub thresholds: BTreeMap<String, (f64, f64)>,
+    /// Threshold sets tried; only the distinct dim sets among them are scored.
+    #[serde(default = "d_tune_trials")]
+    pub trials: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_kl_target")]
+    pub kl_target: f64,
+    #[serde(default = "d_kl_scale")]
+    pub kl_scale: f64,
 }
 
 impl AblationSpec {
@@ -337,7 +396,7 @@ pub fn parse(text: &str, shown: &str) -> Result<Study> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 44] = [
+const KEYS: [&str; 48] = [
     "name",
     "model",
     "system_prompt",
@@ -382,6 +441,10 @@ const KEYS: [&str; 44] = [
     "search",
     "trials",
     "objective",
+    "selection",
+    "seed",
+    "kl_target",
+    "kl_scale",
 ];
 
 fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
@@ -472,10 +535,14 @@ fn check(s: &Study, text: &str) -> Result<()> {
     crate::model::source::ModelSource::parse(&f.model)
         .map_err(|e| at_key(s, text, "model", e.to_string()))?;
     let known = crate::datasets::names();
-    for (side, pair) in [
+    let mut splits = vec![
         ("direction", &f.datasets.direction),
         ("evaluation", &f.datasets.evaluation),
-    ] {
+    ];
+    if let Some(sel) = &f.datasets.selection {
+        splits.push(("selection", sel));
+    }
+    for (side, pair) in &splits {
         for (which, set) in [("good", &pair.good), ("bad", &pair.bad)] {
             let path = format!("datasets.{side}.{which}.name");
             if !known.contains(&set.name) && !Path::new(&set.name).is_file() {
@@ -506,29 +573,77 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
-    for which in ["good", "bad"] {
-        let (d, e) = match which {
-            "good" => (&f.datasets.direction.good, &f.datasets.evaluation.good),
-            _ => (&f.datasets.direction.bad, &f.datasets.evaluation.bad),
-        };
-        if d.name == e.name {
-            let overlap = if d.sample || e.sample {
-                d.sample != e.sample
-                    || d.offset < e.offset + e.count && e.offset < d.offset + d.count
-            } else {
-                d.offset < e.offset + e.count && e.offset < d.offset + d.count
-            };
-            if overlap {
-                return Err(at_key(
-                    s,
-                    text,
-                    &format!("datasets.evaluation.{which}.offset"),
-                    format!(
-                        "direction prompts ({}, offset {}, count {}) and evaluation prompts (offset {}, count {}) overlap; give the evaluation an offset of at least {}",
-                        d.name, d.offset, d.count, e.offset, e.count, d.offset + d.count
-                    ),
-                ));
+    // Every pair of splits must be disjoint (checked again on the drawn prompts at run time).
+    for i in 0..splits.len() {
+        for j in i + 1..splits.len() {
+            let (da, a) = splits[i];
+            let (db, b) = splits[j];
+            for which in ["good", "bad"] {
+                let (x, y) = match which {
+                    "good" => (&a.good, &b.good),
+                    _ => (&a.bad, &b.bad),
+                };
+                if x.name != y.name {
+                    continue;
+                }
+                let ranges = x.offset < y.offset + y.count && y.offset < x.offset + x.count;
+                let overlap = if x.sample || y.sample {
+                    x.sample != y.sample || ranges
+                } else {
+                    ranges
+                };
+                if overlap {
+                    return Err(at_key(
+                        s,
+                        text,
+                        &format!("datasets.{db}.{which}.offset"),
+                        format!(
+                            "{da} prompts ({}, offset {}, count {}) and {db} prompts (offset {}, count {}) overlap; give the {db} prompts an offset of at least {}",
+                            x.name, x.offset, x.count, y.offset, y.count, x.offset + x.count
+                        ),
+                    ));
+                }
             }
+        }
+    }
+    let needs_selection = f.ablation.search.is_some() || !f.tune.is_empty();
+    if needs_selection && f.datasets.selection.is_none() {
+        let what = if f.tune.is_empty() { "ablation.search" } else { "tune" };
+        return Err(at_key(
+            s,
+            text,
+            if f.tune.is_empty() { "ablation" } else { "tune" },
+            format!("{what} optimises on a selection split: add datasets.selection with good and bad prompts disjoint from the direction and evaluation prompts"),
+        ));
+    }
+    if let Some(sr) = &f.ablation.search {
+        if sr.trials == 0 {
+            return Err(at_key(s, text, "ablation.search.trials", "trials must be at least 1".into()));
+        }
+    }
+    for (i, t) in f.tune.iter().enumerate() {
+        let at = |k: &str| format!("tune[{i}].{k}");
+        Handling::parse_list(&t.handling)
+            .map_err(|e| at_key(s, text, &at("handling"), format!("{e:#}")))?;
+        let base = match &t.detection {
+            Some(d) => d.resolve().map_err(|e| at_key(s, text, &at("detection"), format!("{e:#}")))?,
+            None => f.detection.resolve()?,
+        };
+        if t.thresholds.is_empty() {
+            return Err(at_key(s, text, &at("thresholds"), "name at least one threshold to tune, e.g. {median_ratio: [10, 10000]}".into()));
+        }
+        for (k, (lo, hi)) in &t.thresholds {
+            if !(*lo > 0.0 && hi > lo) {
+                return Err(at_key(s, text, &at(&format!("thresholds.{k}")), format!("bounds must be 0 < low < high (tuning is in log space), got [{lo}, {hi}]")));
+            }
+            let mut probe = base.clone();
+            probe.set(&format!("{k}={lo}")).map_err(|e| at_key(s, text, &at(&format!("thresholds.{k}")), e.to_string()))?;
+        }
+        if t.trials == 0 {
+            return Err(at_key(s, text, &at("trials"), "trials must be at least 1".into()));
+        }
+        if f.variants.iter().any(|v| v.name == t.name) {
+            return Err(at_key(s, text, &at("name"), format!("a variant is already named '{}'; names must be unique", t.name)));
         }
     }
     f.detection
@@ -639,7 +754,7 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
-    if f.variants.is_empty() && f.sweeps.is_empty() {
+    if f.variants.is_empty() && f.sweeps.is_empty() && f.tune.is_empty() {
         return Err(at_key(
             s,
             text,

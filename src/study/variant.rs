@@ -5,6 +5,7 @@ use crate::detect::{self, DetectConfig, Scan, Source};
 use crate::direction::{self, Directions, Handling, Residuals};
 use crate::evaluate::{Evaluator, Outcome};
 use crate::model::{HiddenConvention, LoadedModel};
+use super::spec::{SearchSpec, TuneSpec};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -16,11 +17,31 @@ pub struct Variant {
     pub detect: Option<DetectConfig>,
     pub ablation: AblationParams,
     pub orthogonalize: bool,
+    /// The edit is searched on the selection split, starting from `ablation`'s ranges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchSpec>,
+    /// The detection thresholds are tuned on the selection split; `detect` holds the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneSpec>,
 }
 
 impl Variant {
     pub fn needs_dims(&self) -> bool {
         self.handlings.iter().any(Handling::uses_dims)
+    }
+
+    /// The loosest detection this variant may apply: for a tuned variant, every tuned
+    /// threshold at its lower bound (the scan must keep everything it could ask for).
+    pub fn loosest_detect(&self) -> Result<Option<DetectConfig>> {
+        let Some(mut c) = self.detect.clone() else {
+            return Ok(None);
+        };
+        if let Some(t) = &self.tune {
+            for (k, (lo, _)) in &t.thresholds {
+                c.set(&format!("{k}={lo}"))?;
+            }
+        }
+        Ok(Some(c))
     }
 }
 
@@ -125,12 +146,17 @@ pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
         ),
         _ => Vec::new(),
     };
+    prepare_with_dims(data, v, &dims)
+}
+
+/// The variant's edit given its (already resolved) dims.
+pub fn prepare_with_dims(data: &DirectionData, v: &Variant, dims: &[u32]) -> Result<Prepared> {
     let mut good = data.good.clone();
     let mut bad = data.bad.clone();
-    let protect = direction::apply_handlings(&v.handlings, &dims, &mut good, &mut bad)?;
+    let protect = direction::apply_handlings(&v.handlings, dims, &mut good, &mut bad)?;
     let directions = direction::refusal_directions(&good, &bad, v.orthogonalize)?;
     Ok(Prepared {
-        dims,
+        dims: dims.to_vec(),
         protect,
         directions,
     })

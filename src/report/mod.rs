@@ -152,11 +152,7 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
                 md,
                 "| {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} | {} | {} |",
                 row.name,
-                if row.dims.is_empty() {
-                    "–".into()
-                } else {
-                    format!("{:?}", row.dims)
-                },
+                dims_cell(&row.dims),
                 pct(&row.outcome.refusal_rate()),
                 kl.0,
                 kl.1,
@@ -177,6 +173,8 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
         }
         writeln!(md)?;
     }
+    tuning_section(&mut md, &r, &rows)?;
+    search_section(&mut md, &r)?;
     writeln!(md, "## How to read the verdicts\n")?;
     writeln!(
         md,
@@ -189,4 +187,112 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
     let path = out.join("report.md");
     crate::study::runner::write_atomic(&path, md.as_bytes())?;
     Ok(path)
+}
+
+fn fmt_params(p: &BTreeMap<String, f64>) -> String {
+    p.iter()
+        .map(|(k, v)| format!("{k} = {}", short(*v)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn short(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Fit / select / report: what tuning chose on the selection split, and that choice's score on
+/// the held-out evaluation prompts (the only figure to quote).
+fn tuning_section(md: &mut String, r: &RunResults, rows: &[Row]) -> Result<()> {
+    if r.tunes.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Threshold tuning\n")?;
+    writeln!(
+        md,
+        "Thresholds were optimised in log space (argmin particle swarm, heretic's objective) on the selection split; \
+         the chosen set was then scored once on the held-out evaluation prompts. Quote the held-out column.\n"
+    )?;
+    writeln!(md, "| variant | replicate | chosen thresholds | dims | selection objective | trials (distinct dim sets scored) | held-out refusals | held-out KL |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for t in &r.tunes {
+        let held = rows
+            .iter()
+            .find(|x| x.name == t.name && x.replicate == t.replicate);
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.4} | {} ({}) | {} | {} |",
+            t.name,
+            t.replicate,
+            fmt_params(&t.thresholds),
+            dims_cell(&t.dims),
+            t.objective,
+            t.trials.len(),
+            t.trials.iter().filter(|x| x.scored).count(),
+            held.map_or("–".into(), |h| pct(&h.outcome.refusal_rate())),
+            held.map_or("–".into(), |h| format!("{:.3}", h.outcome.kl_mean())),
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
+    if r.searches.is_empty() {
+        return Ok(());
+    }
+    let names: BTreeMap<&str, &str> = r
+        .plan
+        .variants
+        .iter()
+        .map(|v| (v.id.as_str(), v.variant.name.as_str()))
+        .collect();
+    writeln!(md, "## Edit search\n")?;
+    writeln!(
+        md,
+        "Each distinct edit's kernel was searched on the selection split (heretic's ranges and objective); \
+         the tables above score the best one on the evaluation prompts.\n"
+    )?;
+    writeln!(md, "| variants | replicate | trials | selection objective | direction index | attn max/pos/min/dist | mlp max/pos/min/dist |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for s in &r.searches {
+        let k = |k: &crate::ablate::Kernel| {
+            format!(
+                "{:.2} / {:.1} / {:.2} / {:.1}",
+                k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance
+            )
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {:.4} | {} | {} | {} |",
+            s.variant_ids
+                .iter()
+                .map(|i| names.get(i.as_str()).copied().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.replicate,
+            s.trials.len(),
+            s.objective,
+            s.params
+                .direction_index
+                .map_or("per layer".into(), |d| format!("{d:.2}")),
+            k(&s.params.attn),
+            k(&s.params.mlp),
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn dims_cell(d: &[u32]) -> String {
+    if d.is_empty() {
+        "–".into()
+    } else {
+        crate::study::runner::dims_summary(d)
+    }
 }

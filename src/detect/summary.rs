@@ -1,0 +1,166 @@
+//! What a report needs to know about a scan, computed while the scan is in memory and kept as a
+//! small JSON: where the activations peak per layer, which criteria flag which dims, and how
+//! many dims each threshold finds. Reports then need neither the model nor the scan.
+
+use super::apply::{apply, DimReport};
+use super::config::DetectConfig;
+use super::scan::Scan;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerPeak {
+    /// Hidden state index (0 = embedding output).
+    pub layer: u32,
+    pub peak_abs: f32,
+    pub peak_abs_dim: u32,
+    /// Largest |a| / median(|h|) of its position.
+    pub peak_ratio: f32,
+    pub peak_ratio_dim: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeatCell {
+    pub layer: u32,
+    pub dim: u32,
+    /// Largest |a| / position median at this layer and dim.
+    pub peak_ratio: f32,
+    /// Entries above the scan floor (prompt × position).
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub states: usize,
+    pub hidden_size: usize,
+    pub floor_ratio: f32,
+    /// The study's detection (whose thresholds the plots mark).
+    pub base: DetectConfig,
+    pub base_dims: Vec<u32>,
+    pub per_layer: Vec<LayerPeak>,
+    pub heat: Vec<HeatCell>,
+    /// Dims flagged by each criterion alone (the four others off).
+    pub single_criterion: BTreeMap<String, Vec<u32>>,
+    /// Threshold name → (value, dims found) with the other settings as in `base`.
+    pub sweeps: BTreeMap<String, Vec<(f64, usize)>>,
+    /// Where each dim detected by any of the run's detections fired (from the first detection
+    /// that found it).
+    pub dims: BTreeMap<u32, DimReport>,
+}
+
+pub const CRITERIA: [&str; 5] = [
+    "min_abs",
+    "median_ratio",
+    "mad_ratio",
+    "cluster",
+    "persistence",
+];
+
+/// `base` with only `criterion` switched on.
+pub fn only(base: &DetectConfig, criterion: &str) -> DetectConfig {
+    let mut c = base.clone();
+    let keep = |on: bool, v: Option<f32>, default: f32| if on { v.or(Some(default)) } else { None };
+    c.min_abs = keep(criterion == "min_abs", base.min_abs, 100.0);
+    c.median_ratio = keep(criterion == "median_ratio", base.median_ratio, 1000.0);
+    c.mad_ratio = keep(criterion == "mad_ratio", base.mad_ratio, 1000.0);
+    c.max_cluster_size = if criterion == "cluster" {
+        base.max_cluster_size.or(Some(3))
+    } else {
+        None
+    };
+    c.persistence = keep(criterion == "persistence", base.persistence, 0.25);
+    c
+}
+
+fn log_grid(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| lo * (hi / lo).powf(i as f64 / (n - 1) as f64))
+        .collect()
+}
+
+/// Summarises `scan` for a report. `configs` are the run's detections (for the dims table).
+pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) -> Result<Summary> {
+    let mut per_layer: BTreeMap<u32, LayerPeak> = BTreeMap::new();
+    let mut cells: BTreeMap<(u32, u32), (f32, u32)> = BTreeMap::new();
+    let mut dim_peak: BTreeMap<u32, f32> = BTreeMap::new();
+    for e in scan.entries.iter().filter(|e| e.valid) {
+        let p = per_layer.entry(e.layer).or_insert(LayerPeak {
+            layer: e.layer,
+            peak_abs: 0.0,
+            peak_abs_dim: e.dim,
+            peak_ratio: 0.0,
+            peak_ratio_dim: e.dim,
+        });
+        if e.abs > p.peak_abs {
+            p.peak_abs = e.abs;
+            p.peak_abs_dim = e.dim;
+        }
+        if e.ratio_position > p.peak_ratio {
+            p.peak_ratio = e.ratio_position;
+            p.peak_ratio_dim = e.dim;
+        }
+        let c = cells.entry((e.layer, e.dim)).or_insert((0.0, 0));
+        c.0 = c.0.max(e.ratio_position);
+        c.1 += 1;
+        let d = dim_peak.entry(e.dim).or_insert(0.0);
+        *d = d.max(e.ratio_position);
+    }
+    let base_dims = apply(base, scan)?.dim_ids();
+    let mut dims: BTreeMap<u32, DimReport> = BTreeMap::new();
+    for c in std::iter::once(base).chain(configs.iter().copied()) {
+        for d in apply(c, scan)?.dims {
+            dims.entry(d.dim).or_insert(d);
+        }
+    }
+    // The heatmap shows the dims with the largest peaks, and every detected one.
+    let mut ranked: Vec<(u32, f32)> = dim_peak.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut shown: Vec<u32> = ranked.iter().take(12).map(|x| x.0).collect();
+    for d in dims.keys().take(24) {
+        if !shown.contains(d) {
+            shown.push(*d);
+        }
+    }
+    let heat = cells
+        .into_iter()
+        .filter(|((_, d), _)| shown.contains(d))
+        .map(|((layer, dim), (peak_ratio, count))| HeatCell {
+            layer,
+            dim,
+            peak_ratio,
+            count,
+        })
+        .collect();
+    let mut single = BTreeMap::new();
+    for c in CRITERIA {
+        single.insert(c.to_string(), apply(&only(base, c), scan)?.dim_ids());
+    }
+    let mut sweeps = BTreeMap::new();
+    let floor = scan.floor.min_ratio as f64;
+    for (name, lo, hi) in [
+        ("min_abs", 1.0, 1e4),
+        ("median_ratio", floor, 1e5),
+        ("mad_ratio", floor, 1e5),
+    ] {
+        let mut curve = Vec::new();
+        for v in log_grid(lo, hi, 25) {
+            let mut c = base.clone();
+            c.set(&format!("{name}={v}"))?;
+            curve.push((v, apply(&c, scan)?.dims.len()));
+        }
+        sweeps.insert(name.to_string(), curve);
+    }
+    Ok(Summary {
+        states: scan.num_states,
+        hidden_size: scan.hidden_size,
+        floor_ratio: scan.floor.min_ratio,
+        base: base.clone(),
+        base_dims,
+        per_layer: per_layer.into_values().collect(),
+        heat,
+        single_criterion: single,
+        sweeps,
+        dims,
+    })
+}

@@ -1,0 +1,393 @@
+//! Optimisation on the selection split: the edit per variant (`ablation.search`) and detection
+//! thresholds (`tune`). Both minimise heretic's objective with argmin's particle swarm under a
+//! fixed trial budget and seed; the chosen setting is then scored once, elsewhere, on the
+//! evaluation prompts, so the reported figure is never the optimised one.
+
+use super::spec::{SearchSpec, TuneSpec};
+use super::variant::{self, DirectionData, Variant};
+use crate::ablate::{AblationParams, Kernel};
+use crate::detect::{self, Scan};
+use crate::evaluate::{Evaluator, Outcome};
+use crate::model::LoadedModel;
+use crate::util::progress_bar;
+use anyhow::Result;
+use argmin::core::{CostFunction, Executor};
+use argmin::solver::particleswarm::ParticleSwarm;
+use rand_xoshiro::rand_core::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The selection split: its evaluator and the unedited model's score on it.
+pub struct Selection {
+    pub evaluator: Evaluator,
+    pub base: Outcome,
+}
+
+/// heretic's two objectives summed: refusals relative to the unedited model, and KL — which
+/// below `kl_target` is replaced by the refusal ratio scaled to the target, so that once the
+/// edit is gentle enough only refusals matter.
+pub fn objective(o: &Outcome, base_refusals: usize, kl_target: f64, kl_scale: f64) -> f64 {
+    let k = o.refused.iter().filter(|x| **x).count();
+    let ratio = k as f64 / base_refusals.max(1) as f64;
+    let kl = o.kl_mean();
+    let kl_term = if kl >= kl_target {
+        kl / kl_scale
+    } else {
+        ratio * kl_target / kl_scale
+    };
+    kl_term + ratio
+}
+
+/// One evaluation of the objective.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trial {
+    pub index: usize,
+    /// The optimised values (thresholds, or the edit's parameters).
+    pub params: BTreeMap<String, f64>,
+    /// Dims detected with these thresholds (tuning only).
+    #[serde(default)]
+    pub dims: Option<Vec<u32>>,
+    pub objective: f64,
+    pub refusals: usize,
+    pub n_bad: usize,
+    pub kl: f64,
+    /// False when the same dims had been scored before and the score was reused.
+    pub scored: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TuneResult {
+    pub variant_id: String,
+    pub name: String,
+    pub replicate: u64,
+    pub thresholds: BTreeMap<String, f64>,
+    pub dims: Vec<u32>,
+    /// The selection-split objective of the chosen thresholds.
+    pub objective: f64,
+    pub base_refusals: usize,
+    pub trials: Vec<Trial>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub key: String,
+    pub replicate: u64,
+    pub variant_ids: Vec<String>,
+    pub params: AblationParams,
+    pub objective: f64,
+    pub base_refusals: usize,
+    pub trials: Vec<Trial>,
+    pub seconds: f64,
+}
+
+struct Budgeted<'a> {
+    f: RefCell<&'a mut dyn FnMut(&[f64]) -> Result<f64>>,
+    left: Cell<usize>,
+}
+
+impl CostFunction for Budgeted<'_> {
+    type Param = Vec<f64>;
+    type Output = f64;
+
+    fn cost(&self, x: &Vec<f64>) -> Result<f64, argmin::core::Error> {
+        // The swarm works in whole generations; evaluations past the budget are not run.
+        if self.left.get() == 0 {
+            return Ok(f64::INFINITY);
+        }
+        self.left.set(self.left.get() - 1);
+        (self.f.borrow_mut())(x)
+    }
+}
+
+/// Minimises `f` over the box `bounds` with a seeded particle swarm, calling `f` exactly
+/// `trials` times (the last generation may be partial).
+pub fn minimise(
+    bounds: &[(f64, f64)],
+    trials: usize,
+    seed: u64,
+    f: &mut dyn FnMut(&[f64]) -> Result<f64>,
+) -> Result<()> {
+    let particles = trials.clamp(1, 8);
+    let generations = trials.div_ceil(particles);
+    let lo: Vec<f64> = bounds.iter().map(|b| b.0).collect();
+    let hi: Vec<f64> = bounds.iter().map(|b| b.1).collect();
+    let rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    let solver = ParticleSwarm::new((lo, hi), particles).with_rng_generator(rng);
+    let cost = Budgeted {
+        f: RefCell::new(f),
+        left: Cell::new(trials),
+    };
+    Executor::new(cost, solver)
+        .configure(|s| s.max_iters(generations.saturating_sub(1) as u64))
+        .run()?;
+    Ok(())
+}
+
+fn best(trials: &[Trial]) -> Option<&Trial> {
+    // The earliest of equal objectives: reruns pick the same one.
+    trials.iter().fold(None, |b: Option<&Trial>, t| match b {
+        Some(b) if b.objective <= t.objective => Some(b),
+        _ => Some(t),
+    })
+}
+
+/// The edit's parameters searched, in heretic's ranges for a model with `layers` layers.
+fn search_space(layers: usize, start: &AblationParams) -> Vec<(String, f64, f64)> {
+    let last = layers.saturating_sub(1) as f64;
+    let mut s = Vec::new();
+    if start.direction_index.is_some() {
+        s.push(("direction_index".into(), 0.4 * last, 0.9 * last));
+    }
+    for w in ["attn", "mlp"] {
+        s.push((format!("{w}.max_weight"), 0.8, 1.5));
+        s.push((format!("{w}.max_weight_position"), 0.6 * last, last));
+        // As a fraction of max_weight, so min <= max always holds.
+        s.push((format!("{w}.min_weight_fraction"), 0.0, 1.0));
+        s.push((
+            format!("{w}.min_weight_distance"),
+            1.0,
+            (0.6 * last).max(1.0),
+        ));
+    }
+    s
+}
+
+fn params_at(start: &AblationParams, names: &[String], x: &[f64]) -> AblationParams {
+    let mut p = start.clone();
+    let get = |n: &str| names.iter().position(|k| k == n).map(|i| x[i]);
+    if let Some(d) = get("direction_index") {
+        p.direction_index = Some(d);
+    }
+    for (w, k) in [("attn", &mut p.attn), ("mlp", &mut p.mlp)] {
+        let mw = get(&format!("{w}.max_weight")).unwrap_or(k.max_weight);
+        *k = Kernel {
+            max_weight: mw,
+            max_weight_position: get(&format!("{w}.max_weight_position"))
+                .unwrap_or(k.max_weight_position),
+            min_weight: get(&format!("{w}.min_weight_fraction"))
+                .map(|f| f * mw)
+                .unwrap_or(k.min_weight),
+            min_weight_distance: get(&format!("{w}.min_weight_distance"))
+                .unwrap_or(k.min_weight_distance),
+        };
+    }
+    p
+}
+
+fn refusals(o: &Outcome) -> usize {
+    o.refused.iter().filter(|x| **x).count()
+}
+
+/// Searches the edit for one variant (its dims already resolved into `prepared`).
+pub fn search_edit(
+    lm: &mut LoadedModel,
+    sel: &Selection,
+    v: &Variant,
+    prepared: &variant::Prepared,
+    spec: &SearchSpec,
+    label: &str,
+) -> Result<(AblationParams, f64, usize, Vec<Trial>)> {
+    let base_refusals = refusals(&sel.base);
+    let space = search_space(lm.model.num_layers(), &v.ablation);
+    let names: Vec<String> = space.iter().map(|s| s.0.clone()).collect();
+    let bounds: Vec<(f64, f64)> = space.iter().map(|s| (s.1, s.2)).collect();
+    let mut trials: Vec<Trial> = Vec::new();
+    let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
+    let mut f = |x: &[f64]| -> Result<f64> {
+        let t = Instant::now();
+        let params = params_at(&v.ablation, &names, x);
+        let mut vv = v.clone();
+        vv.ablation = params;
+        let pb = progress_bar(
+            n_work,
+            &format!("{label} search {}/{}", trials.len() + 1, spec.trials),
+        );
+        let o = variant::score(lm, &sel.evaluator, &vv, prepared, |_, n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
+        trials.push(Trial {
+            index: trials.len(),
+            params: names.iter().cloned().zip(x.iter().copied()).collect(),
+            dims: None,
+            objective: obj,
+            refusals: refusals(&o),
+            n_bad: o.refused.len(),
+            kl: o.kl_mean(),
+            scored: true,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        Ok(obj)
+    };
+    minimise(&bounds, spec.trials, spec.seed, &mut f)?;
+    let b = best(&trials).expect("at least one trial").clone();
+    let x: Vec<f64> = names.iter().map(|n| b.params[n]).collect();
+    Ok((
+        params_at(&v.ablation, &names, &x),
+        b.objective,
+        base_refusals,
+        trials,
+    ))
+}
+
+/// Tunes a variant's detection thresholds in log space. Thresholds that detect dims already
+/// scored reuse that score, so the cost is one scoring per distinct dim set.
+#[allow(clippy::too_many_arguments)]
+pub fn tune_thresholds(
+    lm: &mut LoadedModel,
+    sel: &Selection,
+    v: &Variant,
+    variant_id: &str,
+    replicate: u64,
+    scan: &Scan,
+    data: &DirectionData,
+    spec: &TuneSpec,
+) -> Result<TuneResult> {
+    let t0 = Instant::now();
+    let base_refusals = refusals(&sel.base);
+    let names: Vec<String> = spec.thresholds.keys().cloned().collect();
+    let bounds: Vec<(f64, f64)> = spec
+        .thresholds
+        .values()
+        .map(|(lo, hi)| (lo.log10(), hi.log10()))
+        .collect();
+    let base_cfg = v
+        .detect
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("tuned variant {} has no detection", v.name))?;
+    let mut by_dims: BTreeMap<Vec<u32>, (f64, usize, usize, f64)> = BTreeMap::new();
+    let mut trials: Vec<Trial> = Vec::new();
+    let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
+    let mut f = |x: &[f64]| -> Result<f64> {
+        let t = Instant::now();
+        let mut cfg = base_cfg.clone();
+        let mut params = BTreeMap::new();
+        for (k, lx) in names.iter().zip(x) {
+            let val = 10f64.powf(*lx);
+            cfg.set(&format!("{k}={val}"))?;
+            params.insert(k.clone(), val);
+        }
+        let dims = detect::apply(&cfg, scan)?.dim_ids();
+        let (obj, k, n, kl, scored) = match by_dims.get(&dims) {
+            Some(&(obj, k, n, kl)) => (obj, k, n, kl, false),
+            None => {
+                let prepared = variant::prepare_with_dims(data, v, &dims)?;
+                let pb = progress_bar(
+                    n_work,
+                    &format!("tune {} trial {}/{}", v.name, trials.len() + 1, spec.trials),
+                );
+                let o = variant::score(lm, &sel.evaluator, v, &prepared, |_, n| {
+                    pb.inc(n as u64)
+                })?;
+                pb.finish_and_clear();
+                let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
+                let entry = (obj, refusals(&o), o.refused.len(), o.kl_mean());
+                by_dims.insert(dims.clone(), entry);
+                (entry.0, entry.1, entry.2, entry.3, true)
+            }
+        };
+        eprintln!(
+            "  tune {} r{replicate} trial {:>2}/{}: {} -> dims {} objective {:.4}{}",
+            v.name,
+            trials.len() + 1,
+            spec.trials,
+            params
+                .iter()
+                .map(|(k, v)| format!("{k}={v:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            super::runner::dims_summary(&dims),
+            obj,
+            if scored { "" } else { " (dims seen before)" }
+        );
+        trials.push(Trial {
+            index: trials.len(),
+            params,
+            dims: Some(dims),
+            objective: obj,
+            refusals: k,
+            n_bad: n,
+            kl,
+            scored,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        Ok(obj)
+    };
+    minimise(&bounds, spec.trials, spec.seed, &mut f)?;
+    let b = best(&trials).expect("at least one trial").clone();
+    Ok(TuneResult {
+        variant_id: variant_id.to_string(),
+        name: v.name.clone(),
+        replicate,
+        thresholds: b.params.clone(),
+        dims: b.dims.clone().unwrap_or_default(),
+        objective: b.objective,
+        base_refusals,
+        trials,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swarm_spends_exactly_the_budget_and_finds_a_bowl_minimum() {
+        for trials in [1, 5, 8, 13, 40] {
+            let mut calls = Vec::new();
+            let mut f = |x: &[f64]| -> Result<f64> {
+                calls.push(x.to_vec());
+                Ok((x[0] - 0.3).powi(2) + (x[1] + 0.2).powi(2))
+            };
+            minimise(&[(-1.0, 1.0), (-1.0, 1.0)], trials, 7, &mut f).unwrap();
+            assert_eq!(calls.len(), trials);
+            assert!(calls.iter().flatten().all(|v| (-1.0..=1.0).contains(v)));
+            if trials == 40 {
+                let best = calls
+                    .iter()
+                    .map(|x| (x[0] - 0.3).powi(2) + (x[1] + 0.2).powi(2))
+                    .fold(f64::INFINITY, f64::min);
+                assert!(best < 0.01, "best {best}");
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_trials() {
+        let run = |seed| {
+            let mut calls = Vec::new();
+            let mut f = |x: &[f64]| -> Result<f64> {
+                calls.push(x.to_vec());
+                Ok(x[0].abs())
+            };
+            minimise(&[(-1.0, 1.0)], 12, seed, &mut f).unwrap();
+            calls
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn objective_follows_heretic() {
+        let o = |k: usize, kl: f64| Outcome {
+            refused: (0..10).map(|i| i < k).collect(),
+            replies: vec![String::new(); 10],
+            reply_tokens: vec![0; 10],
+            kl: vec![kl; 4],
+            over_refused: vec![],
+            seconds: 0.0,
+        };
+        // Above the target: KL + refusal ratio.
+        assert!((objective(&o(2, 0.5), 8, 0.01, 1.0) - (0.5 + 0.25)).abs() < 1e-12);
+        // Below it, KL no longer counts: the refusal ratio, scaled to the target, stands in.
+        assert!((objective(&o(2, 0.001), 8, 0.01, 1.0) - (0.25 * 0.01 + 0.25)).abs() < 1e-12);
+        assert_eq!(
+            objective(&o(2, 0.001), 8, 0.01, 1.0),
+            objective(&o(2, 0.005), 8, 0.01, 1.0)
+        );
+    }
+}
