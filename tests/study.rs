@@ -131,6 +131,23 @@ fn plans_expand_with_stable_ids() {
     v.handlings
         .push(outlierlab::direction::Handling::ProtectOutputRows);
     assert_ne!(plan::variant_id(&v), p.variants[3].id);
+    // Every shipped study validates, and tuned variants become planned variants.
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let st = spec::load(&p).unwrap_or_else(|e| panic!("{e:#}"));
+            plan::plan(&st, 24).unwrap();
+        }
+    }
+    let t = plan::plan(&spec::load(&root.join("tune-thresholds.yaml")).unwrap(), 24).unwrap();
+    let tuned: Vec<&str> = t
+        .variants
+        .iter()
+        .filter(|v| v.variant.tune.is_some())
+        .map(|v| v.variant.name.as_str())
+        .collect();
+    assert_eq!(tuned, ["pr154-tuned", "sun2024-tuned"]);
+    assert!(t.variants.iter().all(|v| v.variant.search.is_some()));
     // A log grid and lists multiply out.
     let text = format!("{GOOD}sweeps:\n  - thresholds: {{median_ratio: {{log: [10, 1000, 3]}}, mad_ratio: [100, 1000]}}\n");
     let p = plan::plan(&spec::parse(&text, "s.yaml").unwrap(), 30).unwrap();

@@ -42,7 +42,8 @@ pub struct Summary {
     pub heat: Vec<HeatCell>,
     /// Dims flagged by each criterion alone (the four others off).
     pub single_criterion: BTreeMap<String, Vec<u32>>,
-    /// Threshold name → (value, dims found) with the other settings as in `base`.
+    /// "threshold (alone)" and "threshold (with the rest)" → (value, dims found): the threshold
+    /// varied with the other criteria off, and with them as in `base`.
     pub sweeps: BTreeMap<String, Vec<(f64, usize)>>,
     /// Where each dim detected by any of the run's detections fired (from the first detection
     /// that found it).
@@ -143,13 +144,16 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
         ("median_ratio", floor, 1e5),
         ("mad_ratio", floor, 1e5),
     ] {
-        let mut curve = Vec::new();
-        for v in log_grid(lo, hi, 25) {
-            let mut c = base.clone();
-            c.set(&format!("{name}={v}"))?;
-            curve.push((v, apply(&c, scan)?.dims.len()));
+        // Alone, the criterion's own reach; with the rest, what the study's detection would do.
+        for (tag, start) in [("alone", only(base, name)), ("with the rest", base.clone())] {
+            let mut curve = Vec::new();
+            for v in log_grid(lo, hi, 25) {
+                let mut c = start.clone();
+                c.set(&format!("{name}={v}"))?;
+                curve.push((v, apply(&c, scan)?.dims.len()));
+            }
+            sweeps.insert(format!("{name} ({tag})"), curve);
         }
-        sweeps.insert(name.to_string(), curve);
     }
     Ok(Summary {
         states: scan.num_states,

@@ -1,6 +1,9 @@
 //! Stage 7: the report, rendered from a run directory alone (no model): Markdown tables that read
 //! well pasted into a pull-request comment, every rate with its interval and every comparison
-//! with its test and Holm-corrected verdict.
+//! with its test and Holm-corrected verdict; figures as PNG and SVG; the same content as a
+//! self-contained HTML page with the images beside it.
+
+pub mod plots;
 
 use crate::evaluate::{compare, finish_comparisons, Comparison, Outcome};
 use crate::stats::{self, Rate};
@@ -173,8 +176,23 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
         }
         writeln!(md)?;
     }
+    let points = pooled_points(&r);
+    detected_dims_section(&mut md, &r)?;
+    criteria_section(&mut md, &r)?;
     tuning_section(&mut md, &r, &rows)?;
     search_section(&mut md, &r)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let tunes: Vec<&crate::study::optimize::TuneResult> = r.tunes.iter().collect();
+    let figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
+    if !figures.is_empty() {
+        writeln!(md, "## Figures\n")?;
+        if r.detections.len() > 1 {
+            writeln!(md, "Detection figures show replicate {}.\n", r.detections.keys().next().unwrap_or(&0))?;
+        }
+        for (stem, title) in &figures {
+            writeln!(md, "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n")?;
+        }
+    }
     writeln!(md, "## How to read the verdicts\n")?;
     writeln!(
         md,
@@ -183,9 +201,9 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
          A variant that is *better* on refusals and *worse* on KL moved along the trade-off rather than past it.\n"
     )?;
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("report.md");
     crate::study::runner::write_atomic(&path, md.as_bytes())?;
+    crate::study::runner::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
     Ok(path)
 }
 
@@ -295,4 +313,303 @@ fn dims_cell(d: &[u32]) -> String {
     } else {
         crate::study::runner::dims_summary(d)
     }
+}
+
+/// The Markdown report as one HTML page (images referenced beside it).
+pub fn html(title: &str, md: &str) -> String {
+    use pulldown_cmark::{html::push_html, Options, Parser};
+    let mut body = String::new();
+    push_html(&mut body, Parser::new_ext(md, Options::ENABLE_TABLES));
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{} — outlierlab report</title>\n<style>\n{}\n</style>\n</head>\n<body>\n{}</body>\n</html>\n",
+        escape(title),
+        CSS,
+        body
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
+img{max-width:100%;height:auto;border:1px solid #ddd}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto}code{font-size:0.9em}
+h1,h2,h3{line-height:1.2}";
+
+/// Every variant pooled over replicates; variants with the same scores in every replicate are
+/// one point.
+fn pooled_points(r: &RunResults) -> Vec<plots::Point> {
+    let mut groups: Vec<(Vec<(u64, String)>, Vec<String>, bool)> = Vec::new();
+    for pv in &r.plan.variants {
+        let mut keys: Vec<(u64, String)> = r
+            .assignments
+            .iter()
+            .filter(|a| a.variant_id == pv.id && r.scores.contains_key(&(a.replicate, a.key.clone())))
+            .map(|a| (a.replicate, a.key.clone()))
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        keys.sort();
+        let baseline = pv.variant.handlings.is_empty()
+            || pv
+                .variant
+                .handlings
+                .iter()
+                .all(|h| matches!(h, crate::direction::Handling::Winsorize { .. }));
+        match groups.iter_mut().find(|g| g.0 == keys) {
+            Some(g) => {
+                g.1.push(pv.variant.name.clone());
+                g.2 |= baseline;
+            }
+            None => groups.push((keys, vec![pv.variant.name.clone()], baseline)),
+        }
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (keys, names, baseline))| {
+            let mut refused = Vec::new();
+            let mut kl = Vec::new();
+            for k in &keys {
+                let o = &r.scores[k].outcome;
+                refused.extend(o.refused.iter().copied());
+                kl.extend(o.kl.iter().copied());
+            }
+            let rate = stats::wilson(refused.iter().filter(|x| **x).count(), refused.len());
+            let (m, lo, hi) = mean_ci(&kl, 500 + i as u64);
+            plots::Point {
+                label: if names.len() > 1 {
+                    format!("{} (+{})", names[0], names.len() - 1)
+                } else {
+                    names[0].clone()
+                },
+                rate: rate.rate,
+                rate_lo: rate.lo,
+                rate_hi: rate.hi,
+                kl: m,
+                kl_lo: lo,
+                kl_hi: hi,
+                baseline,
+            }
+        })
+        .collect()
+}
+
+/// Where each detected dim fired: layers and tokens, from the detection summary.
+fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
+    let Some((seed, s)) = r.detections.iter().next() else {
+        return Ok(());
+    };
+    let mut used: Vec<u32> = r.assignments.iter().flat_map(|a| a.dims.iter().copied()).collect();
+    used.extend(r.tunes.iter().flat_map(|t| t.dims.iter().copied()));
+    used.sort_unstable();
+    used.dedup();
+    if used.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Detected dims\n")?;
+    writeln!(
+        md,
+        "Where each dim that some variant removed fired (replicate {seed}; from the first detection that found it).\n"
+    )?;
+    writeln!(md, "| dim | peak \\|a\\| (hidden state) | peak ratio to median | hidden states | tokens |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for d in used.iter().take(40) {
+        let Some(rep) = s.dims.get(d) else {
+            writeln!(md, "| {d} | – | – | – | – |")?;
+            continue;
+        };
+        let mut tokens: Vec<String> = rep.positions.iter().map(|p| format!("{:?}", p.2)).collect();
+        tokens.sort();
+        tokens.dedup();
+        let layers = match (rep.layers.first(), rep.layers.last()) {
+            (Some(a), Some(b)) => format!("{a}–{b} ({} states)", rep.layers.len()),
+            _ => "–".into(),
+        };
+        writeln!(
+            md,
+            "| {d} | {:.0} ({}) | {:.0}× | {layers} | {} |",
+            rep.peak_abs,
+            rep.peak_layer,
+            rep.peak_ratio_position,
+            tokens
+                .iter()
+                .take(5)
+                .map(|t| {
+                    // Tokens such as <|im_start|> would be raw HTML to a Markdown renderer.
+                    t.replace('<', "&lt;")
+                        .replace('>', "&gt;")
+                        .replace('|', "\\|")
+                        .replace('`', "'")
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
+    if used.len() > 40 {
+        writeln!(md, "\n({} more dims not listed.)", used.len() - 40)?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn criteria_flags(c: &crate::detect::DetectConfig) -> [bool; 5] {
+    [
+        c.min_abs.is_some(),
+        c.median_ratio.is_some(),
+        c.mad_ratio.is_some(),
+        c.max_cluster_size.is_some(),
+        c.persistence.is_some(),
+    ]
+}
+
+fn without(c: &crate::detect::DetectConfig, i: usize) -> crate::detect::DetectConfig {
+    let mut c = c.clone();
+    match i {
+        0 => c.min_abs = None,
+        1 => c.median_ratio = None,
+        2 => c.mad_ratio = None,
+        3 => c.max_cluster_size = None,
+        _ => c.persistence = None,
+    }
+    c
+}
+
+/// The criteria ablation: each subset's dims and score, and each criterion's effect when it is
+/// switched off, averaged over every pair of variants that differ only in it.
+fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
+    use crate::detect::summary::CRITERIA;
+    let vs: Vec<&crate::study::plan::PlannedVariant> = r
+        .plan
+        .variants
+        .iter()
+        .filter(|v| v.variant.needs_dims() && v.variant.tune.is_none() && v.variant.detect.is_some())
+        .collect();
+    let outcome = |id: &str, rep: u64| -> Option<&Outcome> {
+        r.assignments
+            .iter()
+            .find(|a| a.variant_id == id && a.replicate == rep)
+            .and_then(|a| r.scores.get(&(rep, a.key.clone())))
+            .map(|s| &s.outcome)
+    };
+    let dims_of = |id: &str| -> Option<usize> {
+        r.assignments.iter().find(|a| a.variant_id == id).map(|a| a.dims.len())
+    };
+    // Pairs (on, off) per criterion.
+    let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); 5];
+    for (i, a) in vs.iter().enumerate() {
+        let ca = a.variant.detect.as_ref().expect("filtered");
+        for (j, b) in vs.iter().enumerate() {
+            let cb = b.variant.detect.as_ref().expect("filtered");
+            for (k, pk) in pairs.iter_mut().enumerate() {
+                if criteria_flags(ca)[k]
+                    && !criteria_flags(cb)[k]
+                    && without(ca, k) == *cb
+                    && a.variant.handlings == b.variant.handlings
+                {
+                    pk.push((i, j));
+                }
+            }
+        }
+    }
+    if pairs.iter().all(|p| p.is_empty()) {
+        return Ok(());
+    }
+    writeln!(md, "## Criteria ablation\n")?;
+    writeln!(md, "✓ = criterion on. Pooled over replicates; dims as detected in the first replicate.\n")?;
+    writeln!(md, "| {} | median scope | dims | refusals | KL |", CRITERIA.join(" | "))?;
+    writeln!(md, "|{}---|---|---|---|", "---|".repeat(5))?;
+    let mut sorted = vs.clone();
+    sorted.sort_by_key(|v| {
+        let f = criteria_flags(v.variant.detect.as_ref().expect("filtered"));
+        (std::cmp::Reverse(f.iter().filter(|x| **x).count()), std::cmp::Reverse(f))
+    });
+    for v in &sorted {
+        let c = v.variant.detect.as_ref().expect("filtered");
+        let (mut k, mut n, mut kl) = (0, 0, Vec::new());
+        for &rep in &r.plan.replicates {
+            if let Some(o) = outcome(&v.id, rep) {
+                k += o.refused.iter().filter(|x| **x).count();
+                n += o.refused.len();
+                kl.extend(o.kl.iter().copied());
+            }
+        }
+        let a = r.assignments.iter().find(|a| a.variant_id == v.id);
+        writeln!(
+            md,
+            "| {} | {:?} | {} | {} | {:.3} |",
+            criteria_flags(c).iter().map(|f| if *f { "✓" } else { "·" }).collect::<Vec<_>>().join(" | "),
+            c.median_scope,
+            a.map_or("–".into(), |a| dims_cell(&a.dims)),
+            pct(&stats::wilson(k, n)),
+            if kl.is_empty() { f64::NAN } else { kl.iter().sum::<f64>() / kl.len() as f64 },
+        )?;
+    }
+    writeln!(md)?;
+    writeln!(md, "### Criterion importance\n")?;
+    writeln!(
+        md,
+        "Effect of switching each criterion **off**, averaged over every pair of variants that differ only in it \
+         (paired over prompts; 95% bootstrap interval). A positive refusal effect means the criterion helps.\n"
+    )?;
+    writeln!(md, "| criterion | pairs | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |")?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for (k, pk) in pairs.iter().enumerate() {
+        if pk.is_empty() {
+            writeln!(md, "| {} | 0 | – | – | – |", CRITERIA[k])?;
+            continue;
+        }
+        let (mut dr, mut dk) = (Vec::new(), Vec::new());
+        let mut dd = 0.0;
+        for &rep in &r.plan.replicates {
+            let mut acc_r: Vec<f64> = Vec::new();
+            let mut acc_k: Vec<f64> = Vec::new();
+            let mut used = 0usize;
+            for &(on, off) in pk {
+                let (Some(a), Some(b)) = (outcome(&vs[on].id, rep), outcome(&vs[off].id, rep)) else {
+                    continue;
+                };
+                if acc_r.is_empty() {
+                    acc_r = vec![0.0; a.refused.len()];
+                    acc_k = vec![0.0; a.kl.len()];
+                }
+                for (i, (x, y)) in b.refused.iter().zip(&a.refused).enumerate() {
+                    acc_r[i] += *x as u8 as f64 - *y as u8 as f64;
+                }
+                for (i, (x, y)) in b.kl.iter().zip(&a.kl).enumerate() {
+                    acc_k[i] += x - y;
+                }
+                used += 1;
+            }
+            if used > 0 {
+                dr.extend(acc_r.iter().map(|x| x / used as f64));
+                dk.extend(acc_k.iter().map(|x| x / used as f64));
+            }
+        }
+        for &(on, off) in pk {
+            dd += dims_of(&vs[off].id).unwrap_or(0) as f64 - dims_of(&vs[on].id).unwrap_or(0) as f64;
+        }
+        let (mr, lr, hr) = mean_ci(&dr, 900 + k as u64);
+        let (mk, lk, hk) = mean_ci(&dk, 950 + k as u64);
+        writeln!(
+            md,
+            "| {} | {} | {:+.1} | {:+.1} [{:+.1}, {:+.1}] | {:+.4} [{:+.4}, {:+.4}] |",
+            CRITERIA[k],
+            pk.len(),
+            dd / pk.len() as f64,
+            100.0 * mr,
+            100.0 * lr,
+            100.0 * hr,
+            mk,
+            lk,
+            hk
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
 }
