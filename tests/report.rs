@@ -32,7 +32,10 @@ fn png_stats(path: &Path) -> (u32, u32, f64, usize) {
     let bytes = &buf[..info.buffer_size()];
     let ch = info.color_type.samples();
     let px: Vec<&[u8]> = bytes.chunks(ch).collect();
-    let non_white = px.iter().filter(|p| p.iter().take(3).any(|c| *c < 250)).count();
+    let non_white = px
+        .iter()
+        .filter(|p| p.iter().take(3).any(|c| *c < 250))
+        .count();
     let colours: std::collections::HashSet<&[u8]> = px.iter().copied().collect();
     (
         info.width,
@@ -63,16 +66,31 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
         let png = out.join(format!("{stem}.png"));
         let (w, h, ink, colours) = png_stats(&png);
         assert!(w >= 600 && h >= 300, "{stem}: {w}x{h}");
-        assert!(ink > 0.01 && colours > 8, "{stem} looks blank: ink {ink}, {colours} colours");
+        assert!(
+            ink > 0.01 && colours > 8,
+            "{stem} looks blank: ink {ink}, {colours} colours"
+        );
         let svg = std::fs::read_to_string(out.join(format!("{stem}.svg"))).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("<text"), "{stem}.svg");
-        assert!(md.contains(&format!("]({stem}.png)")), "{stem} not in report.md");
-        assert!(html.contains(&format!("src=\"{stem}.png\"")), "{stem} not in report.html");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<text"),
+            "{stem}.svg"
+        );
+        assert!(
+            md.contains(&format!("]({stem}.png)")),
+            "{stem} not in report.md"
+        );
+        assert!(
+            html.contains(&format!("src=\"{stem}.png\"")),
+            "{stem} not in report.html"
+        );
     }
     // Every image the page references exists beside it.
     for part in html.split("src=\"").skip(1) {
         let src = part.split('"').next().unwrap();
-        assert!(out.join(src).is_file(), "report.html references missing {src}");
+        assert!(
+            out.join(src).is_file(),
+            "report.html references missing {src}"
+        );
     }
     assert!(html.contains("<table>") && html.contains("<h2>Criteria ablation</h2>"));
 
@@ -105,10 +123,16 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
         .lines()
         .find(|l| l.starts_with(&format!("| {} | {} |", t.name, t.replicate)))
         .expect("a tuning row");
-    assert!(tune_line.contains(&format!("{:.4}", t.objective)), "{tune_line}");
+    assert!(
+        tune_line.contains(&format!("{:.4}", t.objective)),
+        "{tune_line}"
+    );
     assert!(md.contains("### Criterion importance"));
     for c in ["min_abs", "persistence"] {
-        assert!(md.lines().any(|l| l.starts_with(&format!("| {c} | "))), "{c}");
+        assert!(
+            md.lines().any(|l| l.starts_with(&format!("| {c} | "))),
+            "{c}"
+        );
     }
 
     // Rendering the same results again gives the same bytes.
@@ -155,7 +179,10 @@ fn post(url: &str, body: serde_json::Value) -> serde_json::Value {
 #[test]
 fn report_html_loads_every_image_in_headless_chromium() {
     let required = std::env::var("OUTLIERLAB_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
-    let (chromium, driver) = (Path::new("/usr/bin/chromium"), Path::new("/usr/bin/chromedriver"));
+    let (chromium, driver) = (
+        Path::new("/usr/bin/chromium"),
+        Path::new("/usr/bin/chromedriver"),
+    );
     if !chromium.exists() || !driver.exists() {
         assert!(
             !required,
@@ -226,8 +253,15 @@ fn report_html_loads_every_image_in_headless_chromium() {
         .unwrap();
     let _ = ureq::delete(&s).call();
     assert!(state["total"].as_u64().unwrap_or(0) >= 7, "{state}");
-    assert_eq!(state["broken"], serde_json::json!([]), "broken images: {state}");
-    assert!(state["text"].as_u64().unwrap_or(0) > 1000, "page nearly empty: {state}");
+    assert_eq!(
+        state["broken"],
+        serde_json::json!([]),
+        "broken images: {state}"
+    );
+    assert!(
+        state["text"].as_u64().unwrap_or(0) > 1000,
+        "page nearly empty: {state}"
+    );
     // The screenshot is a real, non-blank picture of the page.
     let b64 = shot["value"].as_str().expect("a screenshot");
     use base64::Engine;
@@ -238,7 +272,10 @@ fn report_html_loads_every_image_in_headless_chromium() {
     std::fs::write(&shot_path, &bytes).unwrap();
     let (w, h, ink, colours) = png_stats(&shot_path);
     assert!(w >= 800 && h >= 600, "{w}x{h}");
-    assert!(ink > 0.02 && colours > 16, "blank page: ink {ink}, {colours} colours");
+    assert!(
+        ink > 0.02 && colours > 16,
+        "blank page: ink {ink}, {colours} colours"
+    );
     if let Ok(dir) = std::env::var("OUTLIERLAB_SCREENSHOT_DIR") {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&shot_path, Path::new(&dir).join("report-screenshot.png")).unwrap();

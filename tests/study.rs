@@ -369,14 +369,21 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
         e.contains("`tune`") && e.contains("add datasets.selection"),
         "{e}"
     );
-    let e = err_of(&OPTIMISED.replace("count: 5, offset: 10}\n    bad", "count: 5, offset: 8}\n    bad"));
+    let e = err_of(&OPTIMISED.replace(
+        "count: 5, offset: 10}\n    bad",
+        "count: 5, offset: 8}\n    bad",
+    ));
     assert!(
-        e.contains("evaluation prompts (harmless-outlierlab, offset 6, count 4) and selection prompts")
-            && e.contains("`datasets.selection.good.offset`"),
+        e.contains(
+            "evaluation prompts (harmless-outlierlab, offset 6, count 4) and selection prompts"
+        ) && e.contains("`datasets.selection.good.offset`"),
         "{e}"
     );
     let e = err_of(&OPTIMISED.replace("[100, 3000], mad", "[0, 3000], mad"));
-    assert!(e.contains("`tune[0].thresholds.median_ratio`") && e.contains("0 < low < high"), "{e}");
+    assert!(
+        e.contains("`tune[0].thresholds.median_ratio`") && e.contains("0 < low < high"),
+        "{e}"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     let study = tmp.path().join("tuned.yaml");
@@ -401,7 +408,11 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
     let distinct: std::collections::BTreeSet<&Vec<u32>> =
         t.trials.iter().map(|x| x.dims.as_ref().unwrap()).collect();
     assert_eq!(t.trials.iter().filter(|x| x.scored).count(), distinct.len());
-    let min = t.trials.iter().map(|x| x.objective).fold(f64::INFINITY, f64::min);
+    let min = t
+        .trials
+        .iter()
+        .map(|x| x.objective)
+        .fold(f64::INFINITY, f64::min);
     assert_eq!(t.objective, min);
     // The same dims always give the same objective.
     for a in &t.trials {
@@ -412,8 +423,18 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
         }
     }
     // The tuned variant is then scored once on the evaluation prompts, with the chosen dims.
-    let tuned_id = &r.plan.variants.iter().find(|v| v.variant.name == "pr154-tuned").unwrap().id;
-    let a = r.assignments.iter().find(|a| &a.variant_id == tuned_id).unwrap();
+    let tuned_id = &r
+        .plan
+        .variants
+        .iter()
+        .find(|v| v.variant.name == "pr154-tuned")
+        .unwrap()
+        .id;
+    let a = r
+        .assignments
+        .iter()
+        .find(|a| &a.variant_id == tuned_id)
+        .unwrap();
     assert_eq!(a.dims, t.dims);
     let held_out = &r.scores[&(0, a.key.clone())];
     assert_eq!(held_out.outcome.refused.len(), 4);
@@ -422,7 +443,11 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
     assert_eq!(r.searches.len(), r.scores.len());
     for s in &r.searches {
         assert_eq!(s.trials.len(), 3);
-        let best = s.trials.iter().map(|x| x.objective).fold(f64::INFINITY, f64::min);
+        let best = s
+            .trials
+            .iter()
+            .map(|x| x.objective)
+            .fold(f64::INFINITY, f64::min);
         assert_eq!(s.objective, best);
         let rec = &r.scores[&(s.replicate, s.key.clone())];
         assert_eq!(rec.ablation.as_ref(), Some(&s.params));
@@ -430,13 +455,19 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
         assert!((0.4 * 29.0..=0.9 * 29.0).contains(&di), "{di}");
     }
     let report = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
-    assert!(report.contains("Threshold tuning") && report.contains("pr154-tuned"), "{report}");
+    assert!(
+        report.contains("Threshold tuning") && report.contains("pr154-tuned"),
+        "{report}"
+    );
 
     // Running again redoes nothing: neither the tuning nor the searches nor the scores.
     let before = std::fs::read(dir.join("tune/r0").join(format!("{tuned_id}.json"))).unwrap();
     let out = run_cli(&study, &dir, &[]);
     let again = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success() && again.contains("0 score(s) computed now"), "{again}");
+    assert!(
+        out.status.success() && again.contains("0 score(s) computed now"),
+        "{again}"
+    );
     assert!(!again.contains("tuning "), "{again}");
     assert_eq!(
         before,

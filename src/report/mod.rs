@@ -187,10 +187,17 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
     if !figures.is_empty() {
         writeln!(md, "## Figures\n")?;
         if r.detections.len() > 1 {
-            writeln!(md, "Detection figures show replicate {}.\n", r.detections.keys().next().unwrap_or(&0))?;
+            writeln!(
+                md,
+                "Detection figures show replicate {}.\n",
+                r.detections.keys().next().unwrap_or(&0)
+            )?;
         }
         for (stem, title) in &figures {
-            writeln!(md, "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n")?;
+            writeln!(
+                md,
+                "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n"
+            )?;
         }
     }
     writeln!(md, "## How to read the verdicts\n")?;
@@ -329,7 +336,9 @@ pub fn html(title: &str, md: &str) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -348,7 +357,9 @@ fn pooled_points(r: &RunResults) -> Vec<plots::Point> {
         let mut keys: Vec<(u64, String)> = r
             .assignments
             .iter()
-            .filter(|a| a.variant_id == pv.id && r.scores.contains_key(&(a.replicate, a.key.clone())))
+            .filter(|a| {
+                a.variant_id == pv.id && r.scores.contains_key(&(a.replicate, a.key.clone()))
+            })
             .map(|a| (a.replicate, a.key.clone()))
             .collect();
         if keys.is_empty() {
@@ -405,7 +416,11 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
     let Some((seed, s)) = r.detections.iter().next() else {
         return Ok(());
     };
-    let mut used: Vec<u32> = r.assignments.iter().flat_map(|a| a.dims.iter().copied()).collect();
+    let mut used: Vec<u32> = r
+        .assignments
+        .iter()
+        .flat_map(|a| a.dims.iter().copied())
+        .collect();
     used.extend(r.tunes.iter().flat_map(|t| t.dims.iter().copied()));
     used.sort_unstable();
     used.dedup();
@@ -417,7 +432,10 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
         md,
         "Where each dim that some variant removed fired (replicate {seed}; from the first detection that found it).\n"
     )?;
-    writeln!(md, "| dim | peak \\|a\\| (hidden state) | peak ratio to median | hidden states | tokens |")?;
+    writeln!(
+        md,
+        "| dim | peak \\|a\\| (hidden state) | peak ratio to median | hidden states | tokens |"
+    )?;
     writeln!(md, "|---|---|---|---|---|")?;
     for d in used.iter().take(40) {
         let Some(rep) = s.dims.get(d) else {
@@ -488,7 +506,9 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         .plan
         .variants
         .iter()
-        .filter(|v| v.variant.needs_dims() && v.variant.tune.is_none() && v.variant.detect.is_some())
+        .filter(|v| {
+            v.variant.needs_dims() && v.variant.tune.is_none() && v.variant.detect.is_some()
+        })
         .collect();
     let outcome = |id: &str, rep: u64| -> Option<&Outcome> {
         r.assignments
@@ -498,7 +518,10 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             .map(|s| &s.outcome)
     };
     let dims_of = |id: &str| -> Option<usize> {
-        r.assignments.iter().find(|a| a.variant_id == id).map(|a| a.dims.len())
+        r.assignments
+            .iter()
+            .find(|a| a.variant_id == id)
+            .map(|a| a.dims.len())
     };
     // Pairs (on, off) per criterion.
     let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); 5];
@@ -521,13 +544,23 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         return Ok(());
     }
     writeln!(md, "## Criteria ablation\n")?;
-    writeln!(md, "✓ = criterion on. Pooled over replicates; dims as detected in the first replicate.\n")?;
-    writeln!(md, "| {} | median scope | dims | refusals | KL |", CRITERIA.join(" | "))?;
+    writeln!(
+        md,
+        "✓ = criterion on. Pooled over replicates; dims as detected in the first replicate.\n"
+    )?;
+    writeln!(
+        md,
+        "| {} | median scope | dims | refusals | KL |",
+        CRITERIA.join(" | ")
+    )?;
     writeln!(md, "|{}---|---|---|---|", "---|".repeat(5))?;
     let mut sorted = vs.clone();
     sorted.sort_by_key(|v| {
         let f = criteria_flags(v.variant.detect.as_ref().expect("filtered"));
-        (std::cmp::Reverse(f.iter().filter(|x| **x).count()), std::cmp::Reverse(f))
+        (
+            std::cmp::Reverse(f.iter().filter(|x| **x).count()),
+            std::cmp::Reverse(f),
+        )
     });
     for v in &sorted {
         let c = v.variant.detect.as_ref().expect("filtered");
@@ -543,11 +576,19 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         writeln!(
             md,
             "| {} | {:?} | {} | {} | {:.3} |",
-            criteria_flags(c).iter().map(|f| if *f { "✓" } else { "·" }).collect::<Vec<_>>().join(" | "),
+            criteria_flags(c)
+                .iter()
+                .map(|f| if *f { "✓" } else { "·" })
+                .collect::<Vec<_>>()
+                .join(" | "),
             c.median_scope,
             a.map_or("–".into(), |a| dims_cell(&a.dims)),
             pct(&stats::wilson(k, n)),
-            if kl.is_empty() { f64::NAN } else { kl.iter().sum::<f64>() / kl.len() as f64 },
+            if kl.is_empty() {
+                f64::NAN
+            } else {
+                kl.iter().sum::<f64>() / kl.len() as f64
+            },
         )?;
     }
     writeln!(md)?;
@@ -557,7 +598,10 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         "Effect of switching each criterion **off**, averaged over every pair of variants that differ only in it \
          (paired over prompts; 95% bootstrap interval). A positive refusal effect means the criterion helps.\n"
     )?;
-    writeln!(md, "| criterion | pairs | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |")?;
+    writeln!(
+        md,
+        "| criterion | pairs | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |"
+    )?;
     writeln!(md, "|---|---|---|---|---|")?;
     for (k, pk) in pairs.iter().enumerate() {
         if pk.is_empty() {
@@ -571,7 +615,8 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             let mut acc_k: Vec<f64> = Vec::new();
             let mut used = 0usize;
             for &(on, off) in pk {
-                let (Some(a), Some(b)) = (outcome(&vs[on].id, rep), outcome(&vs[off].id, rep)) else {
+                let (Some(a), Some(b)) = (outcome(&vs[on].id, rep), outcome(&vs[off].id, rep))
+                else {
                     continue;
                 };
                 if acc_r.is_empty() {
@@ -592,7 +637,8 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             }
         }
         for &(on, off) in pk {
-            dd += dims_of(&vs[off].id).unwrap_or(0) as f64 - dims_of(&vs[on].id).unwrap_or(0) as f64;
+            dd +=
+                dims_of(&vs[off].id).unwrap_or(0) as f64 - dims_of(&vs[on].id).unwrap_or(0) as f64;
         }
         let (mr, lr, hr) = mean_ci(&dr, 900 + k as u64);
         let (mk, lk, hk) = mean_ci(&dk, 950 + k as u64);

@@ -39,9 +39,9 @@ pub fn pareto(points: &[Point]) -> Vec<usize> {
     (0..points.len())
         .filter(|&i| {
             let p = &points[i];
-            !points.iter().any(|q| {
-                q.rate <= p.rate && q.kl <= p.kl && (q.rate < p.rate || q.kl < p.kl)
-            })
+            !points
+                .iter()
+                .any(|q| q.rate <= p.rate && q.kl <= p.kl && (q.rate < p.rate || q.kl < p.kl))
         })
         .collect()
 }
@@ -106,7 +106,10 @@ where
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
     let front = pareto(pts);
-    let mut fp: Vec<(f64, f64)> = front.iter().map(|&i| (pts[i].kl, 100.0 * pts[i].rate)).collect();
+    let mut fp: Vec<(f64, f64)> = front
+        .iter()
+        .map(|&i| (pts[i].kl, 100.0 * pts[i].rate))
+        .collect();
     fp.sort_by(|a, b| a.0.total_cmp(&b.0));
     chart
         .draw_series(LineSeries::new(fp, FRONT.stroke_width(2)))?
@@ -132,15 +135,19 @@ where
         )))?;
     }
     chart
-        .draw_series(pts.iter().filter(|p| !p.baseline).map(|p| {
-            Circle::new((p.kl, 100.0 * p.rate), 5, POINT.filled())
-        }))?
+        .draw_series(
+            pts.iter()
+                .filter(|p| !p.baseline)
+                .map(|p| Circle::new((p.kl, 100.0 * p.rate), 5, POINT.filled())),
+        )?
         .label("variant")
         .legend(|(x, y)| Circle::new((x + 9, y), 5, POINT.filled()));
     chart
-        .draw_series(pts.iter().filter(|p| p.baseline).map(|p| {
-            TriangleMarker::new((p.kl, 100.0 * p.rate), 7, BASE.filled())
-        }))?
+        .draw_series(
+            pts.iter()
+                .filter(|p| p.baseline)
+                .map(|p| TriangleMarker::new((p.kl, 100.0 * p.rate), 7, BASE.filled())),
+        )?
         .label("baseline (none, winsorize)")
         .legend(|(x, y)| TriangleMarker::new((x + 9, y), 7, BASE.filled()));
     let label_all = pts.len() <= 12;
@@ -256,13 +263,10 @@ where
     dims.sort_unstable();
     dims.dedup();
     let lmax = s.states as f64;
-    let (lo, hi) = s
-        .heat
-        .iter()
-        .fold((f64::INFINITY, 0.0f64), |(a, b), c| {
-            let v = (c.peak_ratio.max(1.0) as f64).log10();
-            (a.min(v), b.max(v))
-        });
+    let (lo, hi) = s.heat.iter().fold((f64::INFINITY, 0.0f64), |(a, b), c| {
+        let v = (c.peak_ratio.max(1.0) as f64).log10();
+        (a.min(v), b.max(v))
+    });
     let (main, legend) = root.split_horizontally(root.dim_in_pixel().0 - 110);
     let mut chart = ChartBuilder::on(&main)
         .caption(
@@ -387,7 +391,11 @@ where
             .configure_mesh()
             .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .x_desc("hidden state (0 = embeddings)")
-            .y_desc(if ratio { "ratio (×, log)" } else { "|a| (log)" })
+            .y_desc(if ratio {
+                "ratio (×, log)"
+            } else {
+                "|a| (log)"
+            })
             .label_style(font(13))
             .axis_desc_style(font(14))
             .draw()?;
@@ -456,10 +464,7 @@ where
     let (top, bottom) = root.split_vertically(h * 3 / 5);
     let ymax = combos.iter().map(|c| c.1).max().unwrap_or(1) as f64 * 1.15;
     let mut chart = ChartBuilder::on(&top)
-        .caption(
-            "Dims flagged by each criterion applied alone",
-            font(17),
-        )
+        .caption("Dims flagged by each criterion applied alone", font(17))
         .margin(12)
         .x_label_area_size(6)
         .y_label_area_size(110)
@@ -520,7 +525,10 @@ where
             )
         }))?;
         if ys.len() > 1 {
-            let (a, b) = (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(0.0, f64::max));
+            let (a, b) = (
+                ys.iter().cloned().fold(f64::INFINITY, f64::min),
+                ys.iter().cloned().fold(0.0, f64::max),
+            );
             grid.draw_series(LineSeries::new(
                 vec![(i as f64, a), (i as f64, b)],
                 BLACK.stroke_width(2),
@@ -559,7 +567,10 @@ where
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d((xmin..xmax).log_scale(), (0.5..ymax * 1.5 + 1.0).log_scale())?;
+        .build_cartesian_2d(
+            (xmin..xmax).log_scale(),
+            (0.5..ymax * 1.5 + 1.0).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .x_desc("threshold value (log)")
@@ -583,7 +594,9 @@ where
                 c.stroke_width(width),
             ))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(width)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(width))
+            });
         if !alone {
             chart.draw_series(
                 curve
@@ -601,7 +614,11 @@ where
             let v = v as f64;
             let y = curve
                 .iter()
-                .min_by(|a, b| (a.0.ln() - v.ln()).abs().total_cmp(&(b.0.ln() - v.ln()).abs()))
+                .min_by(|a, b| {
+                    (a.0.ln() - v.ln())
+                        .abs()
+                        .total_cmp(&(b.0.ln() - v.ln()).abs())
+                })
                 .map_or(1.0, |p| p.1 as f64 + 1.0);
             chart.draw_series(std::iter::once(TriangleMarker::new((v, y), 8, c.filled())))?;
         }
@@ -621,7 +638,12 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let n = tunes.iter().map(|t| t.trials.len()).max().unwrap_or(1).max(1);
+    let n = tunes
+        .iter()
+        .map(|t| t.trials.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let ymax = tunes
         .iter()
         .flat_map(|t| t.trials.iter().map(|x| x.objective))
@@ -640,7 +662,7 @@ where
         .build_cartesian_2d(0.5..(n as f64 + 0.5), 0.0..ymax)?;
     chart
         .configure_mesh()
-.x_labels(n.min(20))
+        .x_labels(n.min(20))
         .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .x_desc("trial")
         .y_desc("objective (lower is better)")
@@ -689,18 +711,34 @@ pub fn draw_all(
     let mut out = Vec::new();
     if !points.is_empty() {
         both!(dir, "refusal_vs_kl", (1000, 640), scatter, points)?;
-        out.push(("refusal_vs_kl".into(), "Refusal rate vs KL, Pareto front".into()));
+        out.push((
+            "refusal_vs_kl".into(),
+            "Refusal rate vs KL, Pareto front".into(),
+        ));
         let h = (120 + 34 * points.len() as u32).clamp(300, 2400);
         both!(dir, "variants", (1100, h), bars, points)?;
         out.push(("variants".into(), "Per-variant refusal rate and KL".into()));
     }
     if let Some(s) = detection {
         if !s.heat.is_empty() {
-            let h = (160 + 26 * s.heat.iter().map(|c| c.dim).collect::<std::collections::BTreeSet<_>>().len() as u32).clamp(320, 1400);
+            let h = (160
+                + 26 * s
+                    .heat
+                    .iter()
+                    .map(|c| c.dim)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len() as u32)
+                .clamp(320, 1400);
             both!(dir, "detection_heatmap", (1000, h), heatmap, s)?;
-            out.push(("detection_heatmap".into(), "Detection heatmap (layer × dim)".into()));
+            out.push((
+                "detection_heatmap".into(),
+                "Detection heatmap (layer × dim)".into(),
+            ));
             both!(dir, "layer_peaks", (1000, 640), peaks, s)?;
-            out.push(("layer_peaks".into(), "Per-layer peaks against the thresholds".into()));
+            out.push((
+                "layer_peaks".into(),
+                "Per-layer peaks against the thresholds".into(),
+            ));
         }
         if !overlap_counts(s).is_empty() {
             let w = (300 + 60 * overlap_counts(s).len() as u32).clamp(800, 1600);

@@ -279,9 +279,7 @@ pub fn tune_thresholds(
                     n_work,
                     &format!("tune {} trial {}/{}", v.name, trials.len() + 1, spec.trials),
                 );
-                let o = variant::score(lm, &sel.evaluator, v, &prepared, |_, n| {
-                    pb.inc(n as u64)
-                })?;
+                let o = variant::score(lm, &sel.evaluator, v, &prepared, |_, n| pb.inc(n as u64))?;
                 pb.finish_and_clear();
                 let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
                 let entry = (obj, refusals(&o), o.refused.len(), o.kl_mean());

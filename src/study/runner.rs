@@ -2,8 +2,8 @@
 //! each distinct (dims, handling, edit) scored once, every finished score written at once and
 //! atomically. Running again resumes; a second run on the same directory is refused.
 
-use super::plan::{plan, Plan, PlannedVariant};
 use super::optimize::{self, SearchResult, Selection, TuneResult};
+use super::plan::{plan, Plan, PlannedVariant};
 use super::spec::{SetSpec, Study};
 use super::variant::{self, DirectionData, Variant};
 use crate::ablate::AblationParams;
@@ -491,8 +491,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         let keep_scan = tuned_variants
             .iter()
             .any(|v| !tune_path(&opts.out, seed, &v.id).exists());
-        let mut rep =
-            prepare_replicate(
+        let mut rep = prepare_replicate(
             study, &lm, &plan, seed, &cache, &sets, &mut prov, keep_scan, &opts.out,
         )?;
         // Tuning first: its chosen dims decide which scores the tuned variants share.
@@ -554,13 +553,14 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         // Resolve every variant to its dims, then group by what the edit depends on.
         let mut groups: BTreeMap<String, (Vec<u32>, Vec<&PlannedVariant>)> = BTreeMap::new();
         for pv in &plan.variants {
-            let dims = match (&pv.variant.detect, pv.variant.needs_dims()) {
-                (_, true) if pv.variant.tune.is_some() => tuned[&pv.id].dims.clone(),
-                (Some(c), true) => rep.dims.get(&hash_json(c)).cloned().with_context(|| {
-                    format!("no detected dims for variant {}", pv.variant.name)
-                })?,
-                _ => Vec::new(),
-            };
+            let dims =
+                match (&pv.variant.detect, pv.variant.needs_dims()) {
+                    (_, true) if pv.variant.tune.is_some() => tuned[&pv.id].dims.clone(),
+                    (Some(c), true) => rep.dims.get(&hash_json(c)).cloned().with_context(|| {
+                        format!("no detected dims for variant {}", pv.variant.name)
+                    })?,
+                    _ => Vec::new(),
+                };
             let key = score_key(&pv.variant, &dims, seed);
             groups
                 .entry(key)

@@ -608,7 +608,11 @@ fn check(s: &Study, text: &str) -> Result<()> {
     }
     let needs_selection = f.ablation.search.is_some() || !f.tune.is_empty();
     if needs_selection && f.datasets.selection.is_none() {
-        let what = if f.tune.is_empty() { "ablation.search" } else { "tune" };
+        let what = if f.tune.is_empty() {
+            "ablation.search"
+        } else {
+            "tune"
+        };
         return Err(at_key(
             s,
             text,
@@ -618,7 +622,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
     }
     if let Some(sr) = &f.ablation.search {
         if sr.trials == 0 {
-            return Err(at_key(s, text, "ablation.search.trials", "trials must be at least 1".into()));
+            return Err(at_key(
+                s,
+                text,
+                "ablation.search.trials",
+                "trials must be at least 1".into(),
+            ));
         }
     }
     for (i, t) in f.tune.iter().enumerate() {
@@ -626,24 +635,53 @@ fn check(s: &Study, text: &str) -> Result<()> {
         Handling::parse_list(&t.handling)
             .map_err(|e| at_key(s, text, &at("handling"), format!("{e:#}")))?;
         let base = match &t.detection {
-            Some(d) => d.resolve().map_err(|e| at_key(s, text, &at("detection"), format!("{e:#}")))?,
+            Some(d) => d
+                .resolve()
+                .map_err(|e| at_key(s, text, &at("detection"), format!("{e:#}")))?,
             None => f.detection.resolve()?,
         };
         if t.thresholds.is_empty() {
-            return Err(at_key(s, text, &at("thresholds"), "name at least one threshold to tune, e.g. {median_ratio: [10, 10000]}".into()));
+            return Err(at_key(
+                s,
+                text,
+                &at("thresholds"),
+                "name at least one threshold to tune, e.g. {median_ratio: [10, 10000]}".into(),
+            ));
         }
         for (k, (lo, hi)) in &t.thresholds {
             if !(*lo > 0.0 && hi > lo) {
-                return Err(at_key(s, text, &at(&format!("thresholds.{k}")), format!("bounds must be 0 < low < high (tuning is in log space), got [{lo}, {hi}]")));
+                return Err(at_key(
+                    s,
+                    text,
+                    &at(&format!("thresholds.{k}")),
+                    format!(
+                        "bounds must be 0 < low < high (tuning is in log space), got [{lo}, {hi}]"
+                    ),
+                ));
             }
             let mut probe = base.clone();
-            probe.set(&format!("{k}={lo}")).map_err(|e| at_key(s, text, &at(&format!("thresholds.{k}")), e.to_string()))?;
+            probe
+                .set(&format!("{k}={lo}"))
+                .map_err(|e| at_key(s, text, &at(&format!("thresholds.{k}")), e.to_string()))?;
         }
         if t.trials == 0 {
-            return Err(at_key(s, text, &at("trials"), "trials must be at least 1".into()));
+            return Err(at_key(
+                s,
+                text,
+                &at("trials"),
+                "trials must be at least 1".into(),
+            ));
         }
         if f.variants.iter().any(|v| v.name == t.name) {
-            return Err(at_key(s, text, &at("name"), format!("a variant is already named '{}'; names must be unique", t.name)));
+            return Err(at_key(
+                s,
+                text,
+                &at("name"),
+                format!(
+                    "a variant is already named '{}'; names must be unique",
+                    t.name
+                ),
+            ));
         }
     }
     f.detection
