@@ -183,7 +183,39 @@ pub fn preset(name: &str) -> Result<DetectConfig> {
     })
 }
 
+/// The five criteria of the proposal, in the order studies and reports list them.
+pub const CRITERIA: [&str; 5] = [
+    "min_abs",
+    "median_ratio",
+    "mad_ratio",
+    "cluster",
+    "persistence",
+];
+
 impl DetectConfig {
+    /// Which of the five criteria are on, in `CRITERIA` order.
+    pub fn criteria_on(&self) -> [bool; 5] {
+        [
+            self.min_abs.is_some(),
+            self.median_ratio.is_some(),
+            self.mad_ratio.is_some(),
+            self.max_cluster_size.is_some(),
+            self.persistence.is_some(),
+        ]
+    }
+
+    /// Switches off one criterion, named as in `CRITERIA`.
+    pub fn switch_off(&mut self, criterion: &str) {
+        match criterion {
+            "min_abs" => self.min_abs = None,
+            "median_ratio" => self.median_ratio = None,
+            "mad_ratio" => self.mad_ratio = None,
+            "cluster" => self.max_cluster_size = None,
+            "persistence" => self.persistence = None,
+            other => unreachable!("not a criterion: {other}"),
+        }
+    }
+
     /// Applies `key=value` overrides (the CLI's `--set`). `none`/`off` switches a criterion off.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let (key, value) = assignment.split_once('=').with_context(|| {

@@ -4,6 +4,7 @@
 
 use super::apply::{apply, DimReport};
 use super::config::DetectConfig;
+pub use super::config::CRITERIA;
 use super::scan::Scan;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -50,27 +51,20 @@ pub struct Summary {
     pub dims: BTreeMap<u32, DimReport>,
 }
 
-pub const CRITERIA: [&str; 5] = [
-    "min_abs",
-    "median_ratio",
-    "mad_ratio",
-    "cluster",
-    "persistence",
-];
-
 /// `base` with only `criterion` switched on.
 pub fn only(base: &DetectConfig, criterion: &str) -> DetectConfig {
     let mut c = base.clone();
-    let keep = |on: bool, v: Option<f32>, default: f32| if on { v.or(Some(default)) } else { None };
-    c.min_abs = keep(criterion == "min_abs", base.min_abs, 100.0);
-    c.median_ratio = keep(criterion == "median_ratio", base.median_ratio, 1000.0);
-    c.mad_ratio = keep(criterion == "mad_ratio", base.mad_ratio, 1000.0);
-    c.max_cluster_size = if criterion == "cluster" {
-        base.max_cluster_size.or(Some(3))
-    } else {
-        None
-    };
-    c.persistence = keep(criterion == "persistence", base.persistence, 0.25);
+    // A criterion the study has off is switched on at the proposal's default.
+    match criterion {
+        "min_abs" => c.min_abs = c.min_abs.or(Some(100.0)),
+        "median_ratio" => c.median_ratio = c.median_ratio.or(Some(1000.0)),
+        "mad_ratio" => c.mad_ratio = c.mad_ratio.or(Some(1000.0)),
+        "cluster" => c.max_cluster_size = c.max_cluster_size.or(Some(3)),
+        _ => c.persistence = c.persistence.or(Some(0.25)),
+    }
+    for other in CRITERIA.iter().filter(|o| **o != criterion) {
+        c.switch_off(other);
+    }
     c
 }
 

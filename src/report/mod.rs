@@ -476,25 +476,9 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
     Ok(())
 }
 
-fn criteria_flags(c: &crate::detect::DetectConfig) -> [bool; 5] {
-    [
-        c.min_abs.is_some(),
-        c.median_ratio.is_some(),
-        c.mad_ratio.is_some(),
-        c.max_cluster_size.is_some(),
-        c.persistence.is_some(),
-    ]
-}
-
 fn without(c: &crate::detect::DetectConfig, i: usize) -> crate::detect::DetectConfig {
     let mut c = c.clone();
-    match i {
-        0 => c.min_abs = None,
-        1 => c.median_ratio = None,
-        2 => c.mad_ratio = None,
-        3 => c.max_cluster_size = None,
-        _ => c.persistence = None,
-    }
+    c.switch_off(crate::detect::config::CRITERIA[i]);
     c
 }
 
@@ -530,8 +514,8 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         for (j, b) in vs.iter().enumerate() {
             let cb = b.variant.detect.as_ref().expect("filtered");
             for (k, pk) in pairs.iter_mut().enumerate() {
-                if criteria_flags(ca)[k]
-                    && !criteria_flags(cb)[k]
+                if ca.criteria_on()[k]
+                    && !cb.criteria_on()[k]
                     && without(ca, k) == *cb
                     && a.variant.handlings == b.variant.handlings
                 {
@@ -556,7 +540,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(md, "|{}---|---|---|---|", "---|".repeat(5))?;
     let mut sorted = vs.clone();
     sorted.sort_by_key(|v| {
-        let f = criteria_flags(v.variant.detect.as_ref().expect("filtered"));
+        let f = v.variant.detect.as_ref().expect("filtered").criteria_on();
         (
             std::cmp::Reverse(f.iter().filter(|x| **x).count()),
             std::cmp::Reverse(f),
@@ -576,7 +560,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         writeln!(
             md,
             "| {} | {:?} | {} | {} | {:.3} |",
-            criteria_flags(c)
+            c.criteria_on()
                 .iter()
                 .map(|f| if *f { "✓" } else { "·" })
                 .collect::<Vec<_>>()

@@ -77,6 +77,23 @@ fn trunc(s: &str, n: usize) -> String {
     }
 }
 
+/// The series legend, upper right, the same on every chart.
+fn legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>, size: u32) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(font(size))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 const POINT: RGBColor = RGBColor(31, 119, 180);
 const BASE: RGBColor = RGBColor(214, 39, 40);
 const FRONT: RGBColor = RGBColor(44, 160, 44);
@@ -163,13 +180,7 @@ where
             )))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(font(14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, 14)?;
     Ok(())
 }
 
@@ -416,13 +427,7 @@ where
                 ))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BASE.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(font(13))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart, 13)?;
     }
     Ok(())
 }
@@ -623,13 +628,7 @@ where
             chart.draw_series(std::iter::once(TriangleMarker::new((v, y), 8, c.filled())))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(font(14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, 14)?;
     Ok(())
 }
 
@@ -691,13 +690,7 @@ where
             .label(format!("{} (replicate {})", t.name, t.replicate))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(font(14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, 14)?;
     Ok(())
 }
 

@@ -36,20 +36,8 @@ pub fn variant_id(v: &Variant) -> String {
 }
 
 fn criteria_off(c: &mut DetectConfig, keep: &[&str]) {
-    if !keep.contains(&"min_abs") {
-        c.min_abs = None;
-    }
-    if !keep.contains(&"median_ratio") {
-        c.median_ratio = None;
-    }
-    if !keep.contains(&"mad_ratio") {
-        c.mad_ratio = None;
-    }
-    if !keep.contains(&"cluster") {
-        c.max_cluster_size = None;
-    }
-    if !keep.contains(&"persistence") {
-        c.persistence = None;
+    for criterion in CRITERIA.iter().filter(|x| !keep.contains(x)) {
+        c.switch_off(criterion);
     }
 }
 

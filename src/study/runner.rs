@@ -316,32 +316,14 @@ fn prepare_replicate(
     );
 
     let opts = f.evaluation.options();
-    let evaluator = Evaluator::new(
+    let (evaluator, base) = scored_reference(
         lm,
-        &good_eval,
-        &bad_eval,
+        (&good_eval, &bad_eval),
         system,
-        opts.clone(),
-        RefusalClassifier::default(),
+        &opts,
+        (&model_key, cache),
+        &format!("replicate {seed}: unedited model"),
     )?;
-    let base_key = hash_json(&(&model_key, &good_eval, &bad_eval, system, &opts));
-    let base_path = cache.join(format!("reference-{base_key}.json"));
-    let base: Outcome = match fs::read(&base_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        Some(o) => o,
-        None => {
-            let pb = progress_bar(
-                (good_eval.len() * 2 + bad_eval.len()) as u64,
-                &format!("replicate {seed}: unedited model"),
-            );
-            let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
-            pb.finish_and_clear();
-            write_atomic(&base_path, &serde_json::to_vec(&o)?)?;
-            o
-        }
-    };
     let selection = if good_sel.is_empty() {
         None
     } else {
@@ -349,32 +331,14 @@ fn prepare_replicate(
             format!("r{seed}:selection"),
             hash_json(&(&good_sel, &bad_sel)),
         );
-        let evaluator = Evaluator::new(
+        let (evaluator, base) = scored_reference(
             lm,
-            &good_sel,
-            &bad_sel,
+            (&good_sel, &bad_sel),
             system,
-            opts.clone(),
-            RefusalClassifier::default(),
+            &opts,
+            (&model_key, cache),
+            &format!("replicate {seed}: unedited model, selection split"),
         )?;
-        let key = hash_json(&(&model_key, &good_sel, &bad_sel, system, &opts));
-        let path = cache.join(format!("reference-{key}.json"));
-        let base = match fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            Some(o) => o,
-            None => {
-                let pb = progress_bar(
-                    (good_sel.len() * 2 + bad_sel.len()) as u64,
-                    &format!("replicate {seed}: unedited model, selection split"),
-                );
-                let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
-                pb.finish_and_clear();
-                write_atomic(&path, &serde_json::to_vec(&o)?)?;
-                o
-            }
-        };
         Some(Selection { evaluator, base })
     };
     Ok(Replicate {
@@ -385,6 +349,38 @@ fn prepare_replicate(
         base,
         selection,
     })
+}
+
+/// An evaluator for `(good, bad)` and the unedited model's score on it, cached by content.
+fn scored_reference(
+    lm: &LoadedModel,
+    (good, bad): (&[String], &[String]),
+    system: Option<&str>,
+    opts: &crate::evaluate::EvalOptions,
+    (model_key, cache): (&str, &Path),
+    label: &str,
+) -> Result<(Evaluator, Outcome)> {
+    let evaluator = Evaluator::new(
+        lm,
+        good,
+        bad,
+        system,
+        opts.clone(),
+        RefusalClassifier::default(),
+    )?;
+    let key = hash_json(&(model_key, good, bad, system, opts));
+    let path = cache.join(format!("reference-{key}.json"));
+    if let Some(o) = fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        return Ok((evaluator, o));
+    }
+    let pb = progress_bar((good.len() * 2 + bad.len()) as u64, label);
+    let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    write_atomic(&path, &serde_json::to_vec(&o)?)?;
+    Ok((evaluator, o))
 }
 
 /// The key of a distinct score: what the edit depends on, nothing else.

@@ -325,13 +325,7 @@ pub enum Subsets {
     Listed(Vec<Vec<String>>),
 }
 
-pub const CRITERIA: [&str; 5] = [
-    "min_abs",
-    "median_ratio",
-    "mad_ratio",
-    "cluster",
-    "persistence",
-];
+pub use crate::detect::config::CRITERIA;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
