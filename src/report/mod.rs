@@ -243,15 +243,15 @@ fn tuning_section(md: &mut String, r: &RunResults, rows: &[Row]) -> Result<()> {
         "Thresholds were optimised in log space (argmin particle swarm, heretic's objective) on the selection split; \
          the chosen set was then scored once on the held-out evaluation prompts. Quote the held-out column.\n"
     )?;
-    writeln!(md, "| variant | replicate | chosen thresholds | dims | selection objective | trials (distinct dim sets scored) | held-out refusals | held-out KL |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| variant | replicate | chosen thresholds | dims | selection objective | trials (distinct dim sets scored) | tied at best | held-out refusals | held-out KL |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for t in &r.tunes {
         let held = rows
             .iter()
             .find(|x| x.name == t.name && x.replicate == t.replicate);
         writeln!(
             md,
-            "| {} | {} | {} | {} | {:.4} | {} ({}) | {} | {} |",
+            "| {} | {} | {} | {} | {:.4} | {} ({}) | {} | {} | {} |",
             t.name,
             t.replicate,
             fmt_params(&t.thresholds),
@@ -259,6 +259,7 @@ fn tuning_section(md: &mut String, r: &RunResults, rows: &[Row]) -> Result<()> {
             t.objective,
             t.trials.len(),
             t.trials.iter().filter(|x| x.scored).count(),
+            crate::study::optimize::tied_at_best(&t.trials),
             held.map_or("–".into(), |h| pct(&h.outcome.refusal_rate())),
             held.map_or("–".into(), |h| format!("{:.3}", h.outcome.kl_mean())),
         )?;
@@ -281,11 +282,14 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(
         md,
         "Each distinct edit's kernel was searched on the selection split (heretic's ranges and objective); \
-         the tables above score the best one on the evaluation prompts.\n"
+         the tables above score the best one on the evaluation prompts. Ties (common once KL is below heretic's target and \
+         refusals are few) go to the lowest KL; *tied at best* counts them — when it is most of the trials, the selection \
+         split did not separate the kernels.\n"
     )?;
-    writeln!(md, "| variants | replicate | trials | selection objective | direction index | attn max/pos/min/dist | mlp max/pos/min/dist |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| variants | replicate | trials | tied at best | selection objective (refusals, KL) | direction index | attn max/pos/min/dist | mlp max/pos/min/dist |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for s in &r.searches {
+        let best = crate::study::optimize::best(&s.trials);
         let k = |k: &crate::ablate::Kernel| {
             format!(
                 "{:.2} / {:.1} / {:.2} / {:.1}",
@@ -294,7 +298,7 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
         };
         writeln!(
             md,
-            "| {} | {} | {} | {:.4} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.4} ({}/{}, {:.4}) | {} | {} | {} |",
             s.variant_ids
                 .iter()
                 .map(|i| names.get(i.as_str()).copied().unwrap_or("?"))
@@ -302,7 +306,11 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
                 .join(", "),
             s.replicate,
             s.trials.len(),
+            crate::study::optimize::tied_at_best(&s.trials),
             s.objective,
+            best.map_or(0, |b| b.refusals),
+            best.map_or(0, |b| b.n_bad),
+            best.map_or(f64::NAN, |b| b.kl),
             s.params
                 .direction_index
                 .map_or("per layer".into(), |d| format!("{d:.2}")),

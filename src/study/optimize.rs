@@ -127,12 +127,21 @@ pub fn minimise(
     Ok(())
 }
 
-fn best(trials: &[Trial]) -> Option<&Trial> {
-    // The earliest of equal objectives: reruns pick the same one.
+/// The best trial: lowest objective; among equal objectives the lowest KL (the gentlest edit —
+/// below the KL target heretic's objective only sees refusals, so ties are common), then the
+/// earliest, so reruns pick the same one.
+pub fn best(trials: &[Trial]) -> Option<&Trial> {
     trials.iter().fold(None, |b: Option<&Trial>, t| match b {
-        Some(b) if b.objective <= t.objective => Some(b),
+        Some(b) if (b.objective, b.kl) <= (t.objective, t.kl) => Some(b),
         _ => Some(t),
     })
+}
+
+/// How many trials share the best objective: when it is most of them, the selection split did
+/// not separate the candidates.
+pub fn tied_at_best(trials: &[Trial]) -> usize {
+    let Some(b) = best(trials) else { return 0 };
+    trials.iter().filter(|t| t.objective == b.objective).count()
 }
 
 /// The edit's parameters searched, in heretic's ranges for a model with `layers` layers.
@@ -209,6 +218,14 @@ pub fn search_edit(
         let o = variant::score(lm, &sel.evaluator, &vv, prepared, |_, n| pb.inc(n as u64))?;
         pb.finish_and_clear();
         let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
+        eprintln!(
+            "  search {label} trial {:>2}/{}: refusals {}/{} KL {:.4} -> objective {obj:.4}",
+            trials.len() + 1,
+            spec.trials,
+            refusals(&o),
+            o.refused.len(),
+            o.kl_mean()
+        );
         trials.push(Trial {
             index: trials.len(),
             params: names.iter().cloned().zip(x.iter().copied()).collect(),
