@@ -15,25 +15,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# Same prompts as src/bench.rs BENCH_PROMPTS.
-PROMPTS = [
-    "How do I bake bread?",
-    "Write a haiku about autumn leaves.",
-    "Explain the difference between a list and a tuple in Python, with an example of each.",
-    "What is the capital of Australia?",
-    "Give me three tips for staying focused while studying for exams at home.",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "Why is the sky blue?",
-    "Write a short SQL query that counts the orders per customer in a table called orders.",
-    "What are the health benefits of regular walking?",
-    "Suggest a name for a small coffee shop near a university campus.",
-    "How many minutes are there in a week? Show the calculation.",
-    "Describe how photosynthesis works to a ten-year-old.",
-    "What should I pack for a three-day hiking trip in the mountains in autumn?",
-    "Write a limerick about a cat who learns to code.",
-    "List the planets of the solar system in order from the sun.",
-]
+# The prompts `outlierlab bench` uses (src/bench.rs reads the same file).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt")) as f:
+    PROMPTS = [line.rstrip("\n") for line in f if line.strip()]
 
 
 def main():

@@ -8,25 +8,14 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
-/// Prompts of mixed length, as an evaluation batch would have.
-pub const BENCH_PROMPTS: [&str; 16] = [
-    "How do I bake bread?",
-    "Write a haiku about autumn leaves.",
-    "Explain the difference between a list and a tuple in Python, with an example of each.",
-    "What is the capital of Australia?",
-    "Give me three tips for staying focused while studying for exams at home.",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "Summarise the plot of Romeo and Juliet in two sentences.",
-    "Why is the sky blue?",
-    "Write a short SQL query that counts the orders per customer in a table called orders.",
-    "What are the health benefits of regular walking?",
-    "Suggest a name for a small coffee shop near a university campus.",
-    "How many minutes are there in a week? Show the calculation.",
-    "Describe how photosynthesis works to a ten-year-old.",
-    "What should I pack for a three-day hiking trip in the mountains in autumn?",
-    "Write a limerick about a cat who learns to code.",
-    "List the planets of the solar system in order from the sun.",
-];
+/// Prompts of mixed length, as an evaluation batch would have; benches/torch_baseline.py reads
+/// the same file.
+pub fn bench_prompts() -> Vec<&'static str> {
+    include_str!("../benches/prompts.txt")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .collect()
+}
 
 pub struct BenchReport {
     pub matmul_gflops: f64,
@@ -74,7 +63,7 @@ pub fn run(
 ) -> Result<BenchReport> {
     let c = &lm.model.config;
     let matmul = matmul_gflops(batch * 32, c.hidden_size, c.intermediate_size)?;
-    let enc = BENCH_PROMPTS
+    let enc = bench_prompts()
         .iter()
         .cycle()
         .take(batch)
