@@ -168,17 +168,36 @@ where
         .label("baseline (none, winsorize)")
         .legend(|(x, y)| TriangleMarker::new((x + 9, y), 7, BASE.filled()));
     let label_all = pts.len() <= 12;
+    // Labels that would overprint an earlier one move down a line, with a leader to the point.
+    let (dx, dy) = (kl_max * 0.16, r_max * 0.035);
+    let mut placed: Vec<(f64, f64)> = Vec::new();
     for (i, p) in pts.iter().enumerate() {
-        if label_all || p.baseline || front.contains(&i) {
-            chart.draw_series(std::iter::once(Text::new(
-                trunc(&p.label, 30),
-                (p.kl, 100.0 * p.rate),
-                font(13).pos(plotters::style::text_anchor::Pos::new(
-                    plotters::style::text_anchor::HPos::Left,
-                    plotters::style::text_anchor::VPos::Bottom,
-                )),
+        if !(label_all || p.baseline || front.contains(&i)) {
+            continue;
+        }
+        let (x, y0) = (p.kl, 100.0 * p.rate);
+        let mut y = y0;
+        while placed
+            .iter()
+            .any(|(px, py)| (px - x).abs() < dx && (py - y).abs() < dy)
+        {
+            y -= dy;
+        }
+        placed.push((x, y));
+        if y != y0 {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x, y0), (x + dx * 0.05, y)],
+                BLACK.mix(0.4).stroke_width(1),
             )))?;
         }
+        chart.draw_series(std::iter::once(Text::new(
+            trunc(&p.label, 30),
+            (x + if y != y0 { dx * 0.05 } else { 0.0 }, y),
+            font(13).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Left,
+                plotters::style::text_anchor::VPos::Bottom,
+            )),
+        )))?;
     }
     legend(&mut chart, 14)?;
     Ok(())
