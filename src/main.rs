@@ -101,9 +101,11 @@ enum Command {
     },
     /// Run a study: every variant scored, results written as they finish, then the report.
     ///
-    /// Running the same file again resumes: finished scores are not redone. Variants whose
-    /// settings lead to the same detected dims and edit are scored once. --shard I/N runs every
-    /// N-th score (merge the shard folders with `outlierlab merge`).
+    /// Running the same file again resumes: finished scores, tunings and searches are not
+    /// redone. Variants whose settings lead to the same detected dims and edit are scored once.
+    /// `tune` entries and `ablation.search` optimise on the study's selection split first; what
+    /// they choose is then scored on the evaluation prompts. --shard I/N runs every N-th score
+    /// (merge the shard folders with `outlierlab merge`).
     Run {
         file: std::path::PathBuf,
         /// Run directory (default: the study's `output`, else runs/<name>).
@@ -123,7 +125,12 @@ enum Command {
         into: std::path::PathBuf,
         shards: Vec<std::path::PathBuf>,
     },
-    /// Render the report of a run directory (no model needed).
+    /// Render the report of a run directory (no model needed): report.md, report.html and the
+    /// figures (PNG and SVG) — per-variant table with intervals and Holm-corrected verdicts,
+    /// criteria ablation and importance, tuning, searched kernels; refusal vs KL with the Pareto
+    /// front, per-variant bars, detection heatmap, per-layer peaks against the thresholds,
+    /// criteria overlap, threshold sweeps, tuning trace. Rendering the same run again gives the
+    /// same bytes.
     Report {
         run_dir: std::path::PathBuf,
         /// Output folder (default reports/<run-name>).

@@ -104,7 +104,12 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
     let base_dims = apply(base, scan)?.dim_ids();
     let mut dims: BTreeMap<u32, DimReport> = BTreeMap::new();
     for c in std::iter::once(base).chain(configs.iter().copied()) {
-        for d in apply(c, scan)?.dims {
+        for mut d in apply(c, scan)?.dims {
+            // One position per distinct token is what a report shows; all of them would make
+            // the summary megabytes for loose detections that flag hundreds of dims.
+            let mut seen = std::collections::HashSet::new();
+            d.positions.retain(|p| seen.insert(p.2.clone()));
+            d.prompts.truncate(16);
             dims.entry(d.dim).or_insert(d);
         }
     }
@@ -112,8 +117,18 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
     let mut ranked: Vec<(u32, f32)> = dim_peak.into_iter().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut shown: Vec<u32> = ranked.iter().take(12).map(|x| x.0).collect();
-    for d in dims.keys().take(24) {
-        if !shown.contains(d) {
+    shown.extend(
+        base_dims
+            .iter()
+            .filter(|d| !shown.contains(d))
+            .collect::<Vec<_>>(),
+    );
+    // Then the other detected dims, strongest first, up to 24 rows.
+    for (d, _) in &ranked {
+        if shown.len() >= 24 {
+            break;
+        }
+        if dims.contains_key(d) && !shown.contains(d) {
             shown.push(*d);
         }
     }
