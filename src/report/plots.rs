@@ -497,6 +497,7 @@ where
         .configure_mesh()
         .disable_x_mesh()
         .disable_x_axis()
+        .y_label_formatter(&|v| format!("{}", v.round() as i64))
         .y_desc("dims")
         .label_style(font(13))
         .axis_desc_style(font(14))
