@@ -473,4 +473,49 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
         before,
         std::fs::read(dir.join("tune/r0").join(format!("{tuned_id}.json"))).unwrap()
     );
+    assert!(!dir
+        .join("tune/r0")
+        .join(format!("{tuned_id}.partial"))
+        .exists());
+
+    // A tuning interrupted after scoring its dim sets: the seeded swarm replays the same trials
+    // and takes their scores from the memo written so far, not from the model.
+    let memo: BTreeMap<String, serde_json::Value> = t
+        .trials
+        .iter()
+        .filter(|x| x.scored)
+        .map(|x| {
+            (
+                format!("{:?}", x.dims.as_ref().unwrap()),
+                serde_json::json!({"objective": x.objective, "refusals": x.refusals,
+                                   "n_bad": x.n_bad, "kl": x.kl}),
+            )
+        })
+        .collect();
+    let tune_file = dir.join("tune/r0").join(format!("{tuned_id}.json"));
+    std::fs::remove_file(&tune_file).unwrap();
+    std::fs::write(
+        tune_file.with_extension("partial"),
+        serde_json::to_vec(&memo).unwrap(),
+    )
+    .unwrap();
+    let out = run_cli(&study, &dir, &[]);
+    let resumed = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{resumed}");
+    assert!(
+        resumed.contains("kept from an interrupted run")
+            && resumed.contains("0 score(s) computed now"),
+        "{resumed}"
+    );
+    let again = runner::read_results(&dir).unwrap();
+    let t2 = &again.tunes[0];
+    let key = |t: &outlierlab::study::optimize::TuneResult| {
+        t.trials
+            .iter()
+            .map(|x| (x.params.clone(), x.dims.clone(), x.objective, x.scored))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(key(t), key(t2));
+    assert_eq!(t.thresholds, t2.thresholds);
+    assert!(!tune_file.with_extension("partial").exists());
 }

@@ -17,6 +17,7 @@ use rand_xoshiro::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The selection split: its evaluator and the unedited model's score on it.
@@ -187,6 +188,59 @@ fn params_at(start: &AblationParams, names: &[String], x: &[f64]) -> AblationPar
     p
 }
 
+/// One objective evaluation's figures.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Scored {
+    pub objective: f64,
+    pub refusals: usize,
+    pub n_bad: usize,
+    pub kl: f64,
+}
+
+/// The scores an optimisation has computed so far, written after each one. The swarm is seeded,
+/// so a rerun after Ctrl-C or kill -9 proposes the same points and takes their scores from here
+/// instead of the model.
+pub struct Memo {
+    path: PathBuf,
+    map: BTreeMap<String, Scored>,
+}
+
+impl Memo {
+    pub fn load(path: &Path) -> Memo {
+        let map = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Memo {
+            path: path.to_path_buf(),
+            map,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Scored> {
+        self.map.get(key).copied()
+    }
+
+    fn put(&mut self, key: String, s: Scored) -> Result<()> {
+        self.map.insert(key, s);
+        super::runner::write_atomic(&self.path, &serde_json::to_vec(&self.map)?)
+    }
+
+    /// The optimisation finished and its result is stored: the memo is no longer needed.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn scored_of(o: &Outcome, base_refusals: usize, kl_target: f64, kl_scale: f64) -> Scored {
+    Scored {
+        objective: objective(o, base_refusals, kl_target, kl_scale),
+        refusals: refusals(o),
+        n_bad: o.refused.len(),
+        kl: o.kl_mean(),
+    }
+}
+
 fn refusals(o: &Outcome) -> usize {
     o.refused.iter().filter(|x| **x).count()
 }
@@ -199,6 +253,7 @@ pub fn search_edit(
     prepared: &variant::Prepared,
     spec: &SearchSpec,
     label: &str,
+    memo: &mut Memo,
 ) -> Result<(AblationParams, f64, usize, Vec<Trial>)> {
     let base_refusals = refusals(&sel.base);
     let space = search_space(lm.model.num_layers(), &v.ablation);
@@ -208,36 +263,49 @@ pub fn search_edit(
     let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
     let mut f = |x: &[f64]| -> Result<f64> {
         let t = Instant::now();
-        let params = params_at(&v.ablation, &names, x);
-        let mut vv = v.clone();
-        vv.ablation = params;
-        let pb = progress_bar(
-            n_work,
-            &format!("{label} search {}/{}", trials.len() + 1, spec.trials),
-        );
-        let o = variant::score(lm, &sel.evaluator, &vv, prepared, |_, n| pb.inc(n as u64))?;
-        pb.finish_and_clear();
-        let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
+        let key = format!("{x:?}");
+        let (sc, kept) = match memo.get(&key) {
+            Some(sc) => (sc, true),
+            None => {
+                let mut vv = v.clone();
+                vv.ablation = params_at(&v.ablation, &names, x);
+                let pb = progress_bar(
+                    n_work,
+                    &format!("{label} search {}/{}", trials.len() + 1, spec.trials),
+                );
+                let o = variant::score(lm, &sel.evaluator, &vv, prepared, |_, n| pb.inc(n as u64))?;
+                pb.finish_and_clear();
+                let sc = scored_of(&o, base_refusals, spec.kl_target, spec.kl_scale);
+                memo.put(key, sc)?;
+                (sc, false)
+            }
+        };
         eprintln!(
-            "  search {label} trial {:>2}/{}: refusals {}/{} KL {:.4} -> objective {obj:.4}",
+            "  search {label} trial {:>2}/{}: refusals {}/{} KL {:.4} -> objective {:.4}{}",
             trials.len() + 1,
             spec.trials,
-            refusals(&o),
-            o.refused.len(),
-            o.kl_mean()
+            sc.refusals,
+            sc.n_bad,
+            sc.kl,
+            sc.objective,
+            if kept {
+                " (kept from an interrupted run)"
+            } else {
+                ""
+            }
         );
         trials.push(Trial {
             index: trials.len(),
             params: names.iter().cloned().zip(x.iter().copied()).collect(),
             dims: None,
-            objective: obj,
-            refusals: refusals(&o),
-            n_bad: o.refused.len(),
-            kl: o.kl_mean(),
+            objective: sc.objective,
+            refusals: sc.refusals,
+            n_bad: sc.n_bad,
+            kl: sc.kl,
             scored: true,
             seconds: t.elapsed().as_secs_f64(),
         });
-        Ok(obj)
+        Ok(sc.objective)
     };
     minimise(&bounds, spec.trials, spec.seed, &mut f)?;
     let b = best(&trials).expect("at least one trial").clone();
@@ -262,6 +330,7 @@ pub fn tune_thresholds(
     scan: &Scan,
     data: &DirectionData,
     spec: &TuneSpec,
+    memo: &mut Memo,
 ) -> Result<TuneResult> {
     let t0 = Instant::now();
     let base_refusals = refusals(&sel.base);
@@ -275,7 +344,8 @@ pub fn tune_thresholds(
         .detect
         .clone()
         .ok_or_else(|| anyhow::anyhow!("tuned variant {} has no detection", v.name))?;
-    let mut by_dims: BTreeMap<Vec<u32>, (f64, usize, usize, f64)> = BTreeMap::new();
+    // Dim sets met so far in this trace (a trial is `scored` when its dims are new here).
+    let mut seen: std::collections::BTreeSet<Vec<u32>> = Default::default();
     let mut trials: Vec<Trial> = Vec::new();
     let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
     let mut f = |x: &[f64]| -> Result<f64> {
@@ -288,8 +358,10 @@ pub fn tune_thresholds(
             params.insert(k.clone(), val);
         }
         let dims = detect::apply(&cfg, scan)?.dim_ids();
-        let (obj, k, n, kl, scored) = match by_dims.get(&dims) {
-            Some(&(obj, k, n, kl)) => (obj, k, n, kl, false),
+        let key = format!("{dims:?}");
+        let scored = seen.insert(dims.clone());
+        let (sc, kept) = match memo.get(&key) {
+            Some(sc) => (sc, scored),
             None => {
                 let prepared = variant::prepare_with_dims(data, v, &dims)?;
                 let pb = progress_bar(
@@ -298,12 +370,12 @@ pub fn tune_thresholds(
                 );
                 let o = variant::score(lm, &sel.evaluator, v, &prepared, |_, n| pb.inc(n as u64))?;
                 pb.finish_and_clear();
-                let obj = objective(&o, base_refusals, spec.kl_target, spec.kl_scale);
-                let entry = (obj, refusals(&o), o.refused.len(), o.kl_mean());
-                by_dims.insert(dims.clone(), entry);
-                (entry.0, entry.1, entry.2, entry.3, true)
+                let sc = scored_of(&o, base_refusals, spec.kl_target, spec.kl_scale);
+                memo.put(key, sc)?;
+                (sc, false)
             }
         };
+        let obj = sc.objective;
         eprintln!(
             "  tune {} r{replicate} trial {:>2}/{}: {} -> dims {} objective {:.4}{}",
             v.name,
@@ -316,16 +388,22 @@ pub fn tune_thresholds(
                 .join(" "),
             super::runner::dims_summary(&dims),
             obj,
-            if scored { "" } else { " (dims seen before)" }
+            if kept {
+                " (kept from an interrupted run)"
+            } else if scored {
+                ""
+            } else {
+                " (dims seen before)"
+            }
         );
         trials.push(Trial {
             index: trials.len(),
             params,
             dims: Some(dims),
             objective: obj,
-            refusals: k,
-            n_bad: n,
-            kl,
+            refusals: sc.refusals,
+            n_bad: sc.n_bad,
+            kl: sc.kl,
             scored,
             seconds: t.elapsed().as_secs_f64(),
         });

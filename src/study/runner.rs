@@ -508,6 +508,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                         "tuning {} on the selection split ({} trials)",
                         pv.variant.name, spec.trials
                     );
+                    let mut memo = optimize::Memo::load(&path.with_extension("partial"));
                     let r = optimize::tune_thresholds(
                         &mut lm,
                         sel,
@@ -517,8 +518,10 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                         scan,
                         &rep.data,
                         spec,
+                        &mut memo,
                     )?;
                     write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
+                    memo.remove();
                     eprintln!(
                         "tuned {} r{seed}: {} -> dims {} (selection objective {:.4}; {} distinct dim sets scored, {:.0} s)",
                         pv.variant.name,
@@ -599,6 +602,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                             .context("ablation.search needs datasets.selection")?;
                         let t = Instant::now();
                         let label = format!("r{seed} {}", trunc(&members[0].variant.name, 24));
+                        let mut memo = optimize::Memo::load(&spath.with_extension("partial"));
                         let (params, objective, base_refusals, trials) = optimize::search_edit(
                             &mut lm,
                             sel,
@@ -606,6 +610,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                             &data,
                             spec,
                             &label,
+                            &mut memo,
                         )?;
                         let sr = SearchResult {
                             key: key.clone(),
@@ -618,6 +623,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                             seconds: t.elapsed().as_secs_f64(),
                         };
                         write_atomic(&spath, &serde_json::to_vec_pretty(&sr)?)?;
+                        memo.remove();
                         sr
                     }
                 };
