@@ -780,34 +780,36 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
     if results.is_dir() {
         for rep in fs::read_dir(&results)? {
             let rep = rep?.path();
+            // Per-replicate files are named for their replicate's folder, r<seed>.
+            let seed: u64 = rep
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix('r'))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             for f in fs::read_dir(&rep)? {
                 let p = f?.path();
-                if p.extension().is_some_and(|x| x == "json") {
-                    if p.file_name().is_some_and(|n| n == "detection.json") {
-                        let seed: u64 = rep
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .and_then(|n| n.strip_prefix('r'))
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(0);
+                if !p.extension().is_some_and(|x| x == "json") {
+                    continue;
+                }
+                let bytes = fs::read(&p)?;
+                let unreadable = || format!("{} is unreadable", p.display());
+                match p.file_name().and_then(|n| n.to_str()) {
+                    Some("detection.json") => {
                         detections.insert(
                             seed,
-                            serde_json::from_slice(&fs::read(&p)?)
-                                .with_context(|| format!("{} is unreadable", p.display()))?,
+                            serde_json::from_slice(&bytes).with_context(unreadable)?,
                         );
-                        continue;
                     }
-                    if p.file_name().is_some_and(|n| n == "reference.json") {
-                        let seed: u64 = rep
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .and_then(|n| n.strip_prefix('r'))
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(0);
-                        references.insert(seed, serde_json::from_slice(&fs::read(&p)?)?);
-                    } else {
-                        let r: ScoreRecord = serde_json::from_slice(&fs::read(&p)?)
-                            .with_context(|| format!("{} is unreadable", p.display()))?;
+                    Some("reference.json") => {
+                        references.insert(
+                            seed,
+                            serde_json::from_slice(&bytes).with_context(unreadable)?,
+                        );
+                    }
+                    _ => {
+                        let r: ScoreRecord =
+                            serde_json::from_slice(&bytes).with_context(unreadable)?;
                         scores.insert((r.replicate, r.key.clone()), r);
                     }
                 }
