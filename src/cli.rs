@@ -451,7 +451,8 @@ fn direction_pass(
 }
 
 pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
-    use crate::evaluate::{compare, finish_comparisons, EvalOptions, Evaluator, RefusalClassifier};
+    use crate::evaluate::compare::{self, StatsSettings};
+    use crate::evaluate::{EvalOptions, Evaluator, RefusalClassifier};
     use crate::study::variant;
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
     let mut lm = model::load(&a.model)?;
@@ -513,16 +514,25 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
         );
         rows.push((var.name.clone(), out, prep.dims));
     }
-    let mut comps = Vec::new();
-    for (name, out, _) in rows.iter().skip(1) {
-        comps.push(compare((name, out), ("unedited", &rows[0].1), 1));
-        if name != "none" {
-            if let Some((_, none_out, _)) = rows.iter().find(|r| r.0 == "none") {
-                comps.push(compare((name, out), ("none", none_out), 2));
-            }
-        }
-    }
-    finish_comparisons(&mut comps, 0.05);
+    // The family here: every variant against the unedited model and against `none`.
+    let st = StatsSettings {
+        references: vec!["unedited".into(), "none".into()],
+        ..StatsSettings::default()
+    };
+    // Rows: the unedited model (a reference by name), then each variant.
+    let items: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (name, o, _))| {
+            let hs = if i == 0 {
+                vec![]
+            } else {
+                variants[i - 1].handlings.clone()
+            };
+            (name.clone(), hs, 0u64, format!("row{i}"), o)
+        })
+        .collect();
+    let fam = compare::family(compare::arms(&items, &st), &st);
     if json {
         let v = serde_json::json!({
             "model": a.model,
@@ -532,7 +542,11 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
                 "over_refusals": o.over_refusal_rate(), "seconds": o.seconds,
                 "per_prompt": {"refused": o.refused, "replies": o.replies, "kl": o.kl, "over_refused": o.over_refused},
             })).collect::<Vec<_>>(),
-            "comparisons": comps,
+            "comparisons": fam.comparisons.iter().map(|c| serde_json::json!({
+                "variant": fam.arms[c.variant].names, "reference": fam.arms[c.reference].names,
+                "refusals": c.refusals, "kl": c.kl, "discordant": c.mcnemar,
+            })).collect::<Vec<_>>(),
+            "family": {"tests": fam.tests, "correction": st.correction, "alpha": st.alpha, "sign_flip_resamples": fam.reps},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -562,13 +576,25 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
             dims
         );
     }
-    println!("comparisons (Holm-corrected over this table, alpha 0.05; lower is better):");
-    for c in &comps {
+    println!(
+        "comparisons ({} tests, {} at alpha {}; intervals at each test's adjusted level; lower is better):",
+        fam.tests,
+        st.correction.describe(),
+        st.alpha
+    );
+    for c in &fam.comparisons {
+        let (r, k) = (&c.refusals, &c.kl);
         println!(
-            "  {} vs {}: refusals {:+.1} pts (only variant {}, only reference {}; McNemar p {:.3}, adj {:.3}) -> {}; KL {:+.4} [{:+.4}, {:+.4}] (bootstrap p {:.3}, adj {:.3}) -> {}",
-            c.variant, c.reference, 100.0 * c.refusals.diff, c.refusals.only_variant, c.refusals.only_reference,
-            c.refusals.p, c.refusals_p_adj, c.refusals_verdict.label(), c.kl.estimate, c.kl.lo, c.kl.hi, c.kl.p,
-            c.kl_p_adj, c.kl_verdict.label()
+            "  {} vs {}: refusals {:+.1} pts [{:+.1}, {:+.1}] (only variant {}, only reference {}; McNemar p {:.3}, adj {:.3}) -> {}; KL {:+.4} [{:+.4}, {:+.4}] (sign-flip p {:.2e}, adj {:.2e}) -> {}",
+            fam.arms[c.variant].label(), fam.arms[c.reference].label(),
+            100.0 * r.estimate, 100.0 * r.lo, 100.0 * r.hi, c.mcnemar.b, c.mcnemar.c, r.p, r.p_adjusted, r.verdict.label(),
+            k.estimate, k.lo, k.hi, k.p, k.p_adjusted, k.verdict.label()
+        );
+    }
+    for i in &fam.identical {
+        println!(
+            "  {} vs {}: identical (the same score)",
+            i.variant, i.reference
         );
     }
     Ok(())
@@ -595,5 +621,134 @@ pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
         out.display(),
         summary.edited.len()
     );
+    Ok(())
+}
+
+pub struct PowerArgs {
+    pub run_dir: Option<std::path::PathBuf>,
+    pub refusal_points: Option<f64>,
+    pub kl: Option<f64>,
+    pub prompts: Option<usize>,
+    pub discordance: f64,
+    pub kl_sd: f64,
+    pub alpha: f64,
+    pub tests: usize,
+    pub power: f64,
+}
+
+fn fmt_prompts(n: Option<f64>) -> String {
+    n.map_or("–".into(), |n| format!("{:.0}", n.ceil()))
+}
+
+/// `outlierlab power`: what a run could detect, or what a planned study would need.
+pub fn power(a: &PowerArgs) -> Result<()> {
+    use crate::stats::power as pw;
+    if !(a.power > 0.5 && a.power < 1.0) {
+        bail!("--power must lie in (0.5, 1), got {}", a.power);
+    }
+    if !(a.alpha > 0.0 && a.alpha <= 0.5) {
+        bail!("--alpha must lie in (0, 0.5], got {}", a.alpha);
+    }
+    let Some(dir) = &a.run_dir else {
+        let n = a.prompts.ok_or_else(|| {
+            anyhow::anyhow!("give a run directory, or --prompts N for a study not yet run")
+        })?;
+        if a.tests == 0 {
+            bail!("--tests must be at least 1");
+        }
+        let level = a.alpha / a.tests as f64;
+        let nf = n as f64;
+        println!(
+            "{n} prompts per arm, level {level:.3e} (alpha {} / {} tests), power {:.0}%:",
+            a.alpha,
+            a.tests,
+            100.0 * a.power
+        );
+        let mdd = pw::mcnemar_mdd(a.discordance, nf, level, a.power);
+        println!(
+            "  refusals (discordance {:.0}%): smallest detectable difference {}",
+            100.0 * a.discordance,
+            mdd.map_or("– (more than the discordance)".into(), |m| format!(
+                "{:.1} points",
+                100.0 * m
+            ))
+        );
+        if let Some(d) = a.refusal_points {
+            println!(
+                "  {d} refusal points need {} prompts per arm",
+                fmt_prompts(pw::mcnemar_prompts_needed(
+                    d / 100.0,
+                    a.discordance,
+                    level,
+                    a.power
+                ))
+            );
+        }
+        println!(
+            "  KL (sd of differences {}): smallest detectable difference {:.4}",
+            a.kl_sd,
+            pw::mean_mdd(a.kl_sd, nf, level, a.power)
+        );
+        if let Some(k) = a.kl {
+            println!(
+                "  a KL difference of {k} needs {} prompts per arm",
+                fmt_prompts(pw::mean_prompts_needed(k, a.kl_sd, level, a.power))
+            );
+        }
+        return Ok(());
+    };
+    let r = crate::study::runner::read_results(dir)?;
+    let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    let mut st = if text.is_empty() {
+        crate::evaluate::compare::StatsSettings::default()
+    } else {
+        crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?
+            .file
+            .statistics
+    };
+    st.power = a.power;
+    st.alpha = a.alpha;
+    let fam = crate::report::run_family(&r, &st);
+    let want_r = a.refusal_points.unwrap_or(st.margins.refusals) / 100.0;
+    let want_k = a.kl.unwrap_or(st.margins.kl);
+    println!(
+        "{}: {} comparisons, {} tests, {} at alpha {}; power {:.0}%; each at the level its correction held it to",
+        dir.display(),
+        fam.comparisons.len(),
+        fam.tests,
+        st.correction.describe(),
+        st.alpha,
+        100.0 * a.power
+    );
+    println!(
+        "  (prompts needed are per arm, pooled over replicates; 'for {:.1} pts' / 'for KL {}' are the differences asked for)",
+        100.0 * want_r,
+        want_k
+    );
+    for c in &fam.comparisons {
+        let (rt, kt) = (&c.refusals, &c.kl);
+        let pi = c.mcnemar.discordance();
+        println!(
+            "{} vs {}:\n  refusals: n {}, discordance {:.1}%, observed {:+.1} pts ({}), MDD {}, prompts for {:.1} pts: {}, for the observed: {}\n  KL: n {}, sd {:.4}, observed {:+.4} ({}), MDD {}, prompts for {}: {}, for the observed: {}",
+            fam.arms[c.variant].label(),
+            fam.arms[c.reference].label(),
+            rt.n,
+            100.0 * pi,
+            100.0 * rt.estimate,
+            rt.verdict.label(),
+            rt.mdd.map_or("– (more than the discordance)".into(), |m| format!("{:.1} pts", 100.0 * m)),
+            100.0 * want_r,
+            fmt_prompts(pw::mcnemar_prompts_needed(want_r, pi.max(want_r), rt.level, a.power)),
+            fmt_prompts(rt.prompts_needed),
+            kt.n,
+            c.kl_sd,
+            kt.estimate,
+            kt.verdict.label(),
+            kt.mdd.map_or("–".into(), |m| format!("{m:.4}")),
+            want_k,
+            fmt_prompts(pw::mean_prompts_needed(want_k, c.kl_sd, kt.level, a.power)),
+            fmt_prompts(kt.prompts_needed),
+        );
+    }
     Ok(())
 }

@@ -136,6 +136,48 @@ enum Command {
         /// Output folder (default reports/<run-name>).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Override the study's significance level α.
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Override the study's multiplicity correction: holm (family-wise error), bh
+        /// (false-discovery rate) or none.
+        #[arg(long, value_parser = ["holm", "bh", "none"])]
+        correction: Option<String>,
+    },
+    /// How many prompts a difference needs, and what a finished run could detect.
+    ///
+    /// With a run directory: for every distinct comparison of its report, the smallest refusal
+    /// and KL difference it could detect at the given power (at the level its correction held it
+    /// to), and the prompts that --refusal-points / --kl (default: the study's margins) and the
+    /// observed differences would need. Without one: a calculator for --prompts pairs at
+    /// --discordance (share of prompts on which the two arms' refusal outcomes differ) and
+    /// --kl-sd (standard deviation of per-prompt KL differences), at level --alpha / --tests
+    /// (Bonferroni: Holm's strictest step).
+    Power {
+        /// A finished run directory (optional).
+        run_dir: Option<std::path::PathBuf>,
+        /// The refusal-rate difference to detect, in points.
+        #[arg(long)]
+        refusal_points: Option<f64>,
+        /// The KL difference to detect.
+        #[arg(long)]
+        kl: Option<f64>,
+        /// Without a run: prompts per arm.
+        #[arg(long)]
+        prompts: Option<usize>,
+        /// Without a run: share of prompts whose refusal outcome differs between the arms.
+        #[arg(long, default_value_t = 0.2)]
+        discordance: f64,
+        /// Without a run: standard deviation of the per-prompt KL differences.
+        #[arg(long, default_value_t = 0.02)]
+        kl_sd: f64,
+        #[arg(long, default_value_t = 0.05)]
+        alpha: f64,
+        /// Without a run: tests in the family (the level is alpha / tests).
+        #[arg(long, default_value_t = 1)]
+        tests: usize,
+        #[arg(long, default_value_t = 0.8)]
+        power: f64,
     },
     /// List the built-in prompt sets.
     Datasets,
@@ -316,12 +358,44 @@ fn run(cli: Cli) -> Result<()> {
             outlierlab::study::runner::merge(&into, &shards)?;
             println!("merged {} shard(s) into {}", shards.len(), into.display());
         }
-        Command::Report { run_dir, out } => {
+        Command::Report {
+            run_dir,
+            out,
+            alpha,
+            correction,
+        } => {
             let dir =
                 out.unwrap_or_else(|| std::path::PathBuf::from("reports").join(run_name(&run_dir)));
-            let p = outlierlab::report::render(&run_dir, &dir)?;
+            let overrides = outlierlab::report::Overrides {
+                alpha,
+                correction: correction
+                    .as_deref()
+                    .and_then(outlierlab::stats::family::Correction::parse),
+            };
+            let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
             println!("{}", p.display());
         }
+        Command::Power {
+            run_dir,
+            refusal_points,
+            kl,
+            prompts,
+            discordance,
+            kl_sd,
+            alpha,
+            tests,
+            power,
+        } => outlierlab::cli::power(&outlierlab::cli::PowerArgs {
+            run_dir,
+            refusal_points,
+            kl,
+            prompts,
+            discordance,
+            kl_sd,
+            alpha,
+            tests,
+            power,
+        })?,
         Command::Datasets => {
             for m in outlierlab::datasets::manifests() {
                 let from = m.source.as_ref().map_or_else(

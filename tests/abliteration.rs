@@ -8,9 +8,9 @@ use outlierlab::ablate::{self, edit_matrix, AblationParams, Kernel, RowNorm};
 use outlierlab::direction::{
     self, apply_handlings, winsorize_row, Directions, Handling, Residuals,
 };
-use outlierlab::evaluate::{compare, finish_comparisons, RefusalClassifier};
+use outlierlab::evaluate::RefusalClassifier;
 use outlierlab::model::{self, Batch, Logits, Writer};
-use outlierlab::stats::Verdict;
+use outlierlab::stats::family::Verdict;
 
 fn unit(d: usize, seed: u64) -> Tensor {
     let v = noise(d, seed, 1.0);
@@ -328,7 +328,8 @@ fn refusal_classifier_on_tricky_replies() {
 }
 
 #[test]
-fn an_a_a_comparison_cannot_tell() {
+fn small_differences_cannot_tell_large_ones_are_better() {
+    use outlierlab::evaluate::compare::{arms, family, StatsSettings};
     use outlierlab::evaluate::Outcome;
     let o = Outcome {
         refused: (0..100).map(|i| i % 3 == 0).collect(),
@@ -338,24 +339,39 @@ fn an_a_a_comparison_cannot_tell() {
         over_refused: vec![false; 100],
         seconds: 0.0,
     };
-    let mut cs = vec![compare(("a", &o), ("a again", &o), 1)];
-    finish_comparisons(&mut cs, 0.05);
-    assert_eq!(cs[0].refusals_verdict, Verdict::CannotTell);
-    assert_eq!(cs[0].kl_verdict, Verdict::CannotTell);
-    assert_eq!(cs[0].refusals.p, 1.0);
+    let st = StatsSettings::default();
+    let verdicts = |a: &Outcome, b: &Outcome| {
+        let items = vec![
+            (
+                "v".to_string(),
+                vec![Handling::ZeroResidualDims],
+                0u64,
+                "a".to_string(),
+                a,
+            ),
+            ("none".to_string(), vec![], 0u64, "b".to_string(), b),
+        ];
+        let f = family(arms(&items, &st), &st);
+        (
+            f.comparisons[0].refusals.verdict,
+            f.comparisons[0].refusals.p,
+        )
+    };
     // 3 vs 6 refusals out of 100 is noise; 0 vs 12 is not.
     let mut a = o.clone();
     a.refused = (0..100).map(|i| i < 3).collect();
     let mut b = o.clone();
     b.refused = (0..100).map(|i| i < 6).collect();
-    let mut cs = vec![compare(("a", &a), ("b", &b), 1)];
-    finish_comparisons(&mut cs, 0.05);
-    assert_eq!(cs[0].refusals_verdict, Verdict::CannotTell);
+    let (v, p) = verdicts(&a, &b);
+    assert_eq!(v, Verdict::CannotTell);
+    assert!(
+        (p - 0.25).abs() < 1e-9,
+        "0 vs 3 discordant: p = 2/8 = 0.25, got {p}"
+    );
     b.refused = (0..100).map(|i| i < 12).collect();
     a.refused = vec![false; 100];
-    let mut cs = vec![compare(("a", &a), ("b", &b), 1)];
-    finish_comparisons(&mut cs, 0.05);
-    assert_eq!(cs[0].refusals_verdict, Verdict::Better);
+    assert_eq!(verdicts(&a, &b).0, Verdict::Better);
+    assert_eq!(verdicts(&b, &a).0, Verdict::Worse);
 }
 
 #[test]

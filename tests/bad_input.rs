@@ -164,34 +164,139 @@ fn folder_without_weights() {
     );
 }
 
+/// A wheel built here, served by a package index on 127.0.0.1 that the test runs itself: pip's
+/// download path end to end, with nothing from the network.
+fn local_wheel() -> (Vec<u8>, String) {
+    use std::io::Write;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let opt = zip::write::SimpleFileOptions::default();
+        let files = [
+            ("tinyasset/data.txt", "the asset's bytes\n".to_string()),
+            (
+                "tinyasset-0.1.0.dist-info/METADATA",
+                "Metadata-Version: 2.1\nName: tinyasset\nVersion: 0.1.0\n".to_string(),
+            ),
+            (
+                "tinyasset-0.1.0.dist-info/WHEEL",
+                "Wheel-Version: 1.0\nGenerator: outlierlab-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+                    .to_string(),
+            ),
+            ("tinyasset-0.1.0.dist-info/RECORD", String::new()),
+        ];
+        for (name, body) in files {
+            z.start_file(name, opt).unwrap();
+            z.write_all(body.as_bytes()).unwrap();
+        }
+        z.finish().unwrap();
+    }
+    let bytes = buf.into_inner();
+    let sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    (bytes, sha)
+}
+
+/// Serves a PEP 503 index with one wheel until the test ends; returns the index URL.
+fn serve_index(wheel: Vec<u8>, sha: String) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    const NAME: &str = "tinyasset-0.1.0-py3-none-any.whl";
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut s) = stream else { continue };
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req);
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (status, ctype, body): (&str, &str, Vec<u8>) = if path
+                .starts_with("/simple/tinyasset")
+            {
+                let page = format!(
+                    "<!DOCTYPE html><html><body><a href=\"/files/{NAME}#sha256={sha}\">{NAME}</a></body></html>"
+                );
+                ("200 OK", "text/html", page.into_bytes())
+            } else if path == format!("/files/{NAME}") {
+                ("200 OK", "application/octet-stream", wheel.clone())
+            } else {
+                ("404 Not Found", "text/plain", b"not here".to_vec())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://127.0.0.1:{port}/simple/")
+}
+
 #[test]
-fn registry_file_with_wrong_sha256_is_refused() {
+fn registry_download_is_verified_and_a_wrong_sha256_refused() {
     use outlierlab::assets::{ensure_in, Asset, Part};
-    let tmp = tempfile::tempdir().unwrap();
-    // A real, tiny wheel from the registry, with a deliberately wrong expected hash.
-    let asset = Asset {
-        alias: "six-as-a-model".into(),
+    let (wheel, wheel_sha) = local_wheel();
+    let member_sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(b"the asset's bytes\n")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let url = serve_index(wheel, wheel_sha.clone());
+    // pip reads its index from the environment; this test binary's only pip user is this test.
+    std::env::set_var("PIP_INDEX_URL", &url);
+    std::env::set_var("PIP_FIND_LINKS", "");
+    std::env::set_var("PIP_NO_CACHE_DIR", "1");
+    let asset = |archive_sha: &str, sha: &str| Asset {
+        alias: "tiny-as-a-model".into(),
         description: "test".into(),
         hub_id: "none".into(),
-        file_name: "six.py".into(),
-        sha256: "0000000000000000000000000000000000000000000000000000000000000000".into(),
-        size_hint: 35_000,
+        file_name: "data.txt".into(),
+        sha256: sha.into(),
+        size_hint: 18,
         parts: vec![Part {
-            requirement: "six==1.16.0".into(),
-            archive: "six-1.16.0-py2.py3-none-any.whl".into(),
-            archive_sha256: "1111111111111111111111111111111111111111111111111111111111111111"
-                .into(),
-            member: "six.py".into(),
+            requirement: "tinyasset==0.1.0".into(),
+            archive: "tinyasset-0.1.0-py3-none-any.whl".into(),
+            archive_sha256: archive_sha.into(),
+            member: "tinyasset/data.txt".into(),
         }],
         provenance_note: "".into(),
     };
-    let err = format!("{:#}", ensure_in(&asset, tmp.path()).unwrap_err());
+    // The right hashes: downloaded, checked, extracted into the cache.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = ensure_in(&asset(&wheel_sha, &member_sha), tmp.path()).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"the asset's bytes\n");
+    // A wrong wheel hash: refused, naming the file, and nothing unverified lands in the cache.
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = "1".repeat(64);
+    let err = format!(
+        "{:#}",
+        ensure_in(&asset(&wrong, &member_sha), tmp.path()).unwrap_err()
+    );
     assert!(
-        err.contains("six-1.16.0-py2.py3-none-any.whl has sha256"),
+        err.contains("tinyasset-0.1.0-py3-none-any.whl has sha256"),
         "{err}"
     );
-    assert!(
-        !tmp.path().join("six.py").exists(),
-        "nothing unverified may land in the cache"
+    assert!(!tmp.path().join("data.txt").exists());
+    // A wrong member hash: refused too.
+    let tmp = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        ensure_in(&asset(&wheel_sha, &wrong), tmp.path()).unwrap_err()
     );
+    assert!(err.contains("sha256"), "{err}");
+    assert!(!tmp.path().join("data.txt").exists());
 }

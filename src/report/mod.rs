@@ -5,7 +5,9 @@
 
 pub mod plots;
 
-use crate::evaluate::{compare, finish_comparisons, Comparison, Outcome};
+use crate::evaluate::compare::{self, Family, MetricTest, StatsSettings};
+use crate::evaluate::Outcome;
+use crate::stats::family::{Correction, Verdict};
 use crate::stats::{self, Rate};
 use crate::study::runner::{read_results, RunResults};
 use anyhow::{Context, Result};
@@ -33,30 +35,24 @@ fn mean_ci(x: &[f64], seed: u64) -> (f64, f64, f64) {
 
 struct Row<'a> {
     name: String,
+    handlings: Vec<crate::direction::Handling>,
     replicate: u64,
+    key: String,
     dims: Vec<u32>,
     shared: usize,
     outcome: &'a Outcome,
 }
 
 fn rows(r: &RunResults) -> Vec<Row<'_>> {
-    let names: BTreeMap<&str, &str> = r
-        .plan
-        .variants
-        .iter()
-        .map(|v| (v.id.as_str(), v.variant.name.as_str()))
-        .collect();
     let mut out = Vec::new();
     for pv in &r.plan.variants {
         for a in r.assignments.iter().filter(|a| a.variant_id == pv.id) {
             if let Some(s) = r.scores.get(&(a.replicate, a.key.clone())) {
                 out.push(Row {
-                    name: names
-                        .get(a.variant_id.as_str())
-                        .copied()
-                        .unwrap_or("?")
-                        .to_string(),
+                    name: pv.variant.name.clone(),
+                    handlings: pv.variant.handlings.clone(),
                     replicate: a.replicate,
+                    key: a.key.clone(),
                     dims: a.dims.clone(),
                     shared: s.variant_ids.len(),
                     outcome: &s.outcome,
@@ -67,72 +63,305 @@ fn rows(r: &RunResults) -> Vec<Row<'_>> {
     out
 }
 
-fn verdict_cell(c: &Comparison) -> String {
-    format!(
-        "{:+.0} pts, p={:.3} → **{}**; KL {:+.3} [{:+.3}, {:+.3}], p={:.3} → **{}**",
-        100.0 * c.refusals.diff,
-        c.refusals_p_adj,
-        c.refusals_verdict.label(),
-        c.kl.estimate,
-        c.kl.lo,
-        c.kl.hi,
-        c.kl_p_adj,
-        c.kl_verdict.label()
-    )
+/// What `outlierlab report` may override of the study's `statistics:` block.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub alpha: Option<f64>,
+    pub correction: Option<Correction>,
+}
+
+/// The study's statistics settings as stored with the run, with overrides applied.
+fn settings(dir: &Path, o: &Overrides) -> Result<(StatsSettings, String)> {
+    let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    let mut st = if text.is_empty() {
+        StatsSettings::default()
+    } else {
+        crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?
+            .file
+            .statistics
+    };
+    if let Some(a) = o.alpha {
+        st.alpha = a;
+    }
+    if let Some(c) = o.correction {
+        st.correction = c;
+    }
+    if let Some((field, msg)) = st.problem() {
+        anyhow::bail!("statistics.{field}: {msg}");
+    }
+    Ok((st, text))
+}
+
+/// Every variant of the run, grouped into arms (one per distinct score), and the family of
+/// comparisons between them.
+pub fn run_family<'a>(r: &'a RunResults, st: &StatsSettings) -> Family<'a> {
+    let items: Vec<_> = rows(r)
+        .into_iter()
+        .map(|x| (x.name, x.handlings, x.replicate, x.key, x.outcome))
+        .collect();
+    compare::family(compare::arms(&items, st), st)
+}
+
+/// A signed bound with enough digits that it never prints as a zero of the wrong side.
+fn bound(x: f64, scale: f64, decimals: usize) -> String {
+    if x.is_infinite() {
+        return if x > 0.0 {
+            "+∞".into()
+        } else {
+            "-∞".into()
+        };
+    }
+    let v = x * scale;
+    let mut d = decimals;
+    while d < 8
+        && v != 0.0
+        && format!("{:.*}", d, v.abs())
+            .trim_matches(['0', '.'])
+            .is_empty()
+    {
+        d += 1;
+    }
+    format!("{v:+.d$}")
+}
+
+fn p_cell(t: &MetricTest) -> String {
+    if t.p_adjusted < 1e-3 {
+        format!("{:.1e}", t.p_adjusted)
+    } else {
+        format!("{:.3}", t.p_adjusted)
+    }
+}
+
+fn level_cell(level: f64) -> String {
+    let c = 100.0 * (1.0 - level);
+    if c >= 99.95 {
+        format!("{:.3}%", c)
+    } else {
+        format!("{c:.1}%")
+    }
+}
+
+fn count(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.0}k", x / 1e3)
+    } else {
+        format!("{:.0}", x.ceil())
+    }
+}
+
+/// For *cannot tell*: what this comparison could have detected, and what the observed
+/// difference would need.
+fn power_cell(t: &MetricTest, scale: f64, unit: &str, decimals: usize) -> String {
+    if t.verdict != Verdict::CannotTell {
+        return String::new();
+    }
+    let mdd = match t.mdd {
+        Some(m) => format!("{:.*}{unit}", decimals, m * scale),
+        None if t.discordance == Some(0.0) => "undefined (no prompt differs)".into(),
+        None => "above the discordance".into(),
+    };
+    let need = match t.prompts_needed {
+        Some(n) => format!(
+            "; {} prompts for the observed {}",
+            count(n),
+            bound(t.estimate, scale, decimals)
+        ),
+        None if t.estimate == 0.0 => "; no difference observed".into(),
+        None => String::new(),
+    };
+    format!("MDD {mdd}{need}")
+}
+
+fn family_header(md: &mut String, f: &Family, reps: usize) -> Result<()> {
+    let st = &f.settings;
+    let ids: usize = f.identical.len();
+    writeln!(
+        md,
+        "**Family.** {} distinct comparisons between {} distinct scores (arms), each tested twice \
+         (refusals: exact McNemar; KL: sign-flip permutation test, {} resamples, smallest attainable \
+         p {:.1e}) = **{} tests**, corrected together with **{}** at **α = {}**. A comparison pairs two distinct \
+         scores on the same prompts, one of them a reference ({}); variants that share a score share its \
+         comparisons{}. Replicates are pooled into each comparison as strata ({} replicate(s)).\n",
+        f.comparisons.len(),
+        f.arms.len(),
+        f.reps,
+        1.0 / (f.reps + 1) as f64,
+        f.tests,
+        st.correction.describe(),
+        st.alpha,
+        st.references.iter().map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", "),
+        if ids > 0 {
+            format!(", and {ids} variant(s) whose score *is* a reference's are reported as *identical*, not tested")
+        } else {
+            String::new()
+        },
+        reps
+    )?;
+    writeln!(
+        md,
+        "**Intervals beside verdicts are adjusted**: each is printed at the confidence the correction held its \
+         test to (the *CI level* column; {}), and it inverts that same test, so an interval excludes 0 exactly when \
+         the verdict is *better* or *worse*. Refusal intervals are exact (Clopper–Pearson on the discordant split, \
+         widened by the bound on the discordance rate); KL intervals invert the sign-flip test. *equivalent* = \
+         not different and the adjusted interval within ±{} refusal points / ±{} KL; *cannot tell* = neither, \
+         with the minimum detectable difference (MDD) at {:.0}% power and the prompts the observed difference would \
+         need. Per-variant intervals in the replicate tables are 95% and unadjusted (descriptive).\n",
+        match st.correction {
+            Correction::Holm => "Holm: α/(m − j) at step j for rejected tests, the first failing step's level for the rest",
+            Correction::Bh => "Benjamini–Hochberg: max(R, 1)·α/m for every test, R the number rejected (false-coverage-rate intervals)",
+            Correction::None => "no correction: α",
+        },
+        st.margins.refusals,
+        st.margins.kl,
+        100.0 * st.power
+    )?;
+    Ok(())
+}
+
+fn verdict_counts(f: &Family) -> String {
+    let mut c: BTreeMap<&str, usize> = BTreeMap::new();
+    for x in &f.comparisons {
+        *c.entry(x.refusals.verdict.label()).or_default() += 1;
+        *c.entry(x.kl.verdict.label()).or_default() += 1;
+    }
+    ["better", "worse", "equivalent", "cannot tell"]
+        .iter()
+        .map(|k| format!("{} {k}", c.get(k).copied().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()> {
+    writeln!(md, "## Verdicts\n")?;
+    family_header(md, f, replicates)?;
+    writeln!(md, "Verdicts: {} ({} tests).\n", verdict_counts(f), f.tests)?;
+    if !f.identical.is_empty() {
+        writeln!(
+            md,
+            "Identical (the same score as the reference, not tested): {}.\n",
+            f.identical
+                .iter()
+                .map(|i| format!("`{}` = `{}`", i.variant, i.reference))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
+    let multi = replicates > 1;
+    writeln!(
+        md,
+        "| variant (arm) | reference | refusals Δ pts [adjusted CI] | p adj. | CI level | verdict | KL Δ [adjusted CI] | p adj. | CI level | verdict | power (for *cannot tell*) |{}",
+        if multi { " per-replicate Δ (refusal pts; KL) |" } else { "" }
+    )?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|{}",
+        if multi { "---|" } else { "" }
+    )?;
+    for c in &f.comparisons {
+        let (r, k) = (&c.refusals, &c.kl);
+        let power = [power_cell(r, 100.0, " pts", 1), power_cell(k, 1.0, "", 4)];
+        let power: Vec<String> = ["refusals", "KL"]
+            .iter()
+            .zip(power)
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(m, p)| format!("{m}: {p}"))
+            .collect();
+        let spread = |v: &[f64], s: f64, d: usize| -> String {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{} … {}", bound(lo, s, d), bound(hi, s, d))
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} [{}, {}] | {} | {} | **{}** | {} [{}, {}] | {} | {} | **{}** | {} |{}",
+            format!(
+                "A{}: {}",
+                c.variant + 1,
+                escape_cell(&f.arms[c.variant].label())
+            ),
+            format!(
+                "A{}: {}",
+                c.reference + 1,
+                escape_cell(&f.arms[c.reference].label())
+            ),
+            bound(r.estimate, 100.0, 1),
+            bound(r.lo, 100.0, 1),
+            bound(r.hi, 100.0, 1),
+            p_cell(r),
+            level_cell(r.level),
+            r.verdict.label(),
+            bound(k.estimate, 1.0, 4),
+            bound(k.lo, 1.0, 4),
+            bound(k.hi, 1.0, 4),
+            p_cell(k),
+            level_cell(k.level),
+            k.verdict.label(),
+            power.join("<br>"),
+            if multi {
+                format!(
+                    " {}; {} |",
+                    spread(&r.per_replicate, 100.0, 1),
+                    spread(&k.per_replicate, 1.0, 4)
+                )
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn key_seed(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn escape_cell(s: &str) -> String {
+    s.replace('|', "\\|")
 }
 
 /// Renders `report.md` for the run in `dir` into `out`; returns its path.
 pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
+    render_with(dir, out, &Overrides::default())
+}
+
+/// As [`render`], with the study's α or correction overridden.
+pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<PathBuf> {
     let r = read_results(dir)?;
-    let study = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    let (st, study) = settings(dir, overrides)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "run".into());
     let rows = rows(&r);
+    let fam = run_family(&r, &st);
+    let arm_of = |name: &str| -> Option<usize> {
+        fam.arms
+            .iter()
+            .position(|a| a.names.iter().any(|n| n == name))
+    };
     let mut md = String::new();
     writeln!(md, "# {name}\n")?;
     writeln!(
         md,
         "Rendered by outlierlab {} from `{}` ({} variants, {} replicate(s), {} distinct scores). \
-         Lower is better for refusals and KL. Intervals are 95% (Wilson for rates, paired bootstrap for KL). \
-         Verdicts compare each variant with `none` and with the winsorisation baseline on the same prompts \
-         (exact McNemar for refusals, paired bootstrap for KL), Holm-corrected over every comparison in the table, α = 0.05; \
-         *cannot tell* means the data do not separate the two.\n",
+         Lower is better for refusals and KL. Verdicts: {} ({} tests, {} at α = {}; see *Verdicts*).\n",
         env!("CARGO_PKG_VERSION"),
         dir.display(),
         r.plan.variants.len(),
         r.plan.replicates.len(),
-        r.scores.len()
+        r.scores.len(),
+        verdict_counts(&fam),
+        fam.tests,
+        st.correction.describe(),
+        st.alpha
     )?;
     for (&seed, base) in &r.references {
         let here: Vec<&Row> = rows.iter().filter(|x| x.replicate == seed).collect();
-        let none = here.iter().find(|x| x.name == "none");
-        let winsor = here.iter().find(|x| x.name.starts_with("winsorize"));
-        let mut comps: Vec<Comparison> = Vec::new();
-        let mut index: Vec<(usize, Option<usize>, Option<usize>)> = Vec::new();
-        for (i, row) in here.iter().enumerate() {
-            let a = none.filter(|n| n.name != row.name).map(|n| {
-                comps.push(compare(
-                    (&row.name, row.outcome),
-                    ("none", n.outcome),
-                    7 + i as u64,
-                ));
-                comps.len() - 1
-            });
-            let b = winsor
-                .filter(|w| w.name != row.name && row.name != "none")
-                .map(|w| {
-                    comps.push(compare(
-                        (&row.name, row.outcome),
-                        (&w.name, w.outcome),
-                        1007 + i as u64,
-                    ));
-                    comps.len() - 1
-                });
-            index.push((i, a, b));
-        }
-        finish_comparisons(&mut comps, 0.05);
         writeln!(md, "## Replicate {seed}\n")?;
         let kl0 = mean_ci(&base.kl, seed);
         writeln!(
@@ -146,15 +375,16 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
             },
             kl0.0
         )?;
-        writeln!(md, "| variant | detected dims | refusals | KL (mean, 95% CI) | over-refusals | vs none | vs {} | shared score |", winsor.map_or("winsorize".into(), |w| w.name.clone()))?;
-        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
-        for (i, a, b) in index {
-            let row = here[i];
-            let kl = mean_ci(&row.outcome.kl, seed + i as u64);
+        writeln!(md, "| variant | arm | detected dims | refusals (95% Wilson) | KL (mean, 95% CI) | over-refusals | shared score |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        for row in &here {
+            // Seeded by the score, so variants that share a score show the same interval.
+            let kl = mean_ci(&row.outcome.kl, seed ^ key_seed(&row.key));
             writeln!(
                 md,
-                "| {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} |",
                 row.name,
+                arm_of(&row.name).map_or("–".into(), |a| format!("A{}", a + 1)),
                 dims_cell(&row.dims),
                 pct(&row.outcome.refusal_rate()),
                 kl.0,
@@ -165,8 +395,6 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
                 } else {
                     pct(&row.outcome.over_refusal_rate())
                 },
-                a.map_or("–".into(), |j| verdict_cell(&comps[j])),
-                b.map_or("–".into(), |j| verdict_cell(&comps[j])),
                 if row.shared > 1 {
                     format!("{} variants", row.shared)
                 } else {
@@ -176,6 +404,7 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
         }
         writeln!(md)?;
     }
+    verdict_section(&mut md, &fam, r.plan.replicates.len())?;
     let points = pooled_points(&r);
     detected_dims_section(&mut md, &r)?;
     criteria_section(&mut md, &r)?;
@@ -203,9 +432,17 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
     writeln!(md, "## How to read the verdicts\n")?;
     writeln!(
         md,
-        "Each verdict asks one question: on these prompts, is the variant's refusal rate (or KL) lower than the reference's by more than chance allows? \
-         *better*/*worse* need a Holm-adjusted p below 0.05; with 100 prompts, 3 vs 6 refusals (p ≈ 0.5) is *cannot tell*. \
-         A variant that is *better* on refusals and *worse* on KL moved along the trade-off rather than past it.\n"
+        "Each verdict answers one question about two distinct scores on the same prompts. *better* / *worse*: the \
+         difference survives the family's correction ({}) — its adjusted interval excludes 0. *equivalent*: it does \
+         not, and the adjusted interval lies within the margins (±{} refusal points, ±{} KL), so any difference is \
+         smaller than what the study calls negligible. *cannot tell*: neither — the data do not separate the two \
+         *and* do not show them close; the power column says the smallest difference this comparison could have \
+         detected and how many prompts the observed difference would need. *identical*: the variant's edit gave the \
+         reference's own score (e.g. a detector that found no dims), so there is nothing to test. A variant that is \
+         *better* on refusals and *worse* on KL moved along the trade-off rather than past it.\n",
+        st.correction.describe(),
+        st.margins.refusals,
+        st.margins.kl
     )?;
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
     let path = out.join("report.md");

@@ -4,6 +4,7 @@
 use crate::ablate::{AblationParams, Kernel, RowNorm};
 use crate::detect::{self, DetectConfig};
 use crate::direction::Handling;
+use crate::evaluate::compare::{is_handling_selector, StatsSettings};
 use crate::evaluate::EvalOptions;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,10 @@ pub struct StudyFile {
     /// evaluation prompts (fit / select / report).
     #[serde(default)]
     pub tune: Vec<TuneSpec>,
+    /// How comparisons are decided: α, the multiplicity correction, which variants are
+    /// references, equivalence margins, power for minimum detectable differences.
+    #[serde(default)]
+    pub statistics: StatsSettings,
     /// Run directory; defaults to runs/<name>.
     #[serde(default)]
     pub output: Option<String>,
@@ -390,7 +395,7 @@ pub fn parse(text: &str, shown: &str) -> Result<Study> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 48] = [
+const KEYS: [&str; 54] = [
     "name",
     "model",
     "system_prompt",
@@ -438,6 +443,12 @@ const KEYS: [&str; 48] = [
     "selection",
     "seed",
     "kl_target",
+    "statistics",
+    "alpha",
+    "correction",
+    "references",
+    "margins",
+    "power",
     "kl_scale",
 ];
 
@@ -526,6 +537,7 @@ fn at_key(s: &Study, text: &str, path: &str, msg: String) -> anyhow::Error {
 
 fn check(s: &Study, text: &str) -> Result<()> {
     let f = &s.file;
+    check_statistics(s, text)?;
     crate::model::source::ModelSource::parse(&f.model)
         .map_err(|e| at_key(s, text, "model", e.to_string()))?;
     let known = crate::datasets::names();
@@ -792,6 +804,37 @@ fn check(s: &Study, text: &str) -> Result<()> {
             text,
             "variants",
             "the study has no variants and no sweeps: nothing to run".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_statistics(s: &Study, text: &str) -> Result<()> {
+    let st = &s.file.statistics;
+    if let Some((field, msg)) = st.problem() {
+        return Err(at_key(s, text, &format!("statistics.{field}"), msg));
+    }
+    let names: Vec<&str> = s
+        .file
+        .variants
+        .iter()
+        .map(|v| v.name.as_str())
+        .chain(s.file.tune.iter().map(|t| t.name.as_str()))
+        .collect();
+    for (i, sel) in st.references.iter().enumerate() {
+        if is_handling_selector(sel) || names.contains(&sel.as_str()) {
+            continue;
+        }
+        let hint = crate::util::did_you_mean(sel, &names)
+            .map(|k| format!(" (did you mean '{k}'?)"))
+            .unwrap_or_default();
+        return Err(at_key(
+            s,
+            text,
+            &format!("statistics.references[{i}]"),
+            format!(
+                "'{sel}' is neither a handling (none, winsorize, winsorize-global, zero-residual-dims, protect-output-rows, random-dims, random-rotation, or one with its argument such as winsorize:0.95) nor the name of a variant{hint}"
+            ),
         ));
     }
     Ok(())

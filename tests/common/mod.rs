@@ -3,12 +3,14 @@
 
 use std::path::PathBuf;
 
-/// ../shared/fixtures beside the checkout (override with OUTLIERLAB_FIXTURES).
+/// Reference values made with transformers and PR #154's code, committed in
+/// tests/fixtures/reference (their README says how each was made); OUTLIERLAB_FIXTURES points
+/// elsewhere, e.g. at a newer set to compare against.
 pub fn fixtures_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OUTLIERLAB_FIXTURES") {
         return PathBuf::from(d);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
 }
 
 pub fn fixture(name: &str) -> serde_json::Value {

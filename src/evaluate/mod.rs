@@ -1,7 +1,9 @@
 //! Stage 5: scoring an (edited) model. Refusal rate on held-out harmful prompts (greedy replies,
 //! heretic's markers), KL divergence of the first-token distribution on held-out harmless prompts
 //! against the unedited model, over-refusals on the harmless prompts; every per-prompt outcome
-//! kept.
+//! kept. [`compare`] turns the outcomes of several arms into a family of tested comparisons.
+
+pub mod compare;
 
 use crate::model::generate::{self, GenerateOptions};
 use crate::model::tokenizer::TextTokenizer;
@@ -378,53 +380,5 @@ impl Evaluator {
             progress(what, chunk.len());
         }
         Ok((replies, lens))
-    }
-}
-
-/// A variant against a reference on the same prompts: paired refusal outcomes (exact McNemar),
-/// paired bootstrap of per-prompt KL, paired over-refusals; verdicts after Holm's correction
-/// over every comparison of the table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Comparison {
-    pub variant: String,
-    pub reference: String,
-    pub refusals: stats::PairedRates,
-    pub kl: stats::Difference,
-    pub over_refusals: Option<stats::PairedRates>,
-    /// Holm-adjusted p-values (filled by `finish_comparisons`).
-    pub refusals_p_adj: f64,
-    pub kl_p_adj: f64,
-    pub refusals_verdict: stats::Verdict,
-    pub kl_verdict: stats::Verdict,
-}
-
-pub fn compare(variant: (&str, &Outcome), reference: (&str, &Outcome), seed: u64) -> Comparison {
-    let refusals = stats::paired_rates(&variant.1.refused, &reference.1.refused);
-    let kl = stats::paired_bootstrap(&variant.1.kl, &reference.1.kl, 2000, seed);
-    let over = (!variant.1.over_refused.is_empty()
-        && variant.1.over_refused.len() == reference.1.over_refused.len())
-    .then(|| stats::paired_rates(&variant.1.over_refused, &reference.1.over_refused));
-    Comparison {
-        variant: variant.0.to_string(),
-        reference: reference.0.to_string(),
-        refusals,
-        kl,
-        over_refusals: over,
-        refusals_p_adj: refusals.p,
-        kl_p_adj: kl.p,
-        refusals_verdict: stats::Verdict::CannotTell,
-        kl_verdict: stats::Verdict::CannotTell,
-    }
-}
-
-/// Holm-corrects all p-values of one table together and sets the verdicts at level `alpha`.
-pub fn finish_comparisons(cs: &mut [Comparison], alpha: f64) {
-    let ps: Vec<f64> = cs.iter().flat_map(|c| [c.refusals.p, c.kl.p]).collect();
-    let adj = stats::holm(&ps);
-    for (i, c) in cs.iter_mut().enumerate() {
-        c.refusals_p_adj = adj[2 * i];
-        c.kl_p_adj = adj[2 * i + 1];
-        c.refusals_verdict = stats::Verdict::from(c.refusals.diff, c.refusals_p_adj, alpha);
-        c.kl_verdict = stats::Verdict::from(c.kl.estimate, c.kl_p_adj, alpha);
     }
 }

@@ -1,6 +1,18 @@
-//! The statistics that decide whether a difference is real: Wilson intervals for rates, exact
-//! McNemar tests for paired refusal outcomes, paired bootstrap intervals for KL differences, and
-//! Holm's correction over the comparisons of one table.
+//! The statistics that decide whether a difference is real.
+//!
+//! - [`wilson`]: a rate with its 95% interval (descriptive, per variant);
+//! - [`paired`]: the two paired tests a comparison runs — exact McNemar for refusals, a sign-flip
+//!   permutation test for per-prompt continuous metrics such as KL — each with the confidence
+//!   interval that *inverts the same test*, so a printed interval and its verdict cannot disagree;
+//! - [`family`]: multiplicity (Holm, Benjamini–Hochberg or none) over the distinct comparisons of a
+//!   table, the per-test level each correction applies, and the verdicts (better, worse,
+//!   equivalent within a margin, cannot tell);
+//! - [`power`]: minimum detectable differences and the prompts a difference would need;
+//! - a seeded generator and a descriptive paired bootstrap.
+
+pub mod family;
+pub mod paired;
+pub mod power;
 
 use serde::{Deserialize, Serialize};
 
@@ -96,29 +108,149 @@ pub fn wilson(k: usize, n: usize) -> Rate {
 }
 
 /// ln C(n, k).
-fn ln_choose(n: usize, k: usize) -> f64 {
-    ln_factorial(n) - ln_factorial(k) - ln_factorial(n - k)
+pub(crate) fn ln_choose(n: usize, k: usize) -> f64 {
+    ln_gamma1(n) - ln_gamma1(k) - ln_gamma1(n - k)
 }
 
-fn ln_factorial(n: usize) -> f64 {
-    (1..=n).map(|i| (i as f64).ln()).sum()
-}
-
-/// Exact two-sided McNemar test on the discordant pairs: `b` prompts where only A refused, `c`
-/// where only B refused. p = min(1, 2 · P(X ≤ min(b, c))) with X ~ Binomial(b + c, ½).
-pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
-    let n = b + c;
-    if n == 0 {
-        return 1.0;
+/// ln n!: a table up to 4096 (built once), Stirling's series above (relative error < 1e-15).
+fn ln_gamma1(n: usize) -> f64 {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let mut v = vec![0.0f64; 4097];
+        for i in 2..v.len() {
+            v[i] = v[i - 1] + (i as f64).ln();
+        }
+        v
+    });
+    if let Some(x) = t.get(n) {
+        return *x;
     }
-    let m = b.min(c);
-    let tail: f64 = (0..=m)
-        .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
-        .sum();
-    (2.0 * tail).min(1.0)
+    let x = n as f64 + 1.0;
+    (x - 0.5) * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI).ln() + 1.0 / (12.0 * x)
+        - 1.0 / (360.0 * x.powi(3))
+        + 1.0 / (1260.0 * x.powi(5))
 }
 
-/// A difference of means with its paired-bootstrap 95% interval and two-sided p-value.
+/// Standard normal CDF.
+pub fn normal_cdf(x: f64) -> f64 {
+    0.5 * erfc(-x / std::f64::consts::SQRT_2)
+}
+
+fn erfc(x: f64) -> f64 {
+    // The Maclaurin series of erf cancels badly past ~2.5, where the continued fraction converges
+    // fast; together they hold ~1e-14, ample for quantiles and power.
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // erf by its Maclaurin series.
+        let mut sum = ax;
+        let mut term = ax;
+        let x2 = ax * ax;
+        let mut k = 0.0;
+        loop {
+            k += 1.0;
+            term *= -x2 / k;
+            let add = term / (2.0 * k + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        1.0 - 2.0 / std::f64::consts::PI.sqrt() * sum
+    } else {
+        // Continued fraction (Lentz) for erfc.
+        let mut f;
+        let tiny = 1e-300;
+        let b0 = ax;
+        f = b0;
+        let mut c = b0;
+        let mut d = 0.0;
+        for i in 1..300 {
+            let a = i as f64 / 2.0;
+            let b = ax;
+            d = b + a * d;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + a / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let delta = c * d;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        (-ax * ax).exp() / f / std::f64::consts::PI.sqrt()
+    };
+    if x < 0.0 {
+        2.0 - r
+    } else {
+        r
+    }
+}
+
+/// Standard normal quantile: Acklam's rational approximation polished by two Newton steps.
+pub fn normal_quantile(p: f64) -> f64 {
+    assert!(
+        p > 0.0 && p < 1.0,
+        "normal_quantile needs 0 < p < 1, got {p}"
+    );
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let pl = 0.02425;
+    let mut x = if p < pl {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else if p <= 1.0 - pl {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        let q = (-2.0 * (1.0 - p).ln()).sqrt();
+        -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    for _ in 0..2 {
+        let e = normal_cdf(x) - p;
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        x -= e / pdf;
+    }
+    x
+}
+
+/// A difference of means with its paired-bootstrap 95% interval and two-sided p-value
+/// (descriptive: per-variant intervals; verdicts come from [`paired`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Difference {
     pub estimate: f64,
@@ -180,87 +312,6 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * frac
 }
 
-/// Holm's step-down adjustment: adjusted p-values in the original order.
-pub fn holm(p: &[f64]) -> Vec<f64> {
-    let m = p.len();
-    let mut order: Vec<usize> = (0..m).collect();
-    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
-    let mut adj = vec![0.0; m];
-    let mut running: f64 = 0.0;
-    for (rank, &i) in order.iter().enumerate() {
-        let v = ((m - rank) as f64 * p[i]).min(1.0);
-        running = running.max(v);
-        adj[i] = running;
-    }
-    adj
-}
-
-/// What a comparison of a variant against a reference concludes. Lower is better for refusals
-/// and KL alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    Better,
-    Worse,
-    CannotTell,
-}
-
-impl Verdict {
-    /// `diff` is variant − reference; significant when the (adjusted) p is below `alpha`.
-    pub fn from(diff: f64, p_adjusted: f64, alpha: f64) -> Verdict {
-        if p_adjusted < alpha && diff < 0.0 {
-            Verdict::Better
-        } else if p_adjusted < alpha && diff > 0.0 {
-            Verdict::Worse
-        } else {
-            Verdict::CannotTell
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Verdict::Better => "better",
-            Verdict::Worse => "worse",
-            Verdict::CannotTell => "cannot tell",
-        }
-    }
-}
-
-/// Refusal outcomes of two variants on the same prompts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct PairedRates {
-    /// Prompts only the variant refused, and only the reference refused.
-    pub only_variant: usize,
-    pub only_reference: usize,
-    pub diff: f64,
-    pub p: f64,
-}
-
-pub fn paired_rates(variant: &[bool], reference: &[bool]) -> PairedRates {
-    assert_eq!(
-        variant.len(),
-        reference.len(),
-        "paired outcomes must cover the same prompts"
-    );
-    let only_variant = variant
-        .iter()
-        .zip(reference)
-        .filter(|(v, r)| **v && !**r)
-        .count();
-    let only_reference = variant
-        .iter()
-        .zip(reference)
-        .filter(|(v, r)| !**v && **r)
-        .count();
-    let n = variant.len().max(1) as f64;
-    PairedRates {
-        only_variant,
-        only_reference,
-        diff: (only_variant as f64 - only_reference as f64) / n,
-        p: mcnemar_exact(only_variant, only_reference),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,27 +329,6 @@ mod tests {
     }
 
     #[test]
-    fn mcnemar_6_to_0() {
-        assert!((mcnemar_exact(6, 0) - 0.03125).abs() < 1e-12);
-        assert!((mcnemar_exact(0, 6) - 0.03125).abs() < 1e-12);
-        assert_eq!(mcnemar_exact(0, 0), 1.0);
-        assert_eq!(mcnemar_exact(3, 3), 1.0);
-        // 3 vs 6 refusals on 100 prompts, all discordant: p = 0.51, noise.
-        assert!((mcnemar_exact(3, 6) - 0.5078125).abs() < 1e-9);
-    }
-
-    #[test]
-    fn holm_adjusts_in_order() {
-        let adj = holm(&[0.01, 0.04, 0.03]);
-        assert!((adj[0] - 0.03).abs() < 1e-12);
-        assert!((adj[2] - 0.06).abs() < 1e-12);
-        assert!(
-            (adj[1] - 0.06).abs() < 1e-12,
-            "monotone: never below a smaller p's adjustment"
-        );
-    }
-
-    #[test]
     fn bootstrap_sees_a_real_shift_and_no_shift() {
         let a: Vec<f64> = (0..100).map(|i| 0.5 + (i % 7) as f64 * 0.01).collect();
         let b: Vec<f64> = a.iter().map(|x| x - 0.2).collect();
@@ -306,7 +336,6 @@ mod tests {
         assert!((d.estimate - 0.2).abs() < 1e-9 && d.lo > 0.19 && d.p < 0.01);
         let same = paired_bootstrap(&a, &a, 2000, 1);
         assert_eq!((same.estimate, same.p), (0.0, 1.0));
-        // Pure noise around zero: the interval covers 0.
         let mut rng = Rng::new(5);
         let x: Vec<f64> = (0..100).map(|_| rng.normal()).collect();
         let y: Vec<f64> = (0..100).map(|_| rng.normal()).collect();
@@ -323,9 +352,13 @@ mod tests {
     }
 
     #[test]
-    fn verdicts() {
-        assert_eq!(Verdict::from(-0.1, 0.01, 0.05), Verdict::Better);
-        assert_eq!(Verdict::from(0.1, 0.01, 0.05), Verdict::Worse);
-        assert_eq!(Verdict::from(-0.1, 0.2, 0.05), Verdict::CannotTell);
+    fn normal_quantile_and_cdf_match_tables() {
+        // Published values: z(0.975) = 1.959964, z(0.8) = 0.841621, z(0.999) = 3.090232.
+        assert!((normal_quantile(0.975) - 1.959_963_985).abs() < 1e-7);
+        assert!((normal_quantile(0.8) - 0.841_621_234).abs() < 1e-7);
+        assert!((normal_quantile(0.999) - 3.090_232_306).abs() < 1e-7);
+        assert!((normal_quantile(0.025) + 1.959_963_985).abs() < 1e-7);
+        assert!((normal_cdf(1.959_963_985) - 0.975).abs() < 1e-9);
+        assert!((normal_cdf(-1.0) - 0.158_655_254).abs() < 1e-9);
     }
 }
