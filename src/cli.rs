@@ -310,17 +310,14 @@ pub struct VariantArgs {
 pub const DEFAULT_SYSTEM_PROMPT_STR: &str = crate::model::chat::DEFAULT_SYSTEM_PROMPT;
 
 impl VariantArgs {
-    pub fn variant(
-        &self,
-        lm: &crate::model::LoadedModel,
-    ) -> Result<crate::study::variant::Variant> {
+    pub fn variant(&self, lm: &crate::model::LoadedModel) -> Result<crate::pipeline::Variant> {
         use crate::ablate::RowNorm;
         let handlings = crate::direction::Handling::parse_list(&self.handling)?;
         let mut detect_cfg = detect::preset(&self.detect_preset)?;
         for s in &self.detect_set {
             detect_cfg.set(s)?;
         }
-        let mut ab = crate::study::variant::default_ablation(lm);
+        let mut ab = crate::pipeline::default_ablation(lm);
         match self.direction_index.as_deref() {
             None => {}
             Some("per-layer") => ab.direction_index = None,
@@ -362,7 +359,7 @@ impl VariantArgs {
             "full" => RowNorm::Full,
             other => bail!("--row-norm {other}: expected none, pre or full"),
         };
-        Ok(crate::study::variant::Variant {
+        Ok(crate::pipeline::Variant {
             name: crate::direction::label_list(&handlings),
             handlings,
             detect: Some(detect_cfg),
@@ -425,8 +422,8 @@ fn direction_pass(
     a: &VariantArgs,
     lm: &model::LoadedModel,
     split: &PromptSplit,
-    v: &crate::study::variant::Variant,
-) -> Result<crate::study::variant::DirectionData> {
+    v: &crate::pipeline::Variant,
+) -> Result<crate::pipeline::DirectionData> {
     let system = (!a.system.is_empty()).then_some(a.system.as_str());
     let cfg = v.detect.clone().unwrap_or_default();
     let scan = v
@@ -435,7 +432,7 @@ fn direction_pass(
     let trigger = cfg.sources.trigger.clone().filter(|_| scan.is_some());
     let n = split.good_dir.len() + split.bad_dir.len() + usize::from(trigger.is_some());
     let pb = bar(n as u64, "direction prompts");
-    let data = crate::study::variant::direction_data(
+    let data = crate::pipeline::direction_data(
         lm,
         &split.good_dir,
         &split.bad_dir,
@@ -453,7 +450,7 @@ fn direction_pass(
 pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
     use crate::evaluate::compare::{self, StatsSettings};
     use crate::evaluate::{EvalOptions, Evaluator, RefusalClassifier};
-    use crate::study::variant;
+    use crate::pipeline as variant;
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
     let mut lm = model::load(&a.model)?;
     let v = a.variant(&lm)?;
@@ -493,7 +490,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     if compare_none && !v.handlings.is_empty() {
         variants.insert(
             0,
-            crate::study::variant::Variant {
+            crate::pipeline::Variant {
                 name: "none".into(),
                 handlings: vec![],
                 ..v.clone()
@@ -601,7 +598,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
 }
 
 pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
-    use crate::study::variant;
+    use crate::pipeline as variant;
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, 0)?;
     let mut lm = model::load(&a.model)?;
     let v = a.variant(&lm)?;
@@ -697,7 +694,7 @@ pub fn power(a: &PowerArgs) -> Result<()> {
         }
         return Ok(());
     };
-    let r = crate::study::runner::read_results(dir)?;
+    let r = crate::study::rundir::read_results(dir)?;
     let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
     let mut st = if text.is_empty() {
         crate::evaluate::compare::StatsSettings::default()
@@ -748,6 +745,215 @@ pub fn power(a: &PowerArgs) -> Result<()> {
             want_k,
             fmt_prompts(pw::mean_prompts_needed(want_k, c.kl_sd, kt.level, a.power)),
             fmt_prompts(kt.prompts_needed),
+        );
+    }
+    Ok(())
+}
+
+/// `outlierlab generate`: greedy replies, batched with left padding.
+pub fn generate(
+    model: &str,
+    system: &str,
+    max_new_tokens: usize,
+    batch_size: usize,
+    json: bool,
+    prompts: Vec<String>,
+) -> Result<()> {
+    use crate::model::generate::{self, GenerateOptions};
+    let prompts = read_prompts(prompts)?;
+    let lm = model::load(model)?;
+    let system = if system.is_empty() {
+        None
+    } else {
+        Some(system)
+    };
+    let encoded = prompts
+        .iter()
+        .map(|p| lm.encode_chat(system, p))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, e) in encoded.iter().enumerate() {
+        if e.ids.len() + max_new_tokens > lm.model.config.context_length {
+            bail!(
+                "prompt {} has {} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's context of {}; shorten it or lower --max-new-tokens",
+                i + 1,
+                e.ids.len(),
+                lm.model.config.context_length
+            );
+        }
+    }
+    let opts = GenerateOptions {
+        max_new_tokens,
+        stop_ids: lm.tokenizer.stop_ids.clone(),
+        pad_id: lm.tokenizer.pad_id,
+        use_cache: true,
+    };
+    let pb = crate::util::progress_bar(encoded.len() as u64, "generating");
+    for chunk in encoded.chunks(batch_size.max(1)) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+        let outs = generate::greedy(&lm.model, &ids, &opts)?;
+        pb.inc(chunk.len() as u64);
+        for (e, out) in chunk.iter().zip(outs) {
+            let reply = lm.tokenizer.decode(&out)?;
+            pb.suspend(|| {
+                if json {
+                    let v = serde_json::json!({
+                        "prompt": e.prompt, "rendered": e.rendered,
+                        "input_ids": e.ids, "output_ids": out, "reply": reply,
+                    });
+                    println!("{v}");
+                } else {
+                    println!("### {}\n{}\n", e.prompt, reply.trim_end());
+                }
+            });
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn read_prompts(prompts: Vec<String>) -> Result<Vec<String>> {
+    let prompts = if prompts.len() == 1 && prompts[0] == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect()
+    } else {
+        prompts
+    };
+    if prompts.is_empty() {
+        bail!("no prompts given; pass them as arguments, or \"-\" to read one per line from stdin");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
+        bail!("prompt {} is empty; every prompt needs some text", i + 1);
+    }
+    Ok(prompts)
+}
+
+/// One model alias, one built-in prompt set, or every built-in prompt set (`datasets`).
+pub fn fetch_one(name: &str) -> Result<()> {
+    use crate::assets;
+    if let Some(a) = assets::find_model_asset(name) {
+        let p = assets::ensure(&a, "models")?;
+        println!("{}", p.display());
+        return Ok(());
+    }
+    let sets: Vec<crate::datasets::Manifest> = if name == "datasets" {
+        crate::datasets::manifests()
+    } else {
+        crate::datasets::manifest(name).into_iter().collect()
+    };
+    if sets.is_empty() {
+        let aliases: Vec<String> = assets::model_assets()
+            .iter()
+            .map(|a| a.alias.clone())
+            .collect();
+        bail!(
+            "'{name}' is neither a model alias ({}) nor a built-in prompt set ({}), nor `datasets`",
+            aliases.join(", "),
+            crate::datasets::names().join(", ")
+        );
+    }
+    for m in sets {
+        let prompts = crate::datasets::load_manifest(&m)?;
+        println!("{}: {} prompts", m.name, prompts.len());
+    }
+    Ok(())
+}
+
+/// `--shard I/N`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--shard {s}: expected I/N, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (
+        i.trim()
+            .parse()
+            .with_context(|| format!("--shard {s}: I must be a number"))?,
+        n.trim()
+            .parse()
+            .with_context(|| format!("--shard {s}: N must be a number"))?,
+    );
+    if n == 0 || i >= n {
+        bail!("--shard {s}: I must be below N (0-based)");
+    }
+    Ok((i, n))
+}
+
+/// `outlierlab validate`: the study file, and its plan against the model's own layer count,
+/// read from its header (no weights loaded).
+pub fn validate(file: &std::path::Path) -> Result<()> {
+    let study = crate::study::spec::load(file)?;
+    let layers = crate::model::source::layer_count(&study.file.model)?;
+    let plan = crate::study::plan::plan(&study, layers)?;
+    println!(
+        "{}: ok — study '{}', {} variant(s) x {} replicate(s) on {} ({layers} layers)",
+        file.display(),
+        study.name,
+        plan.variants.len(),
+        plan.replicates.len(),
+        study.file.model
+    );
+    Ok(())
+}
+
+fn run_name(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// The report folder a run directory renders into by default: reports/<run-name>.
+pub fn default_report_dir(run_dir: &std::path::Path) -> PathBuf {
+    PathBuf::from("reports").join(run_name(run_dir))
+}
+
+/// `outlierlab run`: the study, then (unless sharded) its report.
+pub fn run_study(
+    file: &std::path::Path,
+    out: Option<PathBuf>,
+    shard: Option<&str>,
+    report_dir: Option<PathBuf>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
+    let study = crate::study::spec::parse(&text, &file.display().to_string())?;
+    let out = out
+        .or_else(|| study.file.output.clone().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("runs").join(&study.name));
+    let shard = shard.map(parse_shard).transpose()?;
+    crate::study::runner::run(
+        &study,
+        &text,
+        &crate::study::runner::RunOptions {
+            out: out.clone(),
+            shard,
+        },
+    )?;
+    if shard.is_none() {
+        let dir = report_dir.unwrap_or_else(|| default_report_dir(&out));
+        let p = crate::report::render(&out, &dir)?;
+        println!("report: {}", p.display());
+    }
+    Ok(())
+}
+
+/// `outlierlab merge`.
+pub fn merge(into: &std::path::Path, shards: &[PathBuf], allow_partial: bool) -> Result<()> {
+    if shards.is_empty() {
+        bail!("no shard directories given");
+    }
+    let missing = crate::study::rundir::merge(into, shards, allow_partial)?;
+    if missing.is_empty() {
+        println!("merged {} shard(s) into {}", shards.len(), into.display());
+    } else {
+        println!(
+            "merged {} shard(s) into {} — PARTIAL: {} planned score(s) missing (listed in {})",
+            shards.len(),
+            into.display(),
+            missing.len(),
+            into.join("partial.json").display()
         );
     }
     Ok(())

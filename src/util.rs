@@ -53,3 +53,22 @@ mod tests {
         assert_eq!(levenshtein("kitten", "sitting"), 3);
     }
 }
+
+/// Dims for a one-line summary: all of them when few, else the first few and the count.
+pub fn dims_summary(dims: &[u32]) -> String {
+    if dims.len() <= 8 {
+        format!("{dims:?}")
+    } else {
+        let head: Vec<String> = dims[..6].iter().map(|d| d.to_string()).collect();
+        format!("[{}, … {} dims]", head.join(", "), dims.len())
+    }
+}
+
+/// `s` cut to `n` characters with an ellipsis.
+pub fn trunc(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}

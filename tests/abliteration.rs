@@ -133,19 +133,52 @@ fn empty_dims_make_dim_handlings_identical_to_none() {
         let dirs = direction::refusal_directions(&g, &b, true).unwrap();
         assert_eq!(dirs.dirs, none.dirs, "{h:?}");
     }
-    // …and the edit itself: protecting nothing is bit-identical to not protecting.
+    // …and the edit itself, through the same pipeline the runner and the CLI use: a dim handling
+    // with no dims edits every writer bit for bit as `none` does, while the same handling with a
+    // dim does not (so this comparison can fail).
     let mut lm = model::load("smollm2-135m-instruct").unwrap();
-    let dirs = random_dirs(&lm, 100, true);
-    let params = AblationParams::default_for(lm.model.num_layers());
-    let snap = lm.model.snapshot_writers();
-    ablate::abliterate(&mut lm.model, &dirs, &params, &[]).unwrap();
-    let a = bits(&lm.model.writer(17, Writer::AttnOut));
-    lm.model.restore_writers(&snap).unwrap();
-    let p = Handling::ProtectOutputRows;
-    let (mut g, mut b) = (good.clone(), bad.clone());
-    let protect = apply_handlings(&[p], &[], &mut g, &mut b).unwrap();
-    ablate::abliterate(&mut lm.model, &dirs, &params, &protect).unwrap();
-    assert_eq!(bits(&lm.model.writer(17, Writer::AttnOut)), a);
+    let states = lm.model.num_layers() + 1;
+    let d = lm.model.hidden_size();
+    let data = outlierlab::pipeline::DirectionData {
+        good: synthetic_residuals(6, states, d, 3),
+        bad: synthetic_residuals(6, states, d, 4),
+        scan: None,
+    };
+    let none = outlierlab::pipeline::Variant {
+        name: "none".into(),
+        handlings: vec![],
+        detect: None,
+        ablation: AblationParams::default_for(lm.model.num_layers()),
+        orthogonalize: true,
+        search: None,
+        tune: None,
+    };
+    let edited = |lm: &mut model::LoadedModel, v: &outlierlab::pipeline::Variant, dims: &[u32]| {
+        let snap = lm.model.snapshot_writers();
+        let prep = outlierlab::pipeline::prepare_with_dims(&data, v, dims).unwrap();
+        ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect).unwrap();
+        let w: Vec<Vec<u32>> = (0..lm.model.num_layers())
+            .flat_map(|l| [Writer::AttnOut, Writer::MlpDown].map(|w| bits(&lm.model.writer(l, w))))
+            .collect();
+        lm.model.restore_writers(&snap).unwrap();
+        w
+    };
+    let reference = edited(&mut lm, &none, &[]);
+    for h in [Handling::ZeroResidualDims, Handling::ProtectOutputRows] {
+        let v = outlierlab::pipeline::Variant {
+            name: h.label(),
+            handlings: vec![h.clone()],
+            ..none.clone()
+        };
+        assert!(
+            edited(&mut lm, &v, &[]) == reference,
+            "{h:?} with no dims differs from none"
+        );
+        assert!(
+            edited(&mut lm, &v, &[507]) != reference,
+            "{h:?} with dim 507 edits like none"
+        );
+    }
 }
 
 #[test]

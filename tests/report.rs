@@ -6,7 +6,7 @@
 mod common;
 
 use common::bin;
-use outlierlab::study::runner;
+use outlierlab::study::rundir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -95,7 +95,7 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
     assert!(html.contains("<table>") && html.contains("<h2>Criteria ablation</h2>"));
 
     // The tables' numbers are the stored results'.
-    let r = runner::read_results(&fixture_run()).unwrap();
+    let r = rundir::read_results(&fixture_run()).unwrap();
     for pv in &r.plan.variants {
         let Some(a) = r.assignments.iter().find(|a| a.variant_id == pv.id) else {
             continue;

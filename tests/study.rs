@@ -4,7 +4,7 @@
 mod common;
 
 use common::bin;
-use outlierlab::study::{plan, runner, spec};
+use outlierlab::study::{plan, rundir, spec};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -203,7 +203,7 @@ fn run_cli(study: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 
 /// key → (refused, kl) of every stored score.
 fn scores(dir: &Path) -> BTreeMap<String, (Vec<bool>, Vec<f64>)> {
-    let r = runner::read_results(dir).unwrap();
+    let r = rundir::read_results(dir).unwrap();
     r.scores
         .into_iter()
         .map(|((rep, k), s)| (format!("{rep}/{k}"), (s.outcome.refused, s.outcome.kl)))
@@ -224,7 +224,7 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         String::from_utf8_lossy(&out.stderr)
     );
     let reference = scores(&full);
-    let r = runner::read_results(&full).unwrap();
+    let r = rundir::read_results(&full).unwrap();
     // 7 variants, 6 after planning (ratio-400 has exactly `zero`'s settings). `zero` and
     // ratio-300 detect the same dims ([507]) with the same handling, so they share one score.
     assert_eq!(r.plan.variants.len(), 6);
@@ -324,7 +324,7 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     assert!(out.status.success());
 
     // A second run on a directory in use is refused.
-    let _held = runner::lock_run_dir(&full).unwrap();
+    let _held = rundir::lock_run_dir(&full).unwrap();
     let out = run_cli(&study, &full, &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another outlierlab run"));
@@ -392,7 +392,7 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
     let out = run_cli(&study, &dir, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{stderr}");
-    let r = runner::read_results(&dir).unwrap();
+    let r = rundir::read_results(&dir).unwrap();
 
     // Tuning: exactly the trial budget, inside the bounds, one scoring per distinct dim set,
     // the chosen thresholds are the best trial's.
@@ -507,9 +507,9 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
             && resumed.contains("0 score(s) computed now"),
         "{resumed}"
     );
-    let again = runner::read_results(&dir).unwrap();
+    let again = rundir::read_results(&dir).unwrap();
     let t2 = &again.tunes[0];
-    let key = |t: &outlierlab::study::optimize::TuneResult| {
+    let key = |t: &outlierlab::study::rundir::TuneResult| {
         t.trials
             .iter()
             .map(|x| (x.params.clone(), x.dims.clone(), x.objective, x.scored))

@@ -230,3 +230,18 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         name: meta_str(m, "general.name"),
     })
 }
+
+/// The layer count from a GGUF header alone (no tensor data read).
+pub fn layer_count(path: &Path) -> Result<usize> {
+    let shown = path.display().to_string();
+    let mut f = File::open(path).with_context(|| format!("cannot open model file {shown}"))?;
+    if !is_gguf(path) {
+        bail!("{shown} is not a GGUF file (it does not start with the GGUF magic)");
+    }
+    let content = Content::read(&mut f)
+        .map_err(|e| anyhow::anyhow!("{shown}: cannot read its GGUF header: {e}"))?;
+    let m = &content.metadata;
+    let arch = meta_str(m, "general.architecture")
+        .context("GGUF metadata has no 'general.architecture'")?;
+    meta_u(m, &format!("{arch}.block_count"))
+}

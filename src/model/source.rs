@@ -144,3 +144,22 @@ impl LoadedModel {
         Batch::left_padded(&seqs, self.tokenizer.pad_id)
     }
 }
+
+/// The model's layer count, read from its header or config.json (no weights loaded); an alias
+/// that is not cached yet is fetched first.
+pub fn layer_count(spec: &str) -> Result<usize> {
+    let config_layers = |dir: &Path| -> Result<usize> {
+        let p = dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok(super::config::Config::from_hf_json(&text)
+            .with_context(|| format!("in {}", p.display()))?
+            .num_layers)
+    };
+    match ModelSource::parse(spec)? {
+        ModelSource::Alias(a) => gguf::layer_count(&assets::ensure(&a, "models")?),
+        ModelSource::GgufFile(p) => gguf::layer_count(&p),
+        ModelSource::HfFolder(d) => config_layers(&d),
+        ModelSource::Hub(id) => config_layers(&hf::download(&id)?),
+    }
+}

@@ -9,7 +9,7 @@ use crate::evaluate::compare::{self, Family, MetricTest, StatsSettings};
 use crate::evaluate::Outcome;
 use crate::stats::family::{Correction, Verdict};
 use crate::stats::{self, Rate};
-use crate::study::runner::{read_results, RunResults};
+use crate::study::rundir::{read_results, RunResults};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -346,6 +346,15 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     };
     let mut md = String::new();
     writeln!(md, "# {name}\n")?;
+    if !r.missing.is_empty() {
+        writeln!(
+            md,
+            "> **Partial run.** This run was merged with `--allow-partial`: {} planned score(s) are missing ({}). \
+             Variants that need them are absent from the tables, and the family below counts only the comparisons present.\n",
+            r.missing.len(),
+            r.missing.iter().take(6).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+        )?;
+    }
     writeln!(
         md,
         "Rendered by outlierlab {} from `{}` ({} variants, {} replicate(s), {} distinct scores). \
@@ -411,7 +420,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     tuning_section(&mut md, &r, &rows)?;
     search_section(&mut md, &r)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tunes: Vec<&crate::study::optimize::TuneResult> = r.tunes.iter().collect();
+    let tunes: Vec<&crate::study::rundir::TuneResult> = r.tunes.iter().collect();
     let figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
     if !figures.is_empty() {
         writeln!(md, "## Figures\n")?;
@@ -446,8 +455,8 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     )?;
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
     let path = out.join("report.md");
-    crate::study::runner::write_atomic(&path, md.as_bytes())?;
-    crate::study::runner::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
+    crate::study::rundir::write_atomic(&path, md.as_bytes())?;
+    crate::study::rundir::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
     Ok(path)
 }
 
@@ -496,7 +505,7 @@ fn tuning_section(md: &mut String, r: &RunResults, rows: &[Row]) -> Result<()> {
             t.objective,
             t.trials.len(),
             t.trials.iter().filter(|x| x.scored).count(),
-            crate::study::optimize::tied_at_best(&t.trials),
+            crate::study::rundir::tied_at_best(&t.trials),
             held.map_or("–".into(), |h| pct(&h.outcome.refusal_rate())),
             held.map_or("–".into(), |h| format!("{:.3}", h.outcome.kl_mean())),
         )?;
@@ -526,7 +535,7 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(md, "| variants | replicate | trials | tied at best | selection objective (refusals, KL) | direction index | attn max/pos/min/dist | mlp max/pos/min/dist |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for s in &r.searches {
-        let best = crate::study::optimize::best(&s.trials);
+        let best = crate::study::rundir::best(&s.trials);
         let k = |k: &crate::ablate::Kernel| {
             format!(
                 "{:.2} / {:.1} / {:.2} / {:.1}",
@@ -543,7 +552,7 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
                 .join(", "),
             s.replicate,
             s.trials.len(),
-            crate::study::optimize::tied_at_best(&s.trials),
+            crate::study::rundir::tied_at_best(&s.trials),
             s.objective,
             best.map_or(0, |b| b.refusals),
             best.map_or(0, |b| b.n_bad),
@@ -563,7 +572,7 @@ fn dims_cell(d: &[u32]) -> String {
     if d.is_empty() {
         "–".into()
     } else {
-        crate::study::runner::dims_summary(d)
+        crate::util::dims_summary(d)
     }
 }
 

@@ -2,7 +2,7 @@
 //! into the binary (plotters' ab_glyph backend), so a machine without fonts draws the same PNG.
 
 use crate::detect::summary::{Summary, CRITERIA};
-use crate::study::optimize::TuneResult;
+use crate::study::rundir::TuneResult;
 use anyhow::Result;
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -3,6 +3,6 @@
 
 pub mod optimize;
 pub mod plan;
+pub mod rundir;
 pub mod runner;
 pub mod spec;
-pub mod variant;

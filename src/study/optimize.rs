@@ -3,21 +3,22 @@
 //! fixed trial budget and seed; the chosen setting is then scored once, elsewhere, on the
 //! evaluation prompts, so the reported figure is never the optimised one.
 
+use super::rundir::{best, Memo, Scored, Trial, TuneResult};
 use super::spec::{SearchSpec, TuneSpec};
-use super::variant::{self, DirectionData, Variant};
 use crate::ablate::{AblationParams, Kernel};
 use crate::detect::{self, Scan};
 use crate::evaluate::{Evaluator, Outcome};
 use crate::model::LoadedModel;
+use crate::pipeline::{self as variant, DirectionData, Variant};
 use crate::util::progress_bar;
 use anyhow::Result;
 use argmin::core::{CostFunction, Executor};
 use argmin::solver::particleswarm::ParticleSwarm;
 use rand_xoshiro::rand_core::SeedableRng;
-use serde::{Deserialize, Serialize};
+
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+
 use std::time::Instant;
 
 /// The selection split: its evaluator and the unedited model's score on it.
@@ -39,50 +40,6 @@ pub fn objective(o: &Outcome, base_refusals: usize, kl_target: f64, kl_scale: f6
         ratio * kl_target / kl_scale
     };
     kl_term + ratio
-}
-
-/// One evaluation of the objective.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Trial {
-    pub index: usize,
-    /// The optimised values (thresholds, or the edit's parameters).
-    pub params: BTreeMap<String, f64>,
-    /// Dims detected with these thresholds (tuning only).
-    #[serde(default)]
-    pub dims: Option<Vec<u32>>,
-    pub objective: f64,
-    pub refusals: usize,
-    pub n_bad: usize,
-    pub kl: f64,
-    /// False when the same dims had been scored before and the score was reused.
-    pub scored: bool,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TuneResult {
-    pub variant_id: String,
-    pub name: String,
-    pub replicate: u64,
-    pub thresholds: BTreeMap<String, f64>,
-    pub dims: Vec<u32>,
-    /// The selection-split objective of the chosen thresholds.
-    pub objective: f64,
-    pub base_refusals: usize,
-    pub trials: Vec<Trial>,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SearchResult {
-    pub key: String,
-    pub replicate: u64,
-    pub variant_ids: Vec<String>,
-    pub params: AblationParams,
-    pub objective: f64,
-    pub base_refusals: usize,
-    pub trials: Vec<Trial>,
-    pub seconds: f64,
 }
 
 struct Budgeted<'a> {
@@ -128,23 +85,6 @@ pub fn minimise(
     Ok(())
 }
 
-/// The best trial: lowest objective; among equal objectives the lowest KL (the gentlest edit —
-/// below the KL target heretic's objective only sees refusals, so ties are common), then the
-/// earliest, so reruns pick the same one.
-pub fn best(trials: &[Trial]) -> Option<&Trial> {
-    trials.iter().fold(None, |b: Option<&Trial>, t| match b {
-        Some(b) if (b.objective, b.kl) <= (t.objective, t.kl) => Some(b),
-        _ => Some(t),
-    })
-}
-
-/// How many trials share the best objective: when it is most of them, the selection split did
-/// not separate the candidates.
-pub fn tied_at_best(trials: &[Trial]) -> usize {
-    let Some(b) = best(trials) else { return 0 };
-    trials.iter().filter(|t| t.objective == b.objective).count()
-}
-
 /// The edit's parameters searched, in heretic's ranges for a model with `layers` layers.
 fn search_space(layers: usize, start: &AblationParams) -> Vec<(String, f64, f64)> {
     let last = layers.saturating_sub(1) as f64;
@@ -186,50 +126,6 @@ fn params_at(start: &AblationParams, names: &[String], x: &[f64]) -> AblationPar
         };
     }
     p
-}
-
-/// One objective evaluation's figures.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct Scored {
-    pub objective: f64,
-    pub refusals: usize,
-    pub n_bad: usize,
-    pub kl: f64,
-}
-
-/// The scores an optimisation has computed so far, written after each one. The swarm is seeded,
-/// so a rerun after Ctrl-C or kill -9 proposes the same points and takes their scores from here
-/// instead of the model.
-pub struct Memo {
-    path: PathBuf,
-    map: BTreeMap<String, Scored>,
-}
-
-impl Memo {
-    pub fn load(path: &Path) -> Memo {
-        let map = std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        Memo {
-            path: path.to_path_buf(),
-            map,
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<Scored> {
-        self.map.get(key).copied()
-    }
-
-    fn put(&mut self, key: String, s: Scored) -> Result<()> {
-        self.map.insert(key, s);
-        super::runner::write_atomic(&self.path, &serde_json::to_vec(&self.map)?)
-    }
-
-    /// The optimisation finished and its result is stored: the memo is no longer needed.
-    pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 fn scored_of(o: &Outcome, base_refusals: usize, kl_target: f64, kl_scale: f64) -> Scored {
@@ -386,7 +282,7 @@ pub fn tune_thresholds(
                 .map(|(k, v)| format!("{k}={v:.1}"))
                 .collect::<Vec<_>>()
                 .join(" "),
-            super::runner::dims_summary(&dims),
+            crate::util::dims_summary(&dims),
             obj,
             if kept {
                 " (kept from an interrupted run)"

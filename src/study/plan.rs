@@ -1,10 +1,10 @@
 //! From a study file to concrete variants with stable ids: sweeps expanded, settings resolved.
 
 use super::spec::{Study, Subsets, SweepSpec, CRITERIA};
-use super::variant::Variant;
 use crate::detect::config::MedianScope;
 use crate::detect::DetectConfig;
 use crate::direction::{self, Handling};
+use crate::pipeline::Variant;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -210,13 +210,100 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
     } else {
         f.replicates.clone()
     };
+    for pv in &planned {
+        check_layers(&pv.variant.ablation, layers)
+            .map_err(|e| anyhow::anyhow!("{}: variant '{}': {e}", study.path, pv.variant.name))?;
+    }
     Ok(Plan {
         variants: planned,
         replicates,
     })
 }
 
+/// Layer-dependent settings against the model's layer count (written once: `validate` and
+/// `run` both plan).
+fn check_layers(p: &crate::ablate::AblationParams, layers: usize) -> Result<()> {
+    let last = layers as f64 - 1.0;
+    if let Some(d) = p.direction_index {
+        if !(-1.0..=last).contains(&d) {
+            anyhow::bail!(
+                "ablation.direction_index {d} is outside this model's hidden states: it has {layers} layers, so use -1 (the embedding output) to {last}"
+            );
+        }
+    }
+    for (what, k) in [("attn", &p.attn), ("mlp", &p.mlp)] {
+        if !(0.0..=last).contains(&k.max_weight_position) {
+            anyhow::bail!(
+                "ablation.{what}.max_weight_position {} is outside this model's layers (0 to {last})",
+                k.max_weight_position
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Label of a variant's handlings, for tables.
 pub fn handling_label(v: &Variant) -> String {
     direction::label_list(&v.handlings)
+}
+
+/// One replicate's prompts, drawn from the loaded sets with its seed.
+pub struct Splits {
+    pub good_dir: Vec<String>,
+    pub bad_dir: Vec<String>,
+    pub good_eval: Vec<String>,
+    pub bad_eval: Vec<String>,
+    /// Empty without a selection split.
+    pub good_sel: Vec<String>,
+    pub bad_sel: Vec<String>,
+}
+
+/// Draws every split for replicate `seed`, and checks on the drawn prompts what the study file
+/// check can only check on offsets: no prompt is in two splits.
+pub fn draw_splits(
+    d: &super::spec::DatasetsSpec,
+    sets: &std::collections::BTreeMap<String, Vec<String>>,
+    seed: u64,
+) -> Result<Splits> {
+    let draw = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
+        let all = sets.get(&s.name).ok_or_else(|| {
+            anyhow::anyhow!("prompt set '{}' was not loaded before the run", s.name)
+        })?;
+        crate::datasets::take(all, s.count, s.offset, s.sample.then_some(seed))
+            .map_err(|e| anyhow::anyhow!("dataset {}: {e:#}", s.name))
+    };
+    let (good_sel, bad_sel) = match &d.selection {
+        Some(sel) => (draw(&sel.good)?, draw(&sel.bad)?),
+        None => (Vec::new(), Vec::new()),
+    };
+    let s = Splits {
+        good_dir: draw(&d.direction.good)?,
+        bad_dir: draw(&d.direction.bad)?,
+        good_eval: draw(&d.evaluation.good)?,
+        bad_eval: draw(&d.evaluation.bad)?,
+        good_sel,
+        bad_sel,
+    };
+    for (a, b, what) in [
+        (
+            &s.good_dir,
+            &s.good_eval,
+            "harmless direction and evaluation",
+        ),
+        (&s.bad_dir, &s.bad_eval, "harmful direction and evaluation"),
+        (
+            &s.good_sel,
+            &s.good_eval,
+            "harmless selection and evaluation",
+        ),
+        (&s.bad_sel, &s.bad_eval, "harmful selection and evaluation"),
+        (&s.good_sel, &s.good_dir, "harmless selection and direction"),
+        (&s.bad_sel, &s.bad_dir, "harmful selection and direction"),
+    ] {
+        let set: std::collections::HashSet<&String> = a.iter().collect();
+        if let Some(p) = b.iter().find(|p| set.contains(p)) {
+            anyhow::bail!("replicate {seed}: {what} prompts overlap (e.g. {p:?})");
+        }
+    }
+    Ok(s)
 }

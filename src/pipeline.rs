@@ -1,11 +1,11 @@
 //! One variant from prompts to score: detect → handle → direction → abliterate → evaluate.
 
-use super::spec::{SearchSpec, TuneSpec};
 use crate::ablate::{self, AblationParams};
 use crate::detect::{self, DetectConfig, Scan, Source};
 use crate::direction::{self, Directions, Handling, Residuals};
 use crate::evaluate::{Evaluator, Outcome};
 use crate::model::{HiddenConvention, LoadedModel};
+use crate::study::spec::{SearchSpec, TuneSpec};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
