@@ -246,7 +246,8 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     let report = std::fs::read_to_string(full.join("report/report.md")).unwrap();
     assert!(report.contains("| none |") && report.contains("cannot tell"));
 
-    // kill -9 mid-run, then run again: the same results as the uninterrupted run.
+    // kill -9 once at least one *score* is stored (not the detection summary or the reference),
+    // then run again: some scores kept, the rest computed, tables equal to the uninterrupted run's.
     let killed = tmp.path().join("killed");
     let mut child = Command::new(bin())
         .args([
@@ -259,27 +260,42 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    loop {
-        let n = std::fs::read_dir(killed.join("results/r0"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        // reference.json plus at least one score written
-        if n >= 2 || t0.elapsed().as_secs() > 120 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let score_files = |dir: &Path| -> usize {
+        std::fs::read_dir(dir.join("results/r0"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        n.ends_with(".json") && n != "reference.json" && n != "detection.json"
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    while score_files(&killed) == 0 && t0.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let partial = scores(&killed).len();
-    assert!(partial < 4, "the kill should land mid-run (had {partial})");
-    let out = run_cli(&study, &killed, &[]);
+    let kept = scores(&killed).len();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        (1..4).contains(&kept),
+        "the kill should land after the first score and before the last (kept {kept} of 4)"
+    );
+    let out = run_cli(&study, &killed, &[]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("{} score(s) computed now", 4 - kept)),
+        "the resumed run computes only what was missing: {log}"
     );
     assert_eq!(scores(&killed), reference);
+    for table in ["variants.parquet", "outcomes.parquet"] {
+        assert!(
+            std::fs::read(killed.join(table)).unwrap() == std::fs::read(full.join(table)).unwrap(),
+            "{table} of the resumed run differs from the uninterrupted run's"
+        );
+    }
 
     // Two shards and a merge equal one run.
     let (a, b, merged) = (
@@ -296,22 +312,22 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         );
     }
     assert!(scores(&a).len() < 4 && scores(&b).len() < 4);
-    let out = Command::new(bin())
-        .args([
-            "merge",
-            "--into",
-            merged.to_str().unwrap(),
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let merge = |into: &Path, shards: &[&Path], extra: &[&str]| {
+        let out = Command::new(bin())
+            .args(["merge", "--into", into.to_str().unwrap()])
+            .args(extra)
+            .args(shards.iter().map(|s| s.to_str().unwrap()))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = merge(&merged, &[&a, &b], &[]);
+    assert!(ok, "{err}");
     assert_eq!(scores(&merged), reference);
+    assert!(!merged.join("partial.json").exists());
     let out = Command::new(bin())
         .args([
             "report",
@@ -322,6 +338,90 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         .output()
         .unwrap();
     assert!(out.status.success());
+
+    // A missing shard: refused, listing what is missing; with --allow-partial, a run marked so.
+    let half = tmp.path().join("half");
+    let (ok, err) = merge(&half, &[&a], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{} planned score(s) are in none of the shards",
+            4 - scores(&a).len()
+        )) && err.contains("r0/")
+            && err.contains("--allow-partial"),
+        "{err}"
+    );
+    assert!(
+        !half.join("plan.json").exists(),
+        "a refused merge writes nothing"
+    );
+    let (ok, err) = merge(&half, &[&a], &["--allow-partial"]);
+    assert!(ok, "{err}");
+    assert!(half.join("partial.json").is_file());
+    let out = Command::new(bin())
+        .args([
+            "report",
+            half.to_str().unwrap(),
+            "--out",
+            tmp.path().join("hr").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let md = std::fs::read_to_string(tmp.path().join("hr/report.md")).unwrap();
+    assert!(
+        md.contains("**Partial run.**"),
+        "the report flags a partial run"
+    );
+
+    // A shard of another study (its study file changed) or another plan: refused.
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        let status = Command::new("cp")
+            .args(["-r", &format!("{}/.", from.display()), to.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let foreign = tmp.path().join("foreign");
+    copy(&b, &foreign);
+    let mut y = std::fs::read_to_string(foreign.join("study.yaml")).unwrap();
+    y.push_str("# another study\n");
+    std::fs::write(foreign.join("study.yaml"), y).unwrap();
+    let (ok, err) = merge(&tmp.path().join("m2"), &[&a, &foreign], &[]);
+    assert!(
+        !ok && err.contains("is a different study file than"),
+        "{err}"
+    );
+    let other_plan = tmp.path().join("other-plan");
+    copy(&b, &other_plan);
+    let p = std::fs::read_to_string(other_plan.join("plan.json")).unwrap();
+    std::fs::write(
+        other_plan.join("plan.json"),
+        p.replacen("\"none\"", "\"nothing\"", 1),
+    )
+    .unwrap();
+    let (ok, err) = merge(&tmp.path().join("m3"), &[&a, &other_plan], &[]);
+    assert!(!ok && err.contains("ran a different plan than"), "{err}");
+
+    // Two shards that disagree on one score: refused, naming both files.
+    let conflicting = tmp.path().join("conflicting");
+    copy(&b, &conflicting);
+    let a_scores = rundir::read_results(&a).unwrap();
+    let ((rep, key), rec) = a_scores.scores.iter().next().unwrap();
+    let mut altered = rec.clone();
+    altered.outcome.kl[0] += 0.5;
+    let target = conflicting
+        .join(format!("results/r{rep}"))
+        .join(format!("{key}.json"));
+    std::fs::write(&target, serde_json::to_vec(&altered).unwrap()).unwrap();
+    let (ok, err) = merge(&tmp.path().join("m4"), &[&a, &conflicting], &[]);
+    assert!(
+        !ok && err.contains("hold different results for the same")
+            && err.contains(a.to_str().unwrap())
+            && err.contains(conflicting.to_str().unwrap()),
+        "{err}"
+    );
 
     // A second run on a directory in use is refused.
     let _held = rundir::lock_run_dir(&full).unwrap();
@@ -478,36 +578,52 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
         .join(format!("{tuned_id}.partial"))
         .exists());
 
-    // A tuning interrupted after scoring its dim sets: the seeded swarm replays the same trials
-    // and takes their scores from the memo written so far, not from the model.
-    let memo: BTreeMap<String, serde_json::Value> = t
-        .trials
-        .iter()
-        .filter(|x| x.scored)
-        .map(|x| {
-            (
-                format!("{:?}", x.dims.as_ref().unwrap()),
-                serde_json::json!({"objective": x.objective, "refusals": x.refusals,
-                                   "n_bad": x.n_bad, "kl": x.kl}),
-            )
-        })
-        .collect();
-    let tune_file = dir.join("tune/r0").join(format!("{tuned_id}.json"));
-    std::fs::remove_file(&tune_file).unwrap();
-    std::fs::write(
-        tune_file.with_extension("partial"),
-        serde_json::to_vec(&memo).unwrap(),
-    )
-    .unwrap();
-    let out = run_cli(&study, &dir, &[]);
+    // A tuning killed (-9) once its memo holds a score: the code wrote the memo; the rerun
+    // replays the seeded swarm, takes the memo's scores instead of scoring again, and ends with
+    // the uninterrupted tuning's trials and thresholds.
+    let dir2 = tmp.path().join("run2");
+    let tune_file = dir2.join("tune/r0").join(format!("{tuned_id}.json"));
+    let memo_file = tune_file.with_extension("partial");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+            dir2.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let memo_entries = || -> usize {
+        std::fs::read(&memo_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&b).ok())
+            .map_or(0, |m| m.len())
+    };
+    while memo_entries() == 0 && t0.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = memo_entries();
+    assert!(
+        kept >= 1,
+        "the memo holds the scores computed before the kill"
+    );
+    assert!(
+        !tune_file.exists(),
+        "the kill should land mid-tuning ({} distinct dim sets to score)",
+        t.trials.iter().filter(|x| x.scored).count()
+    );
+    let out = run_cli(&study, &dir2, &[]);
     let resumed = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{resumed}");
     assert!(
-        resumed.contains("kept from an interrupted run")
-            && resumed.contains("0 score(s) computed now"),
+        resumed.contains("kept from an interrupted run"),
         "{resumed}"
     );
-    let again = rundir::read_results(&dir).unwrap();
+    let again = rundir::read_results(&dir2).unwrap();
     let t2 = &again.tunes[0];
     let key = |t: &outlierlab::study::rundir::TuneResult| {
         t.trials
@@ -517,5 +633,79 @@ fn tuning_and_search_optimise_on_selection_and_report_held_out() {
     };
     assert_eq!(key(t), key(t2));
     assert_eq!(t.thresholds, t2.thresholds);
-    assert!(!tune_file.with_extension("partial").exists());
+    assert!(
+        !memo_file.exists(),
+        "the memo goes once the tuning is stored"
+    );
+}
+
+/// A selection split may name a prompt set no other split uses (it used to panic), and
+/// `validate` checks layer-dependent settings against the model's own layer count.
+#[test]
+fn selection_only_dataset_runs_and_validate_checks_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let own = tmp.path().join("own-harmless.txt");
+    std::fs::write(
+        &own,
+        "Name three colours.\nWhat is two plus two?\nDescribe a cat.\nList two fruits.\n",
+    )
+    .unwrap();
+    let text = format!(
+        "name: sel
+model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {{name: harmless-outlierlab, count: 4}}
+    bad: {{name: advbench, count: 4}}
+  evaluation:
+    good: {{name: harmless-outlierlab, count: 2, offset: 4}}
+    bad: {{name: advbench, count: 2, offset: 4}}
+  selection:
+    good: {{name: {}, count: 2}}
+    bad: {{name: advbench, count: 2, offset: 6}}
+ablation: {{direction_index: 17}}
+evaluation: {{max_response_tokens: 4, over_refusal_tokens: 0, batch_size: 8}}
+variants:
+  - {{name: none, handling: none}}
+",
+        own.display()
+    );
+    let study = tmp.path().join("sel.yaml");
+    std::fs::write(&study, &text).unwrap();
+    let out = run_cli(&study, &tmp.path().join("run"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let validate = |text: &str| {
+        let p = tmp.path().join("v.yaml");
+        std::fs::write(&p, text).unwrap();
+        let out = Command::new(bin())
+            .args(["validate", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, msg) = validate(&text);
+    assert!(ok && msg.contains("(30 layers)"), "{msg}");
+    let (ok, msg) = validate(&text.replace("direction_index: 17", "direction_index: 99"));
+    assert!(
+        !ok && msg.contains(
+            "ablation.direction_index 99 is outside this model's hidden states: it has 30 layers"
+        ),
+        "{msg}"
+    );
+    let (ok, msg) = validate(&text.replace(
+        "ablation: {direction_index: 17}",
+        "ablation: {direction_index: 17, attn: {max_weight: 1.0, max_weight_position: 40, min_weight: 0.5, min_weight_distance: 10}}",
+    ));
+    assert!(
+        !ok && msg.contains("ablation.attn.max_weight_position 40 is outside this model's layers"),
+        "{msg}"
+    );
 }

@@ -555,23 +555,17 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
 }
 
 /// variants.parquet (one row per variant and replicate) and outcomes.parquet (one row per
-/// prompt and score), rebuilt from the stored results.
+/// prompt and score), rebuilt from the stored results. No wall-clock figure goes in, so a
+/// resumed run's tables equal an uninterrupted run's byte for byte (timings stay in the score
+/// files).
 pub fn write_tables(dir: &Path) -> Result<()> {
     let r = read_results(dir)?;
     let names: BTreeMap<&str, &PlannedVariant> =
         r.plan.variants.iter().map(|v| (v.id.as_str(), v)).collect();
     let (mut id, mut name, mut handling, mut rep, mut key, mut dims, mut shared) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut k, mut n, mut rate, mut lo, mut hi, mut kl, mut over, mut secs) = (
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-    );
+    let (mut k, mut n, mut rate, mut lo, mut hi, mut kl, mut over) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for a in &r.assignments {
         let Some(s) = r.scores.get(&(a.replicate, a.key.clone())) else {
             continue;
@@ -594,7 +588,6 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         hi.push(rr.hi);
         kl.push(s.outcome.kl_mean());
         over.push(s.outcome.over_refusal_rate().rate);
-        secs.push(s.outcome.seconds);
     }
     let height = id.len();
     let mut df = DataFrame::new(
@@ -614,7 +607,6 @@ pub fn write_tables(dir: &Path) -> Result<()> {
             Column::new("refusal_hi".into(), hi),
             Column::new("kl_mean".into(), kl),
             Column::new("over_refusal_rate".into(), over),
-            Column::new("seconds".into(), secs),
         ],
     )?;
     detect::table::write_parquet(&mut df, &dir.join("variants.parquet"))?;
