@@ -94,30 +94,103 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
     }
     assert!(html.contains("<table>") && html.contains("<h2>Criteria ablation</h2>"));
 
-    // The tables' numbers are the stored results'.
-    let r = rundir::read_results(&fixture_run()).unwrap();
-    for pv in &r.plan.variants {
-        let Some(a) = r.assignments.iter().find(|a| a.variant_id == pv.id) else {
+    // The tables' numbers are the stored results', read here from the raw JSON files (not
+    // through the code that wrote or renders them): plan.json names each variant, the
+    // assignments map it to a score file, the score file holds its per-prompt outcome.
+    let raw = |p: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture_run().join(p)).unwrap()).unwrap()
+    };
+    let plan = raw("plan.json");
+    let assignments = raw("assignments.json");
+    let outcome_of = |name: &str| -> Option<(usize, usize, f64)> {
+        let id = plan["variants"]
+            .as_array()?
+            .iter()
+            .find(|v| v["variant"]["name"] == name)?["id"]
+            .as_str()?
+            .to_string();
+        let key = assignments
+            .as_array()?
+            .iter()
+            .find(|a| a["variant_id"] == id.as_str())?["key"]
+            .as_str()?
+            .to_string();
+        let rec = raw(&format!("results/r0/{key}.json"));
+        let refused = rec["outcome"]["refused"].as_array()?;
+        let kl: Vec<f64> = rec["outcome"]["kl"]
+            .as_array()?
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        Some((
+            refused.iter().filter(|x| x.as_bool() == Some(true)).count(),
+            refused.len(),
+            kl.iter().sum::<f64>() / kl.len() as f64,
+        ))
+    };
+    let names: Vec<String> = plan["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["variant"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut checked = 0;
+    for name in &names {
+        let Some((k, n, kl)) = outcome_of(name) else {
             continue;
         };
-        let s = &r.scores[&(a.replicate, a.key.clone())];
-        let rate = s.outcome.refusal_rate();
         let line = md
             .lines()
-            .find(|l| l.starts_with(&format!("| {} |", pv.variant.name)))
-            .unwrap_or_else(|| panic!("no row for {}", pv.variant.name));
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row for {name}"));
+        assert!(line.contains(&format!("{k}/{n} (")), "{line} vs {k}/{n}");
+        assert!(line.contains(&format!("| {kl:.3} [")), "{line} vs KL {kl}");
+        checked += 1;
+    }
+    assert!(checked >= 3, "rows checked: {checked}");
+    // Each verdict row's differences are the raw differences of the two arms it names.
+    let verdict_rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| A")).collect();
+    assert_eq!(
+        verdict_rows.len(),
+        3,
+        "none, winsorize and the [507] arm: 3 distinct comparisons"
+    );
+    for row in &verdict_rows {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let first_name = |cell: &str| {
+            let after = cell
+                .trim_start_matches('|')
+                .trim()
+                .splitn(2, ": ")
+                .nth(1)
+                .unwrap();
+            after
+                .split(", ")
+                .next()
+                .unwrap()
+                .split(" (+")
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let (v, r) = (first_name(cells[0]), first_name(cells[1]));
+        let (kv, nv, klv) = outcome_of(&v).unwrap();
+        let (kr, _, klr) = outcome_of(&r).unwrap();
+        let d_ref = 100.0 * (kv as f64 - kr as f64) / nv as f64;
         assert!(
-            line.contains(&format!("{}/{} (", rate.k, rate.n)),
-            "{line} vs {}/{}",
-            rate.k,
-            rate.n
+            cells[2].starts_with(&format!("{d_ref:+.1} [")),
+            "{v} vs {r}: refusals cell {} vs {d_ref:+.1}",
+            cells[2]
         );
         assert!(
-            line.contains(&format!("| {:.3} [", s.outcome.kl_mean())),
-            "{line} vs KL {}",
-            s.outcome.kl_mean()
+            cells[6].starts_with(&format!("{:+.4} [", klv - klr)),
+            "{v} vs {r}: KL cell {} vs {:+.4}",
+            cells[6],
+            klv - klr
         );
     }
+    assert!(md.contains("3 distinct comparisons between 3 distinct scores"));
+    let r = rundir::read_results(&fixture_run()).unwrap();
     let t = &r.tunes[0];
     let tune_line = md
         .lines()
