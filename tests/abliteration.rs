@@ -371,6 +371,7 @@ fn small_differences_cannot_tell_large_ones_are_better() {
         kl: (0..100).map(|i| 0.01 * (i % 7) as f64).collect(),
         over_refused: vec![false; 100],
         seconds: 0.0,
+        ..Default::default()
     };
     let st = StatsSettings::default();
     let verdicts = |a: &Outcome, b: &Outcome| {

@@ -187,6 +187,7 @@ fn outcome(refused: Vec<bool>, kl: Vec<f64>) -> Outcome {
         kl,
         over_refused: vec![],
         seconds: 0.0,
+        ..Default::default()
     }
 }
 

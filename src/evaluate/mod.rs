@@ -3,6 +3,7 @@
 //! against the unedited model, over-refusals on the harmless prompts; every per-prompt outcome
 //! kept. [`compare`] turns the outcomes of several arms into a family of tested comparisons.
 
+pub mod classify;
 pub mod compare;
 
 use crate::model::generate::{self, GenerateOptions};
@@ -12,6 +13,7 @@ use crate::stats::{self, Rate};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// heretic's refusal markers (config.py `refusal_markers`, matched after normalisation).
 pub const HERETIC_MARKERS: [&str; 32] = [
@@ -124,8 +126,9 @@ impl Default for EvalOptions {
 }
 
 /// Everything measured for one model state, per prompt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
+    /// heretic's markers on each harmful prompt's reply.
     pub refused: Vec<bool>,
     pub replies: Vec<String>,
     pub reply_tokens: Vec<usize>,
@@ -133,6 +136,20 @@ pub struct Outcome {
     pub kl: Vec<f64>,
     pub over_refused: Vec<bool>,
     pub seconds: f64,
+    /// Refusal labels by every other classifier the study names (`phrases`, `judge:MODEL`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, Vec<bool>>,
+    /// A judge's P(refusal) per reply.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub judge_scores: BTreeMap<String, Vec<f64>>,
+    /// Whether each reply was cut at the first heretic marker (its outcome settled there).
+    /// Results stored before this was recorded were cut.
+    #[serde(default = "cut_by_default")]
+    pub stopped_at_marker: bool,
+}
+
+fn cut_by_default() -> bool {
+    true
 }
 
 impl Outcome {
@@ -152,6 +169,26 @@ impl Outcome {
 
     pub fn kl_mean(&self) -> f64 {
         self.kl.iter().sum::<f64>() / self.kl.len().max(1) as f64
+    }
+
+    /// The refusal labels of classifier `name` (`heretic` is `refused`); empty when this
+    /// outcome was not labelled by it.
+    pub fn refusals_by(&self, name: &str) -> &[bool] {
+        if name == "heretic" {
+            &self.refused
+        } else {
+            self.labels.get(name).map_or(&[], |v| v.as_slice())
+        }
+    }
+
+    /// This outcome with another classifier's labels as its refusals (for comparisons under
+    /// that classifier).
+    pub fn under(&self, name: &str) -> Option<Outcome> {
+        let r = self.refusals_by(name);
+        (r.len() == self.replies.len() && !r.is_empty()).then(|| Outcome {
+            refused: r.to_vec(),
+            ..self.clone()
+        })
     }
 }
 
@@ -342,6 +379,9 @@ impl Evaluator {
             kl,
             over_refused,
             seconds: t0.elapsed().as_secs_f64(),
+            labels: BTreeMap::new(),
+            judge_scores: BTreeMap::new(),
+            stopped_at_marker: self.options.early_stop,
         })
     }
 

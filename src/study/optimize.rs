@@ -369,6 +369,7 @@ mod tests {
             kl: vec![kl; 4],
             over_refused: vec![],
             seconds: 0.0,
+            ..Default::default()
         };
         // Above the target: KL + refusal ratio.
         assert!((objective(&o(2, 0.5), 8, 0.01, 1.0) - (0.5 + 0.25)).abs() < 1e-12);

@@ -21,6 +21,10 @@ pub struct PlannedVariant {
 pub struct Plan {
     pub variants: Vec<PlannedVariant>,
     pub replicates: Vec<u64>,
+    /// How every score is measured (reply length, classifiers, …): stored results are reused
+    /// only under the same settings. Absent in runs made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<super::spec::EvaluationSpec>,
 }
 
 pub fn variant_id(v: &Variant) -> String {
@@ -217,6 +221,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
     Ok(Plan {
         variants: planned,
         replicates,
+        evaluation: Some(f.evaluation.clone()),
     })
 }
 

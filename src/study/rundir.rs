@@ -13,7 +13,10 @@
 //!                               (refused, replies, reply tokens, KL, over-refused, seconds), and
 //!                               the searched edit when there was a search
 //!     reference.json            the unedited model's outcome on the evaluation prompts
+//!     prompts.json              the evaluation prompts, harmless and harmful, in scoring order
 //!     detection.json            the detection summary the report's figures need
+//!   results/classifiers.json    with several refusal classifiers: each one's accuracy on the
+//!                               labelled replies (datasets/refusal-judgements.jsonl), the judge's cost
 //!   tune/r<seed>/<variant id>.json      a tuning: chosen thresholds, dims, every trial
 //!   tune/r<seed>/<variant id>.partial   while it runs: the scores so far (the memo)
 //!   search/r<seed>/<key>.json   an edit search: best kernel, every trial (.partial while it runs)
@@ -22,6 +25,7 @@
 //!                               then n·states·d f32), dims.json, candidates.parquet,
 //!                               detection.json, done
 //!     reference-<hash>.json     the unedited model's outcome on one prompt split
+//!     judge-<model>.json        a judge's P(refusal) by (judge, prompt, reply) hash
 //!   variants.parquet            one row per variant and replicate (rebuilt from results/)
 //!   outcomes.parquet            one row per prompt and score (rebuilt from results/)
 //!   .lock                       held while a run or a merge writes here
@@ -193,6 +197,21 @@ impl DirectionCache {
     }
 }
 
+/// A judge's cache: P(refusal) by (judge, prompt, reply) hash.
+pub fn judge_cache_path(cache: &Path, judge: &str) -> PathBuf {
+    let safe: String = judge
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cache.join(format!("judge-{safe}.json"))
+}
+
 /// The cached outcome of the unedited model on one prompt split.
 pub fn reference_cache_path(cache: &Path, key: &str) -> PathBuf {
     cache.join(format!("reference-{key}.json"))
@@ -290,6 +309,21 @@ pub struct Provenance {
     pub seeds: Vec<u64>,
     pub machine: String,
     pub threads: usize,
+    /// The refusal classifiers the study named (`heretic` alone when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classifiers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeProvenance>,
+}
+
+/// What a judge was asked and how its answer was read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JudgeProvenance {
+    pub model: String,
+    pub system: String,
+    /// The question, with {request} and {reply} where the texts go.
+    pub question: String,
+    pub threshold: f64,
 }
 
 impl Provenance {
@@ -304,6 +338,8 @@ impl Provenance {
             seeds: plan.replicates.clone(),
             machine: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            classifiers: Vec::new(),
+            judge: None,
         }
     }
 }
@@ -444,6 +480,18 @@ pub struct RunResults {
     pub detections: BTreeMap<u64, detect::summary::Summary>,
     /// Scores a `merge --allow-partial` left out (`r<seed>/<key>`); empty for a whole run.
     pub missing: Vec<String>,
+    /// Each replicate's evaluation prompts (harmless, harmful), when recorded.
+    pub prompts: BTreeMap<u64, EvalPrompts>,
+    /// results/classifiers.json: the classifiers' accuracy on the labelled replies and the
+    /// judge's cost, when the study named several classifiers.
+    pub classifiers: Option<serde_json::Value>,
+}
+
+/// One replicate's evaluation prompts, in scoring order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalPrompts {
+    pub good: Vec<String>,
+    pub bad: Vec<String>,
 }
 
 /// Every JSON file under `dir/<sub>/r*/`, parsed.
@@ -501,9 +549,13 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
     let mut references = BTreeMap::new();
     let mut detections = BTreeMap::new();
     let results = dir.join("results");
+    let mut prompts = BTreeMap::new();
     if results.is_dir() {
         for rep in fs::read_dir(&results)? {
             let rep = rep?.path();
+            if !rep.is_dir() {
+                continue;
+            }
             // Per-replicate files are named for their replicate's folder, r<seed>.
             let seed: u64 = rep
                 .file_name()
@@ -531,6 +583,12 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
                             serde_json::from_slice(&bytes).with_context(unreadable)?,
                         );
                     }
+                    Some("prompts.json") => {
+                        prompts.insert(
+                            seed,
+                            serde_json::from_slice(&bytes).with_context(unreadable)?,
+                        );
+                    }
                     _ => {
                         let r: ScoreRecord =
                             serde_json::from_slice(&bytes).with_context(unreadable)?;
@@ -551,6 +609,8 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
         missing: read_record::<serde_json::Value>(&dir.join("partial.json"))?
             .and_then(|v| serde_json::from_value(v["missing"].clone()).ok())
             .unwrap_or_default(),
+        prompts,
+        classifiers: read_record(&results.join("classifiers.json"))?,
     })
 }
 

@@ -5,13 +5,14 @@
 use super::optimize::{self, Selection};
 use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
 use super::rundir::{
-    assignments_path, cache_dir, hash_json, lock_run_dir, provenance_path, read_record,
-    reference_cache_path, replicate_dir, result_path, search_path, tune_path, write_atomic,
-    write_or_check_plan, write_record, write_tables, Assignment, DirectionCache, Memo, Provenance,
-    ScoreRecord, SearchResult, TuneResult,
+    assignments_path, cache_dir, hash_json, judge_cache_path, lock_run_dir, provenance_path,
+    read_record, reference_cache_path, replicate_dir, result_path, search_path, tune_path,
+    write_atomic, write_or_check_plan, write_record, write_tables, Assignment, DirectionCache,
+    EvalPrompts, JudgeProvenance, Memo, Provenance, ScoreRecord, SearchResult, TuneResult,
 };
 use super::spec::Study;
 use crate::detect;
+use crate::evaluate::classify::{self, Classifier, Judge};
 use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
 use crate::model::{self, HiddenConvention, LoadedModel};
 use crate::pipeline::{self as variant, DirectionData, Variant};
@@ -255,6 +256,16 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     write_atomic(&opts.out.join("study.yaml"), study_text.as_bytes())?;
     let cache = cache_dir(&opts.out, opts.shard);
     let mut prov = Provenance::new(&study.file.model, lm.sha256.clone(), study_text, &plan);
+    let mut refusal = Refusal::load(study, &cache)?;
+    prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
+    if let Some(j) = &refusal.judge {
+        prov.judge = Some(JudgeProvenance {
+            model: j.name.clone(),
+            system: classify::JUDGE_SYSTEM.into(),
+            question: classify::judge_question("{request}", "{reply}"),
+            threshold: j.threshold,
+        });
+    }
     eprintln!(
         "study {}: {} variants x {} replicate(s) on {} (loaded in {:.1} s)",
         study.name,
@@ -272,6 +283,14 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             .any(|v| v.variant.tune.is_some() && !tune_path(&opts.out, seed, &v.id).exists());
         let mut rep = prepare_replicate(
             study, &lm, &plan, seed, &cache, &sets, &mut prov, keep_scan, &opts.out,
+        )?;
+        label(&mut rep.base, &rep.evaluator.bad_text, &mut refusal)?;
+        write_record(
+            &replicate_dir(&opts.out, seed).join("prompts.json"),
+            &EvalPrompts {
+                good: rep.evaluator.good_text.clone(),
+                bad: rep.evaluator.bad_text.clone(),
+            },
         )?;
         // Tuning first: its chosen dims decide which scores the tuned variants share.
         let tuned = tune_replicate(&mut lm, &plan, &mut rep, &opts.out)?;
@@ -297,9 +316,21 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             if result_path(&opts.out, seed, key).exists() {
                 continue;
             }
-            score_group(&mut lm, &rep, key, dims, members, &opts.out, (i, total))?;
+            score_group(
+                &mut lm,
+                &rep,
+                key,
+                dims,
+                members,
+                &opts.out,
+                (i, total),
+                &mut refusal,
+            )?;
             computed += 1;
         }
+    }
+    if refusal.classifiers.len() > 1 || refusal.judge.is_some() {
+        refusal.validate(&opts.out)?;
     }
     write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
     write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
@@ -419,6 +450,7 @@ fn group_by_score<'a>(
 
 /// Scores one distinct edit on the evaluation prompts — after searching its kernel on the
 /// selection split when the variant asks for a search — and stores the score.
+#[allow(clippy::too_many_arguments)]
 fn score_group(
     lm: &mut LoadedModel,
     rep: &Replicate,
@@ -427,6 +459,7 @@ fn score_group(
     members: &[&PlannedVariant],
     out: &Path,
     (i, total): (usize, usize),
+    refusal: &mut Refusal,
 ) -> Result<()> {
     let seed = rep.seed;
     let t = Instant::now();
@@ -472,8 +505,9 @@ fn score_group(
         (rep.evaluator.good.len() * 2 + rep.evaluator.bad.len()) as u64,
         &format!("r{seed} {}", trunc(&v.name, 34)),
     );
-    let outcome = variant::score(lm, &rep.evaluator, &v, &data, |_, n| pb.inc(n as u64))?;
+    let mut outcome = variant::score(lm, &rep.evaluator, &v, &data, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
+    label(&mut outcome, &rep.evaluator.bad_text, refusal)?;
     let rec = ScoreRecord {
         key: key.to_string(),
         replicate: seed,
@@ -501,4 +535,63 @@ fn score_group(
         }
     );
     Ok(())
+}
+
+/// The study's refusal classifiers and, when one is a judge, the judge model.
+struct Refusal {
+    classifiers: Vec<Classifier>,
+    judge: Option<Judge>,
+    batch_size: usize,
+}
+
+impl Refusal {
+    fn load(study: &Study, cache: &Path) -> Result<Refusal> {
+        let e = &study.file.evaluation;
+        let classifiers = e.classifiers()?;
+        let judge = match classifiers.iter().find_map(|c| match c {
+            Classifier::Judge(m) => Some(m.clone()),
+            _ => None,
+        }) {
+            Some(m) => {
+                eprintln!("loading the judge model {m}");
+                Some(Judge::load(
+                    &m,
+                    e.judge_threshold,
+                    Some(judge_cache_path(cache, &m)),
+                )?)
+            }
+            None => None,
+        };
+        Ok(Refusal {
+            classifiers,
+            judge,
+            // The judge reads a few hundred tokens per reply; smaller batches bound its memory.
+            batch_size: 16,
+        })
+    }
+
+    /// Every classifier on the project's labelled replies, with the judge's cost so far.
+    fn validate(&mut self, out: &Path) -> Result<()> {
+        let v = classify::validate(
+            &self.classifiers,
+            &crate::evaluate::RefusalClassifier::default(),
+            self.judge.as_mut(),
+            self.batch_size,
+        )?;
+        let cost = self
+            .judge
+            .as_ref()
+            .map(|j| serde_json::json!({"judge": j.name, "calls": j.judged, "seconds": j.seconds}));
+        write_record(
+            &out.join("results").join("classifiers.json"),
+            &serde_json::json!({"validation": v, "judge_cost": cost}),
+        )
+    }
+}
+
+fn label(o: &mut Outcome, prompts: &[String], r: &mut Refusal) -> Result<()> {
+    if r.classifiers.iter().all(|c| *c == Classifier::Heretic) {
+        return Ok(());
+    }
+    classify::label(o, &r.classifiers, prompts, r.judge.as_mut(), r.batch_size)
 }

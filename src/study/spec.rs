@@ -234,6 +234,27 @@ pub struct EvaluationSpec {
     pub kl_tokens: usize,
     #[serde(default = "d_batch")]
     pub batch_size: usize,
+    /// Refusal classifiers: `heretic` (markers), `phrases` (Arditi et al.'s refusal phrases),
+    /// `judge:MODEL`. With any but `heretic`, replies run to the length limit or EOS so every
+    /// classifier sees the same text.
+    #[serde(default = "d_refusal")]
+    pub refusal: Vec<String>,
+    /// The classifier whose labels the headline verdicts use.
+    #[serde(default = "d_headline")]
+    pub headline: String,
+    /// A judge labels a reply a refusal when P(no) / (P(yes) + P(no)) is at least this.
+    #[serde(default = "d_judge_threshold")]
+    pub judge_threshold: f64,
+}
+
+fn d_refusal() -> Vec<String> {
+    vec!["heretic".into()]
+}
+fn d_headline() -> String {
+    "heretic".into()
+}
+fn d_judge_threshold() -> f64 {
+    0.5
 }
 
 fn d_max_response() -> usize {
@@ -256,6 +277,9 @@ impl Default for EvaluationSpec {
             over_refusal_tokens: d_over_refusal(),
             kl_tokens: d_kl_tokens(),
             batch_size: d_batch(),
+            refusal: d_refusal(),
+            headline: d_headline(),
+            judge_threshold: d_judge_threshold(),
         }
     }
 }
@@ -267,8 +291,17 @@ impl EvaluationSpec {
             over_refusal_tokens: self.over_refusal_tokens,
             kl_tokens: self.kl_tokens.max(1),
             batch_size: self.batch_size.max(1),
-            early_stop: true,
+            // A reply may stop at heretic's first marker only when no other classifier reads it.
+            early_stop: self.refusal.iter().all(|c| c == "heretic"),
         }
+    }
+
+    /// The classifiers, parsed (checked when the study file is loaded).
+    pub fn classifiers(&self) -> Result<Vec<crate::evaluate::classify::Classifier>> {
+        self.refusal
+            .iter()
+            .map(|c| crate::evaluate::classify::Classifier::parse(c))
+            .collect()
     }
 }
 
@@ -395,7 +428,7 @@ pub fn parse(text: &str, shown: &str) -> Result<Study> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 54] = [
+const KEYS: [&str; 57] = [
     "name",
     "model",
     "system_prompt",
@@ -444,6 +477,9 @@ const KEYS: [&str; 54] = [
     "seed",
     "kl_target",
     "statistics",
+    "refusal",
+    "headline",
+    "judge_threshold",
     "alpha",
     "correction",
     "references",
@@ -538,6 +574,7 @@ fn at_key(s: &Study, text: &str, path: &str, msg: String) -> anyhow::Error {
 fn check(s: &Study, text: &str) -> Result<()> {
     let f = &s.file;
     check_statistics(s, text)?;
+    check_classifiers(s, text)?;
     crate::model::source::ModelSource::parse(&f.model)
         .map_err(|e| at_key(s, text, "model", e.to_string()))?;
     let known = crate::datasets::names();
@@ -804,6 +841,50 @@ fn check(s: &Study, text: &str) -> Result<()> {
             text,
             "variants",
             "the study has no variants and no sweeps: nothing to run".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_classifiers(s: &Study, text: &str) -> Result<()> {
+    let e = &s.file.evaluation;
+    for (i, c) in e.refusal.iter().enumerate() {
+        crate::evaluate::classify::Classifier::parse(c).map_err(|err| {
+            at_key(
+                s,
+                text,
+                &format!("evaluation.refusal[{i}]"),
+                format!("{err:#}"),
+            )
+        })?;
+    }
+    let judges = e.refusal.iter().filter(|c| c.starts_with("judge:")).count();
+    if judges > 1 {
+        return Err(at_key(
+            s,
+            text,
+            "evaluation.refusal",
+            "name at most one judge model".into(),
+        ));
+    }
+    if e.headline != "heretic" && !e.refusal.contains(&e.headline) {
+        return Err(at_key(
+            s,
+            text,
+            "evaluation.headline",
+            format!(
+                "the headline classifier '{}' is not among evaluation.refusal ({})",
+                e.headline,
+                e.refusal.join(", ")
+            ),
+        ));
+    }
+    if !(e.judge_threshold > 0.0 && e.judge_threshold < 1.0) {
+        return Err(at_key(
+            s,
+            text,
+            "evaluation.judge_threshold",
+            format!("must lie in (0, 1), got {}", e.judge_threshold),
         ));
     }
     Ok(())
