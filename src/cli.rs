@@ -621,15 +621,31 @@ pub fn export(a: &VariantArgs, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug, Clone)]
 pub struct PowerArgs {
+    /// A finished run directory (optional).
     pub run_dir: Option<std::path::PathBuf>,
+    /// The refusal-rate difference to detect, in points.
+    #[arg(long)]
     pub refusal_points: Option<f64>,
+    /// The KL difference to detect.
+    #[arg(long)]
     pub kl: Option<f64>,
+    /// Without a run: prompts per arm.
+    #[arg(long)]
     pub prompts: Option<usize>,
+    /// Without a run: share of prompts whose refusal outcome differs between the arms.
+    #[arg(long, default_value_t = 0.2)]
     pub discordance: f64,
+    /// Without a run: standard deviation of the per-prompt KL differences.
+    #[arg(long, default_value_t = 0.02)]
     pub kl_sd: f64,
+    #[arg(long, default_value_t = 0.05)]
     pub alpha: f64,
+    /// Without a run: tests in the family (the level is alpha / tests).
+    #[arg(long, default_value_t = 1)]
     pub tests: usize,
+    #[arg(long, default_value_t = 0.8)]
     pub power: f64,
 }
 

@@ -163,30 +163,8 @@ enum Command {
     /// --kl-sd (standard deviation of per-prompt KL differences), at level --alpha / --tests
     /// (Bonferroni: Holm's strictest step).
     Power {
-        /// A finished run directory (optional).
-        run_dir: Option<std::path::PathBuf>,
-        /// The refusal-rate difference to detect, in points.
-        #[arg(long)]
-        refusal_points: Option<f64>,
-        /// The KL difference to detect.
-        #[arg(long)]
-        kl: Option<f64>,
-        /// Without a run: prompts per arm.
-        #[arg(long)]
-        prompts: Option<usize>,
-        /// Without a run: share of prompts whose refusal outcome differs between the arms.
-        #[arg(long, default_value_t = 0.2)]
-        discordance: f64,
-        /// Without a run: standard deviation of the per-prompt KL differences.
-        #[arg(long, default_value_t = 0.02)]
-        kl_sd: f64,
-        #[arg(long, default_value_t = 0.05)]
-        alpha: f64,
-        /// Without a run: tests in the family (the level is alpha / tests).
-        #[arg(long, default_value_t = 1)]
-        tests: usize,
-        #[arg(long, default_value_t = 0.8)]
-        power: f64,
+        #[command(flatten)]
+        args: outlierlab::cli::PowerArgs,
     },
     /// List the built-in prompt sets.
     Datasets,
@@ -278,27 +256,7 @@ fn run(cli: Cli) -> Result<()> {
             let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
             println!("{}", p.display());
         }
-        Command::Power {
-            run_dir,
-            refusal_points,
-            kl,
-            prompts,
-            discordance,
-            kl_sd,
-            alpha,
-            tests,
-            power,
-        } => outlierlab::cli::power(&outlierlab::cli::PowerArgs {
-            run_dir,
-            refusal_points,
-            kl,
-            prompts,
-            discordance,
-            kl_sd,
-            alpha,
-            tests,
-            power,
-        })?,
+        Command::Power { args } => outlierlab::cli::power(&args)?,
         Command::Datasets => {
             for m in outlierlab::datasets::manifests() {
                 let from = m.source.as_ref().map_or_else(

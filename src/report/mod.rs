@@ -300,7 +300,7 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
         };
         writeln!(
             md,
-            "| {} | {} | {} [{}, {}] | {} | {} | **{}** | {} [{}, {}] | {} | {} | **{}** | {} |{}",
+            "| {} | {} | {} | {} | {} |{}",
             format!(
                 "A{}: {}",
                 c.variant + 1,
@@ -311,18 +311,8 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
                 c.reference + 1,
                 escape_cell(&f.arms[c.reference].label())
             ),
-            bound(r.estimate, 100.0, 1),
-            bound(r.lo, 100.0, 1),
-            bound(r.hi, 100.0, 1),
-            p_cell(r),
-            level_cell(r.level),
-            r.verdict.label(),
-            bound(k.estimate, 1.0, 4),
-            bound(k.lo, 1.0, 4),
-            bound(k.hi, 1.0, 4),
-            p_cell(k),
-            level_cell(k.level),
-            k.verdict.label(),
+            metric_cells(r, 100.0, 1),
+            metric_cells(k, 1.0, 4),
             power.join("<br>"),
             if multi {
                 format!(
@@ -337,6 +327,19 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
     }
     writeln!(md)?;
     Ok(())
+}
+
+/// Difference [adjusted interval] | adjusted p | CI level | verdict.
+fn metric_cells(t: &MetricTest, scale: f64, decimals: usize) -> String {
+    format!(
+        "{} [{}, {}] | {} | {} | **{}**",
+        bound(t.estimate, scale, decimals),
+        bound(t.lo, scale, decimals),
+        bound(t.hi, scale, decimals),
+        p_cell(t),
+        level_cell(t.level),
+        t.verdict.label()
+    )
 }
 
 fn key_seed(key: &str) -> u64 {
