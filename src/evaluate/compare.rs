@@ -385,14 +385,16 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings) -> Family<'a> {
     }
 }
 
+/// One scored variant in one replicate: (variant name, handlings, replicate, score key, outcome).
+pub type Scored<'a> = (String, Vec<Handling>, u64, String, &'a Outcome);
+
+/// A variant's outcomes by replicate: (name, handlings, replicate → (score key, outcome)).
+type PerVariant<'a> = (String, Vec<Handling>, BTreeMap<u64, (String, &'a Outcome)>);
+
 /// Groups named outcomes into arms: variants whose (replicate, score key) sets are equal share
-/// an arm. `items` are (variant name, handlings, replicate, score key, outcome).
-pub fn arms<'a>(
-    items: &[(String, Vec<Handling>, u64, String, &'a Outcome)],
-    settings: &StatsSettings,
-) -> Vec<Arm<'a>> {
-    let mut per_variant: Vec<(String, Vec<Handling>, BTreeMap<u64, (String, &'a Outcome)>)> =
-        Vec::new();
+/// an arm.
+pub fn arms<'a>(items: &[Scored<'a>], settings: &StatsSettings) -> Vec<Arm<'a>> {
+    let mut per_variant: Vec<PerVariant<'a>> = Vec::new();
     for (name, hs, rep, key, o) in items {
         match per_variant.iter_mut().find(|v| &v.0 == name) {
             Some(v) => {

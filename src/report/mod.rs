@@ -871,7 +871,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(
         md,
         "Effect of switching each criterion **off**, averaged over every pair of variants that differ only in it \
-         (paired over prompts; 95% bootstrap interval). A positive refusal effect means the criterion helps.\n"
+         (paired over prompts; 95% bootstrap interval, unadjusted and descriptive — no verdict is drawn from it). A positive refusal effect means the criterion helps.\n"
     )?;
     writeln!(
         md,

@@ -565,7 +565,7 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
                 .unwrap_or(0);
             for f in fs::read_dir(&rep)? {
                 let p = f?.path();
-                if !p.extension().is_some_and(|x| x == "json") {
+                if p.extension().is_none_or(|x| x != "json") {
                     continue;
                 }
                 let bytes = fs::read(&p)?;
@@ -806,7 +806,7 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
                 for f in fs::read_dir(&rep)? {
                     let p = f?.path();
                     // An unfinished optimisation's memo belongs to the shard that ran it.
-                    if !p.extension().is_some_and(|x| x == "json") {
+                    if p.extension().is_none_or(|x| x != "json") {
                         continue;
                     }
                     let rel = p.strip_prefix(s).expect("under the shard").to_path_buf();
