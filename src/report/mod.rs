@@ -185,7 +185,10 @@ fn power_cell(t: &MetricTest, scale: f64, unit: &str, decimals: usize) -> String
     let mdd = match t.mdd {
         Some(m) => format!("{:.*}{unit}", decimals, m * scale),
         None if t.discordance == Some(0.0) => "undefined (no prompt differs)".into(),
-        None => "above the discordance".into(),
+        None => format!(
+            "none: only {:.0}% of prompts differ, too few for the study's power",
+            100.0 * t.discordance.unwrap_or(0.0)
+        ),
     };
     let need = match t.prompts_needed {
         Some(n) => format!(
