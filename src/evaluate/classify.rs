@@ -257,6 +257,73 @@ pub fn label(
     Ok(())
 }
 
+/// A study's classifiers at work: they label each outcome as it is scored, with the judge
+/// model loaded once.
+pub struct Labeller {
+    pub classifiers: Vec<Classifier>,
+    pub judge: Option<Judge>,
+    batch_size: usize,
+}
+
+impl Labeller {
+    /// `judge_cache` names the cache file for a judge model.
+    pub fn load(
+        classifiers: &[Classifier],
+        threshold: f64,
+        judge_cache: impl Fn(&str) -> PathBuf,
+    ) -> Result<Labeller> {
+        let judge = match classifiers.iter().find_map(|c| match c {
+            Classifier::Judge(m) => Some(m.clone()),
+            _ => None,
+        }) {
+            Some(m) => {
+                eprintln!("loading the judge model {m}");
+                Some(Judge::load(&m, threshold, Some(judge_cache(&m)))?)
+            }
+            None => None,
+        };
+        Ok(Labeller {
+            classifiers: classifiers.to_vec(),
+            judge,
+            // The judge reads a few hundred tokens per reply; smaller batches bound its memory.
+            batch_size: 16,
+        })
+    }
+
+    /// Whether any classifier besides heretic's markers is at work.
+    pub fn is_labelling(&self) -> bool {
+        self.classifiers.iter().any(|c| *c != Classifier::Heretic)
+    }
+
+    pub fn label(&mut self, o: &mut Outcome, prompts: &[String]) -> Result<()> {
+        if !self.is_labelling() {
+            return Ok(());
+        }
+        label(
+            o,
+            &self.classifiers,
+            prompts,
+            self.judge.as_mut(),
+            self.batch_size,
+        )
+    }
+
+    /// Every classifier on the project's labelled replies, and the judge's cost so far.
+    pub fn validate(&mut self) -> Result<serde_json::Value> {
+        let v = validate(
+            &self.classifiers,
+            &super::RefusalClassifier::default(),
+            self.judge.as_mut(),
+            self.batch_size,
+        )?;
+        let cost = self
+            .judge
+            .as_ref()
+            .map(|j| serde_json::json!({"judge": j.name, "calls": j.judged, "seconds": j.seconds}));
+        Ok(serde_json::json!({"validation": v, "judge_cost": cost}))
+    }
+}
+
 /// Two classifiers on the same replies: the 2×2 counts and Cohen's κ with a 95% bootstrap
 /// interval (prompts resampled, seeded).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,9 @@
 //! fixed trial budget and seed; the chosen setting is then scored once, elsewhere, on the
 //! evaluation prompts, so the reported figure is never the optimised one.
 
-use super::rundir::{best, Memo, Scored, Trial, TuneResult};
+use super::rundir::{
+    best, read_record, write_record, Memo, Scored, SearchResult, Trial, TuneResult,
+};
 use super::spec::{SearchSpec, TuneSpec};
 use crate::ablate::{AblationParams, Kernel};
 use crate::detect::{self, Scan};
@@ -380,4 +382,89 @@ mod tests {
             objective(&o(2, 0.005), 8, 0.01, 1.0)
         );
     }
+}
+
+/// The stored search for one distinct edit, or a new one (resumed from its memo after an
+/// interruption) written to `path`. `ids` = (score key, replicate, the variants sharing it).
+pub fn stored_or_searched(
+    lm: &mut LoadedModel,
+    sel: Option<&Selection>,
+    v: &Variant,
+    prepared: &variant::Prepared,
+    spec: &SearchSpec,
+    path: &std::path::Path,
+    (key, replicate, variant_ids): (&str, u64, Vec<String>),
+) -> Result<SearchResult> {
+    if let Some(sr) = read_record(path)? {
+        return Ok(sr);
+    }
+    let sel = sel.ok_or_else(|| anyhow::anyhow!("ablation.search needs datasets.selection"))?;
+    let t = Instant::now();
+    let label = format!("r{replicate} {}", crate::util::trunc(&v.name, 24));
+    let mut memo = Memo::load(&path.with_extension("partial"));
+    let (params, objective, base_refusals, trials) =
+        search_edit(lm, sel, v, prepared, spec, &label, &mut memo)?;
+    let sr = SearchResult {
+        key: key.to_string(),
+        replicate,
+        variant_ids,
+        params,
+        objective,
+        base_refusals,
+        trials,
+        seconds: t.elapsed().as_secs_f64(),
+    };
+    write_record(path, &sr)?;
+    memo.remove();
+    Ok(sr)
+}
+
+/// Tunes one variant's thresholds on the selection split (resuming from its memo after an
+/// interruption) and stores the result at `path`.
+pub fn tune_and_store(
+    lm: &mut LoadedModel,
+    sel: &Selection,
+    pv: &super::plan::PlannedVariant,
+    seed: u64,
+    scan: &Scan,
+    data: &DirectionData,
+    path: &std::path::Path,
+) -> Result<TuneResult> {
+    let spec = pv
+        .variant
+        .tune
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("variant {} is not tuned", pv.variant.name))?;
+    eprintln!(
+        "tuning {} on the selection split ({} trials)",
+        pv.variant.name, spec.trials
+    );
+    let mut memo = Memo::load(&path.with_extension("partial"));
+    let r = tune_thresholds(
+        lm,
+        sel,
+        &pv.variant,
+        &pv.id,
+        seed,
+        scan,
+        data,
+        spec,
+        &mut memo,
+    )?;
+    write_record(path, &r)?;
+    memo.remove();
+    eprintln!(
+        "tuned {} r{seed}: {} -> dims {} (selection objective {:.4}; {} distinct dim sets scored, {:.0} s)",
+        pv.variant.name,
+        r.thresholds
+            .iter()
+            .map(|(k, v)| format!("{k}={v:.1}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        crate::util::dims_summary(&r.dims),
+        r.objective,
+        r.trials.iter().filter(|t| t.scored).count(),
+        r.seconds
+    );
+    Ok(r)
 }

@@ -197,6 +197,11 @@ impl DirectionCache {
     }
 }
 
+/// Each classifier's accuracy on the labelled replies and the judge's cost.
+pub fn classifiers_path(out: &Path) -> PathBuf {
+    out.join("results").join("classifiers.json")
+}
+
 /// A judge's cache: P(refusal) by (judge, prompt, reply) hash.
 pub fn judge_cache_path(cache: &Path, judge: &str) -> PathBuf {
     let safe: String = judge
@@ -610,7 +615,7 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
             .and_then(|v| serde_json::from_value(v["missing"].clone()).ok())
             .unwrap_or_default(),
         prompts,
-        classifiers: read_record(&results.join("classifiers.json"))?,
+        classifiers: read_record(&classifiers_path(dir))?,
     })
 }
 

@@ -5,14 +5,14 @@
 use super::optimize::{self, Selection};
 use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
 use super::rundir::{
-    assignments_path, cache_dir, hash_json, judge_cache_path, lock_run_dir, provenance_path,
-    read_record, reference_cache_path, replicate_dir, result_path, search_path, tune_path,
-    write_atomic, write_or_check_plan, write_record, write_tables, Assignment, DirectionCache,
-    EvalPrompts, JudgeProvenance, Memo, Provenance, ScoreRecord, SearchResult, TuneResult,
+    assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
+    provenance_path, read_record, reference_cache_path, replicate_dir, result_path, search_path,
+    tune_path, write_atomic, write_or_check_plan, write_record, write_tables, Assignment,
+    DirectionCache, EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, TuneResult,
 };
 use super::spec::Study;
 use crate::detect;
-use crate::evaluate::classify::{self, Classifier, Judge};
+use crate::evaluate::classify::{self, Labeller};
 use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
 use crate::model::{self, HiddenConvention, LoadedModel};
 use crate::pipeline::{self as variant, DirectionData, Variant};
@@ -256,7 +256,11 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     write_atomic(&opts.out.join("study.yaml"), study_text.as_bytes())?;
     let cache = cache_dir(&opts.out, opts.shard);
     let mut prov = Provenance::new(&study.file.model, lm.sha256.clone(), study_text, &plan);
-    let mut refusal = Refusal::load(study, &cache)?;
+    let mut refusal = Labeller::load(
+        &study.file.evaluation.classifiers()?,
+        study.file.evaluation.judge_threshold,
+        |m| judge_cache_path(&cache, m),
+    )?;
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
     if let Some(j) = &refusal.judge {
         prov.judge = Some(JudgeProvenance {
@@ -284,7 +288,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         let mut rep = prepare_replicate(
             study, &lm, &plan, seed, &cache, &sets, &mut prov, keep_scan, &opts.out,
         )?;
-        label(&mut rep.base, &rep.evaluator.bad_text, &mut refusal)?;
+        refusal.label(&mut rep.base, &rep.evaluator.bad_text)?;
         write_record(
             &replicate_dir(&opts.out, seed).join("prompts.json"),
             &EvalPrompts {
@@ -329,8 +333,8 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             computed += 1;
         }
     }
-    if refusal.classifiers.len() > 1 || refusal.judge.is_some() {
-        refusal.validate(&opts.out)?;
+    if refusal.is_labelling() {
+        write_record(&classifiers_path(&opts.out), &refusal.validate()?)?;
     }
     write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
     write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
@@ -371,47 +375,15 @@ fn tune_replicate(
     let mut tuned = BTreeMap::new();
     for pv in plan.variants.iter().filter(|v| v.variant.tune.is_some()) {
         let path = tune_path(out, seed, &pv.id);
-        let r: TuneResult = match read_record(&path)? {
+        let r = match read_record::<TuneResult>(&path)? {
             Some(r) => r,
             None => {
-                let spec = pv.variant.tune.as_ref().expect("filtered");
                 let sel = rep
                     .selection
                     .as_ref()
                     .context("tuning needs datasets.selection")?;
                 let scan = rep.data.scan.as_ref().context("tuning needs the scan")?;
-                eprintln!(
-                    "tuning {} on the selection split ({} trials)",
-                    pv.variant.name, spec.trials
-                );
-                let mut memo = Memo::load(&path.with_extension("partial"));
-                let r = optimize::tune_thresholds(
-                    lm,
-                    sel,
-                    &pv.variant,
-                    &pv.id,
-                    seed,
-                    scan,
-                    &rep.data,
-                    spec,
-                    &mut memo,
-                )?;
-                write_record(&path, &r)?;
-                memo.remove();
-                eprintln!(
-                    "tuned {} r{seed}: {} -> dims {} (selection objective {:.4}; {} distinct dim sets scored, {:.0} s)",
-                    pv.variant.name,
-                    r.thresholds
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v:.1}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    dims_summary(&r.dims),
-                    r.objective,
-                    r.trials.iter().filter(|t| t.scored).count(),
-                    r.seconds
-                );
-                r
+                optimize::tune_and_store(lm, sel, pv, seed, scan, &rep.data, &path)?
             }
         };
         tuned.insert(pv.id.clone(), r);
@@ -459,7 +431,7 @@ fn score_group(
     members: &[&PlannedVariant],
     out: &Path,
     (i, total): (usize, usize),
-    refusal: &mut Refusal,
+    refusal: &mut Labeller,
 ) -> Result<()> {
     let seed = rep.seed;
     let t = Instant::now();
@@ -467,34 +439,15 @@ fn score_group(
     let data = variant::prepare_with_dims(&rep.data, first, dims)?;
     let mut searched = None;
     if let Some(spec) = &first.search {
-        let spath = search_path(out, seed, key);
-        let sr: SearchResult = match read_record(&spath)? {
-            Some(sr) => sr,
-            None => {
-                let sel = rep
-                    .selection
-                    .as_ref()
-                    .context("ablation.search needs datasets.selection")?;
-                let t = Instant::now();
-                let label = format!("r{seed} {}", trunc(&first.name, 24));
-                let mut memo = Memo::load(&spath.with_extension("partial"));
-                let (params, objective, base_refusals, trials) =
-                    optimize::search_edit(lm, sel, first, &data, spec, &label, &mut memo)?;
-                let sr = SearchResult {
-                    key: key.to_string(),
-                    replicate: seed,
-                    variant_ids: members.iter().map(|m| m.id.clone()).collect(),
-                    params,
-                    objective,
-                    base_refusals,
-                    trials,
-                    seconds: t.elapsed().as_secs_f64(),
-                };
-                write_record(&spath, &sr)?;
-                memo.remove();
-                sr
-            }
-        };
+        let sr = optimize::stored_or_searched(
+            lm,
+            rep.selection.as_ref(),
+            first,
+            &data,
+            spec,
+            &search_path(out, seed, key),
+            (key, seed, members.iter().map(|m| m.id.clone()).collect()),
+        )?;
         searched = Some(sr.params);
     }
     let mut v = first.clone();
@@ -507,7 +460,7 @@ fn score_group(
     );
     let mut outcome = variant::score(lm, &rep.evaluator, &v, &data, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    label(&mut outcome, &rep.evaluator.bad_text, refusal)?;
+    refusal.label(&mut outcome, &rep.evaluator.bad_text)?;
     let rec = ScoreRecord {
         key: key.to_string(),
         replicate: seed,
@@ -535,63 +488,4 @@ fn score_group(
         }
     );
     Ok(())
-}
-
-/// The study's refusal classifiers and, when one is a judge, the judge model.
-struct Refusal {
-    classifiers: Vec<Classifier>,
-    judge: Option<Judge>,
-    batch_size: usize,
-}
-
-impl Refusal {
-    fn load(study: &Study, cache: &Path) -> Result<Refusal> {
-        let e = &study.file.evaluation;
-        let classifiers = e.classifiers()?;
-        let judge = match classifiers.iter().find_map(|c| match c {
-            Classifier::Judge(m) => Some(m.clone()),
-            _ => None,
-        }) {
-            Some(m) => {
-                eprintln!("loading the judge model {m}");
-                Some(Judge::load(
-                    &m,
-                    e.judge_threshold,
-                    Some(judge_cache_path(cache, &m)),
-                )?)
-            }
-            None => None,
-        };
-        Ok(Refusal {
-            classifiers,
-            judge,
-            // The judge reads a few hundred tokens per reply; smaller batches bound its memory.
-            batch_size: 16,
-        })
-    }
-
-    /// Every classifier on the project's labelled replies, with the judge's cost so far.
-    fn validate(&mut self, out: &Path) -> Result<()> {
-        let v = classify::validate(
-            &self.classifiers,
-            &crate::evaluate::RefusalClassifier::default(),
-            self.judge.as_mut(),
-            self.batch_size,
-        )?;
-        let cost = self
-            .judge
-            .as_ref()
-            .map(|j| serde_json::json!({"judge": j.name, "calls": j.judged, "seconds": j.seconds}));
-        write_record(
-            &out.join("results").join("classifiers.json"),
-            &serde_json::json!({"validation": v, "judge_cost": cost}),
-        )
-    }
-}
-
-fn label(o: &mut Outcome, prompts: &[String], r: &mut Refusal) -> Result<()> {
-    if r.classifiers.iter().all(|c| *c == Classifier::Heretic) {
-        return Ok(());
-    }
-    classify::label(o, &r.classifiers, prompts, r.judge.as_mut(), r.batch_size)
 }
