@@ -488,8 +488,8 @@ mod tests {
 
     #[test]
     fn kappa_matches_a_textbook_table() {
-        // Cohen's example shape: 20 both, 5 only A, 10 only B, 15 neither:
-        // po = 0.7, pa = 0.625, pb = 0.75, pe = 0.46875 + 0.09375 = 0.5625, κ = 0.3143.
+        // The worked example in Cohen's κ's Wikipedia article: 20 both, 5 only A, 10 only B,
+        // 15 neither: po = 0.7, pa = 0.5, pb = 0.6, pe = 0.3 + 0.2 = 0.5, κ = 0.4.
         let mut a = Vec::new();
         let mut b = Vec::new();
         for (x, y, n) in [
@@ -505,7 +505,7 @@ mod tests {
         }
         let g = agreement(&a, &b, 1);
         assert_eq!((g.both, g.only_a, g.only_b, g.neither), (20, 5, 10, 15));
-        assert!((g.kappa - 0.314_285_714).abs() < 1e-6, "{}", g.kappa);
+        assert!((g.kappa - 0.4).abs() < 1e-12, "{}", g.kappa);
         assert!(g.lo < g.kappa && g.kappa < g.hi);
         let same = agreement(&a, &a, 1);
         assert_eq!(same.kappa, 1.0);
