@@ -265,8 +265,12 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .filter(|e| {
+                        // Score files are named by their hex key; the replicate's other files
+                        // (reference, prompts, detection summary) have words for names.
                         let n = e.file_name().to_string_lossy().to_string();
-                        n.ends_with(".json") && n != "reference.json" && n != "detection.json"
+                        n.strip_suffix(".json").is_some_and(|k| {
+                            !k.is_empty() && k.chars().all(|c| c.is_ascii_hexdigit())
+                        })
                     })
                     .count()
             })
