@@ -668,7 +668,7 @@ datasets:
     good: {{name: {}, count: 2}}
     bad: {{name: advbench, count: 2, offset: 6}}
 ablation: {{direction_index: 17}}
-evaluation: {{max_response_tokens: 4, over_refusal_tokens: 0, batch_size: 8}}
+evaluation: {{max_response_tokens: 4, over_refusal_tokens: 0, batch_size: 8, refusal: [heretic, phrases]}}
 variants:
   - {{name: none, handling: none}}
 ",
@@ -676,12 +676,38 @@ variants:
     );
     let study = tmp.path().join("sel.yaml");
     std::fs::write(&study, &text).unwrap();
-    let out = run_cli(&study, &tmp.path().join("run"), &[]);
+    let run = tmp.path().join("run");
+    let out = run_cli(&study, &run, &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A second classifier's labels are in the outcomes table, per reply, as in the score files.
+    {
+        use polars::prelude::*;
+        let df = ParquetReader::new(std::fs::File::open(run.join("outcomes.parquet")).unwrap())
+            .finish()
+            .unwrap();
+        let col: Vec<Option<bool>> = df
+            .column("refused_by_phrases")
+            .unwrap()
+            .bool()
+            .unwrap()
+            .iter()
+            .collect();
+        let r = rundir::read_results(&run).unwrap();
+        let want: Vec<Option<bool>> = r
+            .scores
+            .values()
+            .flat_map(|s| {
+                let l = s.outcome.labels["phrases"].iter().map(|x| Some(*x));
+                l.chain(std::iter::repeat_n(None, s.outcome.kl.len()))
+            })
+            .collect();
+        assert_eq!(col, want);
+        assert_eq!(want.iter().filter(|x| x.is_some()).count(), 2);
+    }
     let validate = |text: &str| {
         let p = tmp.path().join("v.yaml");
         std::fs::write(&p, text).unwrap();

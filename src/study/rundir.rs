@@ -27,7 +27,8 @@
 //!     reference-<hash>.json     the unedited model's outcome on one prompt split
 //!     judge-<model>.json        a judge's P(refusal) by (judge, prompt, reply) hash
 //!   variants.parquet            one row per variant and replicate (rebuilt from results/)
-//!   outcomes.parquet            one row per prompt and score (rebuilt from results/)
+//!   outcomes.parquet            one row per prompt and score (rebuilt from results/); with
+//!                               several classifiers, refused_by_<name> and p_refusal_<judge>
 //!   .lock                       held while a run or a merge writes here
 //! ```
 //!
@@ -685,7 +686,31 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         vec![],
         vec![],
     );
+    // Every other classifier's label (and a judge's score) per reply, one column each.
+    let classifiers: BTreeSet<&String> = r
+        .scores
+        .values()
+        .flat_map(|s| s.outcome.labels.keys())
+        .collect();
+    let judges: BTreeSet<&String> = r
+        .scores
+        .values()
+        .flat_map(|s| s.outcome.judge_scores.keys())
+        .collect();
+    let mut labels: Vec<Vec<Option<bool>>> = vec![Vec::new(); classifiers.len()];
+    let mut scores: Vec<Vec<Option<f64>>> = vec![Vec::new(); judges.len()];
     for s in r.scores.values() {
+        let n_bad = s.outcome.refused.len();
+        for (c, col) in classifiers.iter().zip(labels.iter_mut()) {
+            let l = s.outcome.labels.get(*c);
+            col.extend((0..n_bad).map(|i| l.and_then(|v| v.get(i)).copied()));
+            col.extend(std::iter::repeat_n(None, s.outcome.kl.len()));
+        }
+        for (j, col) in judges.iter().zip(scores.iter_mut()) {
+            let p = s.outcome.judge_scores.get(*j);
+            col.extend((0..n_bad).map(|i| p.and_then(|v| v.get(i)).copied()));
+            col.extend(std::iter::repeat_n(None, s.outcome.kl.len()));
+        }
         for (i, (rf, rp)) in s.outcome.refused.iter().zip(&s.outcome.replies).enumerate() {
             skey.push(s.key.clone());
             srep.push(s.replicate);
@@ -708,19 +733,23 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         }
     }
     let h = skey.len();
-    let mut df = DataFrame::new(
-        h,
-        vec![
-            Column::new("score_key".into(), skey),
-            Column::new("replicate".into(), srep),
-            Column::new("set".into(), set),
-            Column::new("prompt_index".into(), idx),
-            Column::new("refused".into(), refused),
-            Column::new("reply".into(), reply),
-            Column::new("kl".into(), klv),
-            Column::new("over_refused".into(), overv),
-        ],
-    )?;
+    let mut columns = vec![
+        Column::new("score_key".into(), skey),
+        Column::new("replicate".into(), srep),
+        Column::new("set".into(), set),
+        Column::new("prompt_index".into(), idx),
+        Column::new("refused".into(), refused),
+        Column::new("reply".into(), reply),
+        Column::new("kl".into(), klv),
+        Column::new("over_refused".into(), overv),
+    ];
+    for (c, col) in classifiers.iter().zip(labels) {
+        columns.push(Column::new(format!("refused_by_{c}").into(), col));
+    }
+    for (j, col) in judges.iter().zip(scores) {
+        columns.push(Column::new(format!("p_refusal_{j}").into(), col));
+    }
+    let mut df = DataFrame::new(h, columns)?;
     detect::table::write_parquet(&mut df, &dir.join("outcomes.parquet"))?;
     Ok(())
 }
