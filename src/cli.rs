@@ -711,16 +711,16 @@ pub fn power(a: &PowerArgs) -> Result<()> {
         return Ok(());
     };
     let r = crate::study::rundir::read_results(dir)?;
-    let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
-    let mut st = if text.is_empty() {
-        crate::evaluate::compare::StatsSettings::default()
-    } else {
-        crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?
-            .file
-            .statistics
-    };
-    st.power = a.power;
-    st.alpha = a.alpha;
+    // The run's own settings; alpha and power are this command's.
+    let st = crate::report::settings(
+        dir,
+        &crate::report::Overrides {
+            alpha: Some(a.alpha),
+            power: Some(a.power),
+            correction: None,
+        },
+    )?
+    .stats;
     let fam = crate::report::run_family(&r, &st);
     let want_r = a.refusal_points.unwrap_or(st.margins.refusals) / 100.0;
     let want_k = a.kl.unwrap_or(st.margins.kl);

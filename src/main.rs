@@ -252,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
                 correction: correction
                     .as_deref()
                     .and_then(outlierlab::stats::family::Correction::parse),
+                power: None,
             };
             let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
             println!("{}", p.display());

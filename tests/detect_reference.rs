@@ -1,5 +1,5 @@
 //! The detector against PR #154's algorithm transcribed to Python and run on SmolLM2 with the
-//! trigger prompt (../shared/fixtures/massive-trigger-smollm2.json).
+//! trigger prompt (tests/fixtures/reference/massive-trigger-smollm2.json).
 
 mod common;
 

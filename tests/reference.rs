@@ -1,5 +1,5 @@
 //! The runtime against values computed by Hugging Face transformers on the same dequantised
-//! weights (../shared/fixtures/*-public.json).
+//! weights (tests/fixtures/reference/*-public.json).
 
 mod common;
 

@@ -63,22 +63,30 @@ fn rows(r: &RunResults) -> Vec<Row<'_>> {
     out
 }
 
-/// What `outlierlab report` may override of the study's `statistics:` block.
+/// What `outlierlab report` (and `power`) may override of the study's `statistics:` block.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub alpha: Option<f64>,
     pub correction: Option<Correction>,
+    pub power: Option<f64>,
 }
 
-/// The study's statistics settings as stored with the run, with overrides applied.
-fn settings(dir: &Path, o: &Overrides) -> Result<(StatsSettings, String)> {
+/// How a stored run is decided: its study's statistics settings (overrides applied), the
+/// headline refusal classifier, and the study file's text, read from the run folder once.
+pub struct Decided {
+    pub stats: StatsSettings,
+    pub headline: String,
+    pub study: String,
+}
+
+pub fn settings(dir: &Path, o: &Overrides) -> Result<Decided> {
     let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
-    let mut st = if text.is_empty() {
-        StatsSettings::default()
+    let (mut st, headline) = if text.is_empty() {
+        (StatsSettings::default(), "heretic".to_string())
     } else {
-        crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?
-            .file
-            .statistics
+        let f =
+            crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?.file;
+        (f.statistics, f.evaluation.headline)
     };
     if let Some(a) = o.alpha {
         st.alpha = a;
@@ -86,20 +94,25 @@ fn settings(dir: &Path, o: &Overrides) -> Result<(StatsSettings, String)> {
     if let Some(c) = o.correction {
         st.correction = c;
     }
+    if let Some(p) = o.power {
+        st.power = p;
+    }
     if let Some((field, msg)) = st.problem() {
         anyhow::bail!("statistics.{field}: {msg}");
     }
-    Ok((st, text))
+    Ok(Decided {
+        stats: st,
+        headline,
+        study: text,
+    })
 }
 
 /// Every variant of the run, grouped into arms (one per distinct score), and the family of
-/// comparisons between them.
+/// comparisons between them (refusals by heretic's markers).
 pub fn run_family<'a>(r: &'a RunResults, st: &StatsSettings) -> Family<'a> {
-    let items: Vec<_> = rows(r)
-        .into_iter()
-        .map(|x| (x.name, x.handlings, x.replicate, x.key, x.outcome))
-        .collect();
-    compare::family(compare::arms(&items, st), st)
+    family_from(r, st, |rep, key| {
+        r.scores.get(&(rep, key.to_string())).map(|s| &s.outcome)
+    })
 }
 
 /// Every score's outcome with classifier `name`'s labels as its refusals; scores it did not
@@ -117,10 +130,19 @@ pub fn family_of<'a>(
     st: &StatsSettings,
     outs: &'a BTreeMap<(u64, String), Outcome>,
 ) -> Family<'a> {
+    family_from(r, st, |rep, key| outs.get(&(rep, key.to_string())))
+}
+
+/// The family of the run's variants, each score's outcome looked up by (replicate, key).
+fn family_from<'a>(
+    r: &RunResults,
+    st: &StatsSettings,
+    outcome: impl Fn(u64, &str) -> Option<&'a Outcome>,
+) -> Family<'a> {
     let items: Vec<_> = rows(r)
         .into_iter()
         .filter_map(|x| {
-            let o = outs.get(&(x.replicate, x.key.clone()))?;
+            let o = outcome(x.replicate, &x.key)?;
             Some((x.name, x.handlings, x.replicate, x.key, o))
         })
         .collect();
@@ -363,13 +385,16 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
 /// As [`render`], with the study's α or correction overridden.
 pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<PathBuf> {
     let r = read_results(dir)?;
-    let (st, study) = settings(dir, overrides)?;
+    let Decided {
+        stats: st,
+        headline,
+        study,
+    } = settings(dir, overrides)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "run".into());
     let rows = rows(&r);
-    let headline = study_headline(&study);
     let headline_outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &headline_outs);
     let arm_of = |name: &str| -> Option<usize> {
@@ -938,13 +963,6 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     Ok(())
 }
 
-/// The study's headline classifier (heretic unless the study names another).
-fn study_headline(study_text: &str) -> String {
-    crate::study::spec::parse(study_text, "study.yaml")
-        .map(|s| s.file.evaluation.headline)
-        .unwrap_or_else(|_| "heretic".into())
-}
-
 fn clip(s: &str, n: usize) -> String {
     let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
     let t = crate::util::trunc(&one_line, n);
@@ -984,7 +1002,11 @@ fn classifier_section(
             "Replies ran to the length limit or EOS (no cut at a marker), so every classifier saw the same full text."
         }
     )?;
-    let fam = run_family(r, st);
+    // One family per classifier; the first (heretic's markers) gives the arms.
+    let under: Vec<BTreeMap<(u64, String), Outcome>> =
+        names.iter().map(|n| outcomes_under(r, n)).collect();
+    let fams: Vec<Family> = under.iter().map(|o| family_of(r, st, o)).collect();
+    let fam = &fams[0];
     // Rates per arm, pooled over replicates.
     writeln!(md, "### Refusal rates by classifier\n")?;
     writeln!(md, "| arm | {} |", names.join(" | "))?;
@@ -1104,10 +1126,7 @@ fn classifier_section(
             .join(" | ")
     )?;
     writeln!(md, "|---|---|{}", "---|".repeat(names.len()))?;
-    let under: Vec<BTreeMap<(u64, String), Outcome>> =
-        names.iter().map(|n| outcomes_under(r, n)).collect();
-    let fams: Vec<Family> = under.iter().map(|o| family_of(r, st, o)).collect();
-    for c in &fams[0].comparisons {
+    for c in &fam.comparisons {
         let (va, ra) = (&fams[0].arms[c.variant], &fams[0].arms[c.reference]);
         let cells: Vec<String> = fams
             .iter()

@@ -119,7 +119,8 @@ pub fn decide(ps: &[f64], correction: Correction, alpha: f64) -> Vec<Decision> {
 }
 
 /// What a comparison of a variant with a reference concludes. Lower is better for refusals
-/// and KL alike.
+/// and KL alike. (A variant whose score *is* the reference's is not compared at all: see
+/// `evaluate::compare::Identity`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
@@ -130,8 +131,6 @@ pub enum Verdict {
     Equivalent,
     /// Neither: the data do not separate the two, nor show them within the margin.
     CannotTell,
-    /// The variant's score *is* the reference's (the same edit): nothing to test.
-    Identical,
 }
 
 impl Verdict {
@@ -159,7 +158,6 @@ impl Verdict {
             Verdict::Worse => "worse",
             Verdict::Equivalent => "equivalent",
             Verdict::CannotTell => "cannot tell",
-            Verdict::Identical => "identical",
         }
     }
 }
