@@ -249,6 +249,35 @@ fn post(url: &str, body: serde_json::Value) -> serde_json::Value {
     resp.into_json().unwrap()
 }
 
+/// A run folder renders from its stored results alone, even when the prompt files its study
+/// named are gone (a run copied to another machine).
+#[test]
+fn a_moved_run_renders_without_its_prompt_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("moved");
+    let status = Command::new("cp")
+        .args(["-r", fixture_run().to_str().unwrap(), run.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let y = std::fs::read_to_string(run.join("study.yaml")).unwrap();
+    let moved = y.replacen(
+        "good: {name: harmless-outlierlab, count: 8}",
+        "good: {name: /nonexistent/own-prompts.txt, count: 8}",
+        1,
+    );
+    assert_ne!(moved, y);
+    std::fs::write(run.join("study.yaml"), moved).unwrap();
+    let o = Command::new(bin())
+        .args(["report", run.to_str().unwrap(), "--out"])
+        .arg(tmp.path().join("r"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(tmp.path().join("r/report.md")).unwrap();
+    assert!(md.contains("## Verdicts"));
+}
+
 #[test]
 fn report_html_loads_every_image_in_headless_chromium() {
     let required = std::env::var("OUTLIERLAB_REQUIRE_BROWSER").is_ok_and(|v| v == "1");

@@ -85,7 +85,7 @@ pub fn settings(dir: &Path, o: &Overrides) -> Result<Decided> {
         (StatsSettings::default(), "heretic".to_string())
     } else {
         let f =
-            crate::study::spec::parse(&text, &dir.join("study.yaml").display().to_string())?.file;
+            crate::study::spec::parse_stored(&text, &dir.join("study.yaml").display().to_string())?;
         (f.statistics, f.evaluation.headline)
     };
     if let Some(a) = o.alpha {

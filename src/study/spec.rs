@@ -407,11 +407,7 @@ pub fn load(path: &Path) -> Result<Study> {
 }
 
 pub fn parse(text: &str, shown: &str) -> Result<Study> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    let file: StudyFile = match serde_path_to_error::deserialize(de) {
-        Ok(f) => f,
-        Err(e) => bail!("{}", describe(shown, text, &e)),
-    };
+    let file = parse_stored(text, shown)?;
     let name = file.name.clone().unwrap_or_else(|| {
         Path::new(shown)
             .file_stem()
@@ -425,6 +421,17 @@ pub fn parse(text: &str, shown: &str) -> Result<Study> {
     };
     check(&s, text)?;
     Ok(s)
+}
+
+/// The study file's syntax and types only, without the checks that need the files it names:
+/// what a stored run's `study.yaml` is read with, so a run folder moved away from its prompt
+/// files still renders.
+pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize(de) {
+        Ok(f) => Ok(f),
+        Err(e) => bail!("{}", describe(shown, text, &e)),
+    }
 }
 
 /// Known keys of every section, for did-you-mean hints.
