@@ -128,9 +128,15 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     let mut scan: Option<detect::Scan> = None;
     // Scan batch by batch so the hidden states of a large prompt set never sit in memory at once.
     for chunk in prompts.chunks(a.batch_size.max(1) * 4) {
-        let states = detect::collect_states(&lm, chunk, system, convention, a.batch_size, |n| {
-            pb.inc(n as u64)
-        })?;
+        let states = detect::collect_states(
+            &lm,
+            chunk,
+            system,
+            convention,
+            a.batch_size,
+            cfg.pad_rows,
+            |n| pb.inc(n as u64),
+        )?;
         let part = detect::scan(&states, cfg.median_kind, floor);
         match &mut scan {
             None => scan = Some(part),
@@ -428,7 +434,7 @@ fn direction_pass(
     let cfg = v.detect.clone().unwrap_or_default();
     let scan = v
         .needs_dims()
-        .then(|| (cfg.median_kind, detect::floor_for(&cfg)));
+        .then(|| detect::ScanSettings::for_config(&cfg));
     let trigger = cfg.sources.trigger.clone().filter(|_| scan.is_some());
     let n = split.good_dir.len() + split.bad_dir.len() + usize::from(trigger.is_some());
     let pb = bar(n as u64, "direction prompts");

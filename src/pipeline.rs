@@ -64,11 +64,11 @@ pub fn direction_data(
     trigger: Option<&str>,
     system: Option<&str>,
     convention: HiddenConvention,
-    scan: Option<(detect::config::MedianKind, detect::Floor)>,
+    scan: Option<detect::ScanSettings>,
     batch_size: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<DirectionData> {
-    let Some((kind, floor)) = scan else {
+    let Some(settings) = scan else {
         let g = direction::collect(lm, good, system, convention, batch_size, &mut progress)?;
         let b = direction::collect(lm, bad, system, convention, batch_size, &mut progress)?;
         return Ok(DirectionData {
@@ -101,7 +101,15 @@ pub fn direction_data(
     let mut full: Option<Scan> = None;
     // Chunks keep the full hidden states of only a few batches in memory at a time.
     for chunk in prompts.chunks(batch_size.max(1) * 2) {
-        let ps = detect::collect_states(lm, chunk, system, convention, batch_size, &mut progress)?;
+        let ps = detect::collect_states(
+            lm,
+            chunk,
+            system,
+            convention,
+            batch_size,
+            settings.pad_rows,
+            &mut progress,
+        )?;
         for p in &ps {
             let t = p.tokens.len();
             let (target, idx) = match p.source {
@@ -116,7 +124,7 @@ pub fn direction_data(
             }
             *idx += 1;
         }
-        let part = detect::scan(&ps, kind, floor);
+        let part = detect::scan(&ps, settings.median_kind, settings.floor);
         match &mut full {
             None => full = Some(part),
             Some(s) => s.merge(part),

@@ -27,6 +27,7 @@ fn trigger_states() -> Vec<detect::PromptStates> {
         Some("You are a helpful assistant."),
         HiddenConvention::Transformers,
         1,
+        outlierlab::model::PadRows::SelfOnly,
         |_| {},
     )
     .unwrap()

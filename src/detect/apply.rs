@@ -92,7 +92,8 @@ fn scoped(cfg: &DetectConfig, e: &Entry) -> (f32, f32) {
 /// hot loop over millions of entries.
 fn passes(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> bool {
     let (ratio, z) = scoped(cfg, e);
-    if cfg.min_abs.is_some_and(|t| e.abs <= t)
+    if cfg.floor.is_some_and(|f| floor_score(e) < f)
+        || cfg.min_abs.is_some_and(|t| e.abs <= t)
         || cfg.median_ratio.is_some_and(|t| ratio <= t)
         || cfg.mad_ratio.is_some_and(|t| z <= t)
     {
@@ -110,10 +111,26 @@ fn passes(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> bool {
     true
 }
 
+/// The largest of the four values the scan floor looks at.
+fn floor_score(e: &Entry) -> f32 {
+    e.ratio_position
+        .max(e.ratio_layer)
+        .max(e.mad_z_position)
+        .max(e.mad_z_layer)
+}
+
 /// The criteria (1–4) that `e` fails; empty = a candidate.
 fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
     let mut why = Vec::new();
     let (ratio, z) = scoped(cfg, e);
+    if let Some(f) = cfg.floor {
+        if floor_score(e) < f {
+            why.push(format!(
+                "floor: largest ratio or MAD z-score {:.0} < {f}",
+                floor_score(e)
+            ));
+        }
+    }
     if let Some(t) = cfg.min_abs {
         if e.abs <= t {
             why.push(format!("min_abs: |a| {:.1} <= {t}", e.abs));
@@ -150,14 +167,23 @@ fn failures(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Vec<String> {
 
 /// Checks that the scan kept every entry these thresholds could accept. The scan keeps entries
 /// whose ratio or MAD z-score (either scope) reaches its floor, or whose |a| reaches its
-/// min_abs; that floor is also a pre-filter every detection shares, so a criteria subset without
-/// a ratio criterion still only sees entries that stand out by the floor. What is refused is a
-/// ratio threshold looser than the floor, which would silently miss entries.
+/// min_abs. A threshold looser than that floor would silently miss entries, and a criteria set
+/// that bounds no value would be decided by the floor alone: both are refused (the floor can be
+/// named as a criterion instead, `floor`).
 pub fn check_floor(cfg: &DetectConfig, scan: &Scan) -> Result<()> {
+    if !cfg.has_value_criterion() {
+        bail!(
+            "criteria {{{}}} bound no value (|a|, a ratio or a MAD z-score), so they would accept every dim; \
+             switch on min_abs, median_ratio or mad_ratio, or name the scan floor as a criterion (floor={})",
+            cfg.active_criteria().join(", "),
+            super::config::FLOOR
+        );
+    }
     let f = scan.floor.min_ratio;
     for (name, t) in [
         ("median_ratio", cfg.median_ratio),
         ("mad_ratio", cfg.mad_ratio),
+        ("floor", cfg.floor),
     ] {
         if let Some(t) = t {
             if t < f {

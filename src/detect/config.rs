@@ -38,6 +38,13 @@ pub enum Positions {
     All,
 }
 
+pub use crate::model::PadRows;
+
+/// The scan's pre-filter as a criterion: an entry whose ratio to the median or MAD z-score, in
+/// either scope, reaches this. Only a criteria subset without any value criterion needs it (it
+/// would otherwise detect every dim); naming it keeps the floor from deciding silently.
+pub const FLOOR: f32 = 20.0;
+
 /// How criterion 5 (persistence) counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -88,10 +95,17 @@ pub struct DetectConfig {
     pub cluster_test: ClusterTest,
     /// Criterion 5: fraction f of hidden states over which a hit must persist.
     pub persistence: Option<f32>,
+    /// The scan floor as an explicit criterion (see [`FLOOR`]); set only where no value
+    /// criterion is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<f32>,
     pub persistence_mode: PersistenceMode,
     pub median_scope: MedianScope,
     pub median_kind: MedianKind,
     pub positions: Positions,
+    /// How pad positions' hidden states are computed (matters only with `positions: all`).
+    #[serde(default)]
+    pub pad_rows: PadRows,
     /// LLM.int8(): a dim must be hit at ≥ this fraction of the scanned (prompt, position)s.
     pub min_position_fraction: Option<f32>,
     /// Keep only the k dims with the largest peak |a| among those passing the other criteria.
@@ -106,7 +120,7 @@ impl Default for DetectConfig {
 }
 
 pub const PRESETS: [(&str, &str); 6] = [
-    ("pr154", "PR #154's code: five criteria, position median (lower), padding scanned, consecutive persistence"),
+    ("pr154", "PR #154's code: five criteria, position median (averaging, as torch.quantile), trigger alone, padding scanned as transformers computes it, consecutive persistence"),
     ("pr154-described", "PR #154's description: five criteria, valid positions only, value inside the cluster, persistence counted in total"),
     ("sun2024", "Sun et al. 2024: |a| > 100 and > 1000x the layer-wide median"),
     ("median-only", "criterion 2 alone: |a| > 1000x its position's median"),
@@ -127,10 +141,13 @@ pub fn preset(name: &str) -> Result<DetectConfig> {
         max_cluster_size: Some(3),
         cluster_test: ClusterTest::Position,
         persistence: Some(0.25),
+        floor: None,
         persistence_mode: PersistenceMode::Consecutive,
         median_scope: MedianScope::Position,
-        median_kind: MedianKind::Lower,
+        // torch.quantile(q=0.5), which the PR calls, averages the two middle values.
+        median_kind: MedianKind::Average,
         positions: Positions::All,
+        pad_rows: PadRows::Transformers,
         min_position_fraction: None,
         top_k: None,
         sources: all_sources,
@@ -142,6 +159,7 @@ pub fn preset(name: &str) -> Result<DetectConfig> {
         max_cluster_size: None,
         persistence: None,
         positions: Positions::Valid,
+        pad_rows: PadRows::SelfOnly,
         ..base.clone()
     };
     Ok(match name {
@@ -150,6 +168,7 @@ pub fn preset(name: &str) -> Result<DetectConfig> {
             persistence_mode: PersistenceMode::Total,
             cluster_test: ClusterTest::Member,
             positions: Positions::Valid,
+            pad_rows: PadRows::SelfOnly,
             ..base
         },
         "sun2024" => DetectConfig {
@@ -273,6 +292,13 @@ impl DetectConfig {
                 }
             }
             "min_position_fraction" => self.min_position_fraction = opt_num(value)?,
+            "floor" => self.floor = opt_num(value)?,
+            "pad_rows" => {
+                self.pad_rows = match enum_of(value, &["self-only", "transformers"])?.as_str() {
+                    "transformers" => PadRows::Transformers,
+                    _ => PadRows::SelfOnly,
+                }
+            }
             "top_k" => self.top_k = if off { None } else { Some(int(value)?) },
             "persistence_mode" => {
                 self.persistence_mode =
@@ -318,9 +344,11 @@ impl DetectConfig {
                     "cluster_test",
                     "persistence",
                     "persistence_mode",
+                    "floor",
                     "median_scope",
                     "median_kind",
                     "positions",
+                    "pad_rows",
                     "min_position_fraction",
                     "top_k",
                     "trigger",
@@ -357,6 +385,27 @@ impl DetectConfig {
         if self.persistence.is_some() {
             v.push("persistence");
         }
+        if self.floor.is_some() {
+            v.push("floor");
+        }
         v
+    }
+
+    /// Whether some criterion bounds a value (|a|, a ratio, a z-score). Without one, the others
+    /// (cluster, persistence) would accept every dim of every position.
+    pub fn has_value_criterion(&self) -> bool {
+        self.min_abs.is_some()
+            || self.median_ratio.is_some()
+            || self.mad_ratio.is_some()
+            || self.floor.is_some()
+    }
+
+    /// The same settings with the floor criterion removed (pairs that differ only in a criterion
+    /// are matched up to the floor, which a subset gets only when it has no value criterion).
+    pub fn without_floor(&self) -> DetectConfig {
+        DetectConfig {
+            floor: None,
+            ..self.clone()
+        }
     }
 }

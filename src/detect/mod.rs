@@ -19,22 +19,40 @@ use anyhow::Result;
 use candle_core::IndexOp;
 
 /// Runs the model over `prompts` (rendered through the chat template) and returns each prompt's
-/// hidden states at every position of its padded batch.
+/// hidden states at every position of its padded batch. A trigger prompt runs alone, unpadded,
+/// as PR #154's `_init_massive_activation_dims` runs it; the others run in left-padded batches of
+/// `batch_size`, their pad rows computed as `pad_rows` says.
 pub fn collect_states(
     lm: &LoadedModel,
     prompts: &[(Source, String)],
     system: Option<&str>,
     convention: HiddenConvention,
     batch_size: usize,
+    pad_rows: crate::model::PadRows,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<PromptStates>> {
     let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch_size.max(1)) {
+    let mut groups: Vec<&[(Source, String)]> = Vec::new();
+    let mut rest = prompts;
+    while !rest.is_empty() {
+        let n = if rest[0].0 == Source::Trigger {
+            1
+        } else {
+            rest.iter()
+                .take(batch_size.max(1))
+                .take_while(|(s, _)| *s != Source::Trigger)
+                .count()
+        };
+        let (group, tail) = rest.split_at(n);
+        groups.push(group);
+        rest = tail;
+    }
+    for chunk in groups {
         let enc = chunk
             .iter()
             .map(|(_, text)| lm.encode_chat(system, text))
             .collect::<Result<Vec<_>>>()?;
-        let batch: Batch = lm.batch(&enc);
+        let batch: Batch = lm.batch(&enc).with_pad_rows(pad_rows);
         let fwd = lm.model.forward(&batch, true, Logits::None)?;
         let hs = fwd.hidden_states(convention);
         for (b, (source, text)) in chunk.iter().enumerate() {
@@ -66,9 +84,29 @@ pub fn collect_states(
     Ok(out)
 }
 
+/// What a scan is made with; every detection applied to one scan must agree with it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScanSettings {
+    pub median_kind: config::MedianKind,
+    pub floor: Floor,
+    pub pad_rows: crate::model::PadRows,
+}
+
+impl ScanSettings {
+    pub fn for_config(cfg: &DetectConfig) -> ScanSettings {
+        ScanSettings {
+            median_kind: cfg.median_kind,
+            floor: floor_for(cfg),
+            pad_rows: cfg.pad_rows,
+        }
+    }
+}
+
 /// The floor a scan needs so that `cfg` can be applied to it.
 pub fn floor_for(cfg: &DetectConfig) -> Floor {
-    let ratios = [cfg.median_ratio, cfg.mad_ratio].into_iter().flatten();
+    let ratios = [cfg.median_ratio, cfg.mad_ratio, cfg.floor]
+        .into_iter()
+        .flatten();
     let loosest = ratios.fold(f32::INFINITY, f32::min);
     let default = Floor::default();
     if loosest.is_finite() {

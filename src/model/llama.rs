@@ -111,6 +111,10 @@ impl LlamaLayer {
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, h * hd))?;
+        let y = match &ctx.attends {
+            Some(keep) => y.broadcast_mul(keep)?,
+            None => y,
+        };
         self.o_proj.forward(&y)
     }
 

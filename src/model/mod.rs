@@ -132,12 +132,30 @@ impl KvCache {
     }
 }
 
-/// What one layer needs besides its input: rotary tables for these positions and the additive
-/// attention mask `[batch, 1, 1, queries, keys]` (0 or −∞).
+/// What one layer needs besides its input: rotary tables for these positions, the additive
+/// attention mask `[batch, 1, 1, queries, keys]` (0 or −∞), and which queries get an attention
+/// output at all (`[batch, queries, 1]`, 1 or 0; None = all).
 pub struct StepContext {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Tensor,
+    pub attends: Option<Tensor>,
+}
+
+/// How the rows of padding positions are computed. Real tokens never attend to padding, so this
+/// changes nothing but the hidden states *at* pad positions — which only a detector that scans
+/// padding (PR #154's code) ever reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PadRows {
+    /// A pad row is a sequence's first token: position 0, attending to itself.
+    #[default]
+    SelfOnly,
+    /// As transformers 5 computes them under `generate` (checked against 5.24 with torch 2.15):
+    /// position id 0, and no key to attend to. Transformers passes the fully-masked row to
+    /// torch's SDPA, which (torch ≥ 2.5) returns a zero attention output for it, so a pad row is
+    /// its embedding plus the MLP updates alone.
+    Transformers,
 }
 
 /// One decoder block. A new family implements this in its own file.
@@ -155,6 +173,7 @@ pub trait DecoderLayer: Send + Sync {
 pub struct Batch {
     pub ids: Vec<Vec<u32>>,
     pub mask: Vec<Vec<u8>>,
+    pub pad_rows: PadRows,
 }
 
 impl Batch {
@@ -172,7 +191,16 @@ impl Batch {
             m.extend(std::iter::repeat_n(1u8, s.len()));
             mask.push(m);
         }
-        Batch { ids, mask }
+        Batch {
+            ids,
+            mask,
+            pad_rows: PadRows::SelfOnly,
+        }
+    }
+
+    pub fn with_pad_rows(mut self, pad_rows: PadRows) -> Batch {
+        self.pad_rows = pad_rows;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -456,7 +484,7 @@ impl Model {
         ids: &[Vec<u32>],
         positions: &[Vec<u32>],
         key_mask: &[Vec<u8>],
-        mut caches: Option<&mut [KvCache]>,
+        caches: Option<&mut [KvCache]>,
         keep_residual: bool,
         logits: Logits,
     ) -> Result<ForwardOutput> {
@@ -464,7 +492,24 @@ impl Model {
         let past = key_mask.first().map_or(0, |r| r.len()) - t;
         let (cos, sin) = self.rope_tables(positions)?;
         let mask = self.attention_mask(key_mask, past, t)?;
-        let ctx = StepContext { cos, sin, mask };
+        let ctx = StepContext {
+            cos,
+            sin,
+            mask,
+            attends: None,
+        };
+        self.run_layers(ids, &ctx, caches, keep_residual, logits)
+    }
+
+    fn run_layers(
+        &self,
+        ids: &[Vec<u32>],
+        ctx: &StepContext,
+        mut caches: Option<&mut [KvCache]>,
+        keep_residual: bool,
+        logits: Logits,
+    ) -> Result<ForwardOutput> {
+        let t = ids.first().map_or(0, |r| r.len());
         let mut x = self.embed(ids)?;
         let mut residual = Vec::new();
         if keep_residual {
@@ -472,7 +517,7 @@ impl Model {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = layer.forward(&x, &ctx, cache)?;
+            x = layer.forward(&x, ctx, cache)?;
             if keep_residual {
                 residual.push(x.clone());
             }
@@ -495,14 +540,29 @@ impl Model {
         if batch.is_empty() || batch.seq_len() == 0 {
             bail!("forward pass on an empty batch");
         }
-        self.step(
-            &batch.ids,
-            &batch.positions(),
-            &batch.mask,
-            None,
-            hidden,
-            logits,
-        )
+        match batch.pad_rows {
+            PadRows::SelfOnly => self.step(
+                &batch.ids,
+                &batch.positions(),
+                &batch.mask,
+                None,
+                hidden,
+                logits,
+            ),
+            PadRows::Transformers => {
+                let (b, t) = (batch.len(), batch.seq_len());
+                let (cos, sin) = self.rope_tables(&batch.positions())?;
+                let mask = self.attention_mask(&batch.mask, 0, t)?;
+                let keep: Vec<f32> = batch.mask.iter().flatten().map(|&m| m as f32).collect();
+                let ctx = StepContext {
+                    cos,
+                    sin,
+                    mask,
+                    attends: Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?),
+                };
+                self.run_layers(&batch.ids, &ctx, None, hidden, logits)
+            }
+        }
     }
 
     /// Log-softmax of the next-token logits at the last position, `[batch, vocab]`.

@@ -127,11 +127,17 @@ fn expand_sweep(
                 }
                 if let Some(sub) = sub {
                     criteria_off(&mut c, sub);
-                    label.push(if sub.is_empty() {
-                        "no-criteria".into()
-                    } else {
-                        sub.join("+")
-                    });
+                    // Without a value criterion the subset would take every dim; the scan floor
+                    // becomes its value criterion, by name, so no report mistakes it for "none".
+                    let floored = !c.has_value_criterion();
+                    if floored {
+                        c.floor = Some(crate::detect::config::FLOOR);
+                    }
+                    let mut names: Vec<&str> = sub.clone();
+                    if floored {
+                        names.push("floor");
+                    }
+                    label.push(names.join("+"));
                 }
                 if let Some(scope) = scope {
                     c.median_scope = if *scope == "layer" {
@@ -217,12 +223,48 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
     for pv in &planned {
         check_layers(&pv.variant.ablation, layers)
             .map_err(|e| anyhow::anyhow!("{}: variant '{}': {e}", study.path, pv.variant.name))?;
+        if pv.variant.needs_dims() {
+            if let Some(c) = &pv.variant.detect {
+                check_shares_scan(&base, c).map_err(|e| {
+                    anyhow::anyhow!("{}: variant '{}': {e}", study.path, pv.variant.name)
+                })?;
+            }
+        }
     }
     Ok(Plan {
         variants: planned,
         replicates,
         evaluation: Some(f.evaluation.clone()),
     })
+}
+
+/// A replicate's detections all read one scan, made with the study's `detection:` settings:
+/// a variant that asks for another median, other pad rows or another trigger would silently get
+/// the base's.
+fn check_shares_scan(base: &DetectConfig, c: &DetectConfig) -> Result<()> {
+    use crate::detect::config::Positions;
+    if c.median_kind != base.median_kind {
+        anyhow::bail!(
+            "its detection takes the {:?} median but the study's `detection:` takes the {:?} one; \
+             every detection of a study shares one scan, so set median_kind under `detection:`",
+            c.median_kind,
+            base.median_kind
+        );
+    }
+    if c.positions == Positions::All && c.pad_rows != base.pad_rows {
+        anyhow::bail!(
+            "its detection scans padding computed as {:?} but the study's `detection:` computes pad rows as {:?}; \
+             set pad_rows under `detection:`",
+            c.pad_rows,
+            base.pad_rows
+        );
+    }
+    if c.sources.trigger.is_some() && c.sources.trigger != base.sources.trigger {
+        anyhow::bail!(
+            "its detection uses another trigger prompt than the study's `detection:`; set the trigger there"
+        );
+    }
+    Ok(())
 }
 
 /// Layer-dependent settings against the model's layer count (written once: `validate` and

@@ -68,8 +68,8 @@ fn prepare_replicate(
         .clone()
         .unwrap_or_else(|| lm.path.display().to_string());
 
-    // Which detection scans are needed: one per (median kind, floor); all detection configs of
-    // this plan share the trigger prompt and sources of the study's base detection.
+    // One scan serves every detection of this replicate: the plan has checked that they share
+    // the base detection's trigger, median kind and pad rows; the floor is the loosest needed.
     let needs_scan = plan.variants.iter().any(|v| v.variant.needs_dims());
     let base_cfg = f.detection.resolve()?;
     let mut floor = detect::Floor::default();
@@ -91,6 +91,7 @@ fn prepare_replicate(
         &base_cfg.sources.trigger,
         base_cfg.median_kind,
         floor,
+        base_cfg.pad_rows,
     ));
     let dcache = DirectionCache::new(cache, &dir_key);
     // Detected dims per detection config, the only thing the runner needs from a scan; the scan
@@ -124,7 +125,11 @@ fn prepare_replicate(
             base_cfg.sources.trigger.as_deref(),
             system,
             HiddenConvention::Transformers,
-            needs_scan.then_some((base_cfg.median_kind, floor)),
+            needs_scan.then_some(detect::ScanSettings {
+                median_kind: base_cfg.median_kind,
+                floor,
+                pad_rows: base_cfg.pad_rows,
+            }),
             f.evaluation.batch_size,
             |n| pb.inc(n as u64),
         )?;
