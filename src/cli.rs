@@ -203,8 +203,18 @@ fn print_detection(
                 .take(6)
                 .map(|(p, t, tok)| format!("prompt {p} pos {t} {tok:?}"))
                 .collect();
+            let pads = if d.pad_positions > 0 {
+                format!(
+                    "; {} of its {} positions are PADDING (pad rows computed as {:?})",
+                    d.pad_positions,
+                    d.positions.len(),
+                    cfg.pad_rows
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "  dim {:>5}: peak |a| {:.1} at layer {} ({:.0}x position median, {:.0}x layer median); layers {}; {}{}",
+                "  dim {:>5}: peak |a| {:.1} at layer {} ({:.0}x position median, {:.0}x layer median); layers {}; {}{}{pads}",
                 d.dim,
                 d.peak_abs,
                 d.peak_layer,
@@ -308,6 +318,10 @@ pub struct VariantArgs {
     /// Tokens of each harmless reply checked for over-refusal (0 = skip).
     #[arg(long, default_value_t = 24)]
     pub over_refusal_tokens: usize,
+    /// heretic's refusal markers: heretic-master, heretic-1.4, heretic-1.3 (32 markers, before
+    /// "disclaimer"), or a file with one marker per line.
+    #[arg(long, default_value = "heretic-master")]
+    pub markers: String,
     /// Prompts per batch (decoding gets faster with larger batches).
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
@@ -455,7 +469,7 @@ fn direction_pass(
 
 pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()> {
     use crate::evaluate::compare::{self, StatsSettings};
-    use crate::evaluate::{EvalOptions, Evaluator, RefusalClassifier};
+    use crate::evaluate::{EvalOptions, Evaluator};
     use crate::pipeline as variant;
     let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
     let mut lm = model::load(&a.model)?;
@@ -469,6 +483,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
         batch_size: a.batch_size,
         max_response_tokens: a.max_response_tokens,
         over_refusal_tokens: a.over_refusal_tokens,
+        markers: crate::evaluate::MarkerList::resolve(&a.markers)?,
         ..EvalOptions::default()
     };
 
@@ -479,7 +494,6 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
         &split.bad_eval,
         system,
         opts,
-        RefusalClassifier::default(),
     )?;
     pb.finish_and_clear();
     let score_bar =

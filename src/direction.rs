@@ -103,8 +103,9 @@ pub enum Handling {
 }
 
 impl Handling {
-    /// Parses `none`, `winsorize:0.95`, `winsorize-global:0.99`, `zero-residual-dims`,
-    /// `protect-output-rows`, `random-dims[:SEED]`, `random-rotation:Q[:SEED]`.
+    /// Parses `none`, `winsorize:0.95`, `winsorize-global:0.99`, `zero-residual-dims` (alias
+    /// `pr154-text`), `protect-output-rows` (alias `pr154-code`), `random-dims[:SEED]`,
+    /// `random-rotation:Q[:SEED]`.
     pub fn parse(s: &str) -> Result<Handling> {
         let mut it = s.trim().split(':');
         let name = it.next().unwrap_or("");
@@ -130,8 +131,9 @@ impl Handling {
             "none" => Handling::None,
             "winsorize" => Handling::Winsorize { q: q(0)? },
             "winsorize-global" => Handling::WinsorizeGlobal { q: q(0)? },
-            "zero-residual-dims" => Handling::ZeroResidualDims,
-            "protect-output-rows" => Handling::ProtectOutputRows,
+            // The PR describes one mitigation and implements another; each alias names which.
+            "zero-residual-dims" | "pr154-text" => Handling::ZeroResidualDims,
+            "protect-output-rows" | "pr154-code" => Handling::ProtectOutputRows,
             "random-dims" => Handling::RandomDims { seed: seed(0)? },
             "random-rotation" => Handling::RandomRotation {
                 q: q(0)?,
@@ -143,7 +145,9 @@ impl Handling {
                     "winsorize",
                     "winsorize-global",
                     "zero-residual-dims",
+                    "pr154-text",
                     "protect-output-rows",
+                    "pr154-code",
                     "random-dims",
                     "random-rotation",
                 ];
@@ -186,6 +190,22 @@ impl Handling {
             Handling::ZeroResidualDims | Handling::ProtectOutputRows | Handling::RandomDims { .. }
         )
     }
+}
+
+/// The label with whose method it is, for reports: a reader checks "pr154" against the PR.
+pub fn describe_list(h: &[Handling]) -> String {
+    if h.is_empty() {
+        return "none".into();
+    }
+    h.iter()
+        .map(|x| match x {
+            Handling::ZeroResidualDims => "zero-residual-dims (PR #154's text)".to_string(),
+            Handling::ProtectOutputRows => "protect-output-rows (PR #154's code)".to_string(),
+            Handling::Winsorize { q } => format!("winsorize:{q} (heretic's winsorization)"),
+            other => other.label(),
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 pub fn label_list(h: &[Handling]) -> String {

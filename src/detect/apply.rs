@@ -35,6 +35,9 @@ pub struct DimReport {
     pub prompts: Vec<u32>,
     /// (prompt, position, decoded token) where it was confirmed.
     pub positions: Vec<(u32, u32, String)>,
+    /// How many of those positions are padding (only scanned with `positions: all`).
+    #[serde(default)]
+    pub pad_positions: usize,
 }
 
 /// A strong entry that was not detected, and which criterion turned it down.
@@ -343,7 +346,12 @@ pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
         let layers: BTreeSet<u32> = mine.iter().map(|h| h.layer).collect();
         let prompts: BTreeSet<u32> = mine.iter().map(|h| h.prompt).collect();
         let positions: BTreeSet<(u32, u32)> = mine.iter().map(|h| (h.prompt, h.position)).collect();
+        let pad_positions = positions
+            .iter()
+            .filter(|(p, t)| !scan.prompts[*p as usize].valid[*t as usize])
+            .count();
         reports.push(DimReport {
+            pad_positions,
             dim: d,
             peak_abs,
             peak_layer,

@@ -442,15 +442,16 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
             },
             kl0.0
         )?;
-        writeln!(md, "| variant | arm | detected dims | refusals (95% Wilson) | KL (mean, 95% CI) | over-refusals | shared score |")?;
-        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        writeln!(md, "| variant | handling | arm | detected dims | refusals (95% Wilson) | KL (mean, 95% CI) | over-refusals | shared score |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
         for row in &here {
             // Seeded by the score, so variants that share a score show the same interval.
             let kl = mean_ci(&row.outcome.kl, seed ^ key_seed(&row.key));
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} |",
                 row.name,
+                crate::direction::describe_list(&row.handlings),
                 arm_of(&row.name).map_or("–".into(), |a| format!("A{}", a + 1)),
                 dims_cell(&row.dims),
                 pct(&row.outcome.refusal_rate()),
@@ -753,12 +754,12 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| dim | peak \\|a\\| (hidden state) | peak ratio to median | hidden states | tokens |"
+        "| dim | peak \\|a\\| (hidden state) | peak ratio to median | hidden states | positions (of them padding) | tokens |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     for d in used.iter().take(40) {
         let Some(rep) = s.dims.get(d) else {
-            writeln!(md, "| {d} | – | – | – | – |")?;
+            writeln!(md, "| {d} | – | – | – | – | – |")?;
             continue;
         };
         let mut tokens: Vec<String> = rep.positions.iter().map(|p| format!("{:?}", p.2)).collect();
@@ -768,9 +769,14 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
             (Some(a), Some(b)) => format!("{a}–{b} ({} states)", rep.layers.len()),
             _ => "–".into(),
         };
+        let pads = if rep.pad_positions > 0 {
+            format!("{} (**{} padding**)", rep.positions.len(), rep.pad_positions)
+        } else {
+            format!("{} (0)", rep.positions.len())
+        };
         writeln!(
             md,
-            "| {d} | {:.0} ({}) | {:.0}× | {layers} | {} |",
+            "| {d} | {:.0} ({}) | {:.0}× | {layers} | {pads} | {} |",
             rep.peak_abs,
             rep.peak_layer,
             rep.peak_ratio_position,
@@ -826,19 +832,27 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             .find(|a| a.variant_id == id)
             .map(|a| a.dims.len())
     };
-    // Pairs (on, off) per criterion.
+    // Pairs (on, off) per criterion. A pair whose one side needs the scan floor as its value
+    // criterion (switching the criterion off left none) differs in the floor too, not in the one
+    // criterion: it is left out and counted.
     let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); 5];
+    let mut floored: Vec<usize> = vec![0; 5];
     for (i, a) in vs.iter().enumerate() {
         let ca = a.variant.detect.as_ref().expect("filtered");
         for (j, b) in vs.iter().enumerate() {
             let cb = b.variant.detect.as_ref().expect("filtered");
-            for (k, pk) in pairs.iter_mut().enumerate() {
-                if ca.criteria_on()[k]
-                    && !cb.criteria_on()[k]
-                    && without(ca, k) == *cb
-                    && a.variant.handlings == b.variant.handlings
-                {
-                    pk.push((i, j));
+            if a.variant.handlings != b.variant.handlings {
+                continue;
+            }
+            for k in 0..5 {
+                if !ca.criteria_on()[k] || cb.criteria_on()[k] {
+                    continue;
+                }
+                let off = without(ca, k);
+                if off == *cb {
+                    pairs[k].push((i, j));
+                } else if off.without_floor() == cb.without_floor() {
+                    floored[k] += 1;
                 }
             }
         }
@@ -853,10 +867,10 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| {} | median scope | dims | refusals | KL |",
+        "| {} | floor | median scope | dims | refusals | KL |",
         CRITERIA.join(" | ")
     )?;
-    writeln!(md, "|{}---|---|---|---|", "---|".repeat(5))?;
+    writeln!(md, "|{}---|---|---|---|---|", "---|".repeat(5))?;
     let mut sorted = vs.clone();
     sorted.sort_by_key(|v| {
         let f = v.variant.detect.as_ref().expect("filtered").criteria_on();
@@ -878,12 +892,13 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         let a = r.assignments.iter().find(|a| a.variant_id == v.id);
         writeln!(
             md,
-            "| {} | {:?} | {} | {} | {:.3} |",
+            "| {} | {} | {:?} | {} | {} | {:.3} |",
             c.criteria_on()
                 .iter()
                 .map(|f| if *f { "✓" } else { "·" })
                 .collect::<Vec<_>>()
                 .join(" | "),
+            c.floor.map_or("·".to_string(), |f| format!("✓ ({f})")),
             c.median_scope,
             a.map_or("–".into(), |a| dims_cell(&a.dims)),
             pct(&stats::wilson(k, n)),
@@ -899,16 +914,19 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(
         md,
         "Effect of switching each criterion **off**, averaged over every pair of variants that differ only in it \
-         (paired over prompts; 95% bootstrap interval, unadjusted and descriptive — no verdict is drawn from it). A positive refusal effect means the criterion helps.\n"
+         (paired over prompts; 95% bootstrap interval, unadjusted and descriptive — no verdict is drawn from it). A positive refusal effect means the criterion helps. \
+         *floor* is the scan's pre-filter (ratio or MAD z-score ≥ {}, either scope), named as a criterion where a subset has no value criterion (|a|, ratio, MAD) — \
+         without it such a subset would take every dim. Pairs in which switching the criterion off leaves only the floor differ in the floor as well, so they are left out (*excluded*).\n",
+        crate::detect::config::FLOOR
     )?;
     writeln!(
         md,
-        "| criterion | pairs | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |"
+        "| criterion | pairs | excluded (off side only the floor) | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     for (k, pk) in pairs.iter().enumerate() {
         if pk.is_empty() {
-            writeln!(md, "| {} | 0 | – | – | – |", CRITERIA[k])?;
+            writeln!(md, "| {} | 0 | {} | – | – | – |", CRITERIA[k], floored[k])?;
             continue;
         }
         let (mut dr, mut dk) = (Vec::new(), Vec::new());
@@ -947,9 +965,10 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         let (mk, lk, hk) = mean_ci(&dk, 950 + k as u64);
         writeln!(
             md,
-            "| {} | {} | {:+.1} | {:+.1} [{:+.1}, {:+.1}] | {:+.4} [{:+.4}, {:+.4}] |",
+            "| {} | {} | {} | {:+.1} | {:+.1} [{:+.1}, {:+.1}] | {:+.4} [{:+.4}, {:+.4}] |",
             CRITERIA[k],
             pk.len(),
+            floored[k],
             dd / pk.len() as f64,
             100.0 * mr,
             100.0 * lr,

@@ -320,6 +320,10 @@ pub struct Provenance {
     pub classifiers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judge: Option<JudgeProvenance>,
+    /// heretic's marker list the refusals were counted with (absent: runs before 2026-11-29,
+    /// which counted with `heretic-1.3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub markers: Option<crate::evaluate::MarkerList>,
 }
 
 /// What a judge was asked and how its answer was read.
@@ -346,6 +350,7 @@ impl Provenance {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             classifiers: Vec::new(),
             judge: None,
+            markers: None,
         }
     }
 }

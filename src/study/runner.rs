@@ -13,7 +13,7 @@ use super::rundir::{
 use super::spec::Study;
 use crate::detect;
 use crate::evaluate::classify::{self, Labeller};
-use crate::evaluate::{Evaluator, Outcome, RefusalClassifier};
+use crate::evaluate::{Evaluator, Outcome};
 use crate::model::{self, HiddenConvention, LoadedModel};
 use crate::pipeline::{self as variant, DirectionData, Variant};
 use crate::util::{dims_summary, progress_bar, trunc};
@@ -163,7 +163,7 @@ fn prepare_replicate(
         hash_json(&(&good_eval, &bad_eval)),
     );
 
-    let opts = f.evaluation.options();
+    let opts = f.evaluation.options()?;
     let (evaluator, base) = scored_reference(
         lm,
         (&good_eval, &bad_eval),
@@ -214,7 +214,6 @@ fn scored_reference(
         bad,
         system,
         opts.clone(),
-        RefusalClassifier::default(),
     )?;
     let key = hash_json(&(model_key, good, bad, system, opts));
     let path = reference_cache_path(cache, &key);
@@ -267,6 +266,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         |m| judge_cache_path(&cache, m),
     )?;
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
+    prov.markers = Some(study.file.evaluation.options()?.markers);
     if let Some(j) = &refusal.judge {
         prov.judge = Some(JudgeProvenance {
             model: j.name.clone(),

@@ -245,6 +245,14 @@ pub struct EvaluationSpec {
     /// A judge labels a reply a refusal when P(no) / (P(yes) + P(no)) is at least this.
     #[serde(default = "d_judge_threshold")]
     pub judge_threshold: f64,
+    /// heretic's marker list: `heretic-master` (default), `heretic-1.4`, `heretic-1.3`, or a
+    /// file with one marker per line.
+    #[serde(default = "d_markers")]
+    pub markers: String,
+}
+
+fn d_markers() -> String {
+    crate::evaluate::markers::DEFAULT.into()
 }
 
 fn d_refusal() -> Vec<String> {
@@ -280,20 +288,23 @@ impl Default for EvaluationSpec {
             refusal: d_refusal(),
             headline: d_headline(),
             judge_threshold: d_judge_threshold(),
+            markers: d_markers(),
         }
     }
 }
 
 impl EvaluationSpec {
-    pub fn options(&self) -> EvalOptions {
-        EvalOptions {
+    /// The scoring options; reads a marker file if the study names one.
+    pub fn options(&self) -> Result<EvalOptions> {
+        Ok(EvalOptions {
             max_response_tokens: self.max_response_tokens,
             over_refusal_tokens: self.over_refusal_tokens,
             kl_tokens: self.kl_tokens.max(1),
             batch_size: self.batch_size.max(1),
             // A reply may stop at heretic's first marker only when no other classifier reads it.
             early_stop: self.refusal.iter().all(|c| c == "heretic"),
-        }
+            markers: crate::evaluate::MarkerList::resolve(&self.markers)?,
+        })
     }
 
     /// The classifiers, parsed (checked when the study file is loaded).
@@ -435,7 +446,7 @@ pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 57] = [
+const KEYS: [&str; 58] = [
     "name",
     "model",
     "system_prompt",
@@ -487,6 +498,7 @@ const KEYS: [&str; 57] = [
     "refusal",
     "headline",
     "judge_threshold",
+    "markers",
     "alpha",
     "correction",
     "references",
@@ -885,6 +897,9 @@ fn check_classifiers(s: &Study, text: &str) -> Result<()> {
                 e.refusal.join(", ")
             ),
         ));
+    }
+    if let Err(err) = crate::evaluate::MarkerList::resolve(&e.markers) {
+        return Err(at_key(s, text, "evaluation.markers", format!("{err:#}")));
     }
     if !(e.judge_threshold > 0.0 && e.judge_threshold < 1.0) {
         return Err(at_key(
