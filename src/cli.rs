@@ -304,8 +304,9 @@ pub struct VariantArgs {
     pub mlp_min_weight: Option<f64>,
     #[arg(long)]
     pub mlp_min_weight_distance: Option<f64>,
-    /// none, pre or full (full renormalises every row exactly).
-    #[arg(long, default_value = "none")]
+    /// none, pre, full (renormalises every row exactly) or full-lowrank:R (heretic's default,
+    /// R = 3: the exact change of full stored as a rank-R approximation, as heretic does).
+    #[arg(long, default_value = "full-lowrank:3")]
     pub row_norm: String,
     /// Do not orthogonalise the refusal direction against the harmless mean.
     #[arg(long)]
@@ -373,12 +374,8 @@ impl VariantArgs {
             &mut ab.mlp.min_weight_distance,
             self.mlp_min_weight_distance,
         );
-        ab.row_norm = match self.row_norm.as_str() {
-            "none" => RowNorm::None,
-            "pre" => RowNorm::Pre,
-            "full" => RowNorm::Full,
-            other => bail!("--row-norm {other}: expected none, pre or full"),
-        };
+        ab.row_norm =
+            RowNorm::parse(&self.row_norm).map_err(|e| anyhow::anyhow!("--row-norm: {e}"))?;
         Ok(crate::pipeline::Variant {
             name: crate::direction::label_list(&handlings),
             handlings,
