@@ -65,6 +65,10 @@ pub fn only(base: &DetectConfig, criterion: &str) -> DetectConfig {
     for other in CRITERIA.iter().filter(|o| **o != criterion) {
         c.switch_off(other);
     }
+    // Cluster or persistence alone bound no value: the scan floor is named as theirs.
+    if !c.has_value_criterion() {
+        c.floor = Some(super::config::FLOOR);
+    }
     c
 }
 

@@ -488,7 +488,10 @@ where
     let (top, bottom) = root.split_vertically(h * 3 / 5);
     let ymax = combos.iter().map(|c| c.1).max().unwrap_or(1) as f64 * 1.15;
     let mut chart = ChartBuilder::on(&top)
-        .caption("Dims flagged by each criterion applied alone", font(17))
+        .caption(
+            "Dims flagged by each criterion alone (cluster, persistence: with the scan floor)",
+            font(15),
+        )
         .margin(12)
         .x_label_area_size(6)
         .y_label_area_size(110)
