@@ -920,6 +920,9 @@ pub fn validate(file: &std::path::Path) -> Result<()> {
     let study = crate::study::spec::load(file)?;
     let layers = crate::model::source::layer_count(&study.file.model)?;
     let plan = crate::study::plan::plan(&study, layers)?;
+    for w in crate::study::spec::warnings(&study) {
+        eprintln!("warning: {w}");
+    }
     println!(
         "{}: ok — study '{}', {} variant(s) x {} replicate(s) on {} ({layers} layers)",
         file.display(),
@@ -952,6 +955,9 @@ pub fn run_study(
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
     let study = crate::study::spec::parse(&text, &file.display().to_string())?;
+    for w in crate::study::spec::warnings(&study) {
+        eprintln!("warning: {w}");
+    }
     let out = out
         .or_else(|| study.file.output.clone().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("runs").join(&study.name));

@@ -593,10 +593,11 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
     writeln!(md, "## Edit search\n")?;
     writeln!(
         md,
-        "Each distinct edit's kernel was searched on the selection split (heretic's ranges and objective); \
-         the tables above score the best one on the evaluation prompts. Ties (common once KL is below heretic's target and \
-         refusals are few) go to the lowest KL; *tied at best* counts them — when it is most of the trials, the selection \
-         split did not separate the kernels.\n"
+        "Each distinct edit's kernel was searched on the selection split in heretic's ranges (MLP strength from −0.25, clamped at 0); \
+         the tables above score the chosen one on the evaluation prompts. The selection objective column is the summed form \
+         (KL or, below heretic's KL target, the scaled refusal ratio, plus the refusal ratio); with the Pareto rule the kernel \
+         is chosen as stated below the table, not by that number. *tied at best* counts the trials sharing the best summed \
+         objective — when it is most of them, the selection split did not separate the kernels.\n"
     )?;
     writeln!(md, "| variants | replicate | trials | tied at best | selection objective (refusals, KL) | direction index | attn max/pos/min/dist | mlp max/pos/min/dist |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
@@ -631,6 +632,40 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
         )?;
     }
     writeln!(md)?;
+    for s in r.searches.iter().filter(|s| !s.pareto.is_empty()) {
+        let chosen = s.chosen;
+        let mut front: Vec<&crate::study::rundir::Trial> = s
+            .trials
+            .iter()
+            .filter(|t| s.pareto.contains(&t.index))
+            .collect();
+        front.sort_by(|a, b| (a.refusals, a.kl).partial_cmp(&(b.refusals, b.kl)).unwrap_or(std::cmp::Ordering::Equal));
+        writeln!(
+            md,
+            "Replicate {}, {}: chosen by {}. Pareto front of {} trials (refusals/{}, KL): {}\n",
+            s.replicate,
+            s.variant_ids
+                .iter()
+                .map(|i| names.get(i.as_str()).copied().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if s.rule.is_empty() { "the summed objective" } else { s.rule.as_str() },
+            s.trials.len(),
+            front.first().map_or(0, |t| t.n_bad),
+            front
+                .iter()
+                .map(|t| format!(
+                    "{}#{} ({}, {:.4}){}",
+                    if Some(t.index) == chosen { "**" } else { "" },
+                    t.index,
+                    t.refusals,
+                    t.kl,
+                    if Some(t.index) == chosen { "**" } else { "" }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 use super::rundir::{
     best, read_record, write_record, Memo, Scored, SearchResult, Trial, TuneResult,
 };
-use super::spec::{SearchSpec, TuneSpec};
+use super::spec::{Sampler, SearchObjective, SearchSpec, TuneSpec};
 use crate::ablate::{AblationParams, Kernel};
 use crate::detect::{self, Scan};
 use crate::evaluate::{Evaluator, Outcome};
@@ -95,7 +95,10 @@ fn search_space(layers: usize, start: &AblationParams) -> Vec<(String, f64, f64)
         s.push(("direction_index".into(), 0.4 * last, 0.9 * last));
     }
     for w in ["attn", "mlp"] {
-        s.push((format!("{w}.max_weight"), 0.8, 1.5));
+        // heretic draws the MLP's strength from [−0.25, 1.5] and clamps it at 0 (params_at),
+        // so a kernel can leave the MLP alone with positive probability.
+        let low = if w == "mlp" { -0.25 } else { 0.8 };
+        s.push((format!("{w}.max_weight"), low, 1.5));
         s.push((format!("{w}.max_weight_position"), 0.6 * last, last));
         // As a fraction of max_weight, so min <= max always holds.
         s.push((format!("{w}.min_weight_fraction"), 0.0, 1.0));
@@ -115,7 +118,9 @@ fn params_at(start: &AblationParams, names: &[String], x: &[f64]) -> AblationPar
         p.direction_index = Some(d);
     }
     for (w, k) in [("attn", &mut p.attn), ("mlp", &mut p.mlp)] {
-        let mw = get(&format!("{w}.max_weight")).unwrap_or(k.max_weight);
+        let mw = get(&format!("{w}.max_weight"))
+            .map(|x| x.max(0.0))
+            .unwrap_or(k.max_weight);
         *k = Kernel {
             max_weight: mw,
             max_weight_position: get(&format!("{w}.max_weight_position"))
@@ -152,7 +157,7 @@ pub fn search_edit(
     spec: &SearchSpec,
     label: &str,
     memo: &mut Memo,
-) -> Result<(AblationParams, f64, usize, Vec<Trial>)> {
+) -> Result<(AblationParams, f64, usize, Vec<Trial>, usize)> {
     let base_refusals = refusals(&sel.base);
     let space = search_space(lm.model.num_layers(), &v.ablation);
     let names: Vec<String> = space.iter().map(|s| s.0.clone()).collect();
@@ -205,15 +210,75 @@ pub fn search_edit(
         });
         Ok(sc.objective)
     };
-    minimise(&bounds, spec.trials, spec.seed, &mut f)?;
-    let b = best(&trials).expect("at least one trial").clone();
+    match spec.sampler() {
+        Sampler::Swarm => minimise(&bounds, spec.trials, spec.seed, &mut f)?,
+        Sampler::Random => {
+            let mut rng = crate::stats::Rng::new(spec.seed);
+            for _ in 0..spec.trials {
+                let x: Vec<f64> = bounds
+                    .iter()
+                    .map(|(lo, hi)| lo + (hi - lo) * rng.uniform())
+                    .collect();
+                f(&x)?;
+            }
+        }
+    }
+    let b = match spec.objective {
+        SearchObjective::Sum => best(&trials),
+        SearchObjective::Pareto => pareto_choice(&trials, spec.max_kl),
+    }
+    .expect("at least one trial")
+    .clone();
     let x: Vec<f64> = names.iter().map(|n| b.params[n]).collect();
     Ok((
         params_at(&v.ablation, &names, &x),
         b.objective,
         base_refusals,
         trials,
+        b.index,
     ))
+}
+
+/// The trials no other trial beats on both refusals and KL (ties on both: the earliest).
+pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
+    let dominated = |t: &Trial| {
+        trials.iter().any(|u| {
+            (u.refusals <= t.refusals && u.kl <= t.kl)
+                && (u.refusals < t.refusals || u.kl < t.kl || u.index < t.index)
+        })
+    };
+    trials
+        .iter()
+        .filter(|t| !dominated(t))
+        .map(|t| t.index)
+        .collect()
+}
+
+/// The Pareto rule: among the front, the fewest refusals with KL ≤ `max_kl`, then the lowest
+/// KL; when no trial is under the bound, the lowest KL of all.
+pub fn pareto_choice(trials: &[Trial], max_kl: f64) -> Option<&Trial> {
+    let front = pareto_front(trials);
+    let on_front = || trials.iter().filter(|t| front.contains(&t.index));
+    on_front()
+        .filter(|t| t.kl <= max_kl)
+        .min_by(|a, b| a.refusals.cmp(&b.refusals).then(a.kl.total_cmp(&b.kl)))
+        .or_else(|| on_front().min_by(|a, b| a.kl.total_cmp(&b.kl)))
+}
+
+/// The rule a search chose by, in words, for reports.
+pub fn rule(spec: &SearchSpec) -> String {
+    match spec.objective {
+        SearchObjective::Pareto => format!(
+            "heretic's two objectives (refusals, KL) on the selection split; from their Pareto front, the fewest refusals with KL ≤ {} (then the lowest KL; if none is under the bound, the lowest KL); {:?} sampling",
+            spec.max_kl,
+            spec.sampler()
+        ),
+        SearchObjective::Sum => format!(
+            "the summed objective (KL, or below KL {} the scaled refusal ratio, plus the refusal ratio); the lowest wins, ties to the lowest KL; {:?} sampling",
+            spec.kl_target,
+            spec.sampler()
+        ),
+    }
 }
 
 /// Tunes a variant's detection thresholds in log space. Thresholds that detect dims already
@@ -402,7 +467,7 @@ pub fn stored_or_searched(
     let t = Instant::now();
     let label = format!("r{replicate} {}", crate::util::trunc(&v.name, 24));
     let mut memo = Memo::load(&path.with_extension("partial"));
-    let (params, objective, base_refusals, trials) =
+    let (params, objective, base_refusals, trials, chosen) =
         search_edit(lm, sel, v, prepared, spec, &label, &mut memo)?;
     let sr = SearchResult {
         key: key.to_string(),
@@ -411,6 +476,9 @@ pub fn stored_or_searched(
         params,
         objective,
         base_refusals,
+        pareto: pareto_front(&trials),
+        chosen: Some(chosen),
+        rule: rule(spec),
         trials,
         seconds: t.elapsed().as_secs_f64(),
     };
@@ -467,4 +535,58 @@ pub fn tune_and_store(
         r.seconds
     );
     Ok(r)
+}
+
+#[cfg(test)]
+mod pareto_tests {
+    use super::*;
+
+    fn t(index: usize, refusals: usize, kl: f64) -> Trial {
+        Trial {
+            index,
+            params: BTreeMap::new(),
+            dims: None,
+            objective: 0.0,
+            refusals,
+            n_bad: 16,
+            kl,
+            scored: true,
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn front_and_rule() {
+        let trials = vec![
+            t(0, 10, 0.01),
+            t(1, 4, 0.30),
+            t(2, 2, 0.90),
+            t(3, 5, 0.40), // dominated by 1
+            t(4, 4, 0.30), // same as 1, later: dominated
+            t(5, 0, 2.00),
+        ];
+        assert_eq!(pareto_front(&trials), vec![0, 1, 2, 5]);
+        assert_eq!(pareto_choice(&trials, 0.5).unwrap().index, 1);
+        assert_eq!(pareto_choice(&trials, 1.0).unwrap().index, 2);
+        assert_eq!(pareto_choice(&trials, 5.0).unwrap().index, 5);
+        // Nothing under the bound: the gentlest edit.
+        assert_eq!(pareto_choice(&trials, 0.001).unwrap().index, 0);
+    }
+
+    #[test]
+    fn mlp_strength_is_clamped_at_zero() {
+        let start = AblationParams::default_for(24);
+        let space = search_space(24, &start);
+        let names: Vec<String> = space.iter().map(|s| s.0.clone()).collect();
+        let i = names.iter().position(|n| n == "mlp.max_weight").unwrap();
+        assert_eq!((space[i].1, space[i].2), (-0.25, 1.5));
+        let j = names.iter().position(|n| n == "attn.max_weight").unwrap();
+        assert_eq!((space[j].1, space[j].2), (0.8, 1.5));
+        let mut x: Vec<f64> = space.iter().map(|s| s.2).collect();
+        x[i] = -0.1;
+        let p = params_at(&start, &names, &x);
+        assert_eq!(p.mlp.max_weight, 0.0);
+        assert_eq!(p.mlp.min_weight, 0.0);
+        assert_eq!(p.mlp.weight(3).unwrap_or(0.0), 0.0);
+    }
 }

@@ -405,6 +405,15 @@ pub struct SearchResult {
     pub params: AblationParams,
     pub objective: f64,
     pub base_refusals: usize,
+    /// Indices of the trials on the (refusals, KL) Pareto front.
+    #[serde(default)]
+    pub pareto: Vec<usize>,
+    /// The index of the kept trial.
+    #[serde(default)]
+    pub chosen: Option<usize>,
+    /// How the kept kernel was chosen (empty in runs before it was recorded: the summed objective).
+    #[serde(default)]
+    pub rule: String,
     pub trials: Vec<Trial>,
     pub seconds: f64,
 }

@@ -150,8 +150,37 @@ pub struct AblationSpec {
     pub search: Option<SearchSpec>,
 }
 
-/// heretic's objective, one number: KL (or, below the KL target, the refusal ratio scaled to
-/// the target) plus refusals / refusals of the unedited model, both on the selection split.
+/// How the searched kernels are compared on the selection split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SearchObjective {
+    /// heretic's form: two objectives (refusals, KL), the Pareto front of the trials, and one
+    /// kernel chosen from it by a stated rule (fewest refusals with KL ≤ `max_kl`).
+    #[default]
+    Pareto,
+    /// One number: KL (or, below `kl_target`, the refusal ratio scaled to the target) plus
+    /// refusals / refusals of the unedited model — heretic 1.x's two objectives added up.
+    Sum,
+}
+
+/// How the trials' kernels are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampler {
+    /// Uniform over heretic's ranges, seeded: what heretic's TPE sampler does for its first
+    /// `n_startup_trials` (60) trials. (heretic then switches to multivariate TPE, which this
+    /// tool does not implement.)
+    Random,
+    /// argmin's particle swarm on the summed objective, 8 particles per generation.
+    Swarm,
+}
+
+/// Fewer trials than this and the swarm runs a single generation: 8 random kernels, no search.
+pub const MIN_SWARM_TRIALS: usize = 16;
+/// A random search of n trials lands one in the best 10% of the space with probability
+/// 1 − 0.9ⁿ; 22 trials make that 90%.
+pub const MIN_RANDOM_TRIALS: usize = 22;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchSpec {
@@ -163,6 +192,66 @@ pub struct SearchSpec {
     pub kl_target: f64,
     #[serde(default = "d_kl_scale")]
     pub kl_scale: f64,
+    #[serde(default)]
+    pub objective: SearchObjective,
+    /// Default: `random` for `pareto`, `swarm` for `sum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<Sampler>,
+    /// The Pareto rule's KL bound on the selection split. heretic warns that KL above 0.5
+    /// "usually indicates significant damage".
+    #[serde(default = "d_max_kl")]
+    pub max_kl: f64,
+}
+
+/// Budgets too small to search: the study still runs, but says so (validate and run print these).
+pub fn warnings(study: &Study) -> Vec<String> {
+    let f = &study.file;
+    let mut out = Vec::new();
+    if let Some(sr) = &f.ablation.search {
+        if sr.trials < sr.min_trials() {
+            out.push(format!(
+                "{}: ablation.search.trials {} is below the {:?} sampler's minimum of {}: {}",
+                study.path,
+                sr.trials,
+                sr.sampler(),
+                sr.min_trials(),
+                match sr.sampler() {
+                    Sampler::Swarm => "the swarm runs one generation of 8 random kernels, the same for every variant, and optimises nothing",
+                    Sampler::Random => "a random search this short finds a kernel in the best 10% of heretic's ranges with probability below 90%",
+                }
+            ));
+        }
+    }
+    for t in &f.tune {
+        if t.trials < MIN_SWARM_TRIALS {
+            out.push(format!(
+                "{}: tune '{}': {} trials is below {MIN_SWARM_TRIALS}: the swarm runs one generation of random thresholds and optimises nothing",
+                study.path, t.name, t.trials
+            ));
+        }
+    }
+    out
+}
+
+fn d_max_kl() -> f64 {
+    0.5
+}
+
+impl SearchSpec {
+    pub fn sampler(&self) -> Sampler {
+        self.sampler.unwrap_or(match self.objective {
+            SearchObjective::Pareto => Sampler::Random,
+            SearchObjective::Sum => Sampler::Swarm,
+        })
+    }
+
+    /// The smallest budget that searches at all with this sampler.
+    pub fn min_trials(&self) -> usize {
+        match self.sampler() {
+            Sampler::Random => MIN_RANDOM_TRIALS,
+            Sampler::Swarm => MIN_SWARM_TRIALS,
+        }
+    }
 }
 
 fn d_kl_target() -> f64 {
@@ -446,7 +535,7 @@ pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 58] = [
+const KEYS: [&str; 60] = [
     "name",
     "model",
     "system_prompt",
@@ -491,6 +580,8 @@ const KEYS: [&str; 58] = [
     "search",
     "trials",
     "objective",
+    "sampler",
+    "max_kl",
     "selection",
     "seed",
     "kl_target",
@@ -689,6 +780,14 @@ fn check(s: &Study, text: &str) -> Result<()> {
                 text,
                 "ablation.search.trials",
                 "trials must be at least 1".into(),
+            ));
+        }
+        if !(sr.max_kl > 0.0 && sr.max_kl.is_finite()) {
+            return Err(at_key(
+                s,
+                text,
+                "ablation.search.max_kl",
+                format!("must be a positive number, got {}", sr.max_kl),
             ));
         }
     }
