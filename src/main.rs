@@ -152,6 +152,9 @@ enum Command {
         /// (false-discovery rate) or none.
         #[arg(long, value_parser = ["holm", "bh", "none"])]
         correction: Option<String>,
+        /// Print the compact variant table (the one the README quotes) instead of rendering.
+        #[arg(long)]
+        summary: bool,
     },
     /// How many prompts a difference needs, and what a finished run could detect.
     ///
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             alpha,
             correction,
+            summary,
         } => {
             let dir = out.unwrap_or_else(|| outlierlab::cli::default_report_dir(&run_dir));
             let overrides = outlierlab::report::Overrides {
@@ -254,8 +258,15 @@ fn run(cli: Cli) -> Result<()> {
                     .and_then(outlierlab::stats::family::Correction::parse),
                 power: None,
             };
-            let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
-            println!("{}", p.display());
+            if summary {
+                print!(
+                    "{}",
+                    outlierlab::report::summary_table(&run_dir, &overrides)?
+                );
+            } else {
+                let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
+                println!("{}", p.display());
+            }
         }
         Command::Power { args } => outlierlab::cli::power(&args)?,
         Command::Datasets => {

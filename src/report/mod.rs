@@ -378,6 +378,103 @@ fn escape_cell(s: &str) -> String {
 }
 
 /// Renders `report.md` for the run in `dir` into `out`; returns its path.
+/// The compact table the README quotes: every variant of the first replicate with its handling,
+/// dims, refusals, KL and its verdicts against `none` (the adjusted intervals of the report's
+/// family). Printed by `report --summary`, pasted by scripts/readme-table.sh, never by hand.
+pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
+    let r = read_results(dir)?;
+    let Decided {
+        stats: st, headline, ..
+    } = settings(dir, overrides)?;
+    let rows = rows(&r);
+    let outs = outcomes_under(&r, &headline);
+    let fam = family_of(&r, &st, &outs);
+    let arm_of = |name: &str| fam.arms.iter().position(|a| a.names.iter().any(|n| n == name));
+    let Some((&seed, base)) = r.references.iter().next() else {
+        anyhow::bail!("{}: no scores yet", dir.display());
+    };
+    let none_arm = arm_of("none");
+    let mut md = String::new();
+    writeln!(
+        md,
+        "| variant | handling | detected dims | refusals (95% CI) | KL (95% CI) | vs `none`: Δ refusals; Δ KL [{}-adjusted CI] → verdict |",
+        st.correction.describe()
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| unedited | – | – | {} | 0 | – |",
+        pct(&base.refusal_rate())
+    )?;
+    let mut seen_arm: BTreeMap<usize, String> = BTreeMap::new();
+    for row in rows.iter().filter(|x| x.replicate == seed) {
+        let arm = arm_of(&row.name);
+        let kl = mean_ci(&row.outcome.kl, seed ^ key_seed(&row.key));
+        let (score, verdict) = match (arm, seen_arm.get(&arm.unwrap_or(usize::MAX))) {
+            (Some(_), Some(first)) => (
+                format!(
+                    "{}/{} — the same score as `{first}` | {:.3}",
+                    row.outcome.refused.iter().filter(|x| **x).count(),
+                    row.outcome.refused.len(),
+                    kl.0
+                ),
+                if Some(arm) == Some(none_arm) {
+                    "*identical* to `none` (not tested)".to_string()
+                } else {
+                    format!("as `{first}` (one arm)")
+                },
+            ),
+            _ => {
+                let cmp = fam.comparisons.iter().find(|c| {
+                    Some(c.variant) == arm && Some(c.reference) == none_arm
+                });
+                let v = match cmp {
+                    Some(c) => format!(
+                        "{} pts [{}, {}] *{}*; {} [{}, {}] *{}*",
+                        bound(c.refusals.estimate, 100.0, 1),
+                        bound(c.refusals.lo, 100.0, 1),
+                        bound(c.refusals.hi, 100.0, 1),
+                        c.refusals.verdict.label(),
+                        bound(c.kl.estimate, 1.0, 4),
+                        bound(c.kl.lo, 1.0, 4),
+                        bound(c.kl.hi, 1.0, 4),
+                        c.kl.verdict.label()
+                    ),
+                    None if arm.is_some() && arm == none_arm && row.name != "none" => {
+                        "*identical* to `none` (not tested)".into()
+                    }
+                    None => "–".into(),
+                };
+                (
+                    format!(
+                        "{} | {:.3} [{:.3}, {:.3}]",
+                        pct(&row.outcome.refusal_rate()),
+                        kl.0,
+                        kl.1,
+                        kl.2
+                    ),
+                    v,
+                )
+            }
+        };
+        if let Some(a) = arm {
+            seen_arm.entry(a).or_insert_with(|| row.name.clone());
+        }
+        writeln!(
+            md,
+            "| {} | {} | {} | {score} | {verdict} |",
+            row.name,
+            crate::direction::describe_list(&row.handlings),
+            match (row.dims.is_empty(), row.handlings.iter().any(|h| h.uses_dims())) {
+                (true, true) => "none found".to_string(),
+                (true, false) => "–".to_string(),
+                (false, _) => dims_cell(&row.dims),
+            },
+        )?;
+    }
+    Ok(md)
+}
+
 pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
     render_with(dir, out, &Overrides::default())
 }
