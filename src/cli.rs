@@ -42,6 +42,10 @@ pub struct DetectArgs {
     /// Print {"dims": [...], "hits": [...], "near_misses": [...]} as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Raw text (BOS + prompt) instead of chat turns: for base models such as gemma3-270m,
+    /// which have no chat template (the system prompt is then not used).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 pub fn parse_convention(s: &str) -> Result<HiddenConvention> {
@@ -117,7 +121,8 @@ pub fn detect(a: DetectArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("nothing to scan: the preset has no trigger prompt; pass --prompt, --dataset, --good or --bad");
     }
-    let lm = model::load(&a.model)?;
+    let mut lm = model::load(&a.model)?;
+    lm.raw = a.raw;
     let system = if a.system.is_empty() {
         None
     } else {
@@ -790,11 +795,13 @@ pub fn generate(
     max_new_tokens: usize,
     batch_size: usize,
     json: bool,
+    raw: bool,
     prompts: Vec<String>,
 ) -> Result<()> {
     use crate::model::generate::{self, GenerateOptions};
     let prompts = read_prompts(prompts)?;
-    let lm = model::load(model)?;
+    let mut lm = model::load(model)?;
+    lm.raw = raw;
     let system = if system.is_empty() {
         None
     } else {

@@ -48,6 +48,10 @@ enum Command {
         /// One JSON object per prompt: prompt, rendered, input_ids, output_ids, reply.
         #[arg(long)]
         json: bool,
+        /// Raw text (BOS + prompt) instead of a chat turn: for base models, which have no chat
+        /// template (the system prompt is then not used).
+        #[arg(long)]
+        raw: bool,
         /// The user prompts.
         prompts: Vec<String>,
     },
@@ -222,8 +226,17 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             batch_size,
             json,
+            raw,
             prompts,
-        } => outlierlab::cli::generate(&model, &system, max_new_tokens, batch_size, json, prompts)?,
+        } => outlierlab::cli::generate(
+            &model,
+            &system,
+            max_new_tokens,
+            batch_size,
+            json,
+            raw,
+            prompts,
+        )?,
         Command::Detect { args } => outlierlab::cli::detect(args)?,
         Command::Abliterate {
             args,

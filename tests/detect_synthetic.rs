@@ -421,9 +421,8 @@ fn cluster_membership_is_a_choice() {
 }
 
 #[test]
-fn the_scan_floor_is_a_shared_prefilter() {
-    // With every value criterion off, only entries that stand out by the floor (20x or 20 MADs)
-    // are candidates: the planted dim, not the noise.
+fn the_scan_floor_decides_only_when_named() {
+    // With every value criterion off, the floor would decide alone: refused, with what to do.
     let prompts = planted_pair();
     let scan = detect::scan(&prompts, MedianKind::Lower, Floor::default());
     let mut only_persistence = preset("pr154").unwrap();
@@ -431,8 +430,17 @@ fn the_scan_floor_is_a_shared_prefilter() {
     only_persistence.median_ratio = None;
     only_persistence.mad_ratio = None;
     only_persistence.max_cluster_size = None;
+    let e = detect::apply(&only_persistence, &scan).unwrap_err().to_string();
+    assert!(e.contains("floor=20"), "{e}");
+    // Named as a criterion, it takes entries that stand out by 20x or 20 MADs: the planted
+    // dims, not the noise.
+    only_persistence.set("floor=20").unwrap();
+    assert_eq!(only_persistence.active_criteria(), vec!["persistence", "floor"]);
     assert_eq!(
         detect::apply(&only_persistence, &scan).unwrap().dim_ids(),
         vec![17, 42]
     );
+    // A floor looser than the scan's would miss entries: refused.
+    only_persistence.set("floor=5").unwrap();
+    assert!(detect::apply(&only_persistence, &scan).is_err());
 }

@@ -11,17 +11,26 @@ use outlierlab::model::{self, Batch, HiddenConvention, Logits};
 fn check_against_reference(alias: &str, fixture_name: &str) {
     let fx = fixture(fixture_name);
     assert_eq!(fx["meta"]["model"].as_str(), Some(alias));
-    let lm = model::load(alias).expect("model loads");
+    let mut lm = model::load(alias).expect("model loads");
     let l = lm.model.num_layers();
     for case in fx["cases"].as_array().unwrap() {
-        let user = case["user"].as_str().unwrap();
-        let system = case["system"].as_str();
-        let enc = lm.encode_chat(system, user).unwrap();
-        assert_eq!(
-            enc.rendered,
-            case["rendered"].as_str().unwrap(),
-            "rendered chat text for {user:?}"
-        );
+        // A base model's case is raw text (BOS + text); the others are chat turns.
+        let (user, enc) = match case["text"].as_str() {
+            Some(text) => {
+                lm.raw = true;
+                (text, lm.encode_chat(None, text).unwrap())
+            }
+            None => {
+                let user = case["user"].as_str().unwrap();
+                let enc = lm.encode_chat(case["system"].as_str(), user).unwrap();
+                assert_eq!(
+                    enc.rendered,
+                    case["rendered"].as_str().unwrap(),
+                    "rendered chat text for {user:?}"
+                );
+                (user, enc)
+            }
+        };
         assert_eq!(
             enc.ids,
             as_u32s(&case["input_ids"]),
@@ -140,4 +149,16 @@ fn smollm2_matches_transformers() {
 #[test]
 fn qwen05_matches_transformers() {
     check_against_reference("qwen2.5-coder-0.5b-instruct", "qwen05-public.json");
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check_against_reference("gemma3-270m", "gemma3-270m-public.json");
+}
+
+#[test]
+fn a_base_model_refuses_a_chat_template() {
+    let lm = model::load("gemma3-270m").unwrap();
+    let e = lm.encode_chat(Some("You are a helpful assistant."), "Hi").unwrap_err().to_string();
+    assert!(e.contains("no chat template") && e.contains("--raw"), "{e}");
 }

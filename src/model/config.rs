@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 pub enum Family {
     Llama,
     Qwen2,
+    Gemma3,
 }
 
 impl Family {
@@ -17,9 +18,10 @@ impl Family {
         match name {
             "llama" => Ok(Family::Llama),
             "qwen2" => Ok(Family::Qwen2),
+            "gemma3" | "gemma3_text" => Ok(Family::Gemma3),
             other => bail!(
-                "unsupported architecture '{other}': outlierlab runs llama and qwen2 models \
-                 (SmolLM2, Llama, Qwen2/2.5); a new family needs its own file in src/model/"
+                "unsupported architecture '{other}': outlierlab runs llama, qwen2 and gemma3 (text) \
+                 models (SmolLM2, Llama, Qwen2/2.5, Gemma 3); a new family needs its own file in src/model/"
             ),
         }
     }
@@ -28,6 +30,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Gemma3 => "gemma3",
         }
     }
 }
@@ -46,9 +49,37 @@ pub struct Config {
     pub vocab_size: usize,
     pub context_length: usize,
     pub tie_word_embeddings: bool,
+    /// Gemma 3: the sliding window of local layers (None = every layer global).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Gemma 3: every n-th layer (1-based) is global, the others local.
+    #[serde(default)]
+    pub sliding_pattern: usize,
+    /// Gemma 3: the rotary base of local layers.
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// Gemma 3: queries are scaled by this^−½ instead of head_dim^−½.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
 }
 
+/// What Gemma 3's GGUF metadata leaves out, as llama.cpp and transformers fill it in: every
+/// sixth layer is global, local layers rotate with base 10,000, queries scale by head_dim^−½.
+pub const GEMMA3_SLIDING_PATTERN: usize = 6;
+pub const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
+
 impl Config {
+    /// Whether layer `i` attends within a sliding window (with the local rotary base).
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_window.is_some()
+            && self.sliding_pattern > 0
+            && !(i + 1).is_multiple_of(self.sliding_pattern)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.num_heads == 0
             || self.num_kv_heads == 0
@@ -113,8 +144,46 @@ impl Config {
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(|x| x.as_bool())
-                .unwrap_or(false),
+                // Gemma ties its head to the embeddings unless it says otherwise.
+                .unwrap_or(family == Family::Gemma3),
+            sliding_window: None,
+            sliding_pattern: 0,
+            rope_local_theta: None,
+            query_pre_attn_scalar: None,
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
         };
+        let mut cfg = cfg;
+        if family == Family::Gemma3 {
+            let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+            cfg.sliding_window = v.get("sliding_window").and_then(|x| x.as_u64()).map(|x| x as usize);
+            // Newer configs list each layer's type; older ones give the pattern.
+            cfg.sliding_pattern = match v.get("layer_types").and_then(|x| x.as_array()) {
+                Some(types) => types
+                    .iter()
+                    .position(|t| t.as_str() == Some("full_attention"))
+                    .map_or(0, |i| i + 1),
+                None => v
+                    .get("sliding_window_pattern")
+                    .and_then(|x| x.as_u64())
+                    .map_or(GEMMA3_SLIDING_PATTERN, |x| x as usize),
+            };
+            cfg.rope_local_theta = f("rope_local_base_freq")
+                .or_else(|| {
+                    v.pointer("/rope_parameters/sliding_attention/rope_theta")
+                        .and_then(|x| x.as_f64())
+                })
+                .or(Some(GEMMA3_LOCAL_THETA));
+            if let Some(t) = v
+                .pointer("/rope_parameters/full_attention/rope_theta")
+                .and_then(|x| x.as_f64())
+            {
+                cfg.rope_theta = t;
+            }
+            cfg.query_pre_attn_scalar = f("query_pre_attn_scalar");
+            cfg.final_logit_softcapping = f("final_logit_softcapping");
+            cfg.attn_logit_softcapping = f("attn_logit_softcapping");
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -124,8 +193,9 @@ impl Config {
         let (arch, model_type) = match self.family {
             Family::Llama => ("LlamaForCausalLM", "llama"),
             Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Family::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         };
-        serde_json::json!({
+        let mut j = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "hidden_size": self.hidden_size,
@@ -144,6 +214,34 @@ impl Config {
             "bos_token_id": bos,
             "eos_token_id": eos,
             "torch_dtype": "float32",
-        })
+        });
+        if self.family == Family::Gemma3 {
+            let types: Vec<&str> = (0..self.num_layers)
+                .map(|i| {
+                    if self.is_sliding(i) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            let extra = serde_json::json!({
+                "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": self.sliding_window,
+                "layer_types": types,
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": self.rope_theta, "rope_type": "default"},
+                    "sliding_attention": {"rope_theta": self.rope_local_theta.unwrap_or(GEMMA3_LOCAL_THETA), "rope_type": "default"},
+                },
+                "query_pre_attn_scalar": self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64),
+                "final_logit_softcapping": self.final_logit_softcapping,
+                "attn_logit_softcapping": self.attn_logit_softcapping,
+            });
+            if let (Some(o), Some(e)) = (j.as_object_mut(), extra.as_object()) {
+                o.remove("hidden_act");
+                o.extend(e.clone());
+            }
+        }
+        j
     }
 }

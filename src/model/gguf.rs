@@ -17,6 +17,8 @@ use std::path::Path;
 /// What the GGUF says about its tokenizer (`tokenizer.ggml.*`).
 #[derive(Debug, Clone)]
 pub struct GgufVocab {
+    /// `general.architecture`: how a sentencepiece vocabulary is turned into a tokenizer depends on it.
+    pub arch: String,
     pub model: String,
     pub pre: String,
     pub tokens: Vec<String>,
@@ -95,7 +97,7 @@ fn string_array(m: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
         .with_context(|| format!("GGUF metadata '{key}' is not a list of strings"))
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -106,7 +108,15 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = tail.rsplit_once('.')?;
-    let hf = match part {
+    let hf = match (part, family) {
+        // Gemma 3 norms on both sides of attention and MLP; llama's ffn_norm is the one before
+        // the MLP, which transformers' Llama calls post_attention_layernorm.
+        ("ffn_norm", Family::Gemma3) => "pre_feedforward_layernorm",
+        ("post_attention_norm", Family::Gemma3) => "post_attention_layernorm",
+        ("post_ffw_norm", Family::Gemma3) => "post_feedforward_layernorm",
+        ("attn_q_norm", Family::Gemma3) => "self_attn.q_norm",
+        ("attn_k_norm", Family::Gemma3) => "self_attn.k_norm",
+        (part, _) => match part {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
@@ -117,6 +127,7 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
+        },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
@@ -166,7 +177,20 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         vocab_size: tokens.len(),
         context_length: meta_u(m, &a("context_length")).unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        sliding_window: None,
+        sliding_pattern: 0,
+        rope_local_theta: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: meta_f(m, &a("final_logit_softcapping")),
+        attn_logit_softcapping: meta_f(m, &a("attn_logit_softcapping")),
     };
+    let mut config = config;
+    if family == Family::Gemma3 {
+        config.sliding_window = meta_u(m, &a("attention.sliding_window")).ok();
+        config.sliding_pattern = super::config::GEMMA3_SLIDING_PATTERN;
+        config.rope_local_theta = Some(super::config::GEMMA3_LOCAL_THETA);
+        config.query_pre_attn_scalar = Some(config.head_dim as f64);
+    }
     config.validate()?;
 
     let token_types = match meta(m, "tokenizer.ggml.token_type") {
@@ -178,6 +202,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         None => vec![1; tokens.len()],
     };
     let vocab = GgufVocab {
+        arch: arch.clone(),
         model: meta_str(m, "tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
         pre: meta_str(m, "tokenizer.ggml.pre").unwrap_or_else(|| "default".into()),
         merges: string_array(m, "tokenizer.ggml.merges").unwrap_or_default(),
@@ -198,7 +223,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     }
     let mut tensors = HashMap::new();
     for n in names {
-        let Some(hf) = hf_name(n) else { continue };
+        let Some(hf) = hf_name(n, family) else { continue };
         let q = content.tensor(&mut f, n, &Device::Cpu).with_context(|| {
             format!("{shown} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
         })?;
@@ -209,6 +234,10 @@ pub fn load(path: &Path) -> Result<GgufModel> {
             } else if hf.ends_with("k_proj.weight") {
                 t = unpermute_rope(&t, num_kv_heads)?;
             }
+        }
+        // llama.cpp stores Gemma's norm weights as 1 + w; transformers' convention is w.
+        if family == Family::Gemma3 && hf.ends_with("norm.weight") {
+            t = (t - 1.0)?;
         }
         if t.dims().contains(&0) {
             bail!("{shown}: tensor '{n}' is empty");

@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod config;
 pub mod export;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
@@ -140,6 +141,14 @@ pub struct StepContext {
     pub sin: Tensor,
     pub mask: Tensor,
     pub attends: Option<Tensor>,
+    /// For layers with local attention (Gemma 3): their own rotary tables and windowed mask.
+    pub local: Option<LocalAttention>,
+}
+
+pub struct LocalAttention {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
 }
 
 /// How the rows of padding positions are computed. Real tokens never attend to padding, so this
@@ -287,6 +296,12 @@ pub struct Model {
     /// `None` when the output head is tied to the embeddings.
     lm_head: Option<Tensor>,
     inv_freq: Vec<f32>,
+    /// Local layers' rotary frequencies (Gemma 3).
+    inv_freq_local: Option<Vec<f32>>,
+    /// Embeddings are multiplied by this (Gemma: √d, rounded to f32 as transformers does).
+    embed_scale: Option<f32>,
+    /// Gemma's final norm multiplies by 1 + w; `norm` then holds 1 + w and this is 1.
+    norm_offset: f64,
 }
 
 impl Model {
@@ -308,9 +323,12 @@ impl Model {
             layers.push(match config.family {
                 Family::Llama => Box::new(llama::LlamaLayer::load(&config, &mut w, i, false)?),
                 Family::Qwen2 => qwen2::load_layer(&config, &mut w, i)?,
+                Family::Gemma3 => Box::new(gemma3::Gemma3Layer::load(&config, &mut w, i)?),
             });
         }
-        let norm = w.take_shaped("model.norm.weight", &[d])?;
+        let gemma = config.family == Family::Gemma3;
+        let norm_offset = if gemma { 1.0 } else { 0.0 };
+        let norm = (w.take_shaped("model.norm.weight", &[d])? + norm_offset)?;
         let lm_head = if config.tie_word_embeddings {
             w.take_opt("lm_head.weight");
             None
@@ -326,9 +344,17 @@ impl Model {
         let hd = config.head_dim;
         let theta = config.rope_theta as f32;
         // Computed in f32 as transformers does, so positions rotate by bit-identical angles.
-        let inv_freq = (0..hd / 2)
-            .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let freqs = |theta: f32| -> Vec<f32> {
+            (0..hd / 2)
+                .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / hd as f32))
+                .collect()
+        };
+        let inv_freq = freqs(theta);
+        let inv_freq_local = config
+            .sliding_window
+            .and(config.rope_local_theta)
+            .map(|t| freqs(t as f32));
+        let embed_scale = gemma.then(|| (d as f32).sqrt());
         Ok(Model {
             config,
             device: Device::Cpu,
@@ -337,6 +363,9 @@ impl Model {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
+            embed_scale,
+            norm_offset,
         })
     }
 
@@ -398,22 +427,25 @@ impl Model {
         for (i, l) in self.layers.iter().enumerate() {
             out.extend(l.named_tensors(i));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push((
+            "model.norm.weight".to_string(),
+            (&self.norm - self.norm_offset).expect("same shape"),
+        ));
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
         out
     }
 
-    fn rope_tables(&self, positions: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, positions: &[Vec<u32>], inv_freq: &[f32]) -> Result<(Tensor, Tensor)> {
         let b = positions.len();
         let t = positions.first().map_or(0, |p| p.len());
-        let half = self.inv_freq.len();
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
         for row in positions {
             for &p in row {
-                for &f in &self.inv_freq {
+                for &f in inv_freq {
                     let a = p as f32 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
@@ -429,7 +461,13 @@ impl Model {
     /// Additive mask for `t` new queries after `past` cached keys. `key_mask` covers all
     /// `past + t` keys. A query may always see itself, so padding rows never softmax over an
     /// empty set (their values are never used).
-    fn attention_mask(&self, key_mask: &[Vec<u8>], past: usize, t: usize) -> Result<Tensor> {
+    fn attention_mask(
+        &self,
+        key_mask: &[Vec<u8>],
+        past: usize,
+        t: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
         let b = key_mask.len();
         let tk = past + t;
         let mut m = vec![0f32; b * t * tk];
@@ -438,7 +476,8 @@ impl Model {
                 let q = past + i;
                 let row = &mut m[(bi * t + i) * tk..(bi * t + i + 1) * tk];
                 for (j, v) in row.iter_mut().enumerate() {
-                    let ok = j == q || (j < q && km[j] == 1);
+                    let in_window = window.is_none_or(|w| q - j < w);
+                    let ok = j == q || (j < q && km[j] == 1 && in_window);
                     if !ok {
                         *v = f32::NEG_INFINITY;
                     }
@@ -459,10 +498,14 @@ impl Model {
             );
         }
         let idx = Tensor::from_vec(flat, b * t, &self.device)?;
-        Ok(self
+        let x = self
             .embed
             .index_select(&idx, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+            .reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.embed_scale {
+            Some(s) => (x * s as f64)?,
+            None => x,
+        })
     }
 
     fn head(&self, x: &Tensor) -> Result<Tensor> {
@@ -472,9 +515,40 @@ impl Model {
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d;
         let y = x.reshape((rows, d))?.matmul(&w.t()?)?;
+        let y = match self.config.final_logit_softcapping {
+            Some(c) => ((y / c)?.tanh()? * c)?,
+            None => y,
+        };
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("non-empty") = w.dim(0)?;
         Ok(y.reshape(dims)?)
+    }
+
+    /// Rotary tables and masks for `t` new queries after `past` cached keys.
+    fn context(
+        &self,
+        positions: &[Vec<u32>],
+        key_mask: &[Vec<u8>],
+        past: usize,
+        t: usize,
+    ) -> Result<StepContext> {
+        let (cos, sin) = self.rope_tables(positions, &self.inv_freq)?;
+        let mask = self.attention_mask(key_mask, past, t, None)?;
+        let local = match &self.inv_freq_local {
+            Some(f) => {
+                let (cos, sin) = self.rope_tables(positions, f)?;
+                let mask = self.attention_mask(key_mask, past, t, self.config.sliding_window)?;
+                Some(LocalAttention { cos, sin, mask })
+            }
+            None => None,
+        };
+        Ok(StepContext {
+            cos,
+            sin,
+            mask,
+            attends: None,
+            local,
+        })
     }
 
     /// One pass over `ids` (new tokens) given `past` cached positions.
@@ -490,14 +564,7 @@ impl Model {
     ) -> Result<ForwardOutput> {
         let t = ids.first().map_or(0, |r| r.len());
         let past = key_mask.first().map_or(0, |r| r.len()) - t;
-        let (cos, sin) = self.rope_tables(positions)?;
-        let mask = self.attention_mask(key_mask, past, t)?;
-        let ctx = StepContext {
-            cos,
-            sin,
-            mask,
-            attends: None,
-        };
+        let ctx = self.context(positions, key_mask, past, t)?;
         self.run_layers(ids, &ctx, caches, keep_residual, logits)
     }
 
@@ -551,15 +618,9 @@ impl Model {
             ),
             PadRows::Transformers => {
                 let (b, t) = (batch.len(), batch.seq_len());
-                let (cos, sin) = self.rope_tables(&batch.positions())?;
-                let mask = self.attention_mask(&batch.mask, 0, t)?;
+                let mut ctx = self.context(&batch.positions(), &batch.mask, 0, t)?;
                 let keep: Vec<f32> = batch.mask.iter().flatten().map(|&m| m as f32).collect();
-                let ctx = StepContext {
-                    cos,
-                    sin,
-                    mask,
-                    attends: Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?),
-                };
+                ctx.attends = Some(Tensor::from_vec(keep, (b, t, 1), &self.device)?);
                 self.run_layers(&batch.ids, &ctx, None, hidden, logits)
             }
         }

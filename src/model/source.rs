@@ -64,6 +64,11 @@ pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: TextTokenizer,
     pub chat: ChatTemplate,
+    /// Whether the model brought a chat template.
+    pub has_template: bool,
+    /// Prompts are raw text (BOS + text, as transformers tokenises it) instead of chat turns:
+    /// for base models, which have no template (`--raw`, a study's `chat: false`).
+    pub raw: bool,
     pub load_seconds: f64,
 }
 
@@ -98,6 +103,7 @@ pub fn load(spec: &str) -> Result<LoadedModel> {
             model.config.vocab_size
         );
     }
+    let has_template = template.is_some();
     let chat = ChatTemplate::new(
         template.as_deref().unwrap_or(CHATML),
         tokenizer.bos_token.clone(),
@@ -112,6 +118,8 @@ pub fn load(spec: &str) -> Result<LoadedModel> {
         model,
         tokenizer,
         chat,
+        has_template,
+        raw: false,
         load_seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -125,12 +133,41 @@ pub struct Encoded {
 }
 
 impl LoadedModel {
+    /// A prompt as the model takes it: a user turn in its chat template, or, in raw mode, BOS
+    /// plus the text (the system prompt is then not used).
     pub fn encode_chat(&self, system: Option<&str>, user: &str) -> Result<Encoded> {
+        if self.raw {
+            return self.encode_raw(user);
+        }
+        if !self.has_template {
+            bail!(
+                "{} has no chat template (a base model?), so a prompt cannot be put in one; \
+                 use raw text instead: --raw on the command line, `chat: false` in a study",
+                self.spec
+            );
+        }
         let rendered = self.chat.render_user(system, user)?;
         let ids = self.tokenizer.encode(&rendered)?;
         Ok(Encoded {
             prompt: user.to_string(),
             rendered,
+            ids,
+        })
+    }
+
+    /// BOS (when the tokenizer has one) and the text, as transformers tokenises a base model's input.
+    pub fn encode_raw(&self, text: &str) -> Result<Encoded> {
+        let mut ids: Vec<u32> = self
+            .tokenizer
+            .bos_token
+            .as_deref()
+            .and_then(|b| self.tokenizer.inner.token_to_id(b))
+            .into_iter()
+            .collect();
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(Encoded {
+            prompt: text.to_string(),
+            rendered: text.to_string(),
             ids,
         })
     }

@@ -27,6 +27,9 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 
 impl TextTokenizer {
     pub fn from_gguf(v: &GgufVocab) -> Result<TextTokenizer> {
+        if v.model == "llama" && v.arch.starts_with("gemma") {
+            return Self::gemma_from_gguf(v);
+        }
         if v.model != "gpt2" {
             bail!(
                 "GGUF tokenizer model '{}' is not supported (only byte-level BPE, 'gpt2'); \
@@ -87,6 +90,101 @@ impl TextTokenizer {
         });
         let inner: Tokenizer = serde_json::from_value(spec)
             .map_err(|e| anyhow!("cannot build a tokenizer from the GGUF vocabulary: {e}"))?;
+        let name = |id: Option<u32>| id.and_then(|i| v.tokens.get(i as usize).cloned());
+        let mut t = TextTokenizer {
+            inner,
+            stop_ids: Vec::new(),
+            pad_id: v.pad.or(v.eos).unwrap_or(0),
+            bos_token: name(v.bos),
+            eos_token: name(v.eos),
+        };
+        t.stop_ids = t.default_stop_ids(v.eos);
+        Ok(t)
+    }
+
+    /// Gemma's sentencepiece vocabulary as a byte-fallback BPE, built as transformers builds it
+    /// from a GGUF (which lists no merges): tokens made only of spaces respelled with "▁", and
+    /// merges recovered from the vocabulary — every split of a token into two tokens, ordered by
+    /// the token's position in the file (earlier first), then by the longer left piece.
+    fn gemma_from_gguf(v: &GgufVocab) -> Result<TextTokenizer> {
+        let tokens: Vec<String> = v
+            .tokens
+            .iter()
+            .map(|t| {
+                if !t.is_empty() && t.chars().all(|c| c == ' ') {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        // A token spelled twice keeps its last id (as a Python dict does), but its first place.
+        let mut id_of: std::collections::HashMap<&str, usize> = Default::default();
+        let mut order: Vec<&str> = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if id_of.insert(t.as_str(), i).is_none() {
+                order.push(t.as_str());
+            }
+        }
+        // (score = −id of the merged token, len left, len right, left, right), best first.
+        let mut merges: Vec<(i64, usize, usize, &str, &str)> = Vec::new();
+        for tok in &order {
+            let score = -(id_of[tok] as i64);
+            let cuts: Vec<usize> = tok.char_indices().map(|(i, _)| i).skip(1).collect();
+            let mut local: Vec<(usize, usize, &str, &str)> = Vec::new();
+            for c in cuts {
+                let (l, r) = tok.split_at(c);
+                if let (Some(&il), Some(&ir)) = (id_of.get(l), id_of.get(r)) {
+                    local.push((il, ir, l, r));
+                }
+            }
+            local.sort_by_key(|x| (x.0, x.1));
+            for (_, _, l, r) in local {
+                merges.push((score, l.chars().count(), r.chars().count(), l, r));
+            }
+        }
+        // Python's stable sort with reverse=True: descending keys, equal keys in first order.
+        merges.sort_by(|a, b| (b.0, b.1, b.2).cmp(&(a.0, a.1, a.2)));
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|m| json!([m.3, m.4]))
+            .collect();
+        let mut vocab = Map::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+        }
+        let mut added = Vec::new();
+        for (id, tok) in v.tokens.iter().enumerate() {
+            let ty = v.token_types.get(id).copied().unwrap_or(1);
+            if ty == CONTROL || (ty == USER_DEFINED && vocab.contains_key(tok)) {
+                added.push(json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": ty == CONTROL,
+                }));
+            }
+        }
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"}
+            ]},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        });
+        let inner: Tokenizer = serde_json::from_value(spec)
+            .map_err(|e| anyhow!("cannot build Gemma's tokenizer from the GGUF vocabulary: {e}"))?;
         let name = |id: Option<u32>| id.and_then(|i| v.tokens.get(i as usize).cloned());
         let mut t = TextTokenizer {
             inner,

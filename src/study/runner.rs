@@ -255,6 +255,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let t0 = Instant::now();
     let sets = load_sets(study)?;
     let mut lm = model::load(&study.file.model)?;
+    lm.raw = !study.file.chat;
     let plan = plan(study, lm.model.num_layers())?;
     write_or_check_plan(&opts.out, &plan)?;
     write_atomic(&opts.out.join("study.yaml"), study_text.as_bytes())?;

@@ -21,6 +21,10 @@ pub struct StudyFile {
     pub model: String,
     #[serde(default = "default_system")]
     pub system_prompt: String,
+    /// false: prompts are raw text (BOS + text), for base models without a chat template; the
+    /// system prompt is then not used.
+    #[serde(default = "default_chat")]
+    pub chat: bool,
     #[serde(default)]
     pub seed: u64,
     pub datasets: DatasetsSpec,
@@ -231,6 +235,10 @@ pub fn warnings(study: &Study) -> Vec<String> {
         }
     }
     out
+}
+
+fn default_chat() -> bool {
+    true
 }
 
 fn d_max_kl() -> f64 {
@@ -535,10 +543,11 @@ pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 60] = [
+const KEYS: [&str; 61] = [
     "name",
     "model",
     "system_prompt",
+    "chat",
     "seed",
     "datasets",
     "detection",

@@ -79,6 +79,7 @@ pub fn write_tiny_llama(dir: &std::path::Path) {
     let vocab = tokens.len();
     let eos = (vocab - 1) as u32;
     let tok = TextTokenizer::from_gguf(&GgufVocab {
+        arch: "llama".into(),
         model: "gpt2".into(),
         pre: "gpt2".into(),
         tokens,
