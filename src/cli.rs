@@ -1004,3 +1004,203 @@ pub fn merge(into: &std::path::Path, shards: &[PathBuf], allow_partial: bool) ->
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabelArgs {
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// The corpus: a built-in prompt set or a file, with a count (repeatable).
+    #[arg(long, default_value = "harmless-outlierlab:16")]
+    pub dataset: Vec<String>,
+    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
+    pub system: String,
+    /// Raw text (BOS + prompt) instead of chat turns, for base models.
+    #[arg(long)]
+    pub raw: bool,
+    /// Candidates: entries at least this many times their position's median.
+    #[arg(long, default_value_t = 100.0)]
+    pub candidate_ratio: f32,
+    #[arg(long, default_value_t = 24)]
+    pub max_candidates: usize,
+    /// Massive: zeroing does at least this mean KL (nats) at the later positions ...
+    #[arg(long, default_value_t = 1.0)]
+    pub zero_kl: f64,
+    /// ... and holding at the mean at most this.
+    #[arg(long, default_value_t = 0.1)]
+    pub mean_kl: f64,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Write the candidates and the scores as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `outlierlab label`: which dims are massive activations by intervention, and every preset,
+/// threshold and criteria subset scored against those labels.
+pub fn label(a: &LabelArgs) -> Result<()> {
+    use crate::detect::validate::{self, ValidationSettings};
+    let settings = ValidationSettings {
+        candidate_ratio: a.candidate_ratio,
+        max_candidates: a.max_candidates,
+        zero_kl: a.zero_kl,
+        mean_kl: a.mean_kl,
+    };
+    let mut lm = model::load(&a.model)?;
+    lm.raw = a.raw;
+    let system = (!a.system.is_empty()).then_some(a.system.as_str());
+    let mut prompts: Vec<(Source, String)> =
+        vec![(Source::Trigger, crate::detect::config::PR154_TRIGGER.to_string())];
+    for spec in &a.dataset {
+        let (name, count) = match spec.rsplit_once(':') {
+            Some((n, c)) if c.parse::<usize>().is_ok() => (n, Some(c.parse::<usize>()?)),
+            _ => (spec.as_str(), None),
+        };
+        let all = crate::datasets::load(name)?;
+        let take = count.unwrap_or(all.len());
+        prompts.extend(
+            crate::datasets::take(&all, take, 0, None)?
+                .into_iter()
+                .map(|t| (Source::Good, t)),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    // The residual convention: the states the interventions hold are the residual stream.
+    let states = detect::collect_states(
+        &lm,
+        &prompts,
+        system,
+        HiddenConvention::Residual,
+        a.batch_size,
+        crate::model::PadRows::SelfOnly,
+        |_| {},
+    )?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(_, p)| Ok(lm.encode_chat(system, p)?.ids))
+        .collect::<Result<_>>()?;
+    let scan = detect::scan(
+        &states,
+        crate::detect::config::MedianKind::Average,
+        detect::Floor::default(),
+    );
+    // What is scored: the presets at their defaults, each criteria subset of pr154 (the floor
+    // named where a subset has no value criterion), and the ratio thresholds swept.
+    let mut configs: Vec<(String, DetectConfig)> = Vec::new();
+    for (name, _) in crate::detect::config::PRESETS {
+        let mut c = crate::detect::preset(name)?;
+        c.positions = crate::detect::config::Positions::Valid;
+        configs.push((format!("{name} (defaults)"), c));
+    }
+    let base = {
+        let mut c = crate::detect::preset("pr154")?;
+        c.positions = crate::detect::config::Positions::Valid;
+        c
+    };
+    for mask in 1..32u32 {
+        let mut c = base.clone();
+        let on: Vec<&str> = crate::detect::config::CRITERIA
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect();
+        for k in crate::detect::config::CRITERIA.iter().filter(|k| !on.contains(k)) {
+            c.switch_off(k);
+        }
+        if !c.has_value_criterion() {
+            c.floor = Some(crate::detect::config::FLOOR);
+        }
+        configs.push((format!("pr154 subset {}", c.active_criteria().join("+")), c));
+    }
+    // From the scan floor (20x) to 10,000x.
+    let grid: Vec<f64> = (0..13).map(|i| 20f64 * 500f64.powf(i as f64 / 12.0)).collect();
+    for f in &grid {
+        let mut c = crate::detect::preset("median-only")?;
+        c.set(&format!("median_ratio={f:.1}"))?;
+        configs.push((format!("median-only median_ratio={f:.0}"), c));
+        let mut c = crate::detect::preset("sun2024")?;
+        c.set(&format!("median_ratio={f:.1}"))?;
+        configs.push((format!("sun2024 median_ratio={f:.0}"), c));
+        let mut c = base.clone();
+        c.set(&format!("median_ratio={f:.1}"))?;
+        c.set(&format!("mad_ratio={f:.1}"))?;
+        configs.push((format!("pr154 both ratios={f:.0}"), c));
+    }
+    let detected = validate::detections(&configs, &scan)?;
+    let also: std::collections::BTreeSet<u32> = detected
+        .iter()
+        .filter(|(_, d)| d.len() <= 8)
+        .flat_map(|(_, d)| d.iter().copied())
+        .collect();
+    let mut cands = validate::candidates(&scan, &settings, &also);
+    let pb = crate::util::progress_bar(cands.len() as u64, "interventions");
+    validate::label(&lm, &states, &ids, &mut cands, &settings, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    println!(
+        "model {} | corpus: {} prompts (trigger + {}) | {} candidates (|a| ≥ {}x its position's median, or detected by a scored configuration) | {:.0} s",
+        a.model,
+        prompts.len(),
+        prompts.len() - 1,
+        cands.len(),
+        a.candidate_ratio,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "massive = zeroing from its first hidden state costs ≥ {} nats of KL at the later positions and holding it at its mean ≤ {}",
+        a.zero_kl, a.mean_kl
+    );
+    println!(
+        "{:>5} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  {:<8} tokens",
+        "dim", "from", "peak |a|", "ratio", "zero KL", "mean KL", "zero Δll", "mean Δll", "label"
+    );
+    for c in &cands {
+        let mut toks = c.tokens.clone();
+        toks.sort();
+        toks.dedup();
+        println!(
+            "{:>5} {:>5} {:>10.1} {:>7.0}x {:>9.3} {:>9.4} {:>9.3} {:>9.4}  {:<8} {}",
+            c.dim,
+            c.first_state,
+            c.peak_abs,
+            c.peak_ratio,
+            c.zero_kl,
+            c.mean_kl,
+            c.zero_dll,
+            c.mean_dll,
+            if c.massive { "MASSIVE" } else { "-" },
+            toks.iter()
+                .take(4)
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    let scores: Vec<(String, Vec<u32>, validate::Score)> = detected
+        .into_iter()
+        .map(|(n, d)| {
+            let s = validate::score(&d, &cands);
+            (n, d, s)
+        })
+        .collect();
+    println!("\n{:<48} {:>8} {:>4} {:>9} {:>7} {:>5}", "configuration", "detected", "TP", "precision", "recall", "F1");
+    for (n, _, s) in &scores {
+        println!(
+            "{:<48} {:>8} {:>4} {:>9.2} {:>7.2} {:>5.2}",
+            n, s.detected, s.true_positives, s.precision, s.recall, s.f1
+        );
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "model": a.model,
+            "raw": a.raw,
+            "corpus": prompts.iter().map(|p| &p.1).collect::<Vec<_>>(),
+            "settings": settings,
+            "candidates": cands,
+            "scores": scores.iter().map(|(n, d, s)| serde_json::json!({"config": n, "dims": d, "score": s})).collect::<Vec<_>>(),
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        crate::study::rundir::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

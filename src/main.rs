@@ -72,6 +72,17 @@ enum Command {
         #[command(flatten)]
         args: outlierlab::cli::DetectArgs,
     },
+    /// Which dims are massive activations, by intervention, and every detection scored on it.
+    ///
+    /// Scans the trigger prompt and a corpus, takes as candidates the dims that stand out (or
+    /// that a scored configuration detects), holds each at zero and at its corpus mean from the
+    /// hidden state where it first appears, and labels it massive when zeroing damages the later
+    /// positions' predictions (KL) and mean-setting does not (Sun et al. 2024). Then scores the
+    /// presets, every criteria subset of pr154 and a threshold sweep: precision, recall, F1.
+    Label {
+        #[command(flatten)]
+        args: outlierlab::cli::LabelArgs,
+    },
     /// Abliterate with one handling of massive activations and score it against the unedited
     /// model (and against the same edit without handling), with intervals and verdicts.
     ///
@@ -238,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             prompts,
         )?,
         Command::Detect { args } => outlierlab::cli::detect(args)?,
+        Command::Label { args } => outlierlab::cli::label(&args)?,
         Command::Abliterate {
             args,
             no_compare_none,

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod config;
 pub mod scan;
 pub mod summary;
+pub mod validate;
 pub mod table;
 
 pub use apply::{apply, Detection};

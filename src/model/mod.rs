@@ -572,12 +572,27 @@ impl Model {
         &self,
         ids: &[Vec<u32>],
         ctx: &StepContext,
-        mut caches: Option<&mut [KvCache]>,
+        caches: Option<&mut [KvCache]>,
         keep_residual: bool,
         logits: Logits,
     ) -> Result<ForwardOutput> {
+        self.run_layers_with(ids, ctx, caches, keep_residual, logits, None)
+    }
+
+    fn run_layers_with(
+        &self,
+        ids: &[Vec<u32>],
+        ctx: &StepContext,
+        mut caches: Option<&mut [KvCache]>,
+        keep_residual: bool,
+        logits: Logits,
+        iv: Option<&Intervention>,
+    ) -> Result<ForwardOutput> {
         let t = ids.first().map_or(0, |r| r.len());
         let mut x = self.embed(ids)?;
+        if let Some(iv) = iv {
+            x = iv.apply(0, &x)?;
+        }
         let mut residual = Vec::new();
         if keep_residual {
             residual.push(x.clone());
@@ -585,6 +600,9 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = layer.forward(&x, ctx, cache)?;
+            if let Some(iv) = iv {
+                x = iv.apply(i + 1, &x)?;
+            }
             if keep_residual {
                 residual.push(x.clone());
             }
@@ -600,6 +618,15 @@ impl Model {
             residual,
             final_normed: if keep_residual { Some(normed) } else { None },
         })
+    }
+
+    /// A forward pass over `batch` (pad rows as transformers computes them) with entries of the
+    /// residual stream held at set values from one hidden state on: the logits at every position.
+    pub fn forward_intervened(&self, batch: &Batch, iv: &Intervention) -> Result<Tensor> {
+        let t = batch.seq_len();
+        let ctx = self.context(&batch.positions(), &batch.mask, 0, t)?;
+        let out = self.run_layers_with(&batch.ids, &ctx, None, false, Logits::All, Some(iv))?;
+        Ok(out.logits.expect("asked for logits"))
     }
 
     /// Full forward pass over a padded batch: logits and, when asked, all hidden states.
@@ -635,6 +662,56 @@ impl Model {
 
     pub fn new_caches(&self) -> Vec<KvCache> {
         vec![KvCache::default(); self.layers.len()]
+    }
+}
+
+/// Entries of the residual stream (one dim at some positions) held at a value from hidden state
+/// `from_state` on (0 = the embedding output): Sun et al.'s intervention on a massive activation.
+pub struct Intervention {
+    pub from_state: usize,
+    /// `[batch, seq, d_model]`: 1 at the held entries.
+    pub mask: Tensor,
+    /// The value held at each hidden state from `from_state` on (index 0 = `from_state`); the
+    /// last one holds for any state past the list.
+    pub values: Vec<f32>,
+}
+
+impl Intervention {
+    /// Holds dim `dim` at the (row, position)s `at` of a `[b, t, d]` batch.
+    pub fn new(
+        shape: (usize, usize, usize),
+        at: &[(usize, usize)],
+        dim: usize,
+        from_state: usize,
+        values: Vec<f32>,
+    ) -> Result<Intervention> {
+        let (b, t, d) = shape;
+        let mut m = vec![0f32; b * t * d];
+        for &(r, p) in at {
+            if r >= b || p >= t || dim >= d {
+                bail!("intervention at row {r}, position {p}, dim {dim} is outside [{b}, {t}, {d}]");
+            }
+            m[(r * t + p) * d + dim] = 1.0;
+        }
+        if values.is_empty() {
+            bail!("an intervention needs a value");
+        }
+        Ok(Intervention {
+            from_state,
+            mask: Tensor::from_vec(m, (b, t, d), &Device::Cpu)?,
+            values,
+        })
+    }
+
+    fn apply(&self, state: usize, x: &Tensor) -> Result<Tensor> {
+        if state < self.from_state {
+            return Ok(x.clone());
+        }
+        let k = (state - self.from_state).min(self.values.len() - 1);
+        let v = self.values[k] as f64;
+        // x + m (v − x): the held entries become v, the others stay bit for bit.
+        let delta = (self.mask.mul(x)? * -1.0)?.add(&(&self.mask * v)?)?;
+        Ok((x + delta)?)
     }
 }
 
