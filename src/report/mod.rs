@@ -378,6 +378,48 @@ fn escape_cell(s: &str) -> String {
 }
 
 /// Renders `report.md` for the run in `dir` into `out`; returns its path.
+/// What a reader checks first against heretic and the PR: the edit's row normalisation, the
+/// marker list, and how the detection's scan was made.
+fn setup_line(r: &RunResults) -> String {
+    let mut parts = Vec::new();
+    let norms: std::collections::BTreeSet<String> = r
+        .plan
+        .variants
+        .iter()
+        .map(|v| v.variant.ablation.row_norm.label())
+        .collect();
+    let norms: Vec<String> = norms.into_iter().collect();
+    parts.push(format!(
+        "row normalisation `{}`{}",
+        norms.join("`, `"),
+        if norms == [crate::ablate::HERETIC_ROW_NORM.label()] {
+            " (heretic's default)"
+        } else {
+            " (heretic's default is `full-lowrank:3`)"
+        }
+    ));
+    let markers = r
+        .plan
+        .evaluation
+        .as_ref()
+        .map_or("heretic-1.3", |e| e.markers())
+        .to_string();
+    parts.push(format!("refusal markers `{markers}`"));
+    if let Some(c) = r
+        .plan
+        .variants
+        .iter()
+        .filter(|v| v.variant.needs_dims())
+        .find_map(|v| v.variant.detect.as_ref())
+    {
+        parts.push(format!(
+            "detection scan: {:?} median, pad rows {:?}, {:?} positions",
+            c.median_kind, c.pad_rows, c.positions
+        ));
+    }
+    format!("Setup: {}.", parts.join("; "))
+}
+
 /// The compact table the README quotes: every variant of the first replicate with its handling,
 /// dims, refusals, KL and its verdicts against `none` (the adjusted intervals of the report's
 /// family). Printed by `report --summary`, pasted by scripts/readme-table.sh, never by hand.
@@ -524,6 +566,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.correction.describe(),
         st.alpha
     )?;
+    writeln!(md, "{}\n", setup_line(&r))?;
     for (&seed, base) in &r.references {
         let here: Vec<&Row> = rows.iter().filter(|x| x.replicate == seed).collect();
         writeln!(md, "## Replicate {seed}\n")?;

@@ -343,13 +343,11 @@ pub struct EvaluationSpec {
     #[serde(default = "d_judge_threshold")]
     pub judge_threshold: f64,
     /// heretic's marker list: `heretic-master` (default), `heretic-1.4`, `heretic-1.3`, or a
-    /// file with one marker per line.
-    #[serde(default = "d_markers")]
-    pub markers: String,
-}
-
-fn d_markers() -> String {
-    crate::evaluate::markers::DEFAULT.into()
+    /// file with one marker per line. A study file that names none gets the default written in
+    /// when it is parsed, so a stored plan without one is a run from before the lists were
+    /// versioned (counted with `heretic-1.3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub markers: Option<String>,
 }
 
 fn d_refusal() -> Vec<String> {
@@ -385,12 +383,17 @@ impl Default for EvaluationSpec {
             refusal: d_refusal(),
             headline: d_headline(),
             judge_threshold: d_judge_threshold(),
-            markers: d_markers(),
+            markers: None,
         }
     }
 }
 
 impl EvaluationSpec {
+    /// The marker list's name; what an old stored plan without one counted with.
+    pub fn markers(&self) -> &str {
+        self.markers.as_deref().unwrap_or("heretic-1.3")
+    }
+
     /// The scoring options; reads a marker file if the study names one.
     pub fn options(&self) -> Result<EvalOptions> {
         Ok(EvalOptions {
@@ -400,7 +403,7 @@ impl EvaluationSpec {
             batch_size: self.batch_size.max(1),
             // A reply may stop at heretic's first marker only when no other classifier reads it.
             early_stop: self.refusal.iter().all(|c| c == "heretic"),
-            markers: crate::evaluate::MarkerList::resolve(&self.markers)?,
+            markers: crate::evaluate::MarkerList::resolve(self.markers())?,
         })
     }
 
@@ -515,7 +518,10 @@ pub fn load(path: &Path) -> Result<Study> {
 }
 
 pub fn parse(text: &str, shown: &str) -> Result<Study> {
-    let file = parse_stored(text, shown)?;
+    let mut file = parse_stored(text, shown)?;
+    file.evaluation
+        .markers
+        .get_or_insert_with(|| crate::evaluate::markers::DEFAULT.to_string());
     let name = file.name.clone().unwrap_or_else(|| {
         Path::new(shown)
             .file_stem()
@@ -1006,7 +1012,7 @@ fn check_classifiers(s: &Study, text: &str) -> Result<()> {
             ),
         ));
     }
-    if let Err(err) = crate::evaluate::MarkerList::resolve(&e.markers) {
+    if let Err(err) = crate::evaluate::MarkerList::resolve(e.markers()) {
         return Err(at_key(s, text, "evaluation.markers", format!("{err:#}")));
     }
     if !(e.judge_threshold > 0.0 && e.judge_threshold < 1.0) {
