@@ -11,8 +11,8 @@ use outlierlab::model::{self, Batch, HiddenConvention, Intervention, Logits, Pad
 #[test]
 fn an_intervention_holds_its_entries_and_nothing_else() {
     // Out-of-range entries are refused, not silently ignored.
-    assert!(Intervention::new((2, 3, 4), &[(0, 3)], 1, 0, vec![0.0]).is_err());
-    assert!(Intervention::new((2, 3, 4), &[(0, 1)], 4, 0, vec![0.0]).is_err());
+    assert!(Intervention::new((2, 3, 4), &[(0, 3)], 1, 0, vec![vec![0.0]]).is_err());
+    assert!(Intervention::new((2, 3, 4), &[(0, 1)], 4, 0, vec![vec![0.0]]).is_err());
     let lm = model::load("smollm2-135m-instruct").unwrap();
     let enc = lm
         .encode_chat(Some("You are a helpful assistant."), PR154_TRIGGER)
@@ -25,7 +25,7 @@ fn an_intervention_holds_its_entries_and_nothing_else() {
     let d = lm.model.hidden_size();
     let states = lm.model.forward(&batch, true, Logits::None).unwrap();
     let v = states.residual[5].i((0, t - 1, 7)).unwrap().to_scalar::<f32>().unwrap();
-    let same = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![v]).unwrap();
+    let same = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![vec![v]]).unwrap();
     let held = lm.model.forward_intervened(&batch, &same).unwrap();
     let earlier = (held.i((0, ..t - 1)).unwrap() - base.i((0, ..t - 1)).unwrap())
         .unwrap()
@@ -36,7 +36,7 @@ fn an_intervention_holds_its_entries_and_nothing_else() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(earlier, 0.0, "positions before the held one changed");
-    let zero = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![0.0]).unwrap();
+    let zero = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![vec![0.0]]).unwrap();
     let moved = lm.model.forward_intervened(&batch, &zero).unwrap();
     let last = (moved.i((0, t - 1)).unwrap() - base.i((0, t - 1)).unwrap())
         .unwrap()

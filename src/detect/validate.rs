@@ -167,6 +167,8 @@ pub fn label(
         let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
         let t = batch.seq_len();
         let mut at = Vec::new();
+        // The scan's (prompt, position) of each held entry, in the order of `at`.
+        let mut order: Vec<(u32, u32)> = Vec::new();
         let mut first = vec![usize::MAX; rows.len()];
         for (i, &r) in rows.iter().enumerate() {
             let pad = t - ids[r as usize].len();
@@ -175,20 +177,31 @@ pub fn label(
             for &(_, pos) in c.positions.iter().filter(|x| x.0 == r) {
                 let at_pos = pad + pos as usize - scanned_pad;
                 at.push((i, at_pos));
+                order.push((r, pos));
                 first[i] = first[i].min(at_pos);
             }
         }
-        // The mean of the dim at the held positions, per hidden state from its first on.
+        // Each instance is held at the corpus mean of the dim at the same token, per hidden
+        // state from its first on: a massive activation is a fixed value per token, so that
+        // mean is what it would be anyway; an ordinary large value is not.
         let from = c.first_state as usize;
-        let means: Vec<f32> = (from..states)
+        let token_of = |p: u32, pos: u32| -> &str { prompts[p as usize].tokens[pos as usize].as_str() };
+        let means: Vec<Vec<f32>> = (from..states)
             .map(|st| {
-                let (mut sum, mut n) = (0f64, 0usize);
+                let mut acc: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
                 for &(p, pos) in &c.positions {
-                    let ps = &prompts[p as usize];
-                    sum += ps.states[st][pos as usize * d + c.dim as usize] as f64;
-                    n += 1;
+                    let v = prompts[p as usize].states[st][pos as usize * d + c.dim as usize];
+                    let e = acc.entry(token_of(p, pos)).or_default();
+                    e.0 += v as f64;
+                    e.1 += 1;
                 }
-                (sum / n.max(1) as f64) as f32
+                order
+                    .iter()
+                    .map(|&(p, pos)| {
+                        let (sum, n) = acc[token_of(p, pos)];
+                        (sum / n as f64) as f32
+                    })
+                    .collect()
             })
             .collect();
         let base = lm
@@ -197,7 +210,7 @@ pub fn label(
             .logits
             .expect("asked for logits");
         let shape = (batch.len(), t, d);
-        let zero = Intervention::new(shape, &at, c.dim as usize, from, vec![0.0])?;
+        let zero = Intervention::new(shape, &at, c.dim as usize, from, vec![vec![0.0; at.len()]])?;
         let mean = Intervention::new(shape, &at, c.dim as usize, from, means)?;
         let (zk, zl) = damage(&base, &lm.model.forward_intervened(&batch, &zero)?, &batch, &first)?;
         let (mk, ml) = damage(&base, &lm.model.forward_intervened(&batch, &mean)?, &batch, &first)?;

@@ -665,41 +665,57 @@ impl Model {
     }
 }
 
-/// Entries of the residual stream (one dim at some positions) held at a value from hidden state
-/// `from_state` on (0 = the embedding output): Sun et al.'s intervention on a massive activation.
+/// Entries of the residual stream (one dim at some positions) held at set values from hidden
+/// state `from_state` on (0 = the embedding output): Sun et al.'s intervention on a massive
+/// activation.
 pub struct Intervention {
     pub from_state: usize,
     /// `[batch, seq, d_model]`: 1 at the held entries.
-    pub mask: Tensor,
-    /// The value held at each hidden state from `from_state` on (index 0 = `from_state`); the
-    /// last one holds for any state past the list.
-    pub values: Vec<f32>,
+    mask: Tensor,
+    /// Per hidden state from `from_state` on: `[batch, seq, d_model]` holding each entry's
+    /// value (0 elsewhere); the last one holds for any later state.
+    held: Vec<Tensor>,
 }
 
 impl Intervention {
-    /// Holds dim `dim` at the (row, position)s `at` of a `[b, t, d]` batch.
+    /// Holds dim `dim` at the (row, position)s `at` of a `[b, t, d]` batch; `values[k][i]` is
+    /// entry i's value at hidden state `from_state + k` (a list of one value per entry holds it
+    /// at every state).
     pub fn new(
         shape: (usize, usize, usize),
         at: &[(usize, usize)],
         dim: usize,
         from_state: usize,
-        values: Vec<f32>,
+        values: Vec<Vec<f32>>,
     ) -> Result<Intervention> {
         let (b, t, d) = shape;
-        let mut m = vec![0f32; b * t * d];
-        for &(r, p) in at {
+        if values.is_empty() || values.iter().any(|v| v.len() != at.len()) {
+            bail!("an intervention needs one value per held entry at every state it lists");
+        }
+        let index = |r: usize, p: usize| -> Result<usize> {
             if r >= b || p >= t || dim >= d {
                 bail!("intervention at row {r}, position {p}, dim {dim} is outside [{b}, {t}, {d}]");
             }
-            m[(r * t + p) * d + dim] = 1.0;
+            Ok((r * t + p) * d + dim)
+        };
+        let mut m = vec![0f32; b * t * d];
+        for &(r, p) in at {
+            m[index(r, p)?] = 1.0;
         }
-        if values.is_empty() {
-            bail!("an intervention needs a value");
-        }
+        let held = values
+            .iter()
+            .map(|vals| {
+                let mut h = vec![0f32; b * t * d];
+                for (&(r, p), &v) in at.iter().zip(vals) {
+                    h[index(r, p)?] = v;
+                }
+                Ok(Tensor::from_vec(h, (b, t, d), &Device::Cpu)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Intervention {
             from_state,
             mask: Tensor::from_vec(m, (b, t, d), &Device::Cpu)?,
-            values,
+            held,
         })
     }
 
@@ -707,11 +723,9 @@ impl Intervention {
         if state < self.from_state {
             return Ok(x.clone());
         }
-        let k = (state - self.from_state).min(self.values.len() - 1);
-        let v = self.values[k] as f64;
-        // x + m (v − x): the held entries become v, the others stay bit for bit.
-        let delta = (self.mask.mul(x)? * -1.0)?.add(&(&self.mask * v)?)?;
-        Ok((x + delta)?)
+        let k = (state - self.from_state).min(self.held.len() - 1);
+        // x − m·x + held: the held entries become their values, the others stay bit for bit.
+        Ok(((x - self.mask.mul(x)?)? + &self.held[k])?)
     }
 }
 
