@@ -1189,6 +1189,47 @@ pub fn label(a: &LabelArgs) -> Result<()> {
             n, s.detected, s.true_positives, s.precision, s.recall, s.f1
         );
     }
+    // Over pr154's criteria subsets: the best F1, the smallest subset that reaches it, and the
+    // criteria whose removal never changes precision or recall (redundant here).
+    let subsets: Vec<(&str, &validate::Score)> = scores
+        .iter()
+        .filter_map(|(n, _, s)| n.strip_prefix("pr154 subset ").map(|k| (k, s)))
+        .collect();
+    let same = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
+    if let Some(best) = subsets.iter().map(|(_, s)| s.f1).reduce(f64::max) {
+        let size = |k: &str| k.split('+').filter(|c| *c != "floor").count();
+        let smallest = subsets
+            .iter()
+            .filter(|(_, s)| s.f1 == best)
+            .min_by_key(|(k, _)| size(k))
+            .map(|(k, _)| *k)
+            .unwrap_or("-");
+        println!("\nbest F1 over pr154's criteria subsets: {best:.2}; smallest subset reaching it: {smallest}");
+        let set_of = |k: &str| -> std::collections::BTreeSet<String> {
+            k.split('+').filter(|c| *c != "floor").map(String::from).collect()
+        };
+        for crit in crate::detect::config::CRITERIA {
+            let (mut pairs, mut changed) = (0, 0);
+            for (k, s) in &subsets {
+                let on = set_of(k);
+                if !on.contains(crit) || on.len() == 1 {
+                    continue;
+                }
+                let mut off = on.clone();
+                off.remove(crit);
+                if let Some((_, t)) = subsets.iter().find(|(k2, _)| set_of(k2) == off) {
+                    pairs += 1;
+                    if !(same(s.precision, t.precision) && same(s.recall, t.recall)) {
+                        changed += 1;
+                    }
+                }
+            }
+            println!(
+                "  {crit:<13} switched off changes precision or recall in {changed} of {pairs} subset pairs{}",
+                if changed == 0 && pairs > 0 { " — redundant on these labels" } else { "" }
+            );
+        }
+    }
     if let Some(path) = &a.json {
         let v = serde_json::json!({
             "model": a.model,
