@@ -1196,7 +1196,11 @@ pub fn label(a: &LabelArgs) -> Result<()> {
         .filter_map(|(n, _, s)| n.strip_prefix("pr154 subset ").map(|k| (k, s)))
         .collect();
     let same = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
-    if let Some(best) = subsets.iter().map(|(_, s)| s.f1).reduce(f64::max) {
+    if !cands.iter().any(|c| c.massive) {
+        println!(
+            "\nno candidate is labelled massive with these thresholds: recall is undefined and no criterion can be judged redundant (see the damages above)"
+        );
+    } else if let Some(best) = subsets.iter().map(|(_, s)| s.f1).reduce(f64::max) {
         let size = |k: &str| k.split('+').filter(|c| *c != "floor").count();
         let smallest = subsets
             .iter()
