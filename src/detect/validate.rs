@@ -130,11 +130,11 @@ fn damage(base: &Tensor, with: &Tensor, batch: &Batch, first: &[usize]) -> Resul
     let (mut k_sum, mut l_sum, mut n, mut nl) = (0f64, 0f64, 0usize, 0usize);
     for (r, &p) in first.iter().enumerate() {
         let t = batch.seq_len();
-        for pos in p + 1..t {
+        for (pos, k) in kl[r].iter().enumerate().skip(p + 1) {
             if batch.mask[r][pos] == 0 {
                 continue;
             }
-            k_sum += kl[r][pos] as f64;
+            k_sum += *k as f64;
             n += 1;
         }
         // log p(x_{pos+1} | ≤ pos) for pos ≥ p: the next tokens the held entry can affect.

@@ -144,7 +144,7 @@ impl TextTokenizer {
             }
         }
         // Python's stable sort with reverse=True: descending keys, equal keys in first order.
-        merges.sort_by(|a, b| (b.0, b.1, b.2).cmp(&(a.0, a.1, a.2)));
+        merges.sort_by_key(|m| std::cmp::Reverse((m.0, m.1, m.2)));
         let merges: Vec<Value> = merges
             .iter()
             .map(|m| json!([m.3, m.4]))
