@@ -223,7 +223,7 @@ pub fn low_rank(a: &Tensor, rank: usize, seed: u64) -> Result<Tensor> {
         .map(f64::from)
         .collect();
     let top = top_eigenvectors(&bbt, q, rank); // q×rank, column-major
-    // Projector onto the top-rank left singular vectors of b (in the sketch's basis).
+                                               // Projector onto the top-rank left singular vectors of b (in the sketch's basis).
     let mut proj = vec![0f32; q * q];
     for i in 0..q {
         for j in 0..q {
@@ -411,7 +411,14 @@ mod tests {
     }
 
     fn fro(t: &Tensor) -> f32 {
-        t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap()
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]

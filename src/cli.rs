@@ -490,13 +490,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     };
 
     let pb = bar((split.good_eval.len()) as u64, "reference (unedited)");
-    let ev = Evaluator::new(
-        &lm,
-        &split.good_eval,
-        &split.bad_eval,
-        system,
-        opts,
-    )?;
+    let ev = Evaluator::new(&lm, &split.good_eval, &split.bad_eval, system, opts)?;
     pb.finish_and_clear();
     let score_bar =
         |name: &str, ev: &Evaluator| bar((ev.good.len() * 2 + ev.bad.len()) as u64, name);
@@ -1048,8 +1042,10 @@ pub fn label(a: &LabelArgs) -> Result<()> {
     let mut lm = model::load(&a.model)?;
     lm.raw = a.raw;
     let system = (!a.system.is_empty()).then_some(a.system.as_str());
-    let mut prompts: Vec<(Source, String)> =
-        vec![(Source::Trigger, crate::detect::config::PR154_TRIGGER.to_string())];
+    let mut prompts: Vec<(Source, String)> = vec![(
+        Source::Trigger,
+        crate::detect::config::PR154_TRIGGER.to_string(),
+    )];
     for spec in &a.dataset {
         let (name, count) = match spec.rsplit_once(':') {
             Some((n, c)) if c.parse::<usize>().is_ok() => (n, Some(c.parse::<usize>()?)),
@@ -1104,7 +1100,10 @@ pub fn label(a: &LabelArgs) -> Result<()> {
             .filter(|(i, _)| mask & (1 << i) != 0)
             .map(|(_, n)| *n)
             .collect();
-        for k in crate::detect::config::CRITERIA.iter().filter(|k| !on.contains(k)) {
+        for k in crate::detect::config::CRITERIA
+            .iter()
+            .filter(|k| !on.contains(k))
+        {
             c.switch_off(k);
         }
         if !c.has_value_criterion() {
@@ -1113,7 +1112,9 @@ pub fn label(a: &LabelArgs) -> Result<()> {
         configs.push((format!("pr154 subset {}", c.active_criteria().join("+")), c));
     }
     // From the scan floor (20x) to 10,000x.
-    let grid: Vec<f64> = (0..13).map(|i| 20f64 * 500f64.powf(i as f64 / 12.0)).collect();
+    let grid: Vec<f64> = (0..13)
+        .map(|i| 20f64 * 500f64.powf(i as f64 / 12.0))
+        .collect();
     for f in &grid {
         let mut c = crate::detect::preset("median-only")?;
         c.set(&format!("median_ratio={f:.1}"))?;
@@ -1134,7 +1135,9 @@ pub fn label(a: &LabelArgs) -> Result<()> {
         .collect();
     let mut cands = validate::candidates(&scan, &settings, &also);
     let pb = crate::util::progress_bar(cands.len() as u64, "interventions");
-    validate::label(&lm, &states, &ids, &mut cands, &settings, |n| pb.inc(n as u64))?;
+    validate::label(&lm, &states, &ids, &mut cands, &settings, |n| {
+        pb.inc(n as u64)
+    })?;
     pb.finish_and_clear();
     println!(
         "model {} | corpus: {} prompts (trigger + {}) | {} candidates (|a| ≥ {}x its position's median, or detected by a scored configuration) | {:.0} s",
@@ -1182,7 +1185,10 @@ pub fn label(a: &LabelArgs) -> Result<()> {
             (n, d, s)
         })
         .collect();
-    println!("\n{:<48} {:>8} {:>4} {:>9} {:>7} {:>5}", "configuration", "detected", "TP", "precision", "recall", "F1");
+    println!(
+        "\n{:<48} {:>8} {:>4} {:>9} {:>7} {:>5}",
+        "configuration", "detected", "TP", "precision", "recall", "F1"
+    );
     for (n, _, s) in &scores {
         println!(
             "{:<48} {:>8} {:>4} {:>9.2} {:>7.2} {:>5.2}",
@@ -1210,7 +1216,10 @@ pub fn label(a: &LabelArgs) -> Result<()> {
             .unwrap_or("-");
         println!("\nbest F1 over pr154's criteria subsets: {best:.2}; smallest subset reaching it: {smallest}");
         let set_of = |k: &str| -> std::collections::BTreeSet<String> {
-            k.split('+').filter(|c| *c != "floor").map(String::from).collect()
+            k.split('+')
+                .filter(|c| *c != "floor")
+                .map(String::from)
+                .collect()
         };
         for crit in crate::detect::config::CRITERIA {
             let (mut pairs, mut changed) = (0, 0);

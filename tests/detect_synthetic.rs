@@ -430,12 +430,17 @@ fn the_scan_floor_decides_only_when_named() {
     only_persistence.median_ratio = None;
     only_persistence.mad_ratio = None;
     only_persistence.max_cluster_size = None;
-    let e = detect::apply(&only_persistence, &scan).unwrap_err().to_string();
+    let e = detect::apply(&only_persistence, &scan)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("floor=20"), "{e}");
     // Named as a criterion, it takes entries that stand out by 20x or 20 MADs: the planted
     // dims, not the noise.
     only_persistence.set("floor=20").unwrap();
-    assert_eq!(only_persistence.active_criteria(), vec!["persistence", "floor"]);
+    assert_eq!(
+        only_persistence.active_criteria(),
+        vec!["persistence", "floor"]
+    );
     assert_eq!(
         detect::apply(&only_persistence, &scan).unwrap().dim_ids(),
         vec![17, 42]

@@ -18,13 +18,22 @@ fn an_intervention_holds_its_entries_and_nothing_else() {
         .encode_chat(Some("You are a helpful assistant."), PR154_TRIGGER)
         .unwrap();
     let batch = Batch::left_padded(&[enc.ids.clone()], lm.tokenizer.pad_id);
-    let base = lm.model.forward(&batch, false, Logits::All).unwrap().logits.unwrap();
+    let base = lm
+        .model
+        .forward(&batch, false, Logits::All)
+        .unwrap()
+        .logits
+        .unwrap();
     // Holding a value at the position it already has (from a state after every layer) is a
     // no-op up to rounding; holding at the last position changes nothing before it.
     let t = enc.ids.len();
     let d = lm.model.hidden_size();
     let states = lm.model.forward(&batch, true, Logits::None).unwrap();
-    let v = states.residual[5].i((0, t - 1, 7)).unwrap().to_scalar::<f32>().unwrap();
+    let v = states.residual[5]
+        .i((0, t - 1, 7))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let same = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![vec![v]]).unwrap();
     let held = lm.model.forward_intervened(&batch, &same).unwrap();
     let earlier = (held.i((0, ..t - 1)).unwrap() - base.i((0, ..t - 1)).unwrap())
@@ -56,7 +65,10 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
     let prompts = vec![
         (Source::Trigger, PR154_TRIGGER.to_string()),
         (Source::Good, "How do clouds form?".to_string()),
-        (Source::Good, "Give me three tips for a morning routine.".to_string()),
+        (
+            Source::Good,
+            "Give me three tips for a morning routine.".to_string(),
+        ),
     ];
     let states = detect::collect_states(
         &lm,
@@ -76,15 +88,25 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
     let s = ValidationSettings::default();
     let mut cands = validate::candidates(&scan, &s, &Default::default());
     validate::label(&lm, &states, &ids, &mut cands, &s, |_| {}).unwrap();
-    let c507 = cands.iter().find(|c| c.dim == 507).expect("507 is a candidate");
+    let c507 = cands
+        .iter()
+        .find(|c| c.dim == 507)
+        .expect("507 is a candidate");
     assert!(c507.massive, "{c507:?}");
     assert!(c507.zero_kl > 5.0 && c507.mean_kl < 0.01, "{c507:?}");
     // Dim 247 stands out (> 100x its position's median) but is no fixed bias: holding it at
     // its mean hurts as much as zeroing it, so it is not labelled massive.
-    let c247 = cands.iter().find(|c| c.dim == 247).expect("247 is a candidate");
+    let c247 = cands
+        .iter()
+        .find(|c| c.dim == 247)
+        .expect("247 is a candidate");
     assert!(!c247.massive && c247.mean_kl > s.mean_kl, "{c247:?}");
     for c in &cands {
-        assert_eq!(c.massive, c.zero_kl >= s.zero_kl && c.mean_kl <= s.mean_kl, "{c:?}");
+        assert_eq!(
+            c.massive,
+            c.zero_kl >= s.zero_kl && c.mean_kl <= s.mean_kl,
+            "{c:?}"
+        );
     }
     let sc = validate::score(&[507], &cands);
     assert_eq!((sc.true_positives, sc.precision), (1, 1.0));

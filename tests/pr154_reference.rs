@@ -84,7 +84,10 @@ fn pr154_preset_matches_the_prs_code_on_the_trigger_smollm2() {
 
 #[test]
 fn pr154_preset_matches_the_prs_code_on_the_trigger_qwen05() {
-    trigger_matches("qwen2.5-coder-0.5b-instruct", "pr154-code-trigger-qwen05.json");
+    trigger_matches(
+        "qwen2.5-coder-0.5b-instruct",
+        "pr154-code-trigger-qwen05.json",
+    );
 }
 
 fn padded_batch_matches(alias: &str, fixture_name: &str) {
@@ -119,7 +122,10 @@ fn padded_batch_matches(alias: &str, fixture_name: &str) {
 
 #[test]
 fn pr154_preset_matches_the_prs_code_on_a_padded_batch_smollm2() {
-    padded_batch_matches("smollm2-135m-instruct", "pr154-code-padded-batch-smollm2.json");
+    padded_batch_matches(
+        "smollm2-135m-instruct",
+        "pr154-code-padded-batch-smollm2.json",
+    );
 }
 
 #[test]
@@ -149,13 +155,7 @@ fn pad_row_error(lm: &model::LoadedModel, fx: &serde_json::Value, mode: PadRows)
         let t = row["first_pad"].as_u64().unwrap() as usize;
         for st in row["states"].as_array().unwrap() {
             let s = st["state"].as_u64().unwrap() as usize;
-            let v: Vec<f32> = hs[s]
-                .get(b)
-                .unwrap()
-                .get(t)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let v: Vec<f32> = hs[s].get(b).unwrap().get(t).unwrap().to_vec1().unwrap();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             let want = st["pad_norm"].as_f64().unwrap() as f32;
             worst = worst.max((norm - want).abs() / want.max(1e-3));
@@ -172,11 +172,17 @@ fn pad_rows_match(alias: &str, fixture_name: &str) {
     let fx = fixture(fixture_name);
     let lm = model::load(alias).unwrap();
     let ours = pad_row_error(&lm, &fx, PadRows::Transformers);
-    assert!(ours < 2e-3, "{alias}: pad rows differ from transformers' by {ours}");
+    assert!(
+        ours < 2e-3,
+        "{alias}: pad rows differ from transformers' by {ours}"
+    );
     // The check can fail: pad rows computed as first tokens are far from transformers'.
     let other = pad_row_error(&lm, &fx, PadRows::SelfOnly);
     eprintln!("{alias}: largest relative error of pad rows: transformers mode {ours:.2e}, self-only {other:.2e}");
-    assert!(other > 20.0 * ours.max(1e-4), "{alias}: self-only pads err {other}");
+    assert!(
+        other > 20.0 * ours.max(1e-4),
+        "{alias}: self-only pads err {other}"
+    );
 }
 
 #[test]

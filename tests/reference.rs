@@ -159,6 +159,9 @@ fn gemma3_matches_transformers() {
 #[test]
 fn a_base_model_refuses_a_chat_template() {
     let lm = model::load("gemma3-270m").unwrap();
-    let e = lm.encode_chat(Some("You are a helpful assistant."), "Hi").unwrap_err().to_string();
+    let e = lm
+        .encode_chat(Some("You are a helpful assistant."), "Hi")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no chat template") && e.contains("--raw"), "{e}");
 }

@@ -8,8 +8,8 @@ pub mod apply;
 pub mod config;
 pub mod scan;
 pub mod summary;
-pub mod validate;
 pub mod table;
+pub mod validate;
 
 pub use apply::{apply, Detection};
 pub use config::{preset, DetectConfig};

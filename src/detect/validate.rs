@@ -104,7 +104,11 @@ pub fn candidates(scan: &Scan, s: &ValidationSettings, also: &BTreeSet<u32>) -> 
         }
     }
     // It appears where it first stands out at one of its instances, however much it grows later.
-    for e in scan.entries.iter().filter(|e| e.valid && e.ratio_position >= s.candidate_ratio) {
+    for e in scan
+        .entries
+        .iter()
+        .filter(|e| e.valid && e.ratio_position >= s.candidate_ratio)
+    {
         if let Some(c) = by_dim.get_mut(&e.dim) {
             if c.positions.contains(&(e.prompt, e.position)) {
                 c.first_state = c.first_state.min(e.layer);
@@ -115,7 +119,10 @@ pub fn candidates(scan: &Scan, s: &ValidationSettings, also: &BTreeSet<u32>) -> 
     v.sort_by(|a, b| b.peak_abs.total_cmp(&a.peak_abs));
     let (mut keep, rest): (Vec<Candidate>, Vec<Candidate>) =
         v.into_iter().partition(|c| also.contains(&c.dim));
-    keep.extend(rest.into_iter().take(s.max_candidates.saturating_sub(keep.len())));
+    keep.extend(
+        rest.into_iter()
+            .take(s.max_candidates.saturating_sub(keep.len())),
+    );
     keep.sort_by(|a, b| b.peak_abs.total_cmp(&a.peak_abs));
     keep
 }
@@ -173,7 +180,11 @@ pub fn label(
         for (i, &r) in rows.iter().enumerate() {
             let pad = t - ids[r as usize].len();
             // Scan positions count the padding of the scanned batch; these ids have none.
-            let scanned_pad = prompts[r as usize].valid.iter().take_while(|v| !**v).count();
+            let scanned_pad = prompts[r as usize]
+                .valid
+                .iter()
+                .take_while(|v| !**v)
+                .count();
             for &(_, pos) in c.positions.iter().filter(|x| x.0 == r) {
                 let at_pos = pad + pos as usize - scanned_pad;
                 at.push((i, at_pos));
@@ -185,7 +196,8 @@ pub fn label(
         // state from its first on: a massive activation is a fixed value per token, so that
         // mean is what it would be anyway; an ordinary large value is not.
         let from = c.first_state as usize;
-        let token_of = |p: u32, pos: u32| -> &str { prompts[p as usize].tokens[pos as usize].as_str() };
+        let token_of =
+            |p: u32, pos: u32| -> &str { prompts[p as usize].tokens[pos as usize].as_str() };
         let means: Vec<Vec<f32>> = (from..states)
             .map(|st| {
                 let mut acc: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
@@ -212,8 +224,18 @@ pub fn label(
         let shape = (batch.len(), t, d);
         let zero = Intervention::new(shape, &at, c.dim as usize, from, vec![vec![0.0; at.len()]])?;
         let mean = Intervention::new(shape, &at, c.dim as usize, from, means)?;
-        let (zk, zl) = damage(&base, &lm.model.forward_intervened(&batch, &zero)?, &batch, &first)?;
-        let (mk, ml) = damage(&base, &lm.model.forward_intervened(&batch, &mean)?, &batch, &first)?;
+        let (zk, zl) = damage(
+            &base,
+            &lm.model.forward_intervened(&batch, &zero)?,
+            &batch,
+            &first,
+        )?;
+        let (mk, ml) = damage(
+            &base,
+            &lm.model.forward_intervened(&batch, &mean)?,
+            &batch,
+            &first,
+        )?;
         c.zero_kl = zk;
         c.zero_dll = zl;
         c.mean_kl = mk;
@@ -262,7 +284,10 @@ pub fn score(detected: &[u32], cands: &[Candidate]) -> Score {
 }
 
 /// The dims each configuration detects on the scan.
-pub fn detections(configs: &[(String, DetectConfig)], scan: &Scan) -> Result<Vec<(String, Vec<u32>)>> {
+pub fn detections(
+    configs: &[(String, DetectConfig)],
+    scan: &Scan,
+) -> Result<Vec<(String, Vec<u32>)>> {
     configs
         .iter()
         .map(|(n, c)| Ok((n.clone(), apply(c, scan)?.dim_ids())))

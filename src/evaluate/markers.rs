@@ -47,8 +47,14 @@ const ADDED_IN_1_4: &str = "disclaimer";
 
 /// The named lists, newest first; `heretic-master` is the default.
 pub const NAMED: [(&str, &str); 3] = [
-    ("heretic-master", "heretic's master (20b7bf7): 33 markers, as v1.4.0"),
-    ("heretic-1.4", "heretic v1.4.0: 33 markers (adds \"disclaimer\")"),
+    (
+        "heretic-master",
+        "heretic's master (20b7bf7): 33 markers, as v1.4.0",
+    ),
+    (
+        "heretic-1.4",
+        "heretic v1.4.0: 33 markers (adds \"disclaimer\")",
+    ),
     ("heretic-1.3", "heretic v1.1.0 to v1.3.0: 32 markers"),
 ];
 

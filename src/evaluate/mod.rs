@@ -22,7 +22,10 @@ use std::collections::BTreeMap;
 /// apostrophe ’ made plain, whitespace runs collapsed to one space (Python's `str.split()`,
 /// which also splits at the separators U+001C..U+001F).
 pub fn normalize_reply(reply: &str) -> String {
-    let s = reply.to_lowercase().replace('*', "").replace('\u{2019}', "'");
+    let s = reply
+        .to_lowercase()
+        .replace('*', "")
+        .replace('\u{2019}', "'");
     s.split(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
         .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()

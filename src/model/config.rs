@@ -156,7 +156,10 @@ impl Config {
         let mut cfg = cfg;
         if family == Family::Gemma3 {
             let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-            cfg.sliding_window = v.get("sliding_window").and_then(|x| x.as_u64()).map(|x| x as usize);
+            cfg.sliding_window = v
+                .get("sliding_window")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize);
             // Newer configs list each layer's type; older ones give the pattern.
             cfg.sliding_pattern = match v.get("layer_types").and_then(|x| x.as_array()) {
                 Some(types) => types

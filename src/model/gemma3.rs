@@ -51,7 +51,10 @@ impl Gemma3Layer {
         );
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Linear::new(w.take_shaped(&format!("{p}.{name}.weight"), &[out, inp])?, None)
+            Linear::new(
+                w.take_shaped(&format!("{p}.{name}.weight"), &[out, inp])?,
+                None,
+            )
         };
         let q_proj = lin("self_attn.q_proj", h * hd, d)?;
         let k_proj = lin("self_attn.k_proj", kv * hd, d)?;
@@ -105,7 +108,10 @@ impl Gemma3Layer {
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kv;
         let heads = |l: &Linear, n: usize| -> Result<Tensor> {
-            Ok(l.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(l.forward(x)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = self.norm("self_attn.q_norm", &heads(&self.q_proj, h)?)?;
         let k = self.norm("self_attn.k_norm", &heads(&self.k_proj, kv)?)?;

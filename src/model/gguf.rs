@@ -117,16 +117,16 @@ fn hf_name(gguf: &str, family: Family) -> Option<String> {
         ("attn_q_norm", Family::Gemma3) => "self_attn.q_norm",
         ("attn_k_norm", Family::Gemma3) => "self_attn.k_norm",
         (part, _) => match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
         },
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -223,7 +223,9 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     }
     let mut tensors = HashMap::new();
     for n in names {
-        let Some(hf) = hf_name(n, family) else { continue };
+        let Some(hf) = hf_name(n, family) else {
+            continue;
+        };
         let q = content.tensor(&mut f, n, &Device::Cpu).with_context(|| {
             format!("{shown} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
         })?;

@@ -694,7 +694,9 @@ impl Intervention {
         }
         let index = |r: usize, p: usize| -> Result<usize> {
             if r >= b || p >= t || dim >= d {
-                bail!("intervention at row {r}, position {p}, dim {dim} is outside [{b}, {t}, {d}]");
+                bail!(
+                    "intervention at row {r}, position {p}, dim {dim} is outside [{b}, {t}, {d}]"
+                );
             }
             Ok((r * t + p) * d + dim)
         };

@@ -145,10 +145,7 @@ impl TextTokenizer {
         }
         // Python's stable sort with reverse=True: descending keys, equal keys in first order.
         merges.sort_by_key(|m| std::cmp::Reverse((m.0, m.1, m.2)));
-        let merges: Vec<Value> = merges
-            .iter()
-            .map(|m| json!([m.3, m.4]))
-            .collect();
+        let merges: Vec<Value> = merges.iter().map(|m| json!([m.3, m.4])).collect();
         let mut vocab = Map::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             vocab.insert(t.clone(), json!(i));

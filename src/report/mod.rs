@@ -426,12 +426,18 @@ fn setup_line(r: &RunResults) -> String {
 pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
     let r = read_results(dir)?;
     let Decided {
-        stats: st, headline, ..
+        stats: st,
+        headline,
+        ..
     } = settings(dir, overrides)?;
     let rows = rows(&r);
     let outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &outs);
-    let arm_of = |name: &str| fam.arms.iter().position(|a| a.names.iter().any(|n| n == name));
+    let arm_of = |name: &str| {
+        fam.arms
+            .iter()
+            .position(|a| a.names.iter().any(|n| n == name))
+    };
     let Some((&seed, base)) = r.references.iter().next() else {
         anyhow::bail!("{}: no scores yet", dir.display());
     };
@@ -467,9 +473,10 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
                 },
             ),
             _ => {
-                let cmp = fam.comparisons.iter().find(|c| {
-                    Some(c.variant) == arm && Some(c.reference) == none_arm
-                });
+                let cmp = fam
+                    .comparisons
+                    .iter()
+                    .find(|c| Some(c.variant) == arm && Some(c.reference) == none_arm);
                 let v = match cmp {
                     Some(c) => format!(
                         "{} pts [{}, {}] *{}*; {} [{}, {}] *{}*",
@@ -507,7 +514,10 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
             "| {} | {} | {} | {score} | {verdict} |",
             row.name,
             crate::direction::describe_list(&row.handlings),
-            match (row.dims.is_empty(), row.handlings.iter().any(|h| h.uses_dims())) {
+            match (
+                row.dims.is_empty(),
+                row.handlings.iter().any(|h| h.uses_dims())
+            ) {
                 (true, true) => "none found".to_string(),
                 (true, false) => "–".to_string(),
                 (false, _) => dims_cell(&row.dims),
@@ -779,7 +789,11 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
             .iter()
             .filter(|t| s.pareto.contains(&t.index))
             .collect();
-        front.sort_by(|a, b| (a.refusals, a.kl).partial_cmp(&(b.refusals, b.kl)).unwrap_or(std::cmp::Ordering::Equal));
+        front.sort_by(|a, b| {
+            (a.refusals, a.kl)
+                .partial_cmp(&(b.refusals, b.kl))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         writeln!(
             md,
             "Replicate {}, {}: chosen by {}. Pareto front of {} trials (refusals/{}, KL): {}\n",
@@ -789,7 +803,11 @@ fn search_section(md: &mut String, r: &RunResults) -> Result<()> {
                 .map(|i| names.get(i.as_str()).copied().unwrap_or("?"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            if s.rule.is_empty() { "the summed objective" } else { s.rule.as_str() },
+            if s.rule.is_empty() {
+                "the summed objective"
+            } else {
+                s.rule.as_str()
+            },
             s.trials.len(),
             front.first().map_or(0, |t| t.n_bad),
             front
@@ -945,7 +963,11 @@ fn detected_dims_section(md: &mut String, r: &RunResults) -> Result<()> {
             _ => "–".into(),
         };
         let pads = if rep.pad_positions > 0 {
-            format!("{} (**{} padding**)", rep.positions.len(), rep.pad_positions)
+            format!(
+                "{} (**{} padding**)",
+                rep.positions.len(),
+                rep.pad_positions
+            )
         } else {
             format!("{} (0)", rep.positions.len())
         };

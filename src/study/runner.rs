@@ -208,13 +208,7 @@ fn scored_reference(
     (model_key, cache): (&str, &Path),
     label: &str,
 ) -> Result<(Evaluator, Outcome)> {
-    let evaluator = Evaluator::new(
-        lm,
-        good,
-        bad,
-        system,
-        opts.clone(),
-    )?;
+    let evaluator = Evaluator::new(lm, good, bad, system, opts.clone())?;
     let key = hash_json(&(model_key, good, bad, system, opts));
     let path = reference_cache_path(cache, &key);
     // A cache that cannot be read is recomputed, not an error.
