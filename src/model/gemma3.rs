@@ -199,7 +199,7 @@ impl DecoderLayer for Gemma3Layer {
             ("mlp.up_proj", &self.up_proj),
             ("mlp.down_proj", &self.down_proj),
         ] {
-            out.push((format!("{p}.{name}.weight"), l.weight()));
+            out.extend(l.named(&format!("{p}.{name}")));
         }
         out
     }

@@ -173,10 +173,7 @@ impl DecoderLayer for LlamaLayer {
             ("mlp.up_proj", &self.up_proj),
             ("mlp.down_proj", &self.down_proj),
         ] {
-            out.push((format!("{p}.{name}.weight"), l.weight()));
-            if let Some(b) = &l.bias {
-                out.push((format!("{p}.{name}.bias"), b.clone()));
-            }
+            out.extend(l.named(&format!("{p}.{name}")));
         }
         out
     }

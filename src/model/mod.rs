@@ -93,6 +93,17 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Its weight (and bias, if any) under `{prefix}.weight` / `{prefix}.bias`, for export.
+    pub fn named(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut out = vec![(format!("{prefix}.weight"), self.weight())];
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.clone()));
+        }
+        out
+    }
+}
+
 /// The two matrices of a layer that write into the residual stream; abliteration edits these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

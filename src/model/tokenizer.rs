@@ -25,6 +25,25 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// Llama 3's (llama-bpe), for GGUFs that name it.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The GGUF's control tokens as special added tokens and its user-defined ones (those the
+/// vocabulary spells as the file does) as plain ones, so neither is cut into pieces — as
+/// transformers adds them.
+fn added_tokens(v: &GgufVocab, vocab: &Map<String, Value>) -> Vec<Value> {
+    v.tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(id, tok)| {
+            let ty = v.token_types.get(id).copied().unwrap_or(1);
+            (ty == CONTROL || (ty == USER_DEFINED && vocab.contains_key(tok))).then(|| {
+                json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": ty == CONTROL,
+                })
+            })
+        })
+        .collect()
+}
+
 impl TextTokenizer {
     pub fn from_gguf(v: &GgufVocab) -> Result<TextTokenizer> {
         if v.model == "llama" && v.arch.starts_with("gemma") {
@@ -61,17 +80,10 @@ impl TextTokenizer {
             ),
         };
         let mut vocab = Map::with_capacity(v.tokens.len());
-        let mut added = Vec::new();
         for (id, tok) in v.tokens.iter().enumerate() {
             vocab.insert(tok.clone(), json!(id));
-            let ty = v.token_types.get(id).copied().unwrap_or(1);
-            if ty == CONTROL || ty == USER_DEFINED {
-                added.push(json!({
-                    "id": id, "content": tok, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": ty == CONTROL,
-                }));
-            }
         }
+        let added = added_tokens(v, &vocab);
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -88,8 +100,17 @@ impl TextTokenizer {
                 "vocab": vocab, "merges": v.merges,
             },
         });
-        let inner: Tokenizer = serde_json::from_value(spec)
-            .map_err(|e| anyhow!("cannot build a tokenizer from the GGUF vocabulary: {e}"))?;
+        Self::from_gguf_spec(v, spec)
+    }
+
+    /// The tokenizer a tokenizer.json-shaped `spec` describes, with the GGUF's special tokens.
+    fn from_gguf_spec(v: &GgufVocab, spec: Value) -> Result<TextTokenizer> {
+        let inner: Tokenizer = serde_json::from_value(spec).map_err(|e| {
+            anyhow!(
+                "cannot build a tokenizer from the GGUF vocabulary ({}): {e}",
+                v.arch
+            )
+        })?;
         let name = |id: Option<u32>| id.and_then(|i| v.tokens.get(i as usize).cloned());
         let mut t = TextTokenizer {
             inner,
@@ -150,16 +171,7 @@ impl TextTokenizer {
         for (i, t) in tokens.iter().enumerate() {
             vocab.insert(t.clone(), json!(i));
         }
-        let mut added = Vec::new();
-        for (id, tok) in v.tokens.iter().enumerate() {
-            let ty = v.token_types.get(id).copied().unwrap_or(1);
-            if ty == CONTROL || (ty == USER_DEFINED && vocab.contains_key(tok)) {
-                added.push(json!({
-                    "id": id, "content": tok, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": ty == CONTROL,
-                }));
-            }
-        }
+        let added = added_tokens(v, &vocab);
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -180,18 +192,7 @@ impl TextTokenizer {
                 "vocab": vocab, "merges": merges,
             },
         });
-        let inner: Tokenizer = serde_json::from_value(spec)
-            .map_err(|e| anyhow!("cannot build Gemma's tokenizer from the GGUF vocabulary: {e}"))?;
-        let name = |id: Option<u32>| id.and_then(|i| v.tokens.get(i as usize).cloned());
-        let mut t = TextTokenizer {
-            inner,
-            stop_ids: Vec::new(),
-            pad_id: v.pad.or(v.eos).unwrap_or(0),
-            bos_token: name(v.bos),
-            eos_token: name(v.eos),
-        };
-        t.stop_ids = t.default_stop_ids(v.eos);
-        Ok(t)
+        Self::from_gguf_spec(v, spec)
     }
 
     /// tokenizer.json plus the special tokens named in tokenizer_config.json / config.json.
