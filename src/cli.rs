@@ -1003,7 +1003,7 @@ pub fn merge(into: &std::path::Path, shards: &[PathBuf], allow_partial: bool) ->
 pub struct LabelArgs {
     #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
-    /// The corpus: a built-in prompt set or a file, with a count (repeatable).
+    /// The corpus: a built-in prompt set or a file, NAME or NAME:COUNT (repeatable).
     #[arg(long, default_value = "harmless-outlierlab:16")]
     pub dataset: Vec<String>,
     #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT_STR)]
@@ -1022,237 +1022,55 @@ pub struct LabelArgs {
     /// ... and holding at the mean at most this.
     #[arg(long, default_value_t = 0.1)]
     pub mean_kl: f64,
+    /// Median scopes the criteria subsets are scored under (position, layer).
+    #[arg(long, value_delimiter = ',', default_value = "position,layer")]
+    pub median_scope: Vec<String>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Write the candidates and the scores as JSON here.
+    /// Write everything (candidates, every configuration's scores) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 /// `outlierlab label`: which dims are massive activations by intervention, and every preset,
-/// threshold and criteria subset scored against those labels.
+/// threshold and criteria subset scored against those labels. A study's
+/// `detection_validation:` block runs the same and renders it in the report.
 pub fn label(a: &LabelArgs) -> Result<()> {
-    use crate::detect::validate::{self, ValidationSettings};
-    let settings = ValidationSettings {
+    use crate::detect::config::MedianScope;
+    use crate::detect::validate::{self, CorpusSet, ValidationSpec};
+    let median_scope = a
+        .median_scope
+        .iter()
+        .map(|s| match s.as_str() {
+            "position" => Ok(MedianScope::Position),
+            "layer" => Ok(MedianScope::Layer),
+            o => bail!("--median-scope: unknown scope '{o}'; expected position or layer"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let spec = ValidationSpec {
+        corpus: a.dataset.iter().map(|d| CorpusSet::parse(d)).collect(),
         candidate_ratio: a.candidate_ratio,
         max_candidates: a.max_candidates,
         zero_kl: a.zero_kl,
         mean_kl: a.mean_kl,
+        median_scope,
+        persistence_mode: vec![crate::detect::config::PersistenceMode::Consecutive],
+        curves: validate::CURVES.iter().map(|c| c.to_string()).collect(),
+        batch_size: a.batch_size,
     };
+    spec.check()
+        .map_err(|(k, m)| anyhow::anyhow!("--{}: {m}", k.replace('_', "-")))?;
     let mut lm = model::load(&a.model)?;
     lm.raw = a.raw;
     let system = (!a.system.is_empty()).then_some(a.system.as_str());
-    let mut prompts: Vec<(Source, String)> = vec![(
-        Source::Trigger,
-        crate::detect::config::PR154_TRIGGER.to_string(),
-    )];
-    for spec in &a.dataset {
-        let (name, count) = match spec.rsplit_once(':') {
-            Some((n, c)) if c.parse::<usize>().is_ok() => (n, Some(c.parse::<usize>()?)),
-            _ => (spec.as_str(), None),
-        };
-        let all = crate::datasets::load(name)?;
-        let take = count.unwrap_or(all.len());
-        prompts.extend(
-            crate::datasets::take(&all, take, 0, None)?
-                .into_iter()
-                .map(|t| (Source::Good, t)),
-        );
-    }
-    let t0 = std::time::Instant::now();
-    // The residual convention: the states the interventions hold are the residual stream.
-    let states = detect::collect_states(
-        &lm,
-        &prompts,
-        system,
-        HiddenConvention::Residual,
-        a.batch_size,
-        crate::model::PadRows::SelfOnly,
-        |_| {},
-    )?;
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|(_, p)| Ok(lm.encode_chat(system, p)?.ids))
-        .collect::<Result<_>>()?;
-    let scan = detect::scan(
-        &states,
-        crate::detect::config::MedianKind::Average,
-        detect::Floor::default(),
-    );
-    // What is scored: the presets at their defaults, each criteria subset of pr154 (the floor
-    // named where a subset has no value criterion), and the ratio thresholds swept.
-    let mut configs: Vec<(String, DetectConfig)> = Vec::new();
-    for (name, _) in crate::detect::config::PRESETS {
-        let mut c = crate::detect::preset(name)?;
-        c.positions = crate::detect::config::Positions::Valid;
-        configs.push((format!("{name} (defaults)"), c));
-    }
-    let base = {
-        let mut c = crate::detect::preset("pr154")?;
-        c.positions = crate::detect::config::Positions::Valid;
-        c
-    };
-    for mask in 1..32u32 {
-        let mut c = base.clone();
-        let on: Vec<&str> = crate::detect::config::CRITERIA
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| mask & (1 << i) != 0)
-            .map(|(_, n)| *n)
-            .collect();
-        for k in crate::detect::config::CRITERIA
-            .iter()
-            .filter(|k| !on.contains(k))
-        {
-            c.switch_off(k);
-        }
-        if !c.has_value_criterion() {
-            c.floor = Some(crate::detect::config::FLOOR);
-        }
-        configs.push((format!("pr154 subset {}", c.active_criteria().join("+")), c));
-    }
-    // From the scan floor (20x) to 10,000x.
-    let grid: Vec<f64> = (0..13)
-        .map(|i| 20f64 * 500f64.powf(i as f64 / 12.0))
-        .collect();
-    for f in &grid {
-        let mut c = crate::detect::preset("median-only")?;
-        c.set(&format!("median_ratio={f:.1}"))?;
-        configs.push((format!("median-only median_ratio={f:.0}"), c));
-        let mut c = crate::detect::preset("sun2024")?;
-        c.set(&format!("median_ratio={f:.1}"))?;
-        configs.push((format!("sun2024 median_ratio={f:.0}"), c));
-        let mut c = base.clone();
-        c.set(&format!("median_ratio={f:.1}"))?;
-        c.set(&format!("mad_ratio={f:.1}"))?;
-        configs.push((format!("pr154 both ratios={f:.0}"), c));
-    }
-    let detected = validate::detections(&configs, &scan)?;
-    let also: std::collections::BTreeSet<u32> = detected
-        .iter()
-        .filter(|(_, d)| d.len() <= 8)
-        .flat_map(|(_, d)| d.iter().copied())
-        .collect();
-    let mut cands = validate::candidates(&scan, &settings, &also);
-    let pb = crate::util::progress_bar(cands.len() as u64, "interventions");
-    validate::label(&lm, &states, &ids, &mut cands, &settings, |n| {
-        pb.inc(n as u64)
+    let pb = crate::util::progress_bar(0, "interventions");
+    let v = validate::run(&lm, system, &spec, Vec::new(), |_, done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
-    println!(
-        "model {} | corpus: {} prompts (trigger + {}) | {} candidates (|a| ≥ {}x its position's median, or detected by a scored configuration) | {:.0} s",
-        a.model,
-        prompts.len(),
-        prompts.len() - 1,
-        cands.len(),
-        a.candidate_ratio,
-        t0.elapsed().as_secs_f64()
-    );
-    println!(
-        "massive = zeroing from its first hidden state costs ≥ {} nats of KL at the later positions and holding it at its mean ≤ {}",
-        a.zero_kl, a.mean_kl
-    );
-    println!(
-        "{:>5} {:>5} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  {:<8} tokens",
-        "dim", "from", "peak |a|", "ratio", "zero KL", "mean KL", "zero Δll", "mean Δll", "label"
-    );
-    for c in &cands {
-        let mut toks = c.tokens.clone();
-        toks.sort();
-        toks.dedup();
-        println!(
-            "{:>5} {:>5} {:>10.1} {:>7.0}x {:>9.3} {:>9.4} {:>9.3} {:>9.4}  {:<8} {}",
-            c.dim,
-            c.first_state,
-            c.peak_abs,
-            c.peak_ratio,
-            c.zero_kl,
-            c.mean_kl,
-            c.zero_dll,
-            c.mean_dll,
-            if c.massive { "MASSIVE" } else { "-" },
-            toks.iter()
-                .take(4)
-                .map(|t| format!("{t:?}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
-    let scores: Vec<(String, Vec<u32>, validate::Score)> = detected
-        .into_iter()
-        .map(|(n, d)| {
-            let s = validate::score(&d, &cands);
-            (n, d, s)
-        })
-        .collect();
-    println!(
-        "\n{:<48} {:>8} {:>4} {:>9} {:>7} {:>5}",
-        "configuration", "detected", "TP", "precision", "recall", "F1"
-    );
-    for (n, _, s) in &scores {
-        println!(
-            "{:<48} {:>8} {:>4} {:>9.2} {:>7.2} {:>5.2}",
-            n, s.detected, s.true_positives, s.precision, s.recall, s.f1
-        );
-    }
-    // Over pr154's criteria subsets: the best F1, the smallest subset that reaches it, and the
-    // criteria whose removal never changes precision or recall (redundant here).
-    let subsets: Vec<(&str, &validate::Score)> = scores
-        .iter()
-        .filter_map(|(n, _, s)| n.strip_prefix("pr154 subset ").map(|k| (k, s)))
-        .collect();
-    let same = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
-    if !cands.iter().any(|c| c.massive) {
-        println!(
-            "\nno candidate is labelled massive with these thresholds: recall is undefined and no criterion can be judged redundant (see the damages above)"
-        );
-    } else if let Some(best) = subsets.iter().map(|(_, s)| s.f1).reduce(f64::max) {
-        let size = |k: &str| k.split('+').filter(|c| *c != "floor").count();
-        let smallest = subsets
-            .iter()
-            .filter(|(_, s)| s.f1 == best)
-            .min_by_key(|(k, _)| size(k))
-            .map(|(k, _)| *k)
-            .unwrap_or("-");
-        println!("\nbest F1 over pr154's criteria subsets: {best:.2}; smallest subset reaching it: {smallest}");
-        let set_of = |k: &str| -> std::collections::BTreeSet<String> {
-            k.split('+')
-                .filter(|c| *c != "floor")
-                .map(String::from)
-                .collect()
-        };
-        for crit in crate::detect::config::CRITERIA {
-            let (mut pairs, mut changed) = (0, 0);
-            for (k, s) in &subsets {
-                let on = set_of(k);
-                if !on.contains(crit) || on.len() == 1 {
-                    continue;
-                }
-                let mut off = on.clone();
-                off.remove(crit);
-                if let Some((_, t)) = subsets.iter().find(|(k2, _)| set_of(k2) == off) {
-                    pairs += 1;
-                    if !(same(s.precision, t.precision) && same(s.recall, t.recall)) {
-                        changed += 1;
-                    }
-                }
-            }
-            println!(
-                "  {crit:<13} switched off changes precision or recall in {changed} of {pairs} subset pairs{}",
-                if changed == 0 && pairs > 0 { " — redundant on these labels" } else { "" }
-            );
-        }
-    }
+    print!("{}", crate::report::validation::markdown(&v, 1));
     if let Some(path) = &a.json {
-        let v = serde_json::json!({
-            "model": a.model,
-            "raw": a.raw,
-            "corpus": prompts.iter().map(|p| &p.1).collect::<Vec<_>>(),
-            "settings": settings,
-            "candidates": cands,
-            "scores": scores.iter().map(|(n, d, s)| serde_json::json!({"config": n, "dims": d, "score": s})).collect::<Vec<_>>(),
-            "seconds": t0.elapsed().as_secs_f64(),
-        });
         crate::study::rundir::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }

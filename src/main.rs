@@ -14,6 +14,11 @@ use outlierlab::{assets, model};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How the models' matrices are stored and multiplied: f32 (the reference, what the
+    /// transformers tests compare with) or bf16 (half the memory, AVX512_BF16 kernels; f32 with a
+    /// warning on a CPU without them). A study names its own with `precision:`.
+    #[arg(long, global = true, value_enum, default_value_t = model::Precision::F32)]
+    precision: model::Precision,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +214,7 @@ fn main() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let cli = Cli::parse();
+    model::source::set_default_precision(cli.precision);
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -1,8 +1,12 @@
 //! Labels by intervention (src/detect/validate.rs): holding an entry changes nothing before it,
 //! and on SmolLM2 the massive activation (dim 507 at the first token) is caught while a dim that
-//! merely stands out is not.
+//! merely stands out is not; on a tiny synthetic Llama a planted fixed bias is labelled massive
+//! and a planted large value that nothing reads is not.
+
+mod common;
 
 use candle_core::IndexOp;
+use common::write_tiny_llama;
 use outlierlab::detect::config::{MedianKind, PR154_TRIGGER};
 use outlierlab::detect::validate::{self, ValidationSettings};
 use outlierlab::detect::{self, Floor, Source};
@@ -112,4 +116,173 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
     assert_eq!((sc.true_positives, sc.precision), (1, 1.0));
     let sc = validate::score(&[247], &cands);
     assert_eq!(sc.true_positives, 0);
+}
+
+/// A tiny Llama with two planted values, raw text: dim 3 of `<|im_start|>`'s embedding is a
+/// fixed bias of 1000 (the token opens every corpus prompt, so its value is the same wherever it
+/// stands), dim 5 of `~`'s embedding is 1000 too, but `~` only ever ends a prompt, so nothing after
+/// it reads it. Returns the model folder and the corpus file.
+fn planted_tiny_llama(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use candle_core::{Device, Tensor};
+    let folder = dir.join("planted");
+    write_tiny_llama(&folder);
+    let path = folder.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let emb = &t["model.embed_tokens.weight"];
+    let (vocab, d) = emb.dims2().unwrap();
+    let mut e: Vec<Vec<f32>> = emb.to_vec2().unwrap();
+    // The byte-level alphabet sorted, then the two specials: `<|im_start|>` is vocab - 2.
+    let tok = outlierlab::model::tokenizer::TextTokenizer::from_hf_folder(&folder).unwrap();
+    let tilde = tok.encode("~").unwrap()[0] as usize;
+    e[vocab - 2][3] = 1000.0;
+    e[tilde][5] = 1000.0;
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        Tensor::from_vec(e.concat(), (vocab, d), &Device::Cpu).unwrap(),
+    );
+    // A sharper output distribution, so that a changed hidden state shows in the KL.
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::from_vec(vec![4f32; d], d, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        [
+            "the cat sat on the mat",
+            "a bird flew over the hill",
+            "rain fell on the old roof",
+            "we walked to the river at dawn",
+            "bread is best when warm",
+            "the lamp was left on all night",
+        ]
+        .map(|s| format!("<|im_start|>{s}~\n"))
+        .concat(),
+    )
+    .unwrap();
+    (folder, corpus)
+}
+
+#[test]
+fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (folder, corpus) = planted_tiny_llama(tmp.path());
+    let mut lm = model::load(folder.to_str().unwrap()).unwrap();
+    lm.raw = true;
+    let spec = validate::ValidationSpec {
+        corpus: vec![validate::CorpusSet::parse(corpus.to_str().unwrap())],
+        candidate_ratio: 100.0,
+        max_candidates: 24,
+        zero_kl: 1.0,
+        mean_kl: 0.1,
+        median_scope: vec![outlierlab::detect::config::MedianScope::Position],
+        persistence_mode: vec![outlierlab::detect::config::PersistenceMode::Consecutive],
+        curves: vec!["median-only".into()],
+        batch_size: 4,
+    };
+    let v = validate::run(&lm, None, &spec, Vec::new(), |_, _, _| {}).unwrap();
+    let find = |dim| v.candidates.iter().find(|c| c.dim == dim);
+    let bias = find(3).unwrap_or_else(|| panic!("dim 3 is a candidate: {:?}", v.candidates));
+    assert!(
+        bias.massive && bias.zero_kl >= 1.0 && bias.mean_kl < 0.01,
+        "zeroing the fixed bias must wreck the later positions and its mean must not: {bias:?}"
+    );
+    assert!(bias.tokens.iter().all(|t| t == "<|im_start|>"), "{bias:?}");
+    let unread = find(5).unwrap_or_else(|| panic!("dim 5 is a candidate: {:?}", v.candidates));
+    assert!(
+        !unread.massive && unread.zero_kl < 1e-6,
+        "a value no later position reads does no damage: {unread:?}"
+    );
+    assert_eq!(
+        v.candidates
+            .iter()
+            .filter(|c| c.massive)
+            .map(|c| c.dim)
+            .collect::<Vec<_>>(),
+        vec![3],
+        "{:?}",
+        v.candidates
+    );
+    // A detection that takes both planted dims is half right at the dim level; the entry
+    // level counts the six prompts' `<|im_start|>` entries as the truths.
+    let both = validate::score(&[3, 5], &v.candidates);
+    assert_eq!(
+        (both.true_positives, both.precision, both.recall),
+        (1, 0.5, 1.0)
+    );
+    let sun = v
+        .scored
+        .iter()
+        .find(|s| s.name == "sun2024 (defaults)")
+        .unwrap();
+    assert_eq!(sun.dims, vec![3, 5], "{sun:?}");
+    assert_eq!(sun.ptd.recall, 1.0, "{sun:?}");
+    assert!((sun.ptd.precision - 0.5).abs() < 0.2, "{sun:?}");
+    // The summary's smallest subset reaches the best F1 over the subsets.
+    let g = &v.groups[0];
+    let best = v
+        .scored
+        .iter()
+        .filter(|s| s.group == g.group)
+        .map(|s| s.dim.f1)
+        .fold(0.0, f64::max);
+    assert_eq!(g.best_f1, best);
+    assert!(!g.smallest.is_empty());
+}
+
+#[test]
+fn a_validation_study_runs_writes_its_tables_and_renders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (folder, corpus) = planted_tiny_llama(tmp.path());
+    let study = tmp.path().join("validate.yaml");
+    let out = tmp.path().join("run");
+    let text = format!(
+        "name: planted\nmodel: {}\nchat: false\ndetection_validation:\n  corpus: [{{name: {}}}]\n  batch_size: 4\n",
+        folder.display(),
+        corpus.display()
+    );
+    std::fs::write(&study, &text).unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args([
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .arg("--report-dir")
+        .arg(out.join("report"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "validation/validation.json",
+        "validation/candidates.parquet",
+        "validation/scores.parquet",
+        "report/report.md",
+        "report/damages.png",
+        "report/precision_recall.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} is missing");
+    }
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("| 3 | 0 |") && md.contains("**massive**"),
+        "{md}"
+    );
+    assert!(md.contains("pr154 subsets, median per position, persistence consecutive"));
+    assert!(md.contains("median per layer"), "both scopes by default");
+    // A bad value is located in the study file.
+    std::fs::write(&study, text.replace("batch_size: 4", "curves: [median]")).unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args(["validate", study.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("detection_validation.curves[0]")
+            && err.contains("unknown curve 'median'"),
+        "{err}"
+    );
 }

@@ -8,6 +8,8 @@
 //! the positions after the first one: the mean KL(unmodified ‖ intervened) of the next-token
 //! distributions, and the change in mean log-likelihood of the prompt's own next tokens.
 
+use super::apply::Detection;
+use super::config::{MedianScope, PersistenceMode};
 use super::scan::{PromptStates, Scan};
 use super::{apply, DetectConfig};
 use crate::model::{Batch, Intervention, LoadedModel, Logits};
@@ -50,10 +52,14 @@ pub struct Candidate {
     pub tokens: Vec<String>,
     pub peak_abs: f32,
     pub peak_ratio: f32,
+    #[serde(deserialize_with = "nan_if_null")]
     pub zero_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean_kl: f64,
     /// Change of the mean log-likelihood of the prompt's own later tokens (negative = worse).
+    #[serde(deserialize_with = "nan_if_null")]
     pub zero_dll: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean_dll: f64,
     pub massive: bool,
 }
@@ -246,50 +252,555 @@ pub fn label(
     Ok(())
 }
 
-/// Precision, recall and F1 of a detection against the labels, at the dim level.
+/// Precision, recall and F1 of a detection against the labels.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Score {
     pub detected: usize,
     pub true_positives: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub precision: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub recall: f64,
     pub f1: f64,
 }
 
-pub fn score(detected: &[u32], cands: &[Candidate]) -> Score {
-    let massive: BTreeSet<u32> = cands.iter().filter(|c| c.massive).map(|c| c.dim).collect();
-    let tp = detected.iter().filter(|d| massive.contains(d)).count();
-    let precision = if detected.is_empty() {
-        f64::NAN
-    } else {
-        tp as f64 / detected.len() as f64
-    };
-    let recall = if massive.is_empty() {
-        f64::NAN
-    } else {
-        tp as f64 / massive.len() as f64
-    };
-    let f1 = if tp == 0 {
-        0.0
-    } else {
-        2.0 * precision * recall / (precision + recall)
-    };
-    Score {
-        detected: detected.len(),
-        true_positives: tp,
-        precision,
-        recall,
-        f1,
+/// JSON has no NaN: serde_json writes it as null, and an undefined ratio reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+impl Score {
+    /// Against a set of truths: precision is undefined (NaN) when nothing is detected, recall
+    /// when nothing is true; F1 is 0 when no detection is true.
+    fn of<T: Ord>(detected: &BTreeSet<T>, truth: &BTreeSet<T>) -> Score {
+        let tp = detected.intersection(truth).count();
+        let precision = if detected.is_empty() {
+            f64::NAN
+        } else {
+            tp as f64 / detected.len() as f64
+        };
+        let recall = if truth.is_empty() {
+            f64::NAN
+        } else {
+            tp as f64 / truth.len() as f64
+        };
+        let f1 = if tp == 0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        };
+        Score {
+            detected: detected.len(),
+            true_positives: tp,
+            precision,
+            recall,
+            f1,
+        }
+    }
+
+    fn same(&self, o: &Score) -> bool {
+        let eq = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
+        eq(self.precision, o.precision) && eq(self.recall, o.recall)
     }
 }
 
-/// The dims each configuration detects on the scan.
-pub fn detections(
-    configs: &[(String, DetectConfig)],
-    scan: &Scan,
-) -> Result<Vec<(String, Vec<u32>)>> {
-    configs
+/// Dim-level score: a detected dim is right when it is labelled massive.
+pub fn score(detected: &[u32], cands: &[Candidate]) -> Score {
+    let massive: BTreeSet<u32> = cands.iter().filter(|c| c.massive).map(|c| c.dim).collect();
+    Score::of(&detected.iter().copied().collect(), &massive)
+}
+
+/// (prompt, position, dim)-level score: the truths are the instances of the massive dims (where
+/// they stand within [`INSTANCE_FACTOR`] of their peak); a detection's entries are the
+/// (prompt, position, dim)s it confirms at any hidden state.
+pub fn score_ptd(detection: &Detection, cands: &[Candidate]) -> Score {
+    let truth: BTreeSet<(u32, u32, u32)> = cands
         .iter()
-        .map(|(n, c)| Ok((n.clone(), apply(c, scan)?.dim_ids())))
+        .filter(|c| c.massive)
+        .flat_map(|c| c.positions.iter().map(move |&(p, t)| (p, t, c.dim)))
+        .collect();
+    let found: BTreeSet<(u32, u32, u32)> = detection
+        .hits
+        .iter()
+        .map(|h| (h.prompt, h.position, h.dim))
+        .collect();
+    Score::of(&found, &truth)
+}
+
+/// One prompt set of the validation corpus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSet {
+    /// A built-in set (`outlierlab datasets`) or a file.
+    pub name: String,
+    /// How many prompts (all when absent).
+    #[serde(default)]
+    pub count: Option<usize>,
+    #[serde(default)]
+    pub offset: usize,
+}
+
+impl CorpusSet {
+    /// `NAME` or `NAME:COUNT`, as the command line takes it.
+    pub fn parse(s: &str) -> CorpusSet {
+        match s.rsplit_once(':') {
+            Some((n, c)) if c.parse::<usize>().is_ok() => CorpusSet {
+                name: n.to_string(),
+                count: c.parse().ok(),
+                offset: 0,
+            },
+            _ => CorpusSet {
+                name: s.to_string(),
+                count: None,
+                offset: 0,
+            },
+        }
+    }
+}
+
+/// A study's `detection_validation:` block (and what `outlierlab label` takes as flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSpec {
+    /// The prompts scanned and intervened on; PR #154's trigger prompt is always the first.
+    pub corpus: Vec<CorpusSet>,
+    #[serde(default = "d_candidate_ratio")]
+    pub candidate_ratio: f32,
+    #[serde(default = "d_max_candidates")]
+    pub max_candidates: usize,
+    #[serde(default = "d_zero_kl")]
+    pub zero_kl: f64,
+    #[serde(default = "d_mean_kl")]
+    pub mean_kl: f64,
+    /// pr154's 31 criteria subsets are scored under each median scope ...
+    #[serde(default = "d_scopes")]
+    pub median_scope: Vec<MedianScope>,
+    /// ... and each persistence mode.
+    #[serde(default = "d_modes")]
+    pub persistence_mode: Vec<PersistenceMode>,
+    /// Threshold curves (13 ratios from the scan floor, 20, to 10,000): `median-only` and
+    /// `sun2024` sweep median_ratio, `pr154` sweeps median_ratio and mad_ratio together.
+    #[serde(default = "d_curves")]
+    pub curves: Vec<String>,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+}
+
+fn d_candidate_ratio() -> f32 {
+    ValidationSettings::default().candidate_ratio
+}
+fn d_max_candidates() -> usize {
+    ValidationSettings::default().max_candidates
+}
+fn d_zero_kl() -> f64 {
+    ValidationSettings::default().zero_kl
+}
+fn d_mean_kl() -> f64 {
+    ValidationSettings::default().mean_kl
+}
+fn d_scopes() -> Vec<MedianScope> {
+    vec![MedianScope::Position, MedianScope::Layer]
+}
+fn d_modes() -> Vec<PersistenceMode> {
+    vec![PersistenceMode::Consecutive]
+}
+fn d_curves() -> Vec<String> {
+    CURVES.iter().map(|s| s.to_string()).collect()
+}
+fn d_batch() -> usize {
+    16
+}
+
+/// The presets whose thresholds can be swept as curves.
+pub const CURVES: [&str; 3] = ["median-only", "sun2024", "pr154"];
+
+impl ValidationSpec {
+    pub fn settings(&self) -> ValidationSettings {
+        ValidationSettings {
+            candidate_ratio: self.candidate_ratio,
+            max_candidates: self.max_candidates,
+            zero_kl: self.zero_kl,
+            mean_kl: self.mean_kl,
+        }
+    }
+
+    /// What a value means, checked without a model; `Err((key, message))`.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        if self.corpus.is_empty() {
+            return Err(("corpus".into(), "the corpus is empty: name at least one prompt set, e.g. [{name: harmless-outlierlab, count: 16}]".into()));
+        }
+        if !(self.candidate_ratio >= super::config::FLOOR) {
+            return Err((
+                "candidate_ratio".into(),
+                format!(
+                    "{} is below the scan floor ({}): entries under it are never scanned",
+                    self.candidate_ratio,
+                    super::config::FLOOR
+                ),
+            ));
+        }
+        if !(self.zero_kl > self.mean_kl && self.mean_kl >= 0.0) {
+            return Err((
+                "zero_kl".into(),
+                format!(
+                    "zero_kl ({}) must exceed mean_kl ({}) ≥ 0: massive = zeroing hurts and holding at the mean does not",
+                    self.zero_kl, self.mean_kl
+                ),
+            ));
+        }
+        if self.max_candidates == 0 || self.batch_size == 0 {
+            return Err((
+                "max_candidates".into(),
+                "max_candidates and batch_size must be at least 1".into(),
+            ));
+        }
+        for (i, c) in self.curves.iter().enumerate() {
+            if !CURVES.contains(&c.as_str()) {
+                return Err((
+                    format!("curves[{i}]"),
+                    format!("unknown curve '{c}'; expected one of {}", CURVES.join(", ")),
+                ));
+            }
+        }
+        if self.median_scope.is_empty() || self.persistence_mode.is_empty() {
+            return Err((
+                "median_scope".into(),
+                "median_scope and persistence_mode need at least one value each".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One configuration to score and where it belongs: `group` collects the configurations read
+/// together (pr154's subsets under one scope and mode; one threshold curve).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Named {
+    pub name: String,
+    pub group: String,
+    /// The swept threshold of a curve's point.
+    pub threshold: Option<f64>,
+    pub config: DetectConfig,
+}
+
+/// The prefix of every criteria-subset group.
+pub const SUBSETS: &str = "pr154 subsets";
+
+fn scope_name(s: MedianScope) -> &'static str {
+    match s {
+        MedianScope::Position => "median per position",
+        MedianScope::Layer => "median per layer",
+    }
+}
+
+fn mode_name(m: PersistenceMode) -> &'static str {
+    match m {
+        PersistenceMode::Consecutive => "persistence consecutive",
+        PersistenceMode::Total => "persistence total",
+        PersistenceMode::DimLayers => "persistence dim-layers",
+    }
+}
+
+/// The configurations the spec asks for: every preset at its defaults, pr154's 31 criteria
+/// subsets under each median scope and persistence mode (the floor named where a subset has no
+/// value criterion), and the threshold curves. All scan valid positions: the corpus is scored
+/// where the labels are.
+pub fn configurations(spec: &ValidationSpec) -> Result<Vec<Named>> {
+    use super::config::{preset, Positions, CRITERIA, FLOOR, PRESETS};
+    let valid = |mut c: DetectConfig| {
+        c.positions = Positions::Valid;
+        c
+    };
+    let mut out = Vec::new();
+    for (name, _) in PRESETS {
+        out.push(Named {
+            name: format!("{name} (defaults)"),
+            group: "presets".into(),
+            threshold: None,
+            config: valid(preset(name)?),
+        });
+    }
+    for &scope in &spec.median_scope {
+        for &mode in &spec.persistence_mode {
+            let group = format!("{SUBSETS}, {}, {}", scope_name(scope), mode_name(mode));
+            for mask in 1..(1u32 << CRITERIA.len()) {
+                let mut c = valid(preset("pr154")?);
+                c.median_scope = scope;
+                c.persistence_mode = mode;
+                for (i, k) in CRITERIA.iter().enumerate() {
+                    if mask & (1 << i) == 0 {
+                        c.switch_off(k);
+                    }
+                }
+                if !c.has_value_criterion() {
+                    c.floor = Some(FLOOR);
+                }
+                out.push(Named {
+                    name: c.active_criteria().join("+"),
+                    group: group.clone(),
+                    threshold: None,
+                    config: c,
+                });
+            }
+        }
+    }
+    for curve in &spec.curves {
+        for f in curve_grid() {
+            let mut c = valid(preset(curve)?);
+            c.set(&format!("median_ratio={f:.1}"))?;
+            if curve == "pr154" {
+                c.set(&format!("mad_ratio={f:.1}"))?;
+            }
+            out.push(Named {
+                name: format!("{curve} at {f:.0}"),
+                group: format!("curve {curve}"),
+                threshold: Some(f),
+                config: c,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// From the scan floor (20x) to 10,000x, evenly on a log scale.
+pub fn curve_grid() -> Vec<f64> {
+    (0..13)
+        .map(|i| 20f64 * 500f64.powf(i as f64 / 12.0))
         .collect()
+}
+
+/// One configuration's detections and scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scored {
+    pub name: String,
+    pub group: String,
+    pub threshold: Option<f64>,
+    pub dims: Vec<u32>,
+    pub dim: Score,
+    pub ptd: Score,
+}
+
+/// A criterion's effect within one group of criteria subsets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Redundancy {
+    pub criterion: String,
+    /// Subset pairs that differ in this criterion alone (the floor aside) ...
+    pub pairs: usize,
+    /// ... and those where switching it off changes precision or recall (dims or entries).
+    pub changed: usize,
+}
+
+impl Redundancy {
+    pub fn redundant(&self) -> bool {
+        self.pairs > 0 && self.changed == 0
+    }
+}
+
+/// What one group of criteria subsets says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub group: String,
+    pub best_f1: f64,
+    /// The subsets (fewest criteria first) reaching the best dim-level F1.
+    pub smallest: Vec<String>,
+    pub best_f1_ptd: f64,
+    pub redundancy: Vec<Redundancy>,
+}
+
+/// How many candidates are labelled massive as the two label thresholds move: a reader sees
+/// whether the labels hang on the chosen values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabelSensitivity {
+    pub zero_kl: f64,
+    pub mean_kl: f64,
+    pub massive: Vec<u32>,
+}
+
+/// Everything one validation found: the file `validation.json` of a run and `label --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Validation {
+    pub model: String,
+    pub raw: bool,
+    pub spec: ValidationSpec,
+    pub corpus: Vec<String>,
+    pub candidates: Vec<Candidate>,
+    pub scored: Vec<Scored>,
+    pub groups: Vec<GroupSummary>,
+    pub sensitivity: Vec<LabelSensitivity>,
+    pub seconds: f64,
+}
+
+/// Runs the validation: scan the corpus (trigger first), label the candidates by intervention,
+/// score the spec's configurations and `extra` (e.g. a study's own detections) against them.
+pub fn run(
+    lm: &LoadedModel,
+    system: Option<&str>,
+    spec: &ValidationSpec,
+    extra: Vec<Named>,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Validation> {
+    use super::config::{MedianKind, PR154_TRIGGER};
+    use super::{HiddenConvention, Source};
+    let t0 = std::time::Instant::now();
+    let settings = spec.settings();
+    let mut prompts: Vec<(Source, String)> = vec![(Source::Trigger, PR154_TRIGGER.to_string())];
+    for set in &spec.corpus {
+        let all = crate::datasets::load(&set.name)?;
+        let n = set.count.unwrap_or(all.len().saturating_sub(set.offset));
+        prompts.extend(
+            crate::datasets::take(&all, n, set.offset, None)?
+                .into_iter()
+                .map(|t| (Source::Good, t)),
+        );
+    }
+    // The residual convention: the states the interventions hold are the residual stream.
+    let states = super::collect_states(
+        lm,
+        &prompts,
+        system,
+        HiddenConvention::Residual,
+        spec.batch_size,
+        crate::model::PadRows::SelfOnly,
+        |_| {},
+    )?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(_, p)| Ok(lm.encode_chat(system, p)?.ids))
+        .collect::<Result<_>>()?;
+    let scan = super::scan(&states, MedianKind::Average, super::Floor::default());
+    let mut configs = configurations(spec)?;
+    configs.extend(extra);
+    let detections: Vec<Detection> = configs
+        .iter()
+        .map(|n| apply(&n.config, &scan))
+        .collect::<Result<_>>()?;
+    // A configuration's dims are candidates whatever their ratio, so that each one it finds is
+    // labelled; those that find more than a handful are broad sweeps, not claims.
+    let also: BTreeSet<u32> = detections
+        .iter()
+        .map(|d| d.dim_ids())
+        .filter(|d| d.len() <= 8)
+        .flatten()
+        .collect();
+    let mut cands = candidates(&scan, &settings, &also);
+    let total = cands.len();
+    let mut done = 0;
+    label(lm, &states, &ids, &mut cands, &settings, |n| {
+        done += n;
+        progress("interventions", done, total)
+    })?;
+    let scored: Vec<Scored> = configs
+        .iter()
+        .zip(&detections)
+        .map(|(n, d)| Scored {
+            name: n.name.clone(),
+            group: n.group.clone(),
+            threshold: n.threshold,
+            dims: d.dim_ids(),
+            dim: score(&d.dim_ids(), &cands),
+            ptd: score_ptd(d, &cands),
+        })
+        .collect();
+    let groups = summarise(&scored);
+    let sensitivity = sensitivity(&cands, &settings);
+    Ok(Validation {
+        model: lm.spec.clone(),
+        raw: lm.raw,
+        spec: spec.clone(),
+        corpus: prompts.into_iter().map(|p| p.1).collect(),
+        candidates: cands,
+        scored,
+        groups,
+        sensitivity,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Per group of criteria subsets: the best F1, the smallest subsets that reach it, and each
+/// criterion's pairs (subsets that differ in it alone) and how many of them it changes.
+pub fn summarise(scored: &[Scored]) -> Vec<GroupSummary> {
+    let set_of = |k: &str| -> BTreeSet<String> {
+        k.split('+')
+            .filter(|c| *c != "floor")
+            .map(String::from)
+            .collect()
+    };
+    let mut groups: Vec<&str> = scored
+        .iter()
+        .filter(|s| s.group.starts_with(SUBSETS))
+        .map(|s| s.group.as_str())
+        .collect();
+    groups.dedup();
+    groups
+        .into_iter()
+        .map(|g| {
+            let mine: Vec<&Scored> = scored.iter().filter(|s| s.group == g).collect();
+            let best_f1 = mine.iter().map(|s| s.dim.f1).fold(0.0, f64::max);
+            let best_f1_ptd = mine.iter().map(|s| s.ptd.f1).fold(0.0, f64::max);
+            let mut at_best: Vec<&Scored> = mine
+                .iter()
+                .copied()
+                .filter(|s| best_f1 > 0.0 && s.dim.f1 == best_f1)
+                .collect();
+            at_best.sort_by_key(|s| (set_of(&s.name).len(), s.name.clone()));
+            let fewest = at_best.first().map(|s| set_of(&s.name).len());
+            let smallest = at_best
+                .iter()
+                .filter(|s| Some(set_of(&s.name).len()) == fewest)
+                .map(|s| s.name.clone())
+                .collect();
+            let redundancy = super::config::CRITERIA
+                .iter()
+                .map(|crit| {
+                    let (mut pairs, mut changed) = (0, 0);
+                    for s in &mine {
+                        let on = set_of(&s.name);
+                        if !on.contains(*crit) || on.len() == 1 {
+                            continue;
+                        }
+                        let mut off = on.clone();
+                        off.remove(*crit);
+                        if let Some(t) = mine.iter().find(|t| set_of(&t.name) == off) {
+                            pairs += 1;
+                            if !(s.dim.same(&t.dim) && s.ptd.same(&t.ptd)) {
+                                changed += 1;
+                            }
+                        }
+                    }
+                    Redundancy {
+                        criterion: crit.to_string(),
+                        pairs,
+                        changed,
+                    }
+                })
+                .collect();
+            GroupSummary {
+                group: g.to_string(),
+                best_f1,
+                smallest,
+                best_f1_ptd,
+                redundancy,
+            }
+        })
+        .collect()
+}
+
+/// The labels under zero_kl × {1/3, 1, 3} and mean_kl × {1/3, 1, 3} of the chosen values.
+pub fn sensitivity(cands: &[Candidate], s: &ValidationSettings) -> Vec<LabelSensitivity> {
+    let mut out = Vec::new();
+    for fz in [1.0 / 3.0, 1.0, 3.0] {
+        for fm in [1.0 / 3.0, 1.0, 3.0] {
+            let (z, m) = (s.zero_kl * fz, s.mean_kl * fm);
+            out.push(LabelSensitivity {
+                zero_kl: z,
+                mean_kl: m,
+                massive: cands
+                    .iter()
+                    .filter(|c| c.zero_kl >= z && c.mean_kl <= m)
+                    .map(|c| c.dim)
+                    .collect(),
+            });
+        }
+    }
+    out
 }

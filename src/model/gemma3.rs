@@ -183,6 +183,18 @@ impl DecoderLayer for Gemma3Layer {
         }
     }
 
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+
     fn named_tensors(&self, layer: usize) -> Vec<(String, Tensor)> {
         let p = format!("model.layers.{layer}");
         let mut out: Vec<(String, Tensor)> = self

@@ -5,6 +5,7 @@
 //! file they came from, so that GGUF and safetensors checkpoints build the same model and an
 //! edited model can be exported for transformers.
 
+pub mod bf16;
 pub mod chat;
 pub mod config;
 pub mod export;
@@ -22,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
 pub use config::{Config, Family};
-pub use source::{load, LoadedModel};
+pub use source::{load, load_with, LoadedModel};
 
 /// Tensors by Hugging Face name, f32 on the CPU.
 pub struct Weights {
@@ -57,25 +58,52 @@ impl Weights {
 
 /// `y = x Wᵀ + b`, like `torch.nn.Linear`, with `W` stored as `[out, in]`. (Storing `Wᵀ`
 /// contiguous instead was measured: no faster for decoding here, and loading took 3x longer.)
+/// Under [`Precision::Bf16`], `w` is bf16 and multiplied by the bf16 kernel; a matrix that is
+/// edited keeps its f32 original in `master`, so edits are made in f32 and rounded afterwards.
 #[derive(Clone)]
 pub struct Linear {
     w: Tensor,
+    master: Option<Tensor>,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     /// From a `[out, in]` weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        Ok(Linear { w: weight, bias })
+        Ok(Linear {
+            w: weight,
+            master: None,
+            bias,
+        })
     }
 
-    /// The weight, `[out, in]`.
+    /// The weight in f32, `[out, in]` (exact for an f32 or edited matrix; the bf16 values
+    /// widened otherwise).
     pub fn weight(&self) -> Tensor {
-        self.w.clone()
+        match &self.master {
+            Some(m) => m.clone(),
+            None if self.w.dtype() == DType::F32 => self.w.clone(),
+            None => self
+                .w
+                .to_dtype(DType::F32)
+                .expect("bf16 widens to f32 on the CPU"),
+        }
     }
 
     pub fn out_features(&self) -> usize {
         self.w.dims()[0]
+    }
+
+    /// Rounds the weight to bf16; with `keep_master` the f32 original stays for editing.
+    pub fn to_bf16(&mut self, keep_master: bool) -> Result<()> {
+        if self.w.dtype() == DType::BF16 {
+            return Ok(());
+        }
+        if keep_master {
+            self.master = Some(self.w.clone());
+        }
+        self.w = self.w.to_dtype(DType::BF16)?;
+        Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -83,13 +111,61 @@ impl Linear {
         let n_in = *dims.last().context("linear input has no dimensions")?;
         let rows = x.elem_count() / n_in;
         let x2 = x.reshape((rows, n_in))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
+        let mut y = matmul_t(&x2, &self.w)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = self.out_features();
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// `x [rows, k] · wᵀ` for `w [n, k]` in f32 (candle's GEMM) or bf16 (the bf16 kernel).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() != DType::BF16 {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let (rows, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let xs: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*storage else {
+        bail!("bf16 weights must live on the CPU");
+    };
+    let start = layout.start_offset();
+    let y = bf16::matmul_t(&xs, rows, k, &data[start..start + n * k], n);
+    Ok(Tensor::from_vec(y, (rows, n), x.device())?)
+}
+
+/// How the large matrices are stored and multiplied. f32 is the reference the transformers
+/// tests compare with; bf16 halves their memory and doubles the multiply rate where the CPU
+/// has AVX512_BF16 (elsewhere the model stays f32).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
     }
 }
 
@@ -186,6 +262,8 @@ pub trait DecoderLayer: Send + Sync {
     fn writer_mut(&mut self, which: Writer) -> &mut Linear;
     /// Every parameter under its Hugging Face name (for export).
     fn named_tensors(&self, layer: usize) -> Vec<(String, Tensor)>;
+    /// Every matrix, for a change of precision.
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
 }
 
 /// A left-padded batch of token ids. `mask[b][t]` is 1 for real tokens, 0 for padding.
@@ -313,6 +391,7 @@ pub struct Model {
     embed_scale: Option<f32>,
     /// Gemma's final norm multiplies by 1 + w; `norm` then holds 1 + w and this is 1.
     norm_offset: f64,
+    precision: Precision,
 }
 
 impl Model {
@@ -377,6 +456,7 @@ impl Model {
             inv_freq_local,
             embed_scale,
             norm_offset,
+            precision: Precision::F32,
         })
     }
 
@@ -413,7 +493,46 @@ impl Model {
             );
         }
         *slot = Linear::new(weight, slot.bias.clone())?;
+        if self.precision == Precision::Bf16 {
+            slot.to_bf16(true)?;
+        }
         Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Stores every matrix (and the embeddings) in `p`. bf16 is one-way: the f32 values of the
+    /// unedited matrices are not kept (the residual writers keep theirs, for exact edits). Where
+    /// the CPU lacks AVX512_BF16 the model stays f32; the precision in effect is returned.
+    pub fn set_precision(&mut self, p: Precision) -> Result<Precision> {
+        if p == self.precision {
+            return Ok(p);
+        }
+        if p == Precision::F32 {
+            bail!("a bf16 model cannot go back to f32 (its f32 weights are gone): load it again");
+        }
+        if !bf16::available() {
+            eprintln!(
+                "warning: this CPU has no AVX512_BF16, so the model runs in f32 (bf16 was asked for)"
+            );
+            return Ok(Precision::F32);
+        }
+        for l in &mut self.layers {
+            for w in Writer::ALL {
+                l.writer_mut(w).to_bf16(true)?;
+            }
+            for lin in l.linears_mut() {
+                lin.to_bf16(false)?;
+            }
+        }
+        self.embed = self.embed.to_dtype(DType::BF16)?;
+        if let Some(h) = &mut self.lm_head {
+            *h = h.to_dtype(DType::BF16)?;
+        }
+        self.precision = p;
+        Ok(p)
     }
 
     /// All writers as they are now; `restore_writers` puts them back exactly.
@@ -434,7 +553,8 @@ impl Model {
 
     /// Every parameter under its Hugging Face name, for export.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("widening on the CPU");
+        let mut out = vec![("model.embed_tokens.weight".to_string(), f32(&self.embed))];
         for (i, l) in self.layers.iter().enumerate() {
             out.extend(l.named_tensors(i));
         }
@@ -443,7 +563,7 @@ impl Model {
             (&self.norm - self.norm_offset).expect("same shape"),
         ));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.clone()));
+            out.push(("lm_head.weight".to_string(), f32(h)));
         }
         out
     }
@@ -512,6 +632,7 @@ impl Model {
         let x = self
             .embed
             .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?
             .reshape((b, t, self.config.hidden_size))?;
         Ok(match self.embed_scale {
             Some(s) => (x * s as f64)?,
@@ -525,7 +646,7 @@ impl Model {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d;
-        let y = x.reshape((rows, d))?.matmul(&w.t()?)?;
+        let y = matmul_t(&x.reshape((rows, d))?, w)?;
         let y = match self.config.final_logit_softcapping {
             Some(c) => ((y / c)?.tanh()? * c)?,
             None => y,

@@ -3,7 +3,7 @@
 
 use super::chat::{ChatTemplate, Message, CHATML};
 use super::tokenizer::TextTokenizer;
-use super::{gguf, hf, Batch, Model};
+use super::{gguf, hf, Batch, Model, Precision};
 use crate::assets;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -72,7 +72,25 @@ pub struct LoadedModel {
     pub load_seconds: f64,
 }
 
+/// The precision `load` gives the models of this process (the `--precision` flag); a study
+/// names its own and loads with [`load_with`].
+static DEFAULT_PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
+
+pub fn set_default_precision(p: Precision) {
+    let _ = DEFAULT_PRECISION.set(p);
+}
+
+pub fn default_precision() -> Precision {
+    DEFAULT_PRECISION.get().copied().unwrap_or_default()
+}
+
 pub fn load(spec: &str) -> Result<LoadedModel> {
+    load_with(spec, default_precision())
+}
+
+/// Loads a model and stores its matrices in `precision` (f32 where the CPU lacks bf16; the
+/// model's `precision()` says which).
+pub fn load_with(spec: &str, precision: Precision) -> Result<LoadedModel> {
     let source = ModelSource::parse(spec)?;
     let t0 = Instant::now();
     let (path, sha256) = match &source {
@@ -103,6 +121,8 @@ pub fn load(spec: &str) -> Result<LoadedModel> {
             model.config.vocab_size
         );
     }
+    let mut model = model;
+    model.set_precision(precision)?;
     let has_template = template.is_some();
     let chat = ChatTemplate::new(
         template.as_deref().unwrap_or(CHATML),

@@ -4,6 +4,7 @@
 //! self-contained HTML page with the images beside it.
 
 pub mod plots;
+pub mod validation;
 
 use crate::evaluate::compare::{self, Family, MetricTest, StatsSettings};
 use crate::evaluate::Outcome;
@@ -533,6 +534,12 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
 
 /// As [`render`], with the study's α or correction overridden.
 pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<PathBuf> {
+    let validation = crate::study::rundir::read_validation(dir)?;
+    if let Some(v) = &validation {
+        if crate::study::rundir::plan_of(dir)?.variants.is_empty() {
+            return validation_report(dir, out, v);
+        }
+    }
     let r = read_results(dir)?;
     let Decided {
         stats: st,
@@ -637,7 +644,11 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     search_section(&mut md, &r)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tunes: Vec<&crate::study::rundir::TuneResult> = r.tunes.iter().collect();
-    let figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
+    let mut figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
+    if let Some(v) = &validation {
+        md.push_str(&validation::markdown(v, 2));
+        figures.extend(plots::draw_validation(out, v, "validation_")?);
+    }
     if !figures.is_empty() {
         writeln!(md, "## Figures\n")?;
         if r.detections.len() > 1 {
@@ -669,6 +680,42 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.margins.refusals,
         st.margins.kl
     )?;
+    writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
+    let path = out.join("report.md");
+    crate::study::rundir::write_atomic(&path, md.as_bytes())?;
+    crate::study::rundir::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
+    Ok(path)
+}
+
+/// The report of a run that only validates detection: the section and its figures.
+fn validation_report(
+    dir: &Path,
+    out: &Path,
+    v: &crate::detect::validate::Validation,
+) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let study = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut md = String::new();
+    writeln!(md, "# {name}\n")?;
+    writeln!(
+        md,
+        "Rendered by outlierlab {} from `{}`: a detection validation (no variants scored).\n",
+        env!("CARGO_PKG_VERSION"),
+        dir.display()
+    )?;
+    md.push_str(&validation::markdown(v, 2));
+    let figures = plots::draw_validation(out, v, "")?;
+    writeln!(md, "## Figures\n")?;
+    for (stem, title) in &figures {
+        writeln!(
+            md,
+            "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n"
+        )?;
+    }
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
     let path = out.join("report.md");
     crate::study::rundir::write_atomic(&path, md.as_bytes())?;

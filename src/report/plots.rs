@@ -772,3 +772,165 @@ pub fn draw_all(
     }
     Ok(out)
 }
+
+/// Precision against recall (dims) along each threshold curve, with pr154's criteria subsets
+/// (first scope) as points.
+fn pr_curves<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    v: &crate::detect::validate::Validation,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!("{}: precision vs recall of the massive dims", v.model),
+            font(18),
+        )
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.02f64..1.02, -0.02f64..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("recall")
+        .y_desc("precision")
+        .label_style(font(13))
+        .axis_desc_style(font(14))
+        .draw()?;
+    let colours = [POINT, BASE, FRONT, RGBColor(148, 103, 189)];
+    let mut groups: Vec<&str> = v
+        .scored
+        .iter()
+        .filter(|s| s.group.starts_with("curve "))
+        .map(|s| s.group.as_str())
+        .collect();
+    groups.dedup();
+    for (i, g) in groups.iter().enumerate() {
+        let c = colours[i % colours.len()];
+        let pts: Vec<(f64, f64)> = v
+            .scored
+            .iter()
+            .filter(|s| s.group == *g && !s.dim.precision.is_nan() && !s.dim.recall.is_nan())
+            .map(|s| (s.dim.recall, s.dim.precision))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(g.trim_start_matches("curve ").to_string() + " (threshold swept)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
+    }
+    if let Some(g) = v.groups.first() {
+        let pts: Vec<(f64, f64)> = v
+            .scored
+            .iter()
+            .filter(|s| s.group == g.group && !s.dim.precision.is_nan() && !s.dim.recall.is_nan())
+            .map(|s| (s.dim.recall, s.dim.precision))
+            .collect();
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|p| TriangleMarker::new(*p, 6, BLACK.mix(0.5).filled())),
+            )?
+            .label("pr154 criteria subsets")
+            .legend(|(x, y)| TriangleMarker::new((x + 9, y), 6, BLACK.mix(0.5).filled()));
+    }
+    legend(&mut chart, 13)?;
+    Ok(())
+}
+
+/// Each candidate's damage from zeroing against holding at the mean, with the label thresholds.
+fn damages<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    v: &crate::detect::validate::Validation,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let floor = 1e-5;
+    let at = |x: f64| x.max(floor);
+    let xmax = v
+        .candidates
+        .iter()
+        .map(|c| at(c.zero_kl))
+        .fold(v.spec.zero_kl * 3.0, f64::max)
+        * 2.0;
+    let ymax = v
+        .candidates
+        .iter()
+        .map(|c| at(c.mean_kl))
+        .fold(v.spec.mean_kl * 3.0, f64::max)
+        * 2.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "{}: damage of holding each candidate at zero vs at its mean",
+                v.model
+            ),
+            font(18),
+        )
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d((floor..xmax).log_scale(), (floor..ymax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("KL at later positions, held at zero (nats, log)")
+        .y_desc("KL, held at its mean (nats, log)")
+        .label_style(font(13))
+        .axis_desc_style(font(14))
+        .draw()?;
+    let grey = BASE.mix(0.5);
+    chart.draw_series(LineSeries::new(
+        vec![(v.spec.zero_kl, floor), (v.spec.zero_kl, ymax)],
+        grey.stroke_width(2),
+    ))?;
+    chart.draw_series(LineSeries::new(
+        vec![(floor, at(v.spec.mean_kl)), (xmax, at(v.spec.mean_kl))],
+        grey.stroke_width(2),
+    ))?;
+    for massive in [false, true] {
+        let c = if massive { BASE } else { POINT };
+        let pts: Vec<&crate::detect::validate::Candidate> = v
+            .candidates
+            .iter()
+            .filter(|x| x.massive == massive)
+            .collect();
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|x| Circle::new((at(x.zero_kl), at(x.mean_kl)), 5, c.filled())),
+            )?
+            .label(if massive { "massive" } else { "not massive" })
+            .legend(move |(x, y)| Circle::new((x + 9, y), 5, c.filled()));
+        chart.draw_series(pts.iter().map(|x| {
+            Text::new(
+                format!("{}", x.dim),
+                (at(x.zero_kl), at(x.mean_kl)),
+                font(12),
+            )
+        }))?;
+    }
+    legend(&mut chart, 13)?;
+    Ok(())
+}
+
+/// The detection-validation figures; returns (file stem, title) of each.
+pub fn draw_validation(
+    dir: &Path,
+    v: &crate::detect::validate::Validation,
+    prefix: &str,
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let stem = format!("{prefix}damages");
+    both!(dir, stem, (1000, 640), damages, v)?;
+    out.push((stem, "Damage of zeroing vs holding at the mean".into()));
+    if v.candidates.iter().any(|c| c.massive) {
+        let stem = format!("{prefix}precision_recall");
+        both!(dir, stem, (1000, 640), pr_curves, v)?;
+        out.push((stem, "Precision vs recall as thresholds sweep".into()));
+    }
+    Ok(out)
+}

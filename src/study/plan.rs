@@ -25,6 +25,13 @@ pub struct Plan {
     /// only under the same settings. Absent in runs made before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<super::spec::EvaluationSpec>,
+    /// The precision the study asked for (absent: f32).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: crate::model::Precision,
+}
+
+fn is_f32(p: &crate::model::Precision) -> bool {
+    *p == crate::model::Precision::F32
 }
 
 pub fn variant_id(v: &Variant) -> String {
@@ -235,6 +242,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
         variants: planned,
         replicates,
         evaluation: Some(f.evaluation.clone()),
+        precision: f.precision,
     })
 }
 

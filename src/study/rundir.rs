@@ -26,6 +26,11 @@
 //!                               detection.json, done
 //!     reference-<hash>.json     the unedited model's outcome on one prompt split
 //!     judge-<model>.json        a judge's P(refusal) by (judge, prompt, reply) hash
+//!   validation/                 with `detection_validation:` (run once, before the variants):
+//!     validation.json           settings, corpus, every candidate's damages and label, every
+//!                               configuration's dims and dim- / entry-level precision, recall, F1
+//!     candidates.parquet        one row per candidate (dim, damages, label, instances, tokens)
+//!     scores.parquet            one row per scored configuration
 //!   variants.parquet            one row per variant and replicate (rebuilt from results/)
 //!   outcomes.parquet            one row per prompt and score (rebuilt from results/); with
 //!                               several classifiers, refused_by_<name> and p_refusal_<judge>
@@ -324,6 +329,9 @@ pub struct Provenance {
     /// which counted with `heretic-1.3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub markers: Option<crate::evaluate::MarkerList>,
+    /// The precision the model ran in (absent: f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<crate::model::Precision>,
 }
 
 /// What a judge was asked and how its answer was read.
@@ -351,6 +359,7 @@ impl Provenance {
             classifiers: Vec::new(),
             judge: None,
             markers: None,
+            precision: None,
         }
     }
 }
@@ -766,6 +775,119 @@ pub fn write_tables(dir: &Path) -> Result<()> {
     let mut df = DataFrame::new(h, columns)?;
     detect::table::write_parquet(&mut df, &dir.join("outcomes.parquet"))?;
     Ok(())
+}
+
+pub fn validation_path(out: &Path) -> PathBuf {
+    out.join("validation").join("validation.json")
+}
+
+/// The detection validation, if the run has one.
+pub fn read_validation(dir: &Path) -> Result<Option<detect::validate::Validation>> {
+    read_record(&validation_path(dir))
+}
+
+/// The validation's record and its two tables; the JSON is written last, as its completion mark.
+pub fn write_validation(out: &Path, v: &detect::validate::Validation) -> Result<()> {
+    let dir = out.join("validation");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let c = &v.candidates;
+    let n = c.len();
+    let mut df = DataFrame::new(
+        n,
+        vec![
+            Column::new("dim".into(), c.iter().map(|x| x.dim).collect::<Vec<_>>()),
+            Column::new(
+                "first_state".into(),
+                c.iter().map(|x| x.first_state).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "peak_abs".into(),
+                c.iter().map(|x| x.peak_abs).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "peak_ratio".into(),
+                c.iter().map(|x| x.peak_ratio).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "zero_kl".into(),
+                c.iter().map(|x| x.zero_kl).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "mean_kl".into(),
+                c.iter().map(|x| x.mean_kl).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "zero_dll".into(),
+                c.iter().map(|x| x.zero_dll).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "mean_dll".into(),
+                c.iter().map(|x| x.mean_dll).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "massive".into(),
+                c.iter().map(|x| x.massive).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "instances".into(),
+                c.iter()
+                    .map(|x| x.positions.len() as u32)
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tokens".into(),
+                c.iter()
+                    .map(|x| {
+                        let mut t = x.tokens.clone();
+                        t.sort();
+                        t.dedup();
+                        t.join("\u{1f}")
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        ],
+    )?;
+    detect::table::write_parquet(&mut df, &dir.join("candidates.parquet"))?;
+    let s = &v.scored;
+    let col = |f: &dyn Fn(&detect::validate::Scored) -> f64| s.iter().map(f).collect::<Vec<f64>>();
+    let mut df = DataFrame::new(
+        s.len(),
+        vec![
+            Column::new(
+                "name".into(),
+                s.iter().map(|x| x.name.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "group".into(),
+                s.iter().map(|x| x.group.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "threshold".into(),
+                s.iter().map(|x| x.threshold).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "dims".into(),
+                s.iter()
+                    .map(|x| {
+                        x.dims
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new("precision".into(), col(&|x| x.dim.precision)),
+            Column::new("recall".into(), col(&|x| x.dim.recall)),
+            Column::new("f1".into(), col(&|x| x.dim.f1)),
+            Column::new("entries".into(), col(&|x| x.ptd.detected as f64)),
+            Column::new("entry_precision".into(), col(&|x| x.ptd.precision)),
+            Column::new("entry_recall".into(), col(&|x| x.ptd.recall)),
+            Column::new("entry_f1".into(), col(&|x| x.ptd.f1)),
+        ],
+    )?;
+    detect::table::write_parquet(&mut df, &dir.join("scores.parquet"))?;
+    write_record(&validation_path(out), v)
 }
 
 /// A stored JSON file's content for comparison: wall-clock `seconds` fields differ between two

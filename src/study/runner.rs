@@ -7,8 +7,9 @@ use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
 use super::rundir::{
     assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
     provenance_path, read_record, reference_cache_path, replicate_dir, result_path, search_path,
-    tune_path, write_atomic, write_or_check_plan, write_record, write_tables, Assignment,
-    DirectionCache, EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, TuneResult,
+    tune_path, validation_path, write_atomic, write_or_check_plan, write_record, write_tables,
+    write_validation, Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance,
+    ScoreRecord, TuneResult,
 };
 use super::spec::Study;
 use crate::detect;
@@ -53,7 +54,9 @@ fn prepare_replicate(
     out_dir: &Path,
 ) -> Result<Replicate> {
     let f = &study.file;
-    let d = &f.datasets;
+    let Some(d) = &f.datasets else {
+        anyhow::bail!("the study has no `datasets:` block, so it has no variants to score");
+    };
     let Splits {
         good_dir,
         bad_dir,
@@ -63,10 +66,15 @@ fn prepare_replicate(
         bad_sel,
     } = draw_splits(d, sets, seed)?;
     let system = (!f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
+    // Cached reference scores depend on the precision too (f32 keys are as before it existed).
     let model_key = lm
         .sha256
         .clone()
-        .unwrap_or_else(|| lm.path.display().to_string());
+        .unwrap_or_else(|| lm.path.display().to_string())
+        + match lm.model.precision() {
+            model::Precision::F32 => "",
+            model::Precision::Bf16 => "-bf16",
+        };
 
     // One scan serves every detection of this replicate: the plan has checked that they share
     // the base detection's trigger, median kind and pad rows; the floor is the loosest needed.
@@ -248,7 +256,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let _lock = lock_run_dir(&opts.out)?;
     let t0 = Instant::now();
     let sets = load_sets(study)?;
-    let mut lm = model::load(&study.file.model)?;
+    let mut lm = model::load_with(&study.file.model, study.file.precision)?;
     lm.raw = !study.file.chat;
     let plan = plan(study, lm.model.num_layers())?;
     write_or_check_plan(&opts.out, &plan)?;
@@ -262,6 +270,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     )?;
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
     prov.markers = Some(study.file.evaluation.options()?.markers);
+    prov.precision = Some(lm.model.precision());
     if let Some(j) = &refusal.judge {
         prov.judge = Some(JudgeProvenance {
             model: j.name.clone(),
@@ -278,9 +287,18 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         study.file.model,
         lm.load_seconds
     );
+    if let Some(spec) = &study.file.detection_validation {
+        validate_detection(study, &lm, &plan, spec, opts)?;
+    }
     let mut computed = 0;
     let mut assignments: Vec<Assignment> = Vec::new();
-    for &seed in &plan.replicates {
+    // A study of detection validation alone has no replicate to draw.
+    let replicates: &[u64] = if plan.variants.is_empty() {
+        &[]
+    } else {
+        &plan.replicates
+    };
+    for &seed in replicates {
         let keep_scan = plan
             .variants
             .iter()
@@ -349,10 +367,68 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     Ok(computed)
 }
 
+/// The study's detection validation, once per run (not per shard: shard 0 runs it), with every
+/// distinct detection of its variants scored beside the spec's configurations.
+fn validate_detection(
+    study: &Study,
+    lm: &LoadedModel,
+    plan: &Plan,
+    spec: &detect::validate::ValidationSpec,
+    opts: &RunOptions,
+) -> Result<()> {
+    if validation_path(&opts.out).exists() || opts.shard.is_some_and(|(i, _)| i != 0) {
+        return Ok(());
+    }
+    let mut extra: Vec<detect::validate::Named> = Vec::new();
+    for pv in &plan.variants {
+        // A tuned variant's thresholds are chosen later, on the selection split.
+        let Some(c) = pv
+            .variant
+            .detect
+            .as_ref()
+            .filter(|_| pv.variant.needs_dims() && pv.variant.tune.is_none())
+        else {
+            continue;
+        };
+        let mut c = c.clone();
+        // Scored where the labels are: the corpus's valid positions.
+        c.positions = detect::config::Positions::Valid;
+        if extra.iter().any(|e| e.config == c) {
+            continue;
+        }
+        extra.push(detect::validate::Named {
+            name: pv.variant.name.clone(),
+            group: "study".into(),
+            threshold: None,
+            config: c,
+        });
+    }
+    let f = &study.file;
+    let system = (f.chat && !f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
+    let t0 = Instant::now();
+    let pb = progress_bar(0, "detection validation: interventions");
+    let v = detect::validate::run(lm, system, spec, extra, |_, done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    write_validation(&opts.out, &v)?;
+    eprintln!(
+        "detection validation: {} candidates, {} massive, {} configurations scored ({:.0} s)",
+        v.candidates.len(),
+        v.candidates.iter().filter(|c| c.massive).count(),
+        v.scored.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Every prompt set any split names, loaded (and fetched) once.
 fn load_sets(study: &Study) -> Result<BTreeMap<String, Vec<String>>> {
     let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let d = &study.file.datasets;
+    let Some(d) = &study.file.datasets else {
+        return Ok(sets);
+    };
     let mut splits = vec![&d.direction, &d.evaluation];
     splits.extend(d.selection.as_ref());
     for s in splits.iter().flat_map(|p| [&p.good, &p.bad]) {

@@ -25,9 +25,18 @@ pub struct StudyFile {
     /// system prompt is then not used.
     #[serde(default = "default_chat")]
     pub chat: bool,
+    /// How the model's matrices are stored and multiplied: f32 (the reference) or bf16.
+    #[serde(default)]
+    pub precision: crate::model::Precision,
     #[serde(default)]
     pub seed: u64,
-    pub datasets: DatasetsSpec,
+    /// The prompt splits; only a study of detection validation alone may leave them out.
+    #[serde(default)]
+    pub datasets: Option<DatasetsSpec>,
+    /// Which dims are massive activations, by intervention, and every detection configuration
+    /// scored against those labels (run once per run, before the variants).
+    #[serde(default)]
+    pub detection_validation: Option<crate::detect::validate::ValidationSpec>,
     #[serde(default)]
     pub detection: DetectionSpec,
     #[serde(default)]
@@ -549,7 +558,7 @@ pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
 }
 
 /// Known keys of every section, for did-you-mean hints.
-const KEYS: [&str; 61] = [
+const KEYS: &[&str] = &[
     "name",
     "model",
     "system_prompt",
@@ -611,6 +620,16 @@ const KEYS: [&str; 61] = [
     "margins",
     "power",
     "kl_scale",
+    "chat",
+    "precision",
+    "detection_validation",
+    "corpus",
+    "candidate_ratio",
+    "max_candidates",
+    "zero_kl",
+    "mean_kl",
+    "persistence_mode",
+    "curves",
 ];
 
 fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
@@ -703,12 +722,45 @@ fn check(s: &Study, text: &str) -> Result<()> {
     crate::model::source::ModelSource::parse(&f.model)
         .map_err(|e| at_key(s, text, "model", e.to_string()))?;
     let known = crate::datasets::names();
-    let mut splits = vec![
-        ("direction", &f.datasets.direction),
-        ("evaluation", &f.datasets.evaluation),
-    ];
-    if let Some(sel) = &f.datasets.selection {
-        splits.push(("selection", sel));
+    let runs_variants = !(f.variants.is_empty() && f.sweeps.is_empty() && f.tune.is_empty());
+    let mut splits = Vec::new();
+    match &f.datasets {
+        Some(d) => {
+            splits.push(("direction", &d.direction));
+            splits.push(("evaluation", &d.evaluation));
+            if let Some(sel) = &d.selection {
+                splits.push(("selection", sel));
+            }
+        }
+        None if runs_variants => {
+            return Err(at_key(
+                s,
+                text,
+                "model",
+                "the study has variants but no `datasets:` block: name the direction and evaluation prompts \
+                 (datasets.direction.good/bad, datasets.evaluation.good/bad)"
+                    .into(),
+            ))
+        }
+        None => {}
+    }
+    if let Some(v) = &f.detection_validation {
+        v.check()
+            .map_err(|(k, m)| at_key(s, text, &format!("detection_validation.{k}"), m))?;
+        for (i, c) in v.corpus.iter().enumerate() {
+            if !known.contains(&c.name) && !Path::new(&c.name).is_file() {
+                return Err(at_key(
+                    s,
+                    text,
+                    &format!("detection_validation.corpus[{i}].name"),
+                    format!(
+                        "unknown dataset '{}'; expected a built-in set ({}) or a file",
+                        c.name,
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
     }
     for (side, pair) in &splits {
         for (which, set) in [("good", &pair.good), ("bad", &pair.bad)] {
@@ -775,7 +827,7 @@ fn check(s: &Study, text: &str) -> Result<()> {
         }
     }
     let needs_selection = f.ablation.search.is_some() || !f.tune.is_empty();
-    if needs_selection && f.datasets.selection.is_none() {
+    if needs_selection && f.datasets.as_ref().is_none_or(|d| d.selection.is_none()) {
         let what = if f.tune.is_empty() {
             "ablation.search"
         } else {
@@ -968,12 +1020,17 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
-    if f.variants.is_empty() && f.sweeps.is_empty() && f.tune.is_empty() {
+    if f.variants.is_empty()
+        && f.sweeps.is_empty()
+        && f.tune.is_empty()
+        && f.detection_validation.is_none()
+    {
         return Err(at_key(
             s,
             text,
             "variants",
-            "the study has no variants and no sweeps: nothing to run".into(),
+            "the study has no variants, no sweeps and no detection_validation: nothing to run"
+                .into(),
         ));
     }
     Ok(())
