@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-response-length", type=int, default=100)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16: what heretic's dtype=auto loads a bf16 checkpoint as")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     d, f = os.path.split(os.path.abspath(a.gguf))
@@ -33,7 +35,7 @@ def main():
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=getattr(torch, a.dtype)).eval()
     good = [l.strip() for l in open(a.good) if l.strip()]
     bad = [l.strip() for l in open(a.bad) if l.strip()]
 

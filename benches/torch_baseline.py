@@ -24,6 +24,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16: what heretic's dtype=auto loads a bf16 checkpoint as")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -34,9 +36,11 @@ def main():
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=getattr(torch, a.dtype)).eval()
+    rss = int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
     n = 4096
-    x, y = torch.randn(n, n), torch.randn(n, n)
+    dt = getattr(torch, a.dtype)
+    x, y = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     x @ y
     t0 = time.perf_counter()
     x @ y
@@ -56,7 +60,8 @@ def main():
                                      do_sample=False, pad_token_id=tok.pad_token_id)
         decode = min(_timed(gen) - prefill for _ in range(a.repeats))
     print(f"torch {torch.__version__}, {a.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"f32 matmul (torch)    {mm:.1f} GFLOP/s")
+    print(f"resident after load   {rss:.0f} MB")
+    print(f"{'f32' if a.dtype == 'float32' else 'bf16'} matmul (torch)   {mm:.1f} GFLOP/s")
     print(f"prefill               {real / prefill:.0f} tokens/s  ({a.batch} prompts, {real} tokens)")
     print(f"decode (batch {a.batch:>2})     {a.batch * a.new_tokens / decode:.0f} tokens/s  ({a.new_tokens} new tokens each)")
 

@@ -19,6 +19,8 @@ pub fn bench_prompts() -> Vec<&'static str> {
 
 pub struct BenchReport {
     pub matmul_gflops: f64,
+    /// The bf16 kernel's rate on the same shape, where the CPU has it.
+    pub bf16_matmul_gflops: Option<f64>,
     pub prefill_tokens_per_s: f64,
     pub prefill_gflops: f64,
     pub decode_tokens_per_s: f64,
@@ -43,6 +45,39 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
+/// The bf16 kernel's throughput (bf16 weights, f32 in and out) on the same kind of shape.
+pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Option<f64> {
+    use crate::model::bf16;
+    if !bf16::available() {
+        return None;
+    }
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let w = bf16::Packed::new(
+        &(0..n * k)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect::<Vec<_>>(),
+        n,
+        k,
+    );
+    let _ = bf16::matmul_t(&x, m, &w);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let _ = bf16::matmul_t(&x, m, &w);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Some(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// This process's resident memory (Linux), MB.
+pub fn resident_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0 / 1e6)
+}
+
 /// FLOPs per token through the decoder weights (two per multiply-add; attention scores are left
 /// out, small at these lengths). The output head is counted where it runs: once per sequence in
 /// prefill, once per token in decoding.
@@ -63,6 +98,7 @@ pub fn run(
 ) -> Result<BenchReport> {
     let c = &lm.model.config;
     let matmul = matmul_gflops(batch * 32, c.hidden_size, c.intermediate_size)?;
+    let bf16_matmul = bf16_matmul_gflops(batch * 32, c.hidden_size, c.intermediate_size);
     let enc = bench_prompts()
         .iter()
         .cycle()
@@ -102,6 +138,7 @@ pub fn run(
     let padded_tokens = (b.len() * b.seq_len()) as f64;
     Ok(BenchReport {
         matmul_gflops: matmul,
+        bf16_matmul_gflops: bf16_matmul,
         prefill_tokens_per_s: prefill_tps,
         prefill_gflops: (padded_tokens * per_tok + batch as f64 * head) / prefill / 1e9,
         decode_tokens_per_s: decode_tps,

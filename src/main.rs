@@ -189,8 +189,12 @@ enum Command {
         #[command(flatten)]
         args: outlierlab::cli::PowerArgs,
     },
-    /// List the built-in prompt sets.
-    Datasets,
+    /// List the built-in prompt sets, or print one (one prompt per line, newlines inside a
+    /// prompt as spaces: what benches/heretic_trial.py reads).
+    Datasets {
+        /// A built-in set or a prompt file to print.
+        name: Option<String>,
+    },
     /// Measure prefill and batched greedy-decode throughput, and this machine's f32 matmul
     /// throughput for comparison. Prints figures; asserts nothing.
     Bench {
@@ -300,7 +304,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Power { args } => outlierlab::cli::power(&args)?,
-        Command::Datasets => {
+        Command::Datasets { name: Some(name) } => {
+            for p in outlierlab::datasets::load(&name)? {
+                println!("{}", p.replace(['\n', '\r'], " "));
+            }
+        }
+        Command::Datasets { name: None } => {
             for m in outlierlab::datasets::manifests() {
                 let from = m.source.as_ref().map_or_else(
                     || format!("datasets/{}", m.path.clone().unwrap_or_default()),
@@ -331,16 +340,29 @@ fn run(cli: Cli) -> Result<()> {
             );
             let r = outlierlab::bench::run(&lm, batch, new_tokens, repeats)?;
             println!("model                 {model}");
+            println!(
+                "precision             {} (resident after loading: {} MB)",
+                lm.model.precision().name(),
+                outlierlab::bench::resident_mb().map_or("?".into(), |m| format!("{m:.0}"))
+            );
             println!("f32 matmul (candle)   {:.1} GFLOP/s", r.matmul_gflops);
+            if let Some(g) = r.bf16_matmul_gflops {
+                println!("bf16 matmul (kernel)  {g:.1} GFLOP/s");
+            }
+            // Fractions of the peak of the precision the model runs in.
+            let peak = match lm.model.precision() {
+                model::Precision::Bf16 => r.bf16_matmul_gflops.unwrap_or(r.matmul_gflops),
+                model::Precision::F32 => r.matmul_gflops,
+            };
             println!(
                 "prefill               {:.0} tokens/s  ({} prompts, {} tokens; {:.1} GFLOP/s = {:.0}% of matmul)",
                 r.prefill_tokens_per_s, r.batch, r.prompt_tokens, r.prefill_gflops,
-                100.0 * r.prefill_gflops / r.matmul_gflops
+                100.0 * r.prefill_gflops / peak
             );
             println!(
                 "decode (batch {:>2})     {:.0} tokens/s  ({} new tokens each; {:.1} GFLOP/s = {:.0}% of matmul)",
                 r.batch, r.decode_tokens_per_s, r.new_tokens, r.decode_gflops,
-                100.0 * r.decode_gflops / r.matmul_gflops
+                100.0 * r.decode_gflops / peak
             );
         }
     }

@@ -21,7 +21,7 @@ fn an_intervention_holds_its_entries_and_nothing_else() {
     let enc = lm
         .encode_chat(Some("You are a helpful assistant."), PR154_TRIGGER)
         .unwrap();
-    let batch = Batch::left_padded(&[enc.ids.clone()], lm.tokenizer.pad_id);
+    let batch = Batch::left_padded(std::slice::from_ref(&enc.ids), lm.tokenizer.pad_id);
     let base = lm
         .model
         .forward(&batch, false, Logits::All)

@@ -429,7 +429,7 @@ impl ValidationSpec {
         if self.corpus.is_empty() {
             return Err(("corpus".into(), "the corpus is empty: name at least one prompt set, e.g. [{name: harmless-outlierlab, count: 16}]".into()));
         }
-        if !(self.candidate_ratio >= super::config::FLOOR) {
+        if self.candidate_ratio.is_nan() || self.candidate_ratio < super::config::FLOOR {
             return Err((
                 "candidate_ratio".into(),
                 format!(

@@ -1,12 +1,17 @@
-//! The bf16 weight path: `y = x Wᵀ` with `W` stored as bf16 `[n, k]` and `x`, `y` in f32,
-//! multiplied with AVX512_BF16's `vdpbf16ps` (pairs of bf16 products accumulated in f32).
+//! The bf16 weight path: `y = x Wᵀ` with `W` stored as bf16 and `x`, `y` in f32, multiplied
+//! with AVX512_BF16's `vdpbf16ps` (pairs of bf16 products accumulated in f32).
 //!
 //! The only unsafe code of the runtime lives here. `x` is rounded to bf16 once per call (round to
 //! nearest even, as PyTorch's bf16 casts); every product and sum is in f32 and `y` stays f32, so
-//! the residual stream is never rounded. Rows of `x` and of `W` are both contiguous along `k`,
-//! the layout `vdpbf16ps` reads, so neither operand is repacked: a 4 × 4 block of outputs keeps 16
-//! accumulators in registers over the whole of `k`, and each block of weight rows (4 × k × 2
-//! bytes) is reused from L1 for every block of `x` rows before the next one is read.
+//! the residual stream is never rounded.
+//!
+//! Layout ([`Packed`]): the weight rows (output features) in panels of 32; within a panel, for each
+//! pair of inputs `(2p, 2p+1)`, the 32 rows' two values side by side — 128 bytes, two vectors,
+//! exactly what `vdpbf16ps` multiplies against an input pair broadcast to every lane. So the
+//! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
+//! each step loads two weight vectors and broadcasts eight input pairs. Inputs are walked in
+//! blocks of [`KC`] so that a panel's slice (16 KB) stays in L1 while every block of 8 input rows
+//! passes over it. Weights are packed once, when the model is converted (or a matrix edited).
 
 use half::bf16;
 use rayon::prelude::*;
@@ -34,136 +39,242 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
-/// Output rows per block and weight rows per block.
-const MR: usize = 4;
-const NR: usize = 4;
+/// Weight rows per panel (two vectors of 16 lanes).
+const NR: usize = 32;
+/// Input rows per block of the micro-kernel.
+const MR: usize = 8;
+/// Inputs (k) per block: a panel's slice is KC × 32 × 2 bytes = 16 KB.
+const KC: usize = 256;
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, split over the rayon pool by blocks of weight rows.
-/// Panics if the slices do not have these shapes or the CPU lacks the instructions (callers
-/// check [`available`] when choosing the bf16 path).
-pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32> {
+/// A `[n, k]` weight, rounded to bf16 and packed for the kernel.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub n: usize,
+    pub k: usize,
+    /// k rounded up to even (the last pair is zero-padded).
+    k2: usize,
+    data: Vec<bf16>,
+}
+
+impl Packed {
+    /// Packs a row-major `[n, k]` f32 matrix.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Packed {
+        assert_eq!(w.len(), n * k, "w is not [n, k]");
+        let k2 = k.div_ceil(2) * 2;
+        let panels = n.div_ceil(NR);
+        let pairs = k2 / 2;
+        let mut data = vec![bf16::ZERO; panels * pairs * NR * 2];
+        data.par_chunks_mut(pairs * NR * 2)
+            .enumerate()
+            .for_each(|(q, panel)| {
+                for lane in 0..NR {
+                    let row = q * NR + lane;
+                    if row >= n {
+                        break;
+                    }
+                    let src = &w[row * k..(row + 1) * k];
+                    for (c, &v) in src.iter().enumerate() {
+                        panel[(c / 2) * NR * 2 + lane * 2 + c % 2] = bf16::from_f32(v);
+                    }
+                }
+            });
+        Packed { n, k, k2, data }
+    }
+
+    /// Rows `ids` of the matrix, widened to f32 (an embedding lookup from a tied head).
+    pub fn rows(&self, ids: &[u32]) -> Vec<f32> {
+        let pairs = self.k2 / 2;
+        let mut out = Vec::with_capacity(ids.len() * self.k);
+        for &id in ids {
+            let (q, lane) = (id as usize / NR, id as usize % NR);
+            let panel = &self.data[q * pairs * NR * 2..(q + 1) * pairs * NR * 2];
+            out.extend((0..self.k).map(|c| panel[(c / 2) * NR * 2 + lane * 2 + c % 2].to_f32()));
+        }
+        out
+    }
+
+    /// The whole matrix, widened to f32, row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        self.rows(&(0..self.n as u32).collect::<Vec<_>>())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// A pointer to `y` shared by the tasks, each of which writes its own columns only.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `y[m, n] = x[m, k] · Wᵀ`, split over the rayon pool by panels. Panics if `x` is not `[m, k]`
+/// or the CPU lacks the instructions (callers check [`available`] when choosing bf16).
+pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
+    let (n, k, k2) = (w.n, w.k, w.k2);
     assert_eq!(x.len(), m * k, "x is not [m, k]");
-    assert_eq!(w.len(), n * k, "w is not [n, k]");
     assert!(
         available(),
         "bf16 kernel called on a CPU without AVX512_BF16"
     );
-    let xb = to_bf16(x);
+    // x in bf16 with an even row stride (a zero in the padding).
+    let mut xb = vec![bf16::ZERO; m * k2];
+    xb.par_chunks_mut(k2.max(1))
+        .zip(x.par_chunks(k.max(1)))
+        // SAFETY: `available()` was asserted.
+        .for_each(|(d, s)| unsafe { round_row(s, d) });
     let mut y = vec![0f32; m * n];
-    // Columns of y in chunks: a whole number of NR-blocks per task, enough tasks to balance.
+    let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
-    let per = (n.div_ceil(threads * 4)).div_ceil(NR) * NR;
-    let per = per.max(NR);
-    let chunks: Vec<(usize, usize)> = (0..n).step_by(per).map(|s| (s, (s + per).min(n))).collect();
-    let parts: Vec<(usize, Vec<f32>)> = chunks
-        .into_par_iter()
-        .map(|(s, e)| {
-            let mut part = vec![0f32; m * (e - s)];
-            // SAFETY: `available()` was asserted; shapes were checked above.
-            unsafe { block_range(&xb, m, k, &w[s * k..e * k], e - s, &mut part) };
-            (s, part)
-        })
-        .collect();
-    for (s, part) in parts {
-        let width = part.len() / m.max(1);
-        for r in 0..m {
-            y[r * n + s..r * n + s + width].copy_from_slice(&part[r * width..(r + 1) * width]);
-        }
-    }
+    // Enough tasks to balance, each a run of whole panels.
+    let per = panels.div_ceil(threads * 2).max(1);
+    let out = Out(y.as_mut_ptr());
+    (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
+        // The whole wrapper is moved in (a closure would otherwise capture the bare pointer,
+        // which is not Send).
+        #[allow(clippy::redundant_locals)]
+        let out = out;
+        // SAFETY: `available()` was asserted; each task writes only the columns of its own
+        // panels, within y's m × n.
+        unsafe { panels_range(&xb, m, k2, w, q0, q1, out.0) };
+    });
     y
 }
 
-/// `out[m, nn] = xb[m, k] · w[nn, k]ᵀ` for one range of weight rows.
+/// `d[..s.len()] = s` rounded to bf16 (nearest even), 16 at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn block_range(xb: &[bf16], m: usize, k: usize, w: &[bf16], nn: usize, out: &mut [f32]) {
-    let mut j = 0;
-    while j < nn {
-        let nr = (nn - j).min(NR);
-        let mut i = 0;
-        while i < m {
-            let mr = (m - i).min(MR);
-            match (mr, nr) {
-                (4, 4) => tile::<4, 4>(xb, k, w, i, j, nn, out),
-                (mr, 4) => {
-                    for ii in 0..mr {
-                        tile::<1, 4>(xb, k, w, i + ii, j, nn, out)
-                    }
-                }
-                (mr, nr) => {
-                    for ii in 0..mr {
-                        for jj in 0..nr {
-                            tile::<1, 1>(xb, k, w, i + ii, j + jj, nn, out)
-                        }
-                    }
-                }
-            }
-            i += mr;
-        }
-        j += nr;
-    }
-}
-
-/// One R × C tile of outputs: rows `i..i+R` of x against weight rows `j..j+C`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[inline]
-unsafe fn tile<const R: usize, const C: usize>(
-    xb: &[bf16],
-    k: usize,
-    w: &[bf16],
-    i: usize,
-    j: usize,
-    nn: usize,
-    out: &mut [f32],
-) {
+unsafe fn round_row(s: &[f32], d: &mut [bf16]) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    let xp = xb.as_ptr() as *const u16;
-    let wp = w.as_ptr() as *const u16;
-    let full = k / 32 * 32;
-    let mut p = 0;
-    while p < full {
-        let mut xs = [_mm512_setzero_si512(); R];
-        for (r, xv) in xs.iter_mut().enumerate() {
-            *xv = _mm512_loadu_si512(xp.add((i + r) * k + p) as *const _);
-        }
-        for c in 0..C {
-            let wv: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(wp.add((j + c) * k + p) as *const _));
-            for r in 0..R {
-                let xv: __m512bh = std::mem::transmute(xs[r]);
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv);
-            }
-        }
-        p += 32;
+    let full = s.len() / 16 * 16;
+    let mut i = 0;
+    while i < full {
+        let v = _mm512_loadu_ps(s.as_ptr().add(i));
+        let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(d.as_mut_ptr().add(i) as *mut __m256i, r);
+        i += 16;
     }
-    if p < k {
-        // The last k % 32 pairs: masked loads read zeros past the end.
-        let mask: __mmask32 = (1u32 << (k - p)) - 1;
-        for c in 0..C {
-            let wv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
-                mask,
-                wp.add((j + c) * k + p) as *const _,
-            ));
-            for r in 0..R {
-                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
-                    mask,
-                    xp.add((i + r) * k + p) as *const _,
-                ));
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv);
-            }
-        }
-    }
-    for r in 0..R {
-        for c in 0..C {
-            out[(i + r) * nn + j + c] = _mm512_reduce_add_ps(acc[r][c]);
-        }
+    for j in full..s.len() {
+        d[j] = half::bf16::from_f32(s[j]);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_range(_: &[bf16], _: usize, _: usize, _: &[bf16], _: usize, _: &mut [f32]) {
+unsafe fn round_row(_: &[f32], _: &mut [bf16]) {
+    unreachable!("available() is false off x86_64")
+}
+
+/// Panels `q0..q1` of the output: k-blocks outermost, so each panel slice is reused from L1
+/// by every block of input rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn panels_range(
+    xb: &[bf16],
+    m: usize,
+    k2: usize,
+    w: &Packed,
+    q0: usize,
+    q1: usize,
+    y: *mut f32,
+) {
+    let pairs = k2 / 2;
+    let mut p0 = 0;
+    while p0 < pairs {
+        let p1 = (p0 + KC / 2).min(pairs);
+        for q in q0..q1 {
+            let panel = w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2);
+            let cols = (w.n - q * NR).min(NR);
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(MR);
+                let xrow = xb.as_ptr().add(i * k2 + p0 * 2);
+                let yblk = y.add(i * w.n + q * NR);
+                let first = p0 == 0;
+                match rows {
+                    8 => tile::<8>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    7 => tile::<7>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    6 => tile::<6>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    5 => tile::<5>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    4 => tile::<4>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    3 => tile::<3>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    2 => tile::<2>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                    _ => tile::<1>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
+                }
+                i += rows;
+            }
+        }
+        p0 = p1;
+    }
+}
+
+/// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
+/// unless `first`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize>(
+    x: *const bf16,
+    k2: usize,
+    panel: *const bf16,
+    steps: usize,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    first: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm512_setzero_ps(); R];
+    let mut hi = [_mm512_setzero_ps(); R];
+    let x32 = x as *const i32;
+    let stride = k2 / 2; // a row of x, in pairs
+    for s in 0..steps {
+        let wp = panel.add(s * NR * 2) as *const __m512i;
+        let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp));
+        let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(1)));
+        for r in 0..R {
+            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x32.add(r * stride + s)));
+            lo[r] = _mm512_dpbf16_ps(lo[r], a, w0);
+            hi[r] = _mm512_dpbf16_ps(hi[r], a, w1);
+        }
+    }
+    let m_lo: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        ((1u32 << cols) - 1) as u16
+    };
+    let m_hi: __mmask16 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        ((1u32 << (cols - 16)) - 1) as u16
+    } else {
+        0
+    };
+    for r in 0..R {
+        let yr = y.add(r * ldy);
+        let (mut a, mut b) = (lo[r], hi[r]);
+        if !first {
+            a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m_lo, yr));
+            b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(m_hi, yr.add(16)));
+        }
+        _mm512_mask_storeu_ps(yr, m_lo, a);
+        _mm512_mask_storeu_ps(yr.add(16), m_hi, b);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn panels_range(
+    _: &[bf16],
+    _: usize,
+    _: usize,
+    _: &Packed,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+) {
     unreachable!("available() is false off x86_64")
 }
 
@@ -183,8 +294,8 @@ mod tests {
             .collect()
     }
 
-    /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail
-    /// (m, n not multiples of 4; k not a multiple of 32, below and above one chunk).
+    /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail (m
+    /// not a multiple of 8, n not of 32, odd k, k across several blocks).
     #[test]
     fn agrees_with_the_exact_product_of_the_rounded_operands() {
         if !available() {
@@ -194,24 +305,27 @@ mod tests {
         for (m, k, n, seed) in [
             (1, 1, 1, 1),
             (3, 31, 5, 2),
-            (4, 32, 4, 3),
-            (5, 33, 7, 4),
+            (8, 32, 32, 3),
+            (9, 33, 33, 4),
             (16, 576, 64, 5),
-            (9, 100, 13, 6),
-            (17, 896, 33, 7),
+            (13, 700, 70, 6),
+            (17, 896, 97, 7),
         ] {
             let x = noise(m * k, seed);
-            let w = to_bf16(&noise(n * k, seed + 100));
-            let y = matmul_t(&x, m, k, &w, n);
+            let wf = noise(n * k, seed + 100);
+            let w = Packed::new(&wf, n, k);
+            let y = matmul_t(&x, m, &w);
             let xr = to_bf16(&x);
+            let wr = to_bf16(&wf);
+            assert_eq!(
+                w.unpack(),
+                wr.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+            );
             for r in 0..m {
                 for c in 0..n {
-                    let exact: f64 = (0..k)
-                        .map(|p| xr[r * k + p].to_f64() * w[c * k + p].to_f64())
-                        .sum();
-                    let scale: f64 = (0..k)
-                        .map(|p| (xr[r * k + p].to_f64() * w[c * k + p].to_f64()).abs())
-                        .sum();
+                    let terms = (0..k).map(|p| xr[r * k + p].to_f64() * wr[c * k + p].to_f64());
+                    let exact: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
                     let err = (y[r * n + c] as f64 - exact).abs();
                     assert!(
                         err <= 1e-5 * scale.max(1.0),

@@ -58,21 +58,28 @@ impl Weights {
 
 /// `y = x Wᵀ + b`, like `torch.nn.Linear`, with `W` stored as `[out, in]`. (Storing `Wᵀ`
 /// contiguous instead was measured: no faster for decoding here, and loading took 3x longer.)
-/// Under [`Precision::Bf16`], `w` is bf16 and multiplied by the bf16 kernel; a matrix that is
-/// edited keeps its f32 original in `master`, so edits are made in f32 and rounded afterwards.
+/// Under [`Precision::Bf16`] the weight is only held packed for the bf16 kernel: an edit reads
+/// it widened to f32, is computed in f32 and rounded back when set — as heretic edits a model
+/// loaded in bf16. (Keeping the writers' f32 originals as well was measured: a third more memory.)
 #[derive(Clone)]
 pub struct Linear {
-    w: Tensor,
-    master: Option<Tensor>,
+    /// The f32 weight, under f32.
+    w: Option<Tensor>,
+    packed: Option<std::sync::Arc<bf16::Packed>>,
+    out: usize,
+    inp: usize,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// From a `[out, in]` weight.
+    /// From a `[out, in]` f32 weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let (out, inp) = weight.dims2()?;
         Ok(Linear {
-            w: weight,
-            master: None,
+            w: Some(weight),
+            packed: None,
+            out,
+            inp,
             bias,
         })
     }
@@ -80,29 +87,28 @@ impl Linear {
     /// The weight in f32, `[out, in]` (exact for an f32 or edited matrix; the bf16 values
     /// widened otherwise).
     pub fn weight(&self) -> Tensor {
-        match &self.master {
-            Some(m) => m.clone(),
-            None if self.w.dtype() == DType::F32 => self.w.clone(),
-            None => self
-                .w
-                .to_dtype(DType::F32)
-                .expect("bf16 widens to f32 on the CPU"),
+        match (&self.w, &self.packed) {
+            (Some(w), _) => w.clone(),
+            (None, Some(p)) => Tensor::from_vec(p.unpack(), (self.out, self.inp), &Device::Cpu)
+                .expect("the packed matrix has out × in values"),
+            (None, None) => unreachable!("a Linear always holds a weight"),
         }
     }
 
     pub fn out_features(&self) -> usize {
-        self.w.dims()[0]
+        self.out
     }
 
-    /// Rounds the weight to bf16; with `keep_master` the f32 original stays for editing.
-    pub fn to_bf16(&mut self, keep_master: bool) -> Result<()> {
-        if self.w.dtype() == DType::BF16 {
-            return Ok(());
+    /// Rounds the weight to bf16 and packs it for the kernel; the f32 values are dropped.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        if self.packed.is_none() {
+            let w = self.weight();
+            let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            self.packed = Some(std::sync::Arc::new(bf16::Packed::new(
+                &v, self.out, self.inp,
+            )));
         }
-        if keep_master {
-            self.master = Some(self.w.clone());
-        }
-        self.w = self.w.to_dtype(DType::BF16)?;
+        self.w = None;
         Ok(())
     }
 
@@ -111,7 +117,11 @@ impl Linear {
         let n_in = *dims.last().context("linear input has no dimensions")?;
         let rows = x.elem_count() / n_in;
         let x2 = x.reshape((rows, n_in))?;
-        let mut y = matmul_t(&x2, &self.w)?;
+        let mut y = match (&self.packed, &self.w) {
+            (Some(p), _) => matmul_packed(&x2, p)?,
+            (None, Some(w)) => x2.matmul(&w.t()?)?,
+            (None, None) => unreachable!("a Linear always holds a weight"),
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -121,22 +131,21 @@ impl Linear {
     }
 }
 
-/// `x [rows, k] · wᵀ` for `w [n, k]` in f32 (candle's GEMM) or bf16 (the bf16 kernel).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.dtype() != DType::BF16 {
-        return Ok(x.matmul(&w.t()?)?);
-    }
+/// `x [rows, k] · Wᵀ` through the bf16 kernel.
+pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
-    let n = w.dim(0)?;
-    let xs: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(data)) = &*storage else {
-        bail!("bf16 weights must live on the CPU");
+    if k != w.k {
+        bail!("input width {k} does not match the weight's {}", w.k);
+    }
+    // The input is read where it lies, without a copy.
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        bail!("the bf16 kernel takes f32 inputs on the CPU");
     };
     let start = layout.start_offset();
-    let y = bf16::matmul_t(&xs, rows, k, &data[start..start + n * k], n);
-    Ok(Tensor::from_vec(y, (rows, n), x.device())?)
+    let y = bf16::matmul_t(&data[start..start + rows * k], rows, w);
+    Ok(Tensor::from_vec(y, (rows, w.n), x.device())?)
 }
 
 /// How the large matrices are stored and multiplied. f32 is the reference the transformers
@@ -379,11 +388,14 @@ impl ForwardOutput {
 pub struct Model {
     pub config: Config,
     pub device: Device,
-    embed: Tensor,
+    /// f32; bf16 under [`Precision::Bf16`]; `None` when tied and packed into `packed_head`.
+    embed: Option<Tensor>,
     layers: Vec<Box<dyn DecoderLayer>>,
     norm: Tensor,
     /// `None` when the output head is tied to the embeddings.
     lm_head: Option<Tensor>,
+    /// The output head packed for the bf16 kernel (under [`Precision::Bf16`]).
+    packed_head: Option<std::sync::Arc<bf16::Packed>>,
     inv_freq: Vec<f32>,
     /// Local layers' rotary frequencies (Gemma 3).
     inv_freq_local: Option<Vec<f32>>,
@@ -448,7 +460,7 @@ impl Model {
         Ok(Model {
             config,
             device: Device::Cpu,
-            embed,
+            embed: Some(embed),
             layers,
             norm,
             lm_head,
@@ -457,6 +469,7 @@ impl Model {
             embed_scale,
             norm_offset,
             precision: Precision::F32,
+            packed_head: None,
         })
     }
 
@@ -494,7 +507,7 @@ impl Model {
         }
         *slot = Linear::new(weight, slot.bias.clone())?;
         if self.precision == Precision::Bf16 {
-            slot.to_bf16(true)?;
+            slot.to_bf16()?;
         }
         Ok(())
     }
@@ -503,9 +516,9 @@ impl Model {
         self.precision
     }
 
-    /// Stores every matrix (and the embeddings) in `p`. bf16 is one-way: the f32 values of the
-    /// unedited matrices are not kept (the residual writers keep theirs, for exact edits). Where
-    /// the CPU lacks AVX512_BF16 the model stays f32; the precision in effect is returned.
+    /// Stores every matrix (and the embeddings) in `p`. bf16 is one-way: the f32 values are not
+    /// kept. Where the CPU lacks AVX512_BF16 the model stays f32; the precision in effect is
+    /// returned.
     pub fn set_precision(&mut self, p: Precision) -> Result<Precision> {
         if p == self.precision {
             return Ok(p);
@@ -520,16 +533,27 @@ impl Model {
             return Ok(Precision::F32);
         }
         for l in &mut self.layers {
-            for w in Writer::ALL {
-                l.writer_mut(w).to_bf16(true)?;
-            }
             for lin in l.linears_mut() {
-                lin.to_bf16(false)?;
+                lin.to_bf16()?;
             }
         }
-        self.embed = self.embed.to_dtype(DType::BF16)?;
-        if let Some(h) = &mut self.lm_head {
-            *h = h.to_dtype(DType::BF16)?;
+        let pack = |t: &Tensor| -> Result<std::sync::Arc<bf16::Packed>> {
+            let (n, k) = t.dims2()?;
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            Ok(std::sync::Arc::new(bf16::Packed::new(&v, n, k)))
+        };
+        match self.lm_head.take() {
+            Some(h) => {
+                self.packed_head = Some(pack(&h)?);
+                if let Some(e) = &mut self.embed {
+                    *e = e.to_dtype(DType::BF16)?;
+                }
+            }
+            // Tied: one packed copy serves the head and the lookups.
+            None => {
+                let e = self.embed.take().context("the embeddings are missing")?;
+                self.packed_head = Some(pack(&e)?);
+            }
         }
         self.precision = p;
         Ok(p)
@@ -554,7 +578,15 @@ impl Model {
     /// Every parameter under its Hugging Face name, for export.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("widening on the CPU");
-        let mut out = vec![("model.embed_tokens.weight".to_string(), f32(&self.embed))];
+        let unpacked = |p: &bf16::Packed| {
+            Tensor::from_vec(p.unpack(), (p.n, p.k), &Device::Cpu).expect("n × k values")
+        };
+        let embed = match (&self.embed, &self.packed_head) {
+            (Some(e), _) => f32(e),
+            (None, Some(p)) => unpacked(p),
+            (None, None) => unreachable!("embeddings are held one way or the other"),
+        };
+        let mut out = vec![("model.embed_tokens.weight".to_string(), embed)];
         for (i, l) in self.layers.iter().enumerate() {
             out.extend(l.named_tensors(i));
         }
@@ -564,6 +596,8 @@ impl Model {
         ));
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), f32(h)));
+        } else if let (Some(p), Some(_)) = (&self.packed_head, &self.embed) {
+            out.push(("lm_head.weight".to_string(), unpacked(p)));
         }
         out
     }
@@ -628,12 +662,16 @@ impl Model {
                 self.config.vocab_size
             );
         }
-        let idx = Tensor::from_vec(flat, b * t, &self.device)?;
-        let x = self
-            .embed
-            .index_select(&idx, 0)?
-            .to_dtype(DType::F32)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let d = self.config.hidden_size;
+        let x = match (&self.embed, &self.packed_head) {
+            (Some(e), _) => {
+                let idx = Tensor::from_vec(flat, b * t, &self.device)?;
+                e.index_select(&idx, 0)?.to_dtype(DType::F32)?
+            }
+            (None, Some(p)) => Tensor::from_vec(p.rows(&flat), (b * t, d), &self.device)?,
+            (None, None) => unreachable!("embeddings are held one way or the other"),
+        }
+        .reshape((b, t, d))?;
         Ok(match self.embed_scale {
             Some(s) => (x * s as f64)?,
             None => x,
@@ -643,16 +681,20 @@ impl Model {
     fn head(&self, x: &Tensor) -> Result<Tensor> {
         // The head stays [vocab, d] and is used transposed: for this wide matrix that layout
         // measured faster than a contiguous transpose.
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d;
-        let y = matmul_t(&x.reshape((rows, d))?, w)?;
+        let x2 = x.reshape((rows, d))?;
+        let (y, vocab) = match (&self.packed_head, &self.lm_head, &self.embed) {
+            (Some(p), _, _) => (matmul_packed(&x2, p)?, p.n),
+            (None, Some(w), _) | (None, None, Some(w)) => (x2.matmul(&w.t()?)?, w.dim(0)?),
+            (None, None, None) => unreachable!("the head is held one way or another"),
+        };
         let y = match self.config.final_logit_softcapping {
             Some(c) => ((y / c)?.tanh()? * c)?,
             None => y,
         };
         let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("non-empty") = w.dim(0)?;
+        *dims.last_mut().expect("non-empty") = vocab;
         Ok(y.reshape(dims)?)
     }
 

@@ -1,0 +1,107 @@
+"""outlierlab against PyTorch/transformers on this machine, in f32 and bf16, in one run: prefill and
+batch-16 decode (`outlierlab bench` vs benches/torch_baseline.py) and, with --score, one
+variant's score on 100 + 100 prompts (`outlierlab abliterate` vs benches/heretic_trial.py,
+heretic's two scoring steps). Prints one table with the ratios and the fraction of each
+precision's matmul peak measured in the same run. A benchmark: it asserts nothing.
+
+    OMP_WAIT_POLICY=PASSIVE python benches/compare.py --model qwen2.5-coder-0.5b-instruct [--score]
+
+Needs torch, transformers and gguf (pip install torch transformers gguf) and a release build
+(cargo build --release; or OUTLIERLAB=path/to/outlierlab).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GGUF = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+}
+
+
+def run(cmd, env=None):
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
+    return p.stdout + p.stderr
+
+
+def num(pattern, text):
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", choices=sorted(GGUF))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--score", action="store_true", help="also time one variant's score")
+    a = ap.parse_args()
+    exe = os.environ.get("OUTLIERLAB", os.path.join(ROOT, "target", "release", "outlierlab"))
+    cache = os.environ.get("OUTLIERLAB_CACHE", os.path.expanduser("~/.cache/outlierlab"))
+    gguf = os.path.join(cache, "models", GGUF[a.model])
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(a.threads))
+    py = sys.executable
+    rows = {}
+    for prec, dtype in [("f32", "float32"), ("bf16", "bfloat16")]:
+        o = run([exe, "--precision", prec, "bench", "--model", a.model])
+        rows[("outlierlab", prec)] = {
+            "matmul": num(rf"{prec} matmul \(\w+\)\s+([\d.]+)", o),
+            "prefill": num(r"prefill\s+([\d.]+) tokens/s", o),
+            "decode": num(r"decode \(batch 16\)\s+([\d.]+) tokens/s", o),
+            "mb": num(r"resident after loading: ([\d.]+) MB", o),
+        }
+        t = run([py, os.path.join(HERE, "torch_baseline.py"), gguf, "--threads", str(a.threads),
+                 "--dtype", dtype], env)
+        rows[("pytorch", prec)] = {
+            "matmul": num(r"matmul \(torch\)\s+([\d.]+)", t),
+            "prefill": num(r"prefill\s+([\d.]+) tokens/s", t),
+            "decode": num(r"decode \(batch 16\)\s+([\d.]+) tokens/s", t),
+            "mb": num(r"resident after load\s+([\d.]+) MB", t),
+        }
+        if a.score:
+            with tempfile.TemporaryDirectory() as d:
+                files = {}
+                for side, name in [("good", "harmless-outlierlab"), ("bad", "advbench")]:
+                    lines = run([exe, "datasets", name]).splitlines()[128:228]
+                    files[side] = os.path.join(d, f"{side}.txt")
+                    with open(files[side], "w") as f:
+                        f.write("\n".join(lines) + "\n")
+                o = run([exe, "--precision", prec, "abliterate", "--model", a.model,
+                         "--over-refusal-tokens", "0", "--batch-size", "100"])
+                rows[("outlierlab", prec)]["score"] = num(r"scored none in ([\d.]+) s", o)
+                t = run([py, os.path.join(HERE, "heretic_trial.py"), gguf, files["good"],
+                         files["bad"], "--batch", "100", "--threads", str(a.threads),
+                         "--dtype", dtype], env)
+                rows[("pytorch", prec)]["score"] = num(r"one trial's scoring: ([\d.]+) s", t)
+    print(f"\n{a.model}, {a.threads} threads, batch 16 x 32 new tokens (bench prompts)"
+          + (", score = 100 + 100 prompts, <= 100 tokens" if a.score else ""))
+    head = "| run | matmul GFLOP/s | prefill tok/s | decode tok/s | resident MB |" + (
+        " one score, s |" if a.score else "")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for (who, prec), r in rows.items():
+        line = f"| {who} {prec} | {r['matmul']:.0f} | {r['prefill']:.0f} | {r['decode']:.0f} | {r['mb']:.0f} |"
+        if a.score:
+            line += f" {r.get('score', float('nan')):.1f} |"
+        print(line)
+    ref = rows[("pytorch", "bf16")]
+    print("\nratios against PyTorch bf16 (higher is better; for the score, PyTorch's time / ours):")
+    for (who, prec), r in rows.items():
+        if who != "outlierlab":
+            continue
+        parts = [f"prefill {r['prefill'] / ref['prefill']:.2f}x", f"decode {r['decode'] / ref['decode']:.2f}x"]
+        if a.score:
+            parts.append(f"score {ref['score'] / r['score']:.2f}x (time {r['score'] / ref['score']:.2f} of PyTorch bf16's)")
+        print(f"  outlierlab {prec}: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+//! Microbenchmark of the bf16 kernel against candle's f32 GEMM on the shapes of Qwen2.5-0.5B's
+//! projections, prefill (m = 512) and batch-16 decoding (m = 16). Prints GFLOP/s; asserts nothing.
+//!
+//!     cargo run --release --example bf16_kernel
+use candle_core::{Device, Tensor};
+use outlierlab::model::bf16;
+use std::time::Instant;
+
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn main() {
+    for (m, k, n) in [
+        (512, 896, 4864),
+        (512, 4864, 896),
+        (512, 896, 896),
+        (16, 896, 4864),
+        (16, 4864, 896),
+        (16, 896, 151936),
+    ] {
+        let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
+        let wt = w.t().unwrap();
+        let reps = if m * n > 1 << 22 { 3 } else { 10 };
+        let f = best(reps, || {
+            let _ = x.matmul(&wt).unwrap();
+        });
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let wb = bf16::Packed::new(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, k);
+        let b = if bf16::available() {
+            best(reps, || {
+                let _ = bf16::matmul_t(&xs, m, &wb);
+            })
+        } else {
+            f64::NAN
+        };
+        let fl = 2.0 * (m * k * n) as f64 / 1e9;
+        println!(
+            "{m:>4} x {k:>5} x {n:>6}: f32 (candle) {:>6.1} GFLOP/s   bf16 (kernel) {:>6.1} GFLOP/s   {:.2}x",
+            fl / f,
+            fl / b,
+            f / b
+        );
+    }
+}
