@@ -119,6 +119,18 @@ enum Command {
     Validate {
         /// The study file (YAML).
         file: std::path::PathBuf,
+        /// Also print, for the study's prompt counts, replicates and family, the smallest
+        /// refusal and KL differences it can detect at its power after its correction, and warn
+        /// when those exceed its equivalence margins.
+        #[arg(long)]
+        power: bool,
+        /// With --power: the assumed share of prompts whose refusal outcome differs between
+        /// two arms.
+        #[arg(long, default_value_t = 0.2)]
+        discordance: f64,
+        /// With --power: the assumed standard deviation of per-prompt KL differences.
+        #[arg(long, default_value_t = 0.02)]
+        kl_sd: f64,
     },
     /// Run a study: every variant scored, results written as they finish, then the report.
     ///
@@ -266,7 +278,12 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => outlierlab::cli::abliterate(&args, json, !no_compare_none)?,
         Command::Export { args, out } => outlierlab::cli::export(&args, &out)?,
-        Command::Validate { file } => outlierlab::cli::validate(&file)?,
+        Command::Validate {
+            file,
+            power,
+            discordance,
+            kl_sd,
+        } => outlierlab::cli::validate(&file, power.then_some((discordance, kl_sd)))?,
         Command::Run {
             file,
             out,

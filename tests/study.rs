@@ -739,3 +739,67 @@ variants:
         "{msg}"
     );
 }
+
+#[test]
+fn validate_power_says_what_the_study_can_detect() {
+    use outlierlab::stats::power;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {name: harmless-outlierlab, count: 8}
+    bad: {name: advbench, count: 8}
+  evaluation:
+    good: {name: harmless-outlierlab, count: 100, offset: 8}
+    bad: {name: advbench, count: 100, offset: 8}
+variants:
+  - {name: none, handling: none}
+  - {name: w99, handling: 'winsorize:0.99'}
+  - {name: w95, handling: 'winsorize:0.95'}
+replicates: [0, 1]
+statistics: {references: [none], margins: {refusals: 5, kl: 0.01}}
+",
+    )
+    .unwrap();
+    let o = Command::new(bin())
+        .args([
+            "validate",
+            file.to_str().unwrap(),
+            "--power",
+            "--discordance",
+            "0.2",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Two variants against `none`, two tests each; Holm's first step is α / 4; 200 pairs pooled.
+    assert!(out.contains("2 comparisons at most (4 tests)"), "{out}");
+    let level = 0.05 / 4.0;
+    let mdd = power::mcnemar_mdd(0.2, 200.0, level, 0.8).unwrap();
+    assert!(
+        out.contains(&format!(
+            "smallest detectable difference {:.1} points",
+            100.0 * mdd
+        )),
+        "{out}"
+    );
+    let kl = power::mean_mdd(0.02, 200.0, level, 0.8);
+    assert!(
+        out.contains(&format!("smallest detectable difference {kl:.4}")),
+        "{out}"
+    );
+    // ~12 points against a 5-point margin: the study says it cannot see such a difference.
+    assert!(
+        mdd > 0.05 && out.contains("warning: this study cannot detect a refusal difference"),
+        "{out}"
+    );
+    let need = power::mcnemar_prompts_needed(0.05, 0.2, level, 0.8).unwrap();
+    assert!(
+        out.contains(&format!("needs {:.0} prompts per arm", need.ceil())),
+        "{out}"
+    );
+}

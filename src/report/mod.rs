@@ -658,12 +658,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
                 r.detections.keys().next().unwrap_or(&0)
             )?;
         }
-        for (stem, title) in &figures {
-            writeln!(
-                md,
-                "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n"
-            )?;
-        }
+        figures_list(&mut md, &figures)?;
     }
     writeln!(md, "## How to read the verdicts\n")?;
     writeln!(
@@ -680,11 +675,27 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.margins.refusals,
         st.margins.kl
     )?;
+    finish(md, out, &name, &study)
+}
+
+/// Ends a report with its study file and writes report.md and report.html.
+fn finish(mut md: String, out: &Path, name: &str, study: &str) -> Result<PathBuf> {
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
     let path = out.join("report.md");
     crate::study::rundir::write_atomic(&path, md.as_bytes())?;
-    crate::study::rundir::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
+    crate::study::rundir::write_atomic(&out.join("report.html"), html(name, &md).as_bytes())?;
     Ok(path)
+}
+
+/// The figures, each under its title with its SVG linked.
+fn figures_list(md: &mut String, figures: &[(String, String)]) -> Result<()> {
+    for (stem, title) in figures {
+        writeln!(
+            md,
+            "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n"
+        )?;
+    }
+    Ok(())
 }
 
 /// The report of a run that only validates detection: the section and its figures.
@@ -710,17 +721,8 @@ fn validation_report(
     md.push_str(&validation::markdown(v, 2));
     let figures = plots::draw_validation(out, v, "")?;
     writeln!(md, "## Figures\n")?;
-    for (stem, title) in &figures {
-        writeln!(
-            md,
-            "### {title}\n\n![{title}]({stem}.png)\n\n[SVG]({stem}.svg)\n"
-        )?;
-    }
-    writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
-    let path = out.join("report.md");
-    crate::study::rundir::write_atomic(&path, md.as_bytes())?;
-    crate::study::rundir::write_atomic(&out.join("report.html"), html(&name, &md).as_bytes())?;
-    Ok(path)
+    figures_list(&mut md, &figures)?;
+    finish(md, out, &name, &study)
 }
 
 fn fmt_params(p: &BTreeMap<String, f64>) -> String {
