@@ -803,3 +803,47 @@ statistics: {references: [none], margins: {refusals: 5, kl: 0.01}}
         "{out}"
     );
 }
+
+#[test]
+fn redraw_direction_keeps_the_evaluation_prompts_and_redraws_the_rest() {
+    use outlierlab::study::spec::Redraw;
+    let d: spec::DatasetsSpec = serde_yaml::from_str(
+        "direction:
+  good: {name: harmless-outlierlab, count: 64, sample: true}
+  bad: {name: advbench, count: 64, sample: true}
+evaluation:
+  good: {name: harmless-outlierlab, count: 100, offset: 64, sample: true}
+  bad: {name: advbench, count: 100, offset: 64, sample: true}
+selection:
+  good: {name: harmless-outlierlab, count: 32, offset: 64, sample: true}
+  bad: {name: advbench, count: 32, offset: 64, sample: true}
+",
+    )
+    .unwrap();
+    let sets: BTreeMap<String, Vec<String>> = ["harmless-outlierlab", "advbench"]
+        .iter()
+        .map(|n| (n.to_string(), outlierlab::datasets::load(n).unwrap()))
+        .collect();
+    let a = plan::draw_splits(&d, &sets, 1, 0, Redraw::Direction).unwrap();
+    let b = plan::draw_splits(&d, &sets, 2, 0, Redraw::Direction).unwrap();
+    assert_eq!(a.good_eval, b.good_eval);
+    assert_eq!(a.bad_eval, b.bad_eval);
+    assert_ne!(a.good_dir, b.good_dir);
+    assert_ne!(a.bad_sel, b.bad_sel);
+    // The evaluation split is the one `seed` 0 draws, and nothing else overlaps it.
+    let base = outlierlab::datasets::take(&sets["harmless-outlierlab"], 100, 64, Some(0)).unwrap();
+    assert_eq!(a.good_eval, base);
+    for s in [&a, &b] {
+        for p in s.good_dir.iter().chain(&s.good_sel) {
+            assert!(!s.good_eval.contains(p));
+        }
+        assert!(s.good_dir.iter().all(|p| !s.good_sel.contains(p)));
+    }
+    // Redrawing everything changes the evaluation prompts between replicates (selection left
+    // out: with every split drawn from one permutation its offsets would overlap evaluation's).
+    let mut d = d;
+    d.selection = None;
+    let c1 = plan::draw_splits(&d, &sets, 1, 0, Redraw::All).unwrap();
+    let c2 = plan::draw_splits(&d, &sets, 2, 0, Redraw::All).unwrap();
+    assert_ne!(c1.good_eval, c2.good_eval);
+}

@@ -28,6 +28,13 @@ pub struct Plan {
     /// The precision the study asked for (absent: f32).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub precision: crate::model::Precision,
+    /// What a replicate redraws (absent: every split).
+    #[serde(default, skip_serializing_if = "is_all")]
+    pub redraw: super::spec::Redraw,
+}
+
+fn is_all(r: &super::spec::Redraw) -> bool {
+    *r == super::spec::Redraw::All
 }
 
 fn is_f32(p: &crate::model::Precision) -> bool {
@@ -243,6 +250,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
         replicates,
         evaluation: Some(f.evaluation.clone()),
         precision: f.precision,
+        redraw: f.redraw,
     })
 }
 
@@ -314,28 +322,51 @@ pub struct Splits {
 }
 
 /// Draws every split for replicate `seed`, and checks on the drawn prompts what the study file
-/// check can only check on offsets: no prompt is in two splits.
+/// check can only check on offsets: no prompt is in two splits. With `Redraw::Direction` the
+/// evaluation split is drawn with `base_seed` (the study's), the same for every replicate, and
+/// the direction and selection splits are drawn with `seed` from the prompts it leaves (their
+/// offsets count in that remainder).
 pub fn draw_splits(
     d: &super::spec::DatasetsSpec,
     sets: &std::collections::BTreeMap<String, Vec<String>>,
     seed: u64,
+    base_seed: u64,
+    redraw: super::spec::Redraw,
 ) -> Result<Splits> {
-    let draw = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
-        let all = sets.get(&s.name).ok_or_else(|| {
-            anyhow::anyhow!("prompt set '{}' was not loaded before the run", s.name)
-        })?;
-        crate::datasets::take(all, s.count, s.offset, s.sample.then_some(seed))
+    let loaded = |s: &super::spec::SetSpec| -> Result<&Vec<String>> {
+        sets.get(&s.name)
+            .ok_or_else(|| anyhow::anyhow!("prompt set '{}' was not loaded before the run", s.name))
+    };
+    let draw = |s: &super::spec::SetSpec, from: &[String], seed: u64| -> Result<Vec<String>> {
+        crate::datasets::take(from, s.count, s.offset, s.sample.then_some(seed))
             .map_err(|e| anyhow::anyhow!("dataset {}: {e:#}", s.name))
     };
+    let eval_seed = match redraw {
+        super::spec::Redraw::All => seed,
+        super::spec::Redraw::Direction => base_seed,
+    };
+    let good_eval = draw(&d.evaluation.good, loaded(&d.evaluation.good)?, eval_seed)?;
+    let bad_eval = draw(&d.evaluation.bad, loaded(&d.evaluation.bad)?, eval_seed)?;
+    let held: std::collections::HashSet<&String> = good_eval.iter().chain(&bad_eval).collect();
+    let rest = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
+        let all = loaded(s)?;
+        match redraw {
+            super::spec::Redraw::All => draw(s, all, seed),
+            super::spec::Redraw::Direction => {
+                let left: Vec<String> = all.iter().filter(|p| !held.contains(p)).cloned().collect();
+                draw(s, &left, seed)
+            }
+        }
+    };
     let (good_sel, bad_sel) = match &d.selection {
-        Some(sel) => (draw(&sel.good)?, draw(&sel.bad)?),
+        Some(sel) => (rest(&sel.good)?, rest(&sel.bad)?),
         None => (Vec::new(), Vec::new()),
     };
     let s = Splits {
-        good_dir: draw(&d.direction.good)?,
-        bad_dir: draw(&d.direction.bad)?,
-        good_eval: draw(&d.evaluation.good)?,
-        bad_eval: draw(&d.evaluation.bad)?,
+        good_dir: rest(&d.direction.good)?,
+        bad_dir: rest(&d.direction.bad)?,
+        good_eval,
+        bad_eval,
         good_sel,
         bad_sel,
     };

@@ -64,7 +64,7 @@ fn prepare_replicate(
         bad_eval,
         good_sel,
         bad_sel,
-    } = draw_splits(d, sets, seed)?;
+    } = draw_splits(d, sets, seed, f.seed, f.redraw)?;
     let system = (!f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
     // Cached reference scores depend on the precision too (f32 keys are as before it existed).
     let model_key = lm

@@ -47,9 +47,14 @@ pub struct StudyFile {
     pub variants: Vec<VariantSpec>,
     #[serde(default)]
     pub sweeps: Vec<SweepSpec>,
-    /// Seeds that resample direction and evaluation prompts; empty = one draw with `seed`.
+    /// Seeds that resample the prompts (see `redraw`); empty = one draw with `seed`.
     #[serde(default)]
     pub replicates: Vec<u64>,
+    /// What a replicate redraws: `all` splits (each replicate its own evaluation prompts), or
+    /// only the `direction` and selection prompts, the evaluation prompts staying those of
+    /// `seed` so that every replicate's comparisons are paired on the same prompts.
+    #[serde(default)]
+    pub redraw: Redraw,
     /// Detection thresholds optimised on the selection split, then scored once on the
     /// evaluation prompts (fit / select / report).
     #[serde(default)]
@@ -61,6 +66,18 @@ pub struct StudyFile {
     /// Run directory; defaults to runs/<name>.
     #[serde(default)]
     pub output: Option<String>,
+}
+
+/// What a replicate redraws (a study's `redraw:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redraw {
+    /// Every split, with the replicate's seed (the behaviour of runs before `redraw` existed).
+    #[default]
+    All,
+    /// The direction and selection splits, from the prompts the evaluation split leaves; the
+    /// evaluation split stays the one drawn with the study's `seed`.
+    Direction,
 }
 
 fn default_system() -> String {
@@ -621,6 +638,7 @@ const KEYS: &[&str] = &[
     "power",
     "kl_scale",
     "chat",
+    "redraw",
     "precision",
     "detection_validation",
     "corpus",
@@ -798,6 +816,10 @@ fn check(s: &Study, text: &str) -> Result<()> {
         for j in i + 1..splits.len() {
             let (da, a) = splits[i];
             let (db, b) = splits[j];
+            // Redrawing the direction side only, the others come from what evaluation leaves.
+            if f.redraw == Redraw::Direction && (da == "evaluation" || db == "evaluation") {
+                continue;
+            }
             for which in ["good", "bad"] {
                 let (x, y) = match which {
                     "good" => (&a.good, &b.good),
