@@ -982,8 +982,8 @@ pub fn power_in_advance(
     let tests = 2 * pairs;
     let reps = plan.replicates.len().max(1);
     let (n_bad, n_good) = (
-        (d.evaluation.bad.count * reps) as f64,
-        (d.evaluation.good.count * reps) as f64,
+        (d.evaluation.bad.count() * reps) as f64,
+        (d.evaluation.good.count() * reps) as f64,
     );
     let level = match st.correction {
         Correction::None => st.alpha,

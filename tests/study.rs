@@ -172,7 +172,7 @@ datasets:
     bad: {name: advbench, count: 6}
   evaluation:
     good: {name: harmless-outlierlab, count: 4, offset: 6}
-    bad: {name: advbench, count: 4, offset: 6}
+    bad: [{name: advbench, count: 2, offset: 6}, {name: harmbench, count: 2}]
 detection: {preset: pr154, set: {median_ratio: 400, mad_ratio: 400}}
 ablation: {direction_index: 17}
 evaluation: {max_response_tokens: 6, over_refusal_tokens: 3, batch_size: 8}
@@ -225,6 +225,16 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     );
     let reference = scores(&full);
     let r = rundir::read_results(&full).unwrap();
+    // Two sets in one split: each prompt keeps its set, in prompts.json and outcomes.parquet.
+    let p = &r.prompts[&0];
+    assert_eq!(
+        p.bad_sources,
+        ["advbench", "advbench", "harmbench", "harmbench"]
+    );
+    assert_eq!(p.good_sources, ["harmless-outlierlab"; 4]);
+    let df = outlierlab::detect::table::read_parquet(&full.join("outcomes.parquet")).unwrap();
+    let src: Vec<Option<&str>> = df.column("source").unwrap().str().unwrap().iter().collect();
+    assert!(src.contains(&Some("harmbench")) && src.contains(&Some("harmless-outlierlab")));
     // 7 variants, 6 after planning (ratio-400 has exactly `zero`'s settings). `zero` and
     // ratio-300 detect the same dims ([507]) with the same handling, so they share one score.
     assert_eq!(r.plan.variants.len(), 6);
@@ -802,6 +812,25 @@ statistics: {references: [none], margins: {refusals: 5, kl: 0.01}}
         out.contains(&format!("needs {:.0} prompts per arm", need.ceil())),
         "{out}"
     );
+}
+
+#[test]
+fn several_sets_per_split_are_checked_for_overlap_with_their_index() {
+    let text = GOOD.replace(
+        "    bad: {name: advbench, count: 4, offset: 8}",
+        "    bad: [{name: harmbench, count: 4}, {name: advbench, count: 4, offset: 6}]",
+    );
+    let e = err_of(&text);
+    assert!(
+        e.contains("datasets.evaluation.bad[1].offset") && e.contains("overlap"),
+        "{e}"
+    );
+    let ok = GOOD.replace(
+        "    bad: {name: advbench, count: 4, offset: 8}",
+        "    bad: [{name: harmbench, count: 4}, {name: advbench, count: 4, offset: 8}]",
+    );
+    let s = spec::parse(&ok, "s.yaml").unwrap();
+    assert_eq!(s.file.datasets.unwrap().evaluation.bad.count(), 8);
 }
 
 #[test]

@@ -345,10 +345,20 @@ pub fn draw_splits(
         super::spec::Redraw::All => seed,
         super::spec::Redraw::Direction => base_seed,
     };
-    let good_eval = draw(&d.evaluation.good, loaded(&d.evaluation.good)?, eval_seed)?;
-    let bad_eval = draw(&d.evaluation.bad, loaded(&d.evaluation.bad)?, eval_seed)?;
+    let draw_list = |l: &super::spec::SetList,
+                     pick: &dyn Fn(&super::spec::SetSpec) -> Result<Vec<String>>|
+     -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for s in &l.0 {
+            out.extend(pick(s)?);
+        }
+        Ok(out)
+    };
+    let eval = |s: &super::spec::SetSpec| draw(s, loaded(s)?, eval_seed);
+    let good_eval = draw_list(&d.evaluation.good, &eval)?;
+    let bad_eval = draw_list(&d.evaluation.bad, &eval)?;
     let held: std::collections::HashSet<&String> = good_eval.iter().chain(&bad_eval).collect();
-    let rest = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
+    let rest_one = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
         let all = loaded(s)?;
         match redraw {
             super::spec::Redraw::All => draw(s, all, seed),
@@ -358,6 +368,7 @@ pub fn draw_splits(
             }
         }
     };
+    let rest = |l: &super::spec::SetList| draw_list(l, &rest_one);
     let (good_sel, bad_sel) = match &d.selection {
         Some(sel) => (rest(&sel.good)?, rest(&sel.bad)?),
         None => (Vec::new(), Vec::new()),

@@ -13,7 +13,8 @@
 //!                               (refused, replies, reply tokens, KL, over-refused, seconds), and
 //!                               the searched edit when there was a search
 //!     reference.json            the unedited model's outcome on the evaluation prompts
-//!     prompts.json              the evaluation prompts, harmless and harmful, in scoring order
+//!     prompts.json              the evaluation prompts, harmless and harmful, in scoring order,
+//!                               and each one's prompt set
 //!     detection.json            the detection summary the report's figures need
 //!   results/classifiers.json    with several refusal classifiers: each one's accuracy on the
 //!                               labelled replies (datasets/refusal-judgements.jsonl), the judge's cost
@@ -32,8 +33,9 @@
 //!     candidates.parquet        one row per candidate (dim, damages, label, instances, tokens)
 //!     scores.parquet            one row per scored configuration
 //!   variants.parquet            one row per variant and replicate (rebuilt from results/)
-//!   outcomes.parquet            one row per prompt and score (rebuilt from results/); with
-//!                               several classifiers, refused_by_<name> and p_refusal_<judge>
+//!   outcomes.parquet            one row per prompt and score (rebuilt from results/), with the
+//!                               prompt's set as `source`; with several classifiers,
+//!                               refused_by_<name> and p_refusal_<judge>
 //!   .lock                       held while a run or a merge writes here
 //! ```
 //!
@@ -521,6 +523,11 @@ pub struct RunResults {
 pub struct EvalPrompts {
     pub good: Vec<String>,
     pub bad: Vec<String>,
+    /// Each prompt's prompt set (absent in runs made before several sets per split).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub good_sources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad_sources: Vec<String>,
 }
 
 /// Every JSON file under `dir/<sub>/r*/`, parsed.
@@ -709,6 +716,8 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         vec![],
         vec![],
     );
+    // The prompt set each prompt came from (None in runs made before it was recorded).
+    let mut source: Vec<Option<String>> = Vec::new();
     // Every other classifier's label (and a judge's score) per reply, one column each.
     let classifiers: BTreeSet<&String> = r
         .scores
@@ -734,7 +743,10 @@ pub fn write_tables(dir: &Path) -> Result<()> {
             col.extend((0..n_bad).map(|i| p.and_then(|v| v.get(i)).copied()));
             col.extend(std::iter::repeat_n(None, s.outcome.kl.len()));
         }
+        let src = r.prompts.get(&s.replicate);
+        let source_of = |side: &[String], i: usize| side.get(i).cloned();
         for (i, (rf, rp)) in s.outcome.refused.iter().zip(&s.outcome.replies).enumerate() {
+            source.push(src.and_then(|p| source_of(&p.bad_sources, i)));
             skey.push(s.key.clone());
             srep.push(s.replicate);
             set.push("bad");
@@ -745,6 +757,7 @@ pub fn write_tables(dir: &Path) -> Result<()> {
             overv.push(None::<bool>);
         }
         for (i, x) in s.outcome.kl.iter().enumerate() {
+            source.push(src.and_then(|p| source_of(&p.good_sources, i)));
             skey.push(s.key.clone());
             srep.push(s.replicate);
             set.push("good");
@@ -761,6 +774,7 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         Column::new("replicate".into(), srep),
         Column::new("set".into(), set),
         Column::new("prompt_index".into(), idx),
+        Column::new("source".into(), source),
         Column::new("refused".into(), refused),
         Column::new("reply".into(), reply),
         Column::new("kl".into(), klv),

@@ -291,6 +291,8 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         validate_detection(study, &lm, &plan, spec, opts)?;
     }
     let mut computed = 0;
+    // Present whenever there are replicates to run (a study without datasets has none).
+    let d_eval = study.file.datasets.as_ref().map(|d| d.evaluation.clone());
     let mut assignments: Vec<Assignment> = Vec::new();
     // A study of detection validation alone has no replicate to draw.
     let replicates: &[u64] = if plan.variants.is_empty() {
@@ -310,6 +312,14 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         write_record(
             &replicate_dir(&opts.out, seed).join("prompts.json"),
             &EvalPrompts {
+                good_sources: d_eval
+                    .as_ref()
+                    .map(|e| sources(&e.good, &sets, &rep.evaluator.good_text))
+                    .unwrap_or_default(),
+                bad_sources: d_eval
+                    .as_ref()
+                    .map(|e| sources(&e.bad, &sets, &rep.evaluator.bad_text))
+                    .unwrap_or_default(),
                 good: rep.evaluator.good_text.clone(),
                 bad: rep.evaluator.bad_text.clone(),
             },
@@ -423,6 +433,35 @@ fn validate_detection(
     Ok(())
 }
 
+/// Each prompt's set: the first of the split's sets that holds it.
+fn sources(
+    list: &super::spec::SetList,
+    sets: &BTreeMap<String, Vec<String>>,
+    prompts: &[String],
+) -> Vec<String> {
+    let by_set: Vec<(&str, std::collections::HashSet<&String>)> = list
+        .0
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                sets.get(&s.name)
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    prompts
+        .iter()
+        .map(|p| {
+            by_set
+                .iter()
+                .find(|(_, h)| h.contains(p))
+                .map_or_else(String::new, |(n, _)| n.to_string())
+        })
+        .collect()
+}
+
 /// Every prompt set any split names, loaded (and fetched) once.
 fn load_sets(study: &Study) -> Result<BTreeMap<String, Vec<String>>> {
     let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -431,7 +470,7 @@ fn load_sets(study: &Study) -> Result<BTreeMap<String, Vec<String>>> {
     };
     let mut splits = vec![&d.direction, &d.evaluation];
     splits.extend(d.selection.as_ref());
-    for s in splits.iter().flat_map(|p| [&p.good, &p.bad]) {
+    for s in splits.iter().flat_map(|p| p.good.0.iter().chain(&p.bad.0)) {
         if !sets.contains_key(&s.name) {
             sets.insert(s.name.clone(), crate::datasets::load(&s.name)?);
         }

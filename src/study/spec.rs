@@ -98,8 +98,71 @@ pub struct DatasetsSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PairSpec {
-    pub good: SetSpec,
-    pub bad: SetSpec,
+    pub good: SetList,
+    pub bad: SetList,
+}
+
+/// One prompt set, or a list of them drawn one after the other (each prompt's set is kept as
+/// its source in the outcomes).
+#[derive(Debug, Clone)]
+pub struct SetList(pub Vec<SetSpec>);
+
+impl Serialize for SetList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+/// A map is one set, a sequence several: each is read by `SetSpec` itself, so its errors (unknown
+/// keys with did-you-mean, wrong types) and their paths stay as precise as for a single set.
+impl<'de> Deserialize<'de> for SetList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SetList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a prompt set ({name, count, ...}) or a list of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> std::result::Result<SetList, A::Error> {
+                let one = SetSpec::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(SetList(vec![one]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                q: A,
+            ) -> std::result::Result<SetList, A::Error> {
+                Vec::<SetSpec>::deserialize(serde::de::value::SeqAccessDeserializer::new(q))
+                    .map(SetList)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl SetList {
+    /// Prompts in all.
+    pub fn count(&self) -> usize {
+        self.0.iter().map(|s| s.count).sum()
+    }
+
+    /// Each set with the path a located error names: `…good` or `…good[i]`.
+    pub fn located<'a>(&'a self, base: &str) -> Vec<(String, &'a SetSpec)> {
+        if self.0.len() == 1 {
+            vec![(base.to_string(), &self.0[0])]
+        } else {
+            self.0
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("{base}[{i}]"), s))
+                .collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -781,50 +844,71 @@ fn check(s: &Study, text: &str) -> Result<()> {
         }
     }
     for (side, pair) in &splits {
-        for (which, set) in [("good", &pair.good), ("bad", &pair.bad)] {
-            let path = format!("datasets.{side}.{which}.name");
-            if !known.contains(&set.name) && !Path::new(&set.name).is_file() {
-                let hint = crate::util::did_you_mean(
-                    &set.name,
-                    &known.iter().map(String::as_str).collect::<Vec<_>>(),
-                )
-                .map(|k| format!(" (did you mean '{k}'?)"))
-                .unwrap_or_default();
+        for (which, list) in [("good", &pair.good), ("bad", &pair.bad)] {
+            if list.0.is_empty() {
                 return Err(at_key(
                     s,
                     text,
-                    &path,
-                    format!(
-                        "unknown dataset '{}'{hint}; expected a built-in set ({}) or a file",
-                        set.name,
-                        known.join(", ")
-                    ),
+                    &format!("datasets.{side}.{which}"),
+                    "the list of prompt sets is empty: name at least one".into(),
                 ));
             }
-            if set.count == 0 {
-                return Err(at_key(
-                    s,
-                    text,
-                    &format!("datasets.{side}.{which}.count"),
-                    "count must be at least 1".into(),
-                ));
+            for (at, set) in list.located(&format!("datasets.{side}.{which}")) {
+                let path = format!("{at}.name");
+                if !known.contains(&set.name) && !Path::new(&set.name).is_file() {
+                    let hint = crate::util::did_you_mean(
+                        &set.name,
+                        &known.iter().map(String::as_str).collect::<Vec<_>>(),
+                    )
+                    .map(|k| format!(" (did you mean '{k}'?)"))
+                    .unwrap_or_default();
+                    return Err(at_key(
+                        s,
+                        text,
+                        &path,
+                        format!(
+                            "unknown dataset '{}'{hint}; expected a built-in set ({}) or a file",
+                            set.name,
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                if set.count == 0 {
+                    return Err(at_key(
+                        s,
+                        text,
+                        &format!("{at}.count"),
+                        "count must be at least 1".into(),
+                    ));
+                }
             }
         }
     }
-    // Every pair of splits must be disjoint (checked again on the drawn prompts at run time).
-    for i in 0..splits.len() {
-        for j in i + 1..splits.len() {
-            let (da, a) = splits[i];
-            let (db, b) = splits[j];
-            // Redrawing the direction side only, the others come from what evaluation leaves.
-            if f.redraw == Redraw::Direction && (da == "evaluation" || db == "evaluation") {
-                continue;
+    // Every two sets of one side, in any splits, must be disjoint (checked again on the drawn
+    // prompts at run time).
+    for which in ["good", "bad"] {
+        let mut all: Vec<(&str, String, &SetSpec)> = Vec::new();
+        for (side, pair) in &splits {
+            let list = if which == "good" {
+                &pair.good
+            } else {
+                &pair.bad
+            };
+            for (at, set) in list.located(&format!("datasets.{side}.{which}")) {
+                all.push((side, at, set));
             }
-            for which in ["good", "bad"] {
-                let (x, y) = match which {
-                    "good" => (&a.good, &b.good),
-                    _ => (&a.bad, &b.bad),
-                };
+        }
+        for i in 0..all.len() {
+            for j in i + 1..all.len() {
+                let (da, _, x) = &all[i];
+                let (db, at_b, y) = &all[j];
+                // Redrawing the direction side only, the others come from what evaluation leaves.
+                if f.redraw == Redraw::Direction
+                    && (*da == "evaluation" || *db == "evaluation")
+                    && da != db
+                {
+                    continue;
+                }
                 if x.name != y.name {
                     continue;
                 }
@@ -838,7 +922,7 @@ fn check(s: &Study, text: &str) -> Result<()> {
                     return Err(at_key(
                         s,
                         text,
-                        &format!("datasets.{db}.{which}.offset"),
+                        &format!("{at_b}.offset"),
                         format!(
                             "{da} prompts ({}, offset {}, count {}) and {db} prompts (offset {}, count {}) overlap; give the {db} prompts an offset of at least {}",
                             x.name, x.offset, x.count, y.offset, y.count, x.offset + x.count
