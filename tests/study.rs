@@ -235,6 +235,12 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     let df = outlierlab::detect::table::read_parquet(&full.join("outcomes.parquet")).unwrap();
     let src: Vec<Option<&str>> = df.column("source").unwrap().str().unwrap().iter().collect();
     assert!(src.contains(&Some("harmbench")) && src.contains(&Some("harmless-outlierlab")));
+    let md = std::fs::read_to_string(full.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("Refusals by prompt set") && md.contains("| variant | advbench | harmbench |"),
+        "the report breaks refusals down by set"
+    );
+    assert!(md.contains("| unedited | "), "{md}");
     // 7 variants, 6 after planning (ratio-400 has exactly `zero`'s settings). `zero` and
     // ratio-300 detect the same dims ([507]) with the same handling, so they share one score.
     assert_eq!(r.plan.variants.len(), 6);

@@ -628,6 +628,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
             )?;
         }
         writeln!(md)?;
+        by_source(&mut md, base, &here, r.prompts.get(&seed))?;
     }
     verdict_section(&mut md, &fam, r.plan.replicates.len())?;
     if headline != "heretic" {
@@ -676,6 +677,52 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.margins.kl
     )?;
     finish(md, out, &name, &study)
+}
+
+/// Refusal rates per prompt set, when the harmful split drew from several (descriptive: the
+/// verdicts are over all prompts).
+fn by_source(
+    md: &mut String,
+    base: &Outcome,
+    rows: &[&Row],
+    prompts: Option<&crate::study::rundir::EvalPrompts>,
+) -> Result<()> {
+    let Some(p) = prompts else { return Ok(()) };
+    let mut sources: Vec<&str> = Vec::new();
+    for s in &p.bad_sources {
+        if !sources.contains(&s.as_str()) {
+            sources.push(s);
+        }
+    }
+    if sources.len() < 2 {
+        return Ok(());
+    }
+    let cell = |o: &Outcome, src: &str| -> String {
+        let (mut n, mut k) = (0usize, 0usize);
+        for (i, refused) in o.refused.iter().enumerate() {
+            if p.bad_sources.get(i).map(String::as_str) == Some(src) {
+                n += 1;
+                k += usize::from(*refused);
+            }
+        }
+        pct(&stats::wilson(k, n))
+    };
+    writeln!(
+        md,
+        "Refusals by prompt set (95% Wilson; descriptive — the verdicts are over all prompts):\n"
+    )?;
+    writeln!(md, "| variant | {} |", sources.join(" | "))?;
+    writeln!(md, "|---|{}", "---|".repeat(sources.len()))?;
+    let line = |name: &str, o: &Outcome| -> String {
+        let cells: Vec<String> = sources.iter().map(|s| cell(o, s)).collect();
+        format!("| {name} | {} |", cells.join(" | "))
+    };
+    writeln!(md, "{}", line("unedited", base))?;
+    for row in rows {
+        writeln!(md, "{}", line(&row.name, row.outcome))?;
+    }
+    writeln!(md)?;
+    Ok(())
 }
 
 /// Ends a report with its study file and writes report.md and report.html.
