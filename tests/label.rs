@@ -272,6 +272,16 @@ fn a_validation_study_runs_writes_its_tables_and_renders() {
     );
     assert!(md.contains("pr154 subsets, median per position, persistence consecutive"));
     assert!(md.contains("median per layer"), "both scopes by default");
+    // No variant table to summarise: said, with what to do instead.
+    let o = std::process::Command::new(common::bin())
+        .args(["report", out.to_str().unwrap(), "--summary"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is a detection validation with no variants"),
+        "{err}"
+    );
     // A bad value is located in the study file.
     std::fs::write(&study, text.replace("batch_size: 4", "curves: [median]")).unwrap();
     let o = std::process::Command::new(common::bin())

@@ -425,6 +425,15 @@ fn setup_line(r: &RunResults) -> String {
 /// dims, refusals, KL and its verdicts against `none` (the adjusted intervals of the report's
 /// family). Printed by `report --summary`, pasted by scripts/readme-table.sh, never by hand.
 pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
+    if crate::study::rundir::read_validation(dir)?.is_some()
+        && crate::study::rundir::plan_of(dir)?.variants.is_empty()
+    {
+        anyhow::bail!(
+            "{} is a detection validation with no variants, so it has no variant table; render it with `outlierlab report {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
     let r = read_results(dir)?;
     let Decided {
         stats: st,
