@@ -102,21 +102,12 @@ pub fn detect(a: DetectArgs) -> Result<()> {
         prompts.extend(read_prompt_lines(p)?.into_iter().map(|t| (Source::Bad, t)));
     }
     for spec in &a.dataset {
-        let (name, count) = match spec.rsplit_once(':') {
-            Some((n, c)) if c.parse::<usize>().is_ok() => (n, Some(c.parse::<usize>()?)),
-            _ => (spec.as_str(), None),
-        };
-        let all = crate::datasets::load(name)?;
-        let source = match crate::datasets::manifest(name).map(|m| m.kind) {
+        let set = crate::detect::validate::CorpusSet::parse(spec);
+        let source = match crate::datasets::manifest(&set.name).map(|m| m.kind) {
             Some(crate::datasets::Kind::Harmful) => Source::Bad,
             _ => Source::Good,
         };
-        let take = count.unwrap_or(all.len());
-        prompts.extend(
-            crate::datasets::take(&all, take, 0, None)?
-                .into_iter()
-                .map(|t| (source, t)),
-        );
+        prompts.extend(set.prompts()?.into_iter().map(|t| (source, t)));
     }
     if prompts.is_empty() {
         bail!("nothing to scan: the preset has no trigger prompt; pass --prompt, --dataset, --good or --bad");
@@ -957,7 +948,7 @@ pub fn power_in_advance(
     if !(0.0..=1.0).contains(&discordance) || discordance == 0.0 {
         bail!("--discordance {discordance}: expected a share in (0, 1]");
     }
-    if !(kl_sd > 0.0) {
+    if kl_sd.is_nan() || kl_sd <= 0.0 {
         bail!("--kl-sd {kl_sd}: expected a positive standard deviation");
     }
     let st = &study.file.statistics;
@@ -969,16 +960,8 @@ pub fn power_in_advance(
         .iter()
         .map(|v| st.reference_rank(&v.variant.name, &v.variant.handlings))
         .collect();
-    // The family's pairs as the report forms them (evaluate::compare::family).
-    let mut pairs = 0usize;
-    for (i, ra) in ranks.iter().enumerate() {
-        for (j, rb) in ranks.iter().enumerate() {
-            let Some(rb) = rb else { continue };
-            if i != j && ra.is_none_or(|ra| ra > *rb || (ra == *rb && i > j)) {
-                pairs += 1;
-            }
-        }
-    }
+    // The family's pairs as the report forms them, before shared scores merge arms.
+    let pairs = crate::evaluate::compare::comparison_pairs(&ranks).len();
     let tests = 2 * pairs;
     let reps = plan.replicates.len().max(1);
     let (n_bad, n_good) = (

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::IndexOp;
-use common::write_tiny_llama;
+use common::{max_abs, write_tiny_llama};
 use outlierlab::detect::config::{MedianKind, PR154_TRIGGER};
 use outlierlab::detect::validate::{self, ValidationSettings};
 use outlierlab::detect::{self, Floor, Source};
@@ -40,25 +40,12 @@ fn an_intervention_holds_its_entries_and_nothing_else() {
         .unwrap();
     let same = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![vec![v]]).unwrap();
     let held = lm.model.forward_intervened(&batch, &same).unwrap();
-    let earlier = (held.i((0, ..t - 1)).unwrap() - base.i((0, ..t - 1)).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let earlier =
+        max_abs(&(held.i((0, ..t - 1)).unwrap() - base.i((0, ..t - 1)).unwrap()).unwrap());
     assert_eq!(earlier, 0.0, "positions before the held one changed");
     let zero = Intervention::new((1, t, d), &[(0, t - 1)], 7, 5, vec![vec![0.0]]).unwrap();
     let moved = lm.model.forward_intervened(&batch, &zero).unwrap();
-    let last = (moved.i((0, t - 1)).unwrap() - base.i((0, t - 1)).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let last = max_abs(&(moved.i((0, t - 1)).unwrap() - base.i((0, t - 1)).unwrap()).unwrap());
     assert!(last > 0.0 || v == 0.0);
 }
 

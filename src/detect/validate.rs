@@ -356,6 +356,13 @@ impl CorpusSet {
             },
         }
     }
+
+    /// Its prompts, in file order.
+    pub fn prompts(&self) -> Result<Vec<String>> {
+        let all = crate::datasets::load(&self.name)?;
+        let n = self.count.unwrap_or(all.len().saturating_sub(self.offset));
+        crate::datasets::take(&all, n, self.offset, None)
+    }
 }
 
 /// A study's `detection_validation:` block (and what `outlierlab label` takes as flags).
@@ -645,13 +652,7 @@ pub fn run(
     let settings = spec.settings();
     let mut prompts: Vec<(Source, String)> = vec![(Source::Trigger, PR154_TRIGGER.to_string())];
     for set in &spec.corpus {
-        let all = crate::datasets::load(&set.name)?;
-        let n = set.count.unwrap_or(all.len().saturating_sub(set.offset));
-        prompts.extend(
-            crate::datasets::take(&all, n, set.offset, None)?
-                .into_iter()
-                .map(|t| (Source::Good, t)),
-        );
+        prompts.extend(set.prompts()?.into_iter().map(|t| (Source::Good, t)));
     }
     // The residual convention: the states the interventions hold are the residual stream.
     let states = super::collect_states(

@@ -242,6 +242,22 @@ fn seed_of(a: &Arm, b: &Arm) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// The (variant, reference) pairs a family compares, by position, given each arm's reference
+/// rank (None: not a reference): every arm against every reference arm; two reference arms once,
+/// the one whose selector is listed later (or, tied, that comes later) as the variant.
+pub fn comparison_pairs(ranks: &[Option<usize>]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (i, ra) in ranks.iter().enumerate() {
+        for (j, rb) in ranks.iter().enumerate() {
+            let Some(rb) = *rb else { continue };
+            if i != j && ra.is_none_or(|ra| ra > rb || (ra == rb && i > j)) {
+                pairs.push((i, j));
+            }
+        }
+    }
+    pairs
+}
+
 /// Builds and decides the family over `arms`.
 pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings) -> Family<'a> {
     // `arms` puts a reference's name first in its arm; the others share its score.
@@ -255,25 +271,14 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings) -> Family<'a> {
             })
         })
         .collect();
-    // Pairs: every arm against every reference arm; two reference arms once, the one whose
-    // selector is listed later (or, tied, that comes later) as the variant.
-    let mut pairs = Vec::new();
-    for (i, a) in arms.iter().enumerate() {
-        for (j, b) in arms.iter().enumerate() {
-            let Some(rb) = b.reference_rank else { continue };
-            if i == j {
-                continue;
-            }
-            let take = match a.reference_rank {
-                None => true,
-                Some(ra) => ra > rb || (ra == rb && i > j),
-            };
-            let common = a.outcomes.keys().any(|k| b.outcomes.contains_key(k));
-            if take && common {
-                pairs.push((i, j));
-            }
-        }
-    }
+    let ranks: Vec<Option<usize>> = arms.iter().map(|a| a.reference_rank).collect();
+    let pairs: Vec<(usize, usize)> = comparison_pairs(&ranks)
+        .into_iter()
+        .filter(|&(i, j)| {
+            let (a, b) = (&arms[i], &arms[j]);
+            a.outcomes.keys().any(|k| b.outcomes.contains_key(k))
+        })
+        .collect();
     let tests = 2 * pairs.len();
     let reps = reps_for(tests, settings.alpha);
     struct Raw {
