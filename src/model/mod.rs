@@ -89,8 +89,7 @@ impl Linear {
     pub fn weight(&self) -> Tensor {
         match (&self.w, &self.packed) {
             (Some(w), _) => w.clone(),
-            (None, Some(p)) => Tensor::from_vec(p.unpack(), (self.out, self.inp), &Device::Cpu)
-                .expect("the packed matrix has out × in values"),
+            (None, Some(p)) => unpack(p),
             (None, None) => unreachable!("a Linear always holds a weight"),
         }
     }
@@ -102,11 +101,7 @@ impl Linear {
     /// Rounds the weight to bf16 and packs it for the kernel; the f32 values are dropped.
     pub fn to_bf16(&mut self) -> Result<()> {
         if self.packed.is_none() {
-            let w = self.weight();
-            let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
-            self.packed = Some(std::sync::Arc::new(bf16::Packed::new(
-                &v, self.out, self.inp,
-            )));
+            self.packed = Some(pack(&self.weight())?);
         }
         self.w = None;
         Ok(())
@@ -131,6 +126,19 @@ impl Linear {
     }
 }
 
+/// A `[n, k]` f32 matrix rounded and packed for the bf16 kernel.
+fn pack(t: &Tensor) -> Result<std::sync::Arc<bf16::Packed>> {
+    let (n, k) = t.dims2()?;
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(std::sync::Arc::new(bf16::Packed::new(&v, n, k)))
+}
+
+/// A packed matrix's values widened back to an `[n, k]` f32 tensor.
+fn unpack(p: &bf16::Packed) -> Tensor {
+    Tensor::from_vec(p.unpack(), (p.n, p.k), &Device::Cpu)
+        .expect("a packed matrix has n × k values")
+}
+
 /// `x [rows, k] · Wᵀ` through the bf16 kernel.
 pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
@@ -149,8 +157,8 @@ pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
 }
 
 /// How the large matrices are stored and multiplied. f32 is the reference the transformers
-/// tests compare with; bf16 halves their memory and doubles the multiply rate where the CPU
-/// has AVX512_BF16 (elsewhere the model stays f32).
+/// tests compare with; bf16 halves their memory and what decoding reads, where the CPU has
+/// AVX512_BF16 (elsewhere the model stays f32).
 #[derive(
     Debug,
     Clone,
@@ -403,7 +411,6 @@ pub struct Model {
     embed_scale: Option<f32>,
     /// Gemma's final norm multiplies by 1 + w; `norm` then holds 1 + w and this is 1.
     norm_offset: f64,
-    precision: Precision,
 }
 
 impl Model {
@@ -468,7 +475,6 @@ impl Model {
             inv_freq_local,
             embed_scale,
             norm_offset,
-            precision: Precision::F32,
             packed_head: None,
         })
     }
@@ -495,8 +501,10 @@ impl Model {
                 self.layers.len()
             );
         }
+        let bf16_model = self.precision() == Precision::Bf16;
         let slot = self.layers[layer].writer_mut(which);
-        let want = slot.weight().dims().to_vec();
+        // The shape from the slot itself: a packed weight is not unpacked to learn it.
+        let want = [slot.out, slot.inp];
         if weight.dims() != want.as_slice() || weight.dtype() != DType::F32 {
             bail!(
                 "new {which:?} weight for layer {layer} is {:?} {:?}, expected {:?} F32",
@@ -506,21 +514,26 @@ impl Model {
             );
         }
         *slot = Linear::new(weight, slot.bias.clone())?;
-        if self.precision == Precision::Bf16 {
+        if bf16_model {
             slot.to_bf16()?;
         }
         Ok(())
     }
 
+    /// bf16 once `set_precision` has packed the matrices (the head is packed last).
     pub fn precision(&self) -> Precision {
-        self.precision
+        if self.packed_head.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
     }
 
     /// Stores every matrix (and the embeddings) in `p`. bf16 is one-way: the f32 values are not
     /// kept. Where the CPU lacks AVX512_BF16 the model stays f32; the precision in effect is
     /// returned.
     pub fn set_precision(&mut self, p: Precision) -> Result<Precision> {
-        if p == self.precision {
+        if p == self.precision() {
             return Ok(p);
         }
         if p == Precision::F32 {
@@ -537,11 +550,6 @@ impl Model {
                 lin.to_bf16()?;
             }
         }
-        let pack = |t: &Tensor| -> Result<std::sync::Arc<bf16::Packed>> {
-            let (n, k) = t.dims2()?;
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            Ok(std::sync::Arc::new(bf16::Packed::new(&v, n, k)))
-        };
         match self.lm_head.take() {
             Some(h) => {
                 self.packed_head = Some(pack(&h)?);
@@ -555,7 +563,6 @@ impl Model {
                 self.packed_head = Some(pack(&e)?);
             }
         }
-        self.precision = p;
         Ok(p)
     }
 
@@ -578,12 +585,9 @@ impl Model {
     /// Every parameter under its Hugging Face name, for export.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("widening on the CPU");
-        let unpacked = |p: &bf16::Packed| {
-            Tensor::from_vec(p.unpack(), (p.n, p.k), &Device::Cpu).expect("n × k values")
-        };
         let embed = match (&self.embed, &self.packed_head) {
             (Some(e), _) => f32(e),
-            (None, Some(p)) => unpacked(p),
+            (None, Some(p)) => unpack(p),
             (None, None) => unreachable!("embeddings are held one way or the other"),
         };
         let mut out = vec![("model.embed_tokens.weight".to_string(), embed)];
@@ -597,7 +601,7 @@ impl Model {
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), f32(h)));
         } else if let (Some(p), Some(_)) = (&self.packed_head, &self.embed) {
-            out.push(("lm_head.weight".to_string(), unpacked(p)));
+            out.push(("lm_head.weight".to_string(), unpack(p)));
         }
         out
     }

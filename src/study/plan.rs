@@ -316,6 +316,9 @@ pub struct Splits {
     pub bad_dir: Vec<String>,
     pub good_eval: Vec<String>,
     pub bad_eval: Vec<String>,
+    /// The prompt set each evaluation prompt was drawn from.
+    pub good_eval_sources: Vec<String>,
+    pub bad_eval_sources: Vec<String>,
     /// Empty without a selection split.
     pub good_sel: Vec<String>,
     pub bad_sel: Vec<String>,
@@ -345,18 +348,21 @@ pub fn draw_splits(
         super::spec::Redraw::All => seed,
         super::spec::Redraw::Direction => base_seed,
     };
+    // A list's sets one after the other, and the set each prompt came from.
     let draw_list = |l: &super::spec::SetList,
                      pick: &dyn Fn(&super::spec::SetSpec) -> Result<Vec<String>>|
-     -> Result<Vec<String>> {
-        let mut out = Vec::new();
+     -> Result<(Vec<String>, Vec<String>)> {
+        let (mut out, mut from) = (Vec::new(), Vec::new());
         for s in &l.0 {
-            out.extend(pick(s)?);
+            let drawn = pick(s)?;
+            from.extend(std::iter::repeat_n(s.name.clone(), drawn.len()));
+            out.extend(drawn);
         }
-        Ok(out)
+        Ok((out, from))
     };
     let eval = |s: &super::spec::SetSpec| draw(s, loaded(s)?, eval_seed);
-    let good_eval = draw_list(&d.evaluation.good, &eval)?;
-    let bad_eval = draw_list(&d.evaluation.bad, &eval)?;
+    let (good_eval, good_eval_sources) = draw_list(&d.evaluation.good, &eval)?;
+    let (bad_eval, bad_eval_sources) = draw_list(&d.evaluation.bad, &eval)?;
     let held: std::collections::HashSet<&String> = good_eval.iter().chain(&bad_eval).collect();
     let rest_one = |s: &super::spec::SetSpec| -> Result<Vec<String>> {
         let all = loaded(s)?;
@@ -368,7 +374,7 @@ pub fn draw_splits(
             }
         }
     };
-    let rest = |l: &super::spec::SetList| draw_list(l, &rest_one);
+    let rest = |l: &super::spec::SetList| Ok::<_, anyhow::Error>(draw_list(l, &rest_one)?.0);
     let (good_sel, bad_sel) = match &d.selection {
         Some(sel) => (rest(&sel.good)?, rest(&sel.bad)?),
         None => (Vec::new(), Vec::new()),
@@ -378,6 +384,8 @@ pub fn draw_splits(
         bad_dir: rest(&d.direction.bad)?,
         good_eval,
         bad_eval,
+        good_eval_sources,
+        bad_eval_sources,
         good_sel,
         bad_sel,
     };

@@ -39,6 +39,8 @@ struct Replicate {
     evaluator: Evaluator,
     base: Outcome,
     selection: Option<Selection>,
+    /// The prompt set of each harmless and harmful evaluation prompt, in scoring order.
+    sources: (Vec<String>, Vec<String>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -62,6 +64,8 @@ fn prepare_replicate(
         bad_dir,
         good_eval,
         bad_eval,
+        good_eval_sources,
+        bad_eval_sources,
         good_sel,
         bad_sel,
     } = draw_splits(d, sets, seed, f.seed, f.redraw)?;
@@ -204,6 +208,7 @@ fn prepare_replicate(
         evaluator,
         base,
         selection,
+        sources: (good_eval_sources, bad_eval_sources),
     })
 }
 
@@ -291,8 +296,6 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         validate_detection(study, &lm, &plan, spec, opts)?;
     }
     let mut computed = 0;
-    // Present whenever there are replicates to run (a study without datasets has none).
-    let d_eval = study.file.datasets.as_ref().map(|d| d.evaluation.clone());
     let mut assignments: Vec<Assignment> = Vec::new();
     // A study of detection validation alone has no replicate to draw.
     let replicates: &[u64] = if plan.variants.is_empty() {
@@ -312,14 +315,8 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         write_record(
             &replicate_dir(&opts.out, seed).join("prompts.json"),
             &EvalPrompts {
-                good_sources: d_eval
-                    .as_ref()
-                    .map(|e| sources(&e.good, &sets, &rep.evaluator.good_text))
-                    .unwrap_or_default(),
-                bad_sources: d_eval
-                    .as_ref()
-                    .map(|e| sources(&e.bad, &sets, &rep.evaluator.bad_text))
-                    .unwrap_or_default(),
+                good_sources: rep.sources.0.clone(),
+                bad_sources: rep.sources.1.clone(),
                 good: rep.evaluator.good_text.clone(),
                 bad: rep.evaluator.bad_text.clone(),
             },
@@ -431,35 +428,6 @@ fn validate_detection(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Each prompt's set: the first of the split's sets that holds it.
-fn sources(
-    list: &super::spec::SetList,
-    sets: &BTreeMap<String, Vec<String>>,
-    prompts: &[String],
-) -> Vec<String> {
-    let by_set: Vec<(&str, std::collections::HashSet<&String>)> = list
-        .0
-        .iter()
-        .map(|s| {
-            (
-                s.name.as_str(),
-                sets.get(&s.name)
-                    .map(|v| v.iter().collect())
-                    .unwrap_or_default(),
-            )
-        })
-        .collect();
-    prompts
-        .iter()
-        .map(|p| {
-            by_set
-                .iter()
-                .find(|(_, h)| h.contains(p))
-                .map_or_else(String::new, |(n, _)| n.to_string())
-        })
-        .collect()
 }
 
 /// Every prompt set any split names, loaded (and fetched) once.
