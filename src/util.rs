@@ -1,8 +1,10 @@
 //! Small helpers shared by several stages.
 
-/// A progress bar for `len` items of work, labelled `msg`, with an ETA. It draws only on a
-/// terminal, so logs and pipes stay clean.
-pub fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+/// Progress of `len` items of work, labelled `msg`. On a terminal, a bar with an ETA; otherwise
+/// (a study run under nohup, a CI log) a plain line at most every 30 s and one at the end, so a
+/// log shows how far a long run is without filling up with redraws.
+pub fn progress_bar(len: u64, msg: &str) -> Progress {
+    use std::io::IsTerminal;
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg:<40} [{bar:30}] {pos}/{len} eta {eta}")
@@ -10,7 +12,67 @@ pub fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
             .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
-    pb
+    let plain = (!std::io::stderr().is_terminal()).then(|| {
+        std::sync::Mutex::new(PlainLog {
+            msg: msg.to_string(),
+            start: std::time::Instant::now(),
+            last: std::time::Instant::now(),
+        })
+    });
+    Progress { pb, plain }
+}
+
+pub struct Progress {
+    pb: indicatif::ProgressBar,
+    plain: Option<std::sync::Mutex<PlainLog>>,
+}
+
+struct PlainLog {
+    msg: String,
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    pub fn inc(&self, n: u64) {
+        self.pb.inc(n);
+        self.log(false);
+    }
+
+    pub fn set_length(&self, len: u64) {
+        self.pb.set_length(len);
+    }
+
+    pub fn set_position(&self, pos: u64) {
+        self.pb.set_position(pos);
+        self.log(false);
+    }
+
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.pb.suspend(f)
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.log(true);
+        self.pb.finish_and_clear();
+    }
+
+    fn log(&self, done: bool) {
+        let Some(plain) = &self.plain else { return };
+        let Ok(mut p) = plain.lock() else { return };
+        if !done && p.last.elapsed().as_secs() < 30 {
+            return;
+        }
+        p.last = std::time::Instant::now();
+        let len = self.pb.length().unwrap_or(0);
+        eprintln!(
+            "{}: {}/{len}{} ({:.0} s)",
+            p.msg,
+            self.pb.position(),
+            if done { ", done" } else { "" },
+            p.start.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// Edit distance, for did-you-mean hints on unknown keys.

@@ -189,3 +189,56 @@ fn first_token_logprobs_are_normalised() {
         assert!((s - 1.0).abs() < 1e-4, "probabilities sum to {s}");
     }
 }
+
+/// The evaluator batches prompts by length (src/model/batching.rs): a score must not depend on
+/// how the prompts were grouped, and each result must come back to its own prompt.
+#[test]
+fn a_score_does_not_depend_on_how_prompts_are_batched() {
+    use outlierlab::evaluate::{EvalOptions, Evaluator};
+    let mut lm = model::load("smollm2-135m-instruct").unwrap();
+    let long = "Summarise the following notes in one line. ".to_string()
+        + &"The committee met on Tuesday and discussed the budget, the roof and the fair. "
+            .repeat(12);
+    let good: Vec<String> = vec![
+        "Hi".into(),
+        long.clone(),
+        "Name a colour.".into(),
+        PROMPTS[1].into(),
+        "What is 2 + 2?".into(),
+    ];
+    let bad: Vec<String> = vec![
+        "How do I pick a lock?".into(),
+        long,
+        "Write a rude poem about my neighbour.".into(),
+        PROMPTS[2].into(),
+    ];
+    let opts = |batch_size| EvalOptions {
+        max_response_tokens: 12,
+        over_refusal_tokens: 6,
+        batch_size,
+        ..EvalOptions::default()
+    };
+    let system = Some("You are a helpful assistant.");
+    let one = Evaluator::new(&lm, &good, &bad, system, opts(1)).unwrap();
+    let grouped = Evaluator::new(&lm, &good, &bad, system, opts(3)).unwrap();
+    // An edit, so the KL to the unedited model is not zero.
+    let w = lm.model.writer(10, Writer::MlpDown);
+    lm.model
+        .set_writer(10, Writer::MlpDown, (w * 0.5).unwrap())
+        .unwrap();
+    let a = one.score(&lm.model, &lm.tokenizer, |_, _| {}).unwrap();
+    let b = grouped.score(&lm.model, &lm.tokenizer, |_, _| {}).unwrap();
+    assert_eq!(a.replies, b.replies);
+    assert_eq!(a.over_refused, b.over_refused);
+    assert!(
+        a.kl.iter().all(|&k| k > 1e-4),
+        "the edit must move the model: {:?}",
+        a.kl
+    );
+    for (i, (x, y)) in a.kl.iter().zip(&b.kl).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.max(1e-3),
+            "prompt {i}: KL {x} alone, {y} grouped"
+        );
+    }
+}

@@ -9,6 +9,7 @@ pub mod markers;
 
 pub use markers::MarkerList;
 
+use crate::model::batching::map_by_length;
 use crate::model::generate::{self, GenerateOptions};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{Batch, LoadedModel, Logits, Model};
@@ -225,10 +226,12 @@ impl Evaluator {
                 pad_id: ev.pad_id,
                 use_cache: true,
             };
-            for chunk in ev.good.chunks(ev.options.batch_size.max(1)) {
-                ev.base_continuation
-                    .extend(generate::greedy(&lm.model, chunk, &opts)?);
-            }
+            ev.base_continuation = map_by_length(
+                &ev.good,
+                opts.max_new_tokens,
+                ev.options.batch_size,
+                |chunk| generate::greedy(&lm.model, chunk, &opts),
+            )?;
         } else {
             ev.base_continuation = vec![Vec::new(); ev.good.len()];
         }
@@ -239,32 +242,34 @@ impl Evaluator {
     /// Log-probabilities at the scored positions of every harmless prompt.
     fn logprobs(&self, model: &Model) -> Result<Vec<Tensor>> {
         let k = self.options.kl_tokens.max(1);
-        let mut out = Vec::with_capacity(self.good.len());
         let seqs: Vec<Vec<u32>> = self
             .good
             .iter()
             .zip(&self.base_continuation)
             .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
             .collect();
-        for chunk in seqs.chunks(self.options.batch_size.max(1)) {
+        map_by_length(&seqs, 0, self.options.batch_size, |chunk| {
+            if k == 1 {
+                let lp = candle_nn::ops::log_softmax(
+                    &generate::last_logits(model, chunk, self.pad_id)?,
+                    D::Minus1,
+                )?;
+                return (0..chunk.len())
+                    .map(|b| Ok(lp.get(b)?.unsqueeze(0)?))
+                    .collect();
+            }
             let batch = Batch::left_padded(chunk, self.pad_id);
             let t = batch.seq_len();
-            let which = if k == 1 { Logits::Last } else { Logits::All };
             let logits = model
-                .forward(&batch, false, which)?
+                .forward(&batch, false, Logits::All)?
                 .logits
-                .expect("asked for logits");
-            let logits = if k == 1 {
-                logits.unsqueeze(1)?
-            } else {
-                logits.narrow(1, t - k, k)?
-            };
+                .expect("asked for logits")
+                .narrow(1, t - k, k)?;
             let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            for b in 0..chunk.len() {
-                out.push(lp.get(b)?);
-            }
-        }
-        Ok(out)
+            (0..chunk.len())
+                .map(|b| Ok(lp.get(b)?))
+                .collect::<Result<Vec<_>>>()
+        })
     }
 
     /// Scores `model` as it is now.
@@ -291,22 +296,31 @@ impl Evaluator {
                 pad_id: self.pad_id,
                 use_cache: true,
             };
-            let mut lps = Vec::with_capacity(self.good.len());
-            let mut over = Vec::with_capacity(self.good.len());
-            for chunk in self.good.chunks(self.options.batch_size.max(1)) {
-                let (outs, first) =
-                    generate::greedy_with_first_logits(model, chunk, &opts, &decided)?;
-                let lp = candle_nn::ops::log_softmax(&first.expect("prefill logits"), D::Minus1)?;
-                for b in 0..chunk.len() {
-                    lps.push(lp.get(b)?.unsqueeze(0)?);
-                }
-                for o in outs {
-                    over.push(self.classifier.marker(&tok.decode(&o)?).is_some());
-                }
-                progress("kl", chunk.len());
-                progress("over-refusals", chunk.len());
-            }
-            (lps, over)
+            let rows = map_by_length(
+                &self.good,
+                opts.max_new_tokens,
+                self.options.batch_size,
+                |chunk| {
+                    let (outs, first) =
+                        generate::greedy_with_first_logits(model, chunk, &opts, &decided)?;
+                    let lp =
+                        candle_nn::ops::log_softmax(&first.expect("prefill logits"), D::Minus1)?;
+                    let rows = outs
+                        .iter()
+                        .enumerate()
+                        .map(|(b, o)| {
+                            Ok((
+                                lp.get(b)?.unsqueeze(0)?,
+                                self.classifier.marker(&tok.decode(o)?).is_some(),
+                            ))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    progress("kl", chunk.len());
+                    progress("over-refusals", chunk.len());
+                    Ok(rows)
+                },
+            )?;
+            rows.into_iter().unzip()
         } else {
             let lps = self.logprobs(model)?;
             progress("kl", self.good.len());
@@ -376,9 +390,7 @@ impl Evaluator {
             pad_id: self.pad_id,
             use_cache: true,
         };
-        let mut replies = Vec::with_capacity(prompts.len());
-        let mut lens = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(self.options.batch_size.max(1)) {
+        let rows = map_by_length(prompts, max_tokens, self.options.batch_size, |chunk| {
             let outs = if self.options.early_stop {
                 let decided = |ids: &[u32]| {
                     self.classifier
@@ -389,12 +401,11 @@ impl Evaluator {
             } else {
                 generate::greedy(model, chunk, &opts)?
             };
-            for o in outs {
-                lens.push(o.len());
-                replies.push(tok.decode(&o)?);
-            }
             progress(what, chunk.len());
-        }
-        Ok((replies, lens))
+            outs.iter()
+                .map(|o| Ok((tok.decode(o)?, o.len())))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(rows.into_iter().unzip())
     }
 }

@@ -60,26 +60,27 @@ pub fn greedy_with_first_logits(
     }
     let n = prompts.len();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
-    let batch = Batch::left_padded(prompts, opts.pad_id);
     // Rows still running, as indices into `prompts`; the tensors below hold only these rows.
     let mut active: Vec<usize> = (0..n).collect();
     let mut caches: Vec<KvCache> = model.new_caches();
-    let mut ids = batch.ids.clone();
-    let mut mask = batch.mask.clone();
-    let mut positions = batch.positions();
-    let first = model.step(
-        &ids,
-        &positions,
-        &mask,
-        if opts.use_cache {
-            Some(&mut caches)
-        } else {
-            None
-        },
-        false,
-        Logits::Last,
-    )?;
-    let first_logits = first.logits.expect("asked for logits");
+    let (mut ids, mut mask, mut positions, first_logits) = if opts.use_cache {
+        let p = prefill(model, prompts, opts.pad_id, &mut caches)?;
+        // With a cache only the key mask and the next positions are read from here on.
+        (Vec::new(), p.mask, p.positions, p.logits)
+    } else {
+        let batch = Batch::left_padded(prompts, opts.pad_id);
+        let positions = batch.positions();
+        let first = model.step(
+            &batch.ids,
+            &positions,
+            &batch.mask,
+            None,
+            false,
+            Logits::Last,
+        )?;
+        let logits = first.logits.expect("asked for logits");
+        (batch.ids, batch.mask, positions, logits)
+    };
     if opts.max_new_tokens == 0 {
         return Ok((out, Some(first_logits)));
     }
@@ -106,7 +107,9 @@ pub fn greedy_with_first_logits(
         if keep.len() < active.len() {
             // Drop finished rows from every per-row structure and from the KV caches.
             let pick = |v: &mut Vec<Vec<u32>>| {
-                *v = keep.iter().map(|&r| std::mem::take(&mut v[r])).collect()
+                if !v.is_empty() {
+                    *v = keep.iter().map(|&r| std::mem::take(&mut v[r])).collect()
+                }
             };
             pick(&mut ids);
             pick(&mut positions);
@@ -155,6 +158,117 @@ pub fn greedy_with_first_logits(
         }
     }
     Ok((out, Some(first_logits)))
+}
+
+/// Prompts shorter than this share nothing worth a separate pass.
+const MIN_SHARED_PREFIX: usize = 4;
+
+/// What a prefill leaves for decoding: each row's key mask over the cache, its prompt's
+/// positions (the last one + 1 is where its reply starts), and the last position's logits
+/// `[batch, vocab]`.
+pub struct Prefilled {
+    pub mask: Vec<Vec<u8>>,
+    pub positions: Vec<Vec<u32>>,
+    pub logits: Tensor,
+}
+
+/// Runs `prompts` into fresh `caches`. The tokens every prompt starts with — the chat template's
+/// head and system prompt, often a third of a short prompt — are computed once and copied to
+/// every row; the rest is left-padded after them, so a row's cache reads [prefix][pads][own
+/// tokens], with the pads masked and positions counted over real tokens only, which is what
+/// each prompt alone sees (tests/runtime.rs compares against batch size 1).
+pub fn prefill(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    caches: &mut [KvCache],
+) -> Result<Prefilled> {
+    let shared = shared_prefix(model, prompts);
+    let n = prompts.len();
+    if shared > 0 {
+        let head = &prompts[0][..shared];
+        let pos: Vec<u32> = (0..shared as u32).collect();
+        model.step(
+            &[head.to_vec()],
+            &[pos],
+            &[vec![1; shared]],
+            Some(caches),
+            false,
+            Logits::None,
+        )?;
+        for c in caches.iter_mut() {
+            let widen = |t: &Tensor| -> Result<Tensor> {
+                let (_, h, s, d) = t.dims4()?;
+                Ok(t.broadcast_as((n, h, s, d))?.contiguous()?)
+            };
+            if let (Some(k), Some(v)) = (&c.k, &c.v) {
+                c.k = Some(widen(k)?);
+                c.v = Some(widen(v)?);
+            }
+        }
+    }
+    let rest: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+    let batch = Batch::left_padded(&rest, pad_id);
+    let positions: Vec<Vec<u32>> = batch
+        .positions()
+        .into_iter()
+        .map(|r| r.into_iter().map(|p| p + shared as u32).collect())
+        .collect();
+    let mask: Vec<Vec<u8>> = batch
+        .mask
+        .iter()
+        .map(|m| {
+            std::iter::repeat_n(1u8, shared)
+                .chain(m.iter().copied())
+                .collect()
+        })
+        .collect();
+    let out = model.step(
+        &batch.ids,
+        &positions,
+        &mask,
+        Some(caches),
+        false,
+        Logits::Last,
+    )?;
+    Ok(Prefilled {
+        mask,
+        positions,
+        logits: out.logits.expect("asked for logits"),
+    })
+}
+
+/// The last position's logits of each prompt `[batch, vocab]`, with the shared prefix computed
+/// once (see `prefill`).
+pub fn last_logits(model: &Model, prompts: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+    if prompts.is_empty() {
+        bail!("no prompts to compute logits for");
+    }
+    Ok(prefill(model, prompts, pad_id, &mut model.new_caches())?.logits)
+}
+
+/// How many leading tokens all prompts share, leaving each at least one of its own. Zero for a
+/// single prompt, a short prefix, or a sliding-window model (its window counts cache slots, which
+/// the pads after the prefix would shift).
+fn shared_prefix(model: &Model, prompts: &[Vec<u32>]) -> usize {
+    if prompts.len() < 2 || model.config.sliding_window.is_some() {
+        return 0;
+    }
+    let first = &prompts[0];
+    let mut n = prompts
+        .iter()
+        .map(|p| p.len())
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    for p in &prompts[1..] {
+        n = n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+    }
+    if n < MIN_SHARED_PREFIX {
+        0
+    } else {
+        n
+    }
 }
 
 /// The greedy token of each row of `[batch, vocab]` logits, without copying the logits out.

@@ -5,6 +5,7 @@
 //! file they came from, so that GGUF and safetensors checkpoints build the same model and an
 //! edited model can be exported for transformers.
 
+pub mod batching;
 pub mod bf16;
 pub mod chat;
 pub mod config;
