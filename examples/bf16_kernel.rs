@@ -1,5 +1,6 @@
-//! Microbenchmark of the bf16 kernel against candle's f32 GEMM on the shapes of Qwen2.5-0.5B's
-//! projections, prefill (m = 512) and batch-16 decoding (m = 16). Prints GFLOP/s; asserts nothing.
+//! Microbenchmark of the bf16 kernels (vdpbf16ps, and widened to f32 FMA) against candle's f32
+//! GEMM on the shapes of Qwen2.5-0.5B's projections, prefill (m = 512), batch-100 and batch-16
+//! decoding. Prints GFLOP/s; asserts nothing.
 //!
 //!     cargo run --release --example bf16_kernel
 use candle_core::{Device, Tensor};
@@ -22,6 +23,9 @@ fn main() {
         (512, 896, 4864),
         (512, 4864, 896),
         (512, 896, 896),
+        (100, 896, 4864),
+        (100, 4864, 896),
+        (100, 896, 151936),
         (16, 896, 4864),
         (16, 4864, 896),
         (16, 896, 151936),
@@ -35,19 +39,22 @@ fn main() {
         });
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let wb = bf16::Packed::new(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, k);
-        let b = if bf16::available() {
-            best(reps, || {
-                let _ = bf16::matmul_t(&xs, m, &wb);
-            })
-        } else {
-            f64::NAN
+        let time = |kern| {
+            if bf16::available() {
+                best(reps, || {
+                    let _ = bf16::matmul_with(&xs, m, &wb, kern);
+                })
+            } else {
+                f64::NAN
+            }
         };
+        let (d, w) = (time(bf16::Kernel::Dot), time(bf16::Kernel::Widen));
         let fl = 2.0 * (m * k * n) as f64 / 1e9;
         println!(
-            "{m:>4} x {k:>5} x {n:>6}: f32 (candle) {:>6.1} GFLOP/s   bf16 (kernel) {:>6.1} GFLOP/s   {:.2}x",
+            "{m:>4} x {k:>5} x {n:>6}: f32 (candle) {:>6.1}   bf16 vdpbf16ps {:>6.1}   bf16 widened {:>6.1} GFLOP/s",
             fl / f,
-            fl / b,
-            f / b
+            fl / d,
+            fl / w,
         );
     }
 }

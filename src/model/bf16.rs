@@ -11,7 +11,15 @@
 //! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
 //! each step loads two weight vectors and broadcasts eight input pairs. Inputs are walked in
 //! blocks of [`KC`] so that a panel's slice (16 KB) stays in L1 while every block of 8 input rows
-//! passes over it. Weights are packed once, when the model is converted (or a matrix edited).
+//! passes over it (a short k in one block, see [`WHOLE_K`]). Weights are packed once, when the model is converted (or a matrix edited).
+//!
+//! Two micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
+//! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
+//! mask) and uses two `vfmadd231ps`, odd input first, which is exactly how `vdpbf16ps` is
+//! specified (two fused f32 multiply-adds of exact bf16 products, odd element first). Which is
+//! faster depends on the CPU: on the Intel Xeon these numbers were taken on, one core retires
+//! vdpbf16ps at 41 G multiply-adds/s and vfmadd231ps at 86 G (`cargo run --release --example
+//! peak`), so widening wins; [`kernel`] times both once and keeps the faster.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -34,6 +42,46 @@ pub fn available() -> bool {
     }
 }
 
+/// The micro-kernel `matmul_t` runs; both give the same bits (tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `vdpbf16ps` on bf16 pairs.
+    Dot,
+    /// Weights widened to f32 in registers, `vfmadd231ps`.
+    Widen,
+}
+
+/// The kernel this process uses: `OUTLIERLAB_BF16_KERNEL=dot|widen` if set, else the faster of
+/// the two on a product of Qwen2.5-0.5B's MLP shape, timed once (a few ms) at first use.
+pub fn kernel() -> Kernel {
+    use std::sync::OnceLock;
+    static CHOSEN: OnceLock<Kernel> = OnceLock::new();
+    *CHOSEN.get_or_init(|| match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
+        Ok("dot") => Kernel::Dot,
+        Ok("widen") => Kernel::Widen,
+        _ => {
+            let (m, k, n) = (64, 896, 1024);
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1e3).collect();
+            let w = Packed::new(&x[..k * m.min(n)].repeat(n / m), n, k);
+            let time = |kern| {
+                (0..3)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(matmul_with(&x, m, &w, kern));
+                        t.elapsed()
+                    })
+                    .min()
+                    .unwrap_or_default()
+            };
+            if time(Kernel::Widen) <= time(Kernel::Dot) {
+                Kernel::Widen
+            } else {
+                Kernel::Dot
+            }
+        }
+    })
+}
+
 /// Rounds to bf16, nearest even (NaN stays NaN).
 pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
@@ -44,8 +92,21 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
 const NR: usize = 32;
 /// Input rows per block of the micro-kernel.
 const MR: usize = 8;
-/// Inputs (k) per block: a panel's slice is KC × 32 × 2 bytes = 16 KB.
+/// Inputs (k) per block: a panel's slice is KC × 32 × 2 bytes = 16 KB. A k of at most
+/// `WHOLE_K` is done in one block instead: the output is then written once, which matters for
+/// the head (151,936 columns); measured on this kernel's benchmark shapes, KC for k = 4,864 and
+/// one block for k = 896 were each the faster.
 const KC: usize = 256;
+const WHOLE_K: usize = 1024;
+
+/// The k-block length for a (padded) k.
+fn k_block(k2: usize) -> usize {
+    if k2 <= WHOLE_K {
+        k2.max(2)
+    } else {
+        KC
+    }
+}
 
 /// A `[n, k]` weight, rounded to bf16 and packed for the kernel.
 #[derive(Debug, Clone)]
@@ -114,6 +175,11 @@ unsafe impl Sync for Out {}
 /// `y[m, n] = x[m, k] · Wᵀ`, split over the rayon pool by panels. Panics if `x` is not `[m, k]`
 /// or the CPU lacks the instructions (callers check [`available`] when choosing bf16).
 pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
+    matmul_with(x, m, w, kernel())
+}
+
+/// `matmul_t` with a given micro-kernel.
+pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
     let (n, k, k2) = (w.n, w.k, w.k2);
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert!(
@@ -126,6 +192,12 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
         .zip(x.par_chunks(k.max(1)))
         // SAFETY: `available()` was asserted.
         .for_each(|(d, s)| unsafe { round_row(s, d) });
+    // The widening kernel broadcasts f32s: the same rounded values, widened once.
+    let xw: Vec<f32> = if kern == Kernel::Widen {
+        xb.par_iter().map(|v| v.to_f32()).collect()
+    } else {
+        Vec::new()
+    };
     let mut y = vec![0f32; m * n];
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
@@ -140,7 +212,12 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
         let out = out;
         // SAFETY: `available()` was asserted; each task writes only the columns of its own
         // panels, within y's m × n.
-        unsafe { panels_range(&xb, m, k2, w, q0, q1, out.0) };
+        unsafe {
+            match kern {
+                Kernel::Dot => panels_range(&xb, m, k2, w, q0, q1, out.0),
+                Kernel::Widen => panels_range_widen(&xw, m, k2, w, q0, q1, out.0),
+            }
+        };
     });
     y
 }
@@ -184,7 +261,7 @@ unsafe fn panels_range(
     let pairs = k2 / 2;
     let mut p0 = 0;
     while p0 < pairs {
-        let p1 = (p0 + KC / 2).min(pairs);
+        let p1 = (p0 + k_block(k2) / 2).min(pairs);
         for q in q0..q1 {
             let panel = w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2);
             let cols = (w.n - q * NR).min(NR);
@@ -245,6 +322,109 @@ unsafe fn tile<const R: usize>(
             }
         }
     }
+    store_tile(&acc, y, ldy, cols, first);
+}
+
+/// As `panels_range`, with the widening micro-kernel; `xw` holds the rounded inputs as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn panels_range_widen(
+    xw: &[f32],
+    m: usize,
+    k2: usize,
+    w: &Packed,
+    q0: usize,
+    q1: usize,
+    y: *mut f32,
+) {
+    let pairs = k2 / 2;
+    let mut p0 = 0;
+    while p0 < pairs {
+        let p1 = (p0 + k_block(k2) / 2).min(pairs);
+        for q in q0..q1 {
+            let panel = w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2);
+            let cols = (w.n - q * NR).min(NR);
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(MR);
+                let xrow = xw.as_ptr().add(i * k2 + p0 * 2);
+                let yblk = y.add(i * w.n + q * NR);
+                let a = (xrow, k2, panel, p1 - p0, yblk, w.n, cols, p0 == 0);
+                match rows {
+                    8 => tile_widen::<8>(a),
+                    7 => tile_widen::<7>(a),
+                    6 => tile_widen::<6>(a),
+                    5 => tile_widen::<5>(a),
+                    4 => tile_widen::<4>(a),
+                    3 => tile_widen::<3>(a),
+                    2 => tile_widen::<2>(a),
+                    _ => tile_widen::<1>(a),
+                }
+                i += rows;
+            }
+        }
+        p0 = p1;
+    }
+}
+
+type TileArgs = (
+    *const f32,
+    usize,
+    *const bf16,
+    usize,
+    *mut f32,
+    usize,
+    usize,
+    bool,
+);
+
+/// As `tile`, each weight pair widened to f32 (the even element is the low half of a 32-bit
+/// lane: shifted up; the odd one the high half: masked) and accumulated odd first, as
+/// `vdpbf16ps` does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn tile_widen<const R: usize>(
+    (x, k2, panel, steps, y, ldy, cols, first): TileArgs,
+) {
+    use std::arch::x86_64::*;
+    const NV: usize = NR / 16;
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for s in 0..steps {
+        let wp = panel.add(s * NR * 2) as *const __m512i;
+        let mut even = [_mm512_setzero_ps(); NV];
+        let mut odd = [_mm512_setzero_ps(); NV];
+        for v in 0..NV {
+            let raw = _mm512_loadu_si512(wp.add(v));
+            even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            odd[v] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let xo = _mm512_set1_ps(*x.add(r * k2 + 2 * s + 1));
+            let xe = _mm512_set1_ps(*x.add(r * k2 + 2 * s));
+            for (v, c) in row.iter_mut().enumerate() {
+                *c = _mm512_fmadd_ps(xo, odd[v], *c);
+                *c = _mm512_fmadd_ps(xe, even[v], *c);
+            }
+        }
+    }
+    store_tile(&acc, y, ldy, cols, first);
+}
+
+/// Writes (or, unless `first`, adds) an R × 32 block of accumulators to `y`, `cols` of the
+/// 32 columns real.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile<const R: usize, const NV: usize>(
+    acc: &[[std::arch::x86_64::__m512; NV]; R],
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    first: bool,
+) {
+    use std::arch::x86_64::*;
     for (r, row) in acc.iter().enumerate() {
         let yr = y.add(r * ldy);
         for (v, c) in row.iter().enumerate() {
@@ -264,6 +444,19 @@ unsafe fn tile<const R: usize>(
             _mm512_mask_storeu_ps(yr.add(v * 16), m, out);
         }
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn panels_range_widen(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: &Packed,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+) {
+    unreachable!("available() is false off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -315,7 +508,10 @@ mod tests {
             let x = noise(m * k, seed);
             let wf = noise(n * k, seed + 100);
             let w = Packed::new(&wf, n, k);
-            let y = matmul_t(&x, m, &w);
+            let y = matmul_with(&x, m, &w, Kernel::Dot);
+            let yw = matmul_with(&x, m, &w, Kernel::Widen);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&yw), "({m},{k},{n}): the kernels differ");
             let xr = to_bf16(&x);
             let wr = to_bf16(&wf);
             assert_eq!(
