@@ -155,7 +155,10 @@ enum Command {
     ///
     /// Every planned score of every replicate must be present in exactly one shard (or in
     /// several with the same result): a missing score, a shard of another study or plan, or two
-    /// shards that disagree on a score are refused, naming the files.
+    /// shards that disagree on a score are refused, naming the files. A run stopped part-way
+    /// (one directory, sharded or not) merges with --allow-partial into a run marked partial,
+    /// whose report covers what it finished; running the study again on the original directory
+    /// resumes it.
     Merge {
         /// The combined run directory.
         #[arg(long)]

@@ -302,6 +302,24 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         (1..4).contains(&kept),
         "the kill should land after the first score and before the last (kept {kept} of 4)"
     );
+    // What a stopped run finished merges, marked partial, into a run a report can read.
+    let stopped = tmp.path().join("stopped");
+    let out = Command::new(bin())
+        .args(["merge", "--allow-partial", "--into", stopped.to_str().unwrap()])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let partial = std::fs::read_to_string(stopped.join("partial.json")).unwrap();
+    assert_eq!(
+        partial.matches("r0/").count(),
+        4 - kept,
+        "partial.json lists the scores the stopped run had not finished: {partial}"
+    );
     let out = run_cli(&study, &killed, &[]);
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{log}");

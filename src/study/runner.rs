@@ -330,7 +330,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         )?;
         let groups = group_by_score(&plan, &rep, &tuned)?;
         let total = groups.len();
-        for (i, (key, (dims, members))) in groups.iter().enumerate() {
+        for (key, (dims, members)) in &groups {
             for pv in members {
                 assignments.push(Assignment {
                     replicate: seed,
@@ -339,6 +339,12 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                     dims: dims.clone(),
                 });
             }
+        }
+        // Written as each replicate is planned, so a run stopped part-way (a machine's time
+        // ran out, Ctrl-C) still merges with --allow-partial into a report of what it finished.
+        write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
+        write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
+        for (i, (key, (dims, members))) in groups.iter().enumerate() {
             if opts.shard.is_some_and(|(si, sn)| i % sn != si) {
                 continue;
             }
