@@ -11,8 +11,11 @@ use anyhow::Result;
 pub const MAX_BATCH_TOKENS: usize = 16_384;
 
 /// Indices into `lens`, longest first, in batches of at most `max_rows` rows and at most
-/// `MAX_BATCH_TOKENS` padded positions, counting `extra` positions per row for new tokens.
-/// Equal lengths keep their order, so the batches are a function of the lengths alone.
+/// `MAX_BATCH_TOKENS` padded positions, counting `extra` positions per row for new tokens. A row
+/// less than half as long as its batch's first starts a new batch, so padding never exceeds
+/// half of a batch (without this, a 1,400-token prompt padded the ten next-longest, ~300 tokens
+/// each, to its length). Equal lengths keep their order, so the batches are a function of the
+/// lengths alone.
 pub fn by_length(lens: &[usize], extra: usize, max_rows: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
@@ -22,7 +25,9 @@ pub fn by_length(lens: &[usize], extra: usize, max_rows: usize) -> Vec<Vec<usize
         // Longest first: the batch's first row sets its padded length.
         let width = cur.first().map_or(lens[i], |&f| lens[f]) + extra;
         if !cur.is_empty()
-            && (cur.len() >= max_rows.max(1) || (cur.len() + 1) * width > MAX_BATCH_TOKENS)
+            && (cur.len() >= max_rows.max(1)
+                || (cur.len() + 1) * width > MAX_BATCH_TOKENS
+                || 2 * (lens[i] + extra) < width)
         {
             batches.push(std::mem::take(&mut cur));
         }
@@ -75,13 +80,12 @@ mod tests {
         seen.sort();
         assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
         assert_eq!(b[0], vec![5], "9,100 positions x 2 rows exceed the budget");
-        assert_eq!(
-            b[1],
-            vec![1, 6, 2],
-            "then by length, equal lengths in order"
-        );
-        assert_eq!(b[2], vec![3, 7, 0]);
-        assert_eq!(b[3], vec![4]);
+        assert_eq!(b[1], vec![1], "140 is less than half of 400: a new batch");
+        assert_eq!(b[2], vec![6, 2, 3], "then by length, equal lengths in order");
+        assert_eq!(b[3], vec![7, 0, 4]);
+        // Without new tokens the lengths alone count: 40 and 7 do not share a batch.
+        let b0 = by_length(&lens, 0, 8);
+        assert_eq!(b0, vec![vec![5], vec![1], vec![6], vec![2, 3, 7, 0], vec![4]]);
         for batch in &b {
             assert!(batch.len() <= 3);
             let w = lens[batch[0]] + 100;

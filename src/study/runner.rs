@@ -126,8 +126,10 @@ fn prepare_replicate(
         };
         (data, cached_dims)
     } else {
+        // The scan runs the trigger prompt too.
+        let trigger = usize::from(needs_scan && base_cfg.sources.trigger.is_some());
         let pb = progress_bar(
-            (good_dir.len() + bad_dir.len()) as u64,
+            (good_dir.len() + bad_dir.len() + trigger) as u64,
             &format!("replicate {seed}: direction prompts"),
         );
         let mut data = variant::direction_data(
