@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", choices=sorted(GGUF))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--score", action="store_true", help="also time one variant's score")
+    ap.add_argument("--precisions", default="f32,bf16",
+                    help="comma-separated, of f32 and bf16 (bf16 is needed: the ratios are against "
+                         "PyTorch bf16); bf16 alone halves the run")
     a = ap.parse_args()
     exe = os.environ.get("OUTLIERLAB", os.path.join(ROOT, "target", "release", "outlierlab"))
     cache = os.environ.get("OUTLIERLAB_CACHE", os.path.expanduser("~/.cache/outlierlab"))
@@ -50,7 +53,12 @@ def main():
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(a.threads))
     py = sys.executable
     rows = {}
+    wanted = set(a.precisions.split(","))
+    if "bf16" not in wanted or not wanted <= {"f32", "bf16"}:
+        sys.exit("--precisions: a comma-separated list of f32 and bf16 that includes bf16")
     for prec, dtype in [("f32", "float32"), ("bf16", "bfloat16")]:
+        if prec not in wanted:
+            continue
         o = run([exe, "--precision", prec, "bench", "--model", a.model])
         rows[("outlierlab", prec)] = {
             "matmul": num(rf"{prec} matmul \(\w+\)\s+([\d.]+)", o),
