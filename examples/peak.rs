@@ -33,24 +33,48 @@ mod x86 {
             }
         };
     }
-    peak!(fma_f32, "avx512f", __m512, _mm512_setzero_ps(), |c, a, b| _mm512_fmadd_ps(a, b, c));
-    peak!(dp_bf16, "avx512f,avx512bf16", __m512, _mm512_setzero_ps(), |c, a, b| {
-        _mm512_dpbf16_ps(
-            c,
-            std::mem::transmute::<__m512, __m512bh>(a),
-            std::mem::transmute::<__m512, __m512bh>(b),
-        )
-    });
-    peak!(dp_u8s8, "avx512f,avx512vnni", __m512i, _mm512_setzero_si512(), |c, a, b| {
-        _mm512_dpbusd_epi32(c, a, b)
-    });
+    peak!(
+        fma_f32,
+        "avx512f",
+        __m512,
+        _mm512_setzero_ps(),
+        |c, a, b| _mm512_fmadd_ps(a, b, c)
+    );
+    peak!(
+        dp_bf16,
+        "avx512f,avx512bf16",
+        __m512,
+        _mm512_setzero_ps(),
+        |c, a, b| {
+            _mm512_dpbf16_ps(
+                c,
+                std::mem::transmute::<__m512, __m512bh>(a),
+                std::mem::transmute::<__m512, __m512bh>(b),
+            )
+        }
+    );
+    peak!(
+        dp_u8s8,
+        "avx512f,avx512vnni",
+        __m512i,
+        _mm512_setzero_si512(),
+        |c, a, b| { _mm512_dpbusd_epi32(c, a, b) }
+    );
 
     pub fn run() {
         // (name, multiply-adds per lane per instruction, available)
         let rows: [(&str, f64, bool); 3] = [
             ("vfmadd231ps  f32", 1.0, is_x86_feature_detected!("avx512f")),
-            ("vdpbf16ps    bf16", 2.0, is_x86_feature_detected!("avx512bf16")),
-            ("vpdpbusd     u8xs8", 4.0, is_x86_feature_detected!("avx512vnni")),
+            (
+                "vdpbf16ps    bf16",
+                2.0,
+                is_x86_feature_detected!("avx512bf16"),
+            ),
+            (
+                "vpdpbusd     u8xs8",
+                4.0,
+                is_x86_feature_detected!("avx512vnni"),
+            ),
         ];
         for (i, (name, per_lane, ok)) in rows.into_iter().enumerate() {
             if !ok {

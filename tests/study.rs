@@ -305,7 +305,12 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     // What a stopped run finished merges, marked partial, into a run a report can read.
     let stopped = tmp.path().join("stopped");
     let out = Command::new(bin())
-        .args(["merge", "--allow-partial", "--into", stopped.to_str().unwrap()])
+        .args([
+            "merge",
+            "--allow-partial",
+            "--into",
+            stopped.to_str().unwrap(),
+        ])
         .arg(&killed)
         .output()
         .unwrap();

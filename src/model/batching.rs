@@ -81,11 +81,18 @@ mod tests {
         assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
         assert_eq!(b[0], vec![5], "9,100 positions x 2 rows exceed the budget");
         assert_eq!(b[1], vec![1], "140 is less than half of 400: a new batch");
-        assert_eq!(b[2], vec![6, 2, 3], "then by length, equal lengths in order");
+        assert_eq!(
+            b[2],
+            vec![6, 2, 3],
+            "then by length, equal lengths in order"
+        );
         assert_eq!(b[3], vec![7, 0, 4]);
         // Without new tokens the lengths alone count: 40 and 7 do not share a batch.
         let b0 = by_length(&lens, 0, 8);
-        assert_eq!(b0, vec![vec![5], vec![1], vec![6], vec![2, 3, 7, 0], vec![4]]);
+        assert_eq!(
+            b0,
+            vec![vec![5], vec![1], vec![6], vec![2, 3, 7, 0], vec![4]]
+        );
         for batch in &b {
             assert!(batch.len() <= 3);
             let w = lens[batch[0]] + 100;

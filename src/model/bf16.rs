@@ -56,30 +56,34 @@ pub enum Kernel {
 pub fn kernel() -> Kernel {
     use std::sync::OnceLock;
     static CHOSEN: OnceLock<Kernel> = OnceLock::new();
-    *CHOSEN.get_or_init(|| match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
-        Ok("dot") => Kernel::Dot,
-        Ok("widen") => Kernel::Widen,
-        _ => {
-            let (m, k, n) = (64, 896, 1024);
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1e3).collect();
-            let w = Packed::new(&x[..k * m.min(n)].repeat(n / m), n, k);
-            let time = |kern| {
-                (0..3)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        std::hint::black_box(matmul_with(&x, m, &w, kern));
-                        t.elapsed()
-                    })
-                    .min()
-                    .unwrap_or_default()
-            };
-            if time(Kernel::Widen) <= time(Kernel::Dot) {
-                Kernel::Widen
-            } else {
-                Kernel::Dot
+    *CHOSEN.get_or_init(
+        || match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
+            Ok("dot") => Kernel::Dot,
+            Ok("widen") => Kernel::Widen,
+            _ => {
+                let (m, k, n) = (64, 896, 1024);
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 1e3)
+                    .collect();
+                let w = Packed::new(&x[..k * m.min(n)].repeat(n / m), n, k);
+                let time = |kern| {
+                    (0..3)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            std::hint::black_box(matmul_with(&x, m, &w, kern));
+                            t.elapsed()
+                        })
+                        .min()
+                        .unwrap_or_default()
+                };
+                if time(Kernel::Widen) <= time(Kernel::Dot) {
+                    Kernel::Widen
+                } else {
+                    Kernel::Dot
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// Rounds to bf16, nearest even (NaN stays NaN).
@@ -384,9 +388,7 @@ type TileArgs = (
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn tile_widen<const R: usize>(
-    (x, k2, panel, steps, y, ldy, cols, first): TileArgs,
-) {
+unsafe fn tile_widen<const R: usize>((x, k2, panel, steps, y, ldy, cols, first): TileArgs) {
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];

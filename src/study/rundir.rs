@@ -1043,7 +1043,11 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
     // Replicates the plan has but no shard began (a run stopped before reaching them).
     if let Some((_, bytes)) = &plan {
         let planned: Plan = serde_json::from_slice(bytes).context("plan.json is unreadable")?;
-        for r in planned.replicates.iter().filter(|r| !replicates.contains(r)) {
+        for r in planned
+            .replicates
+            .iter()
+            .filter(|r| !replicates.contains(r))
+        {
             missing.push(format!("r{r} (not started)"));
         }
     }
