@@ -575,7 +575,8 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
             "> **Partial run.** This run was merged with `--allow-partial`: {} planned score(s) are missing ({}). \
              Variants that need them are absent from the tables, and the family below counts only the comparisons present.\n",
             r.missing.len(),
-            r.missing.iter().take(6).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+            r.missing.iter().take(12).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                + if r.missing.len() > 12 { ", …" } else { "" }
         )?;
     }
     writeln!(
@@ -585,7 +586,12 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         env!("CARGO_PKG_VERSION"),
         dir.display(),
         r.plan.variants.len(),
-        r.plan.replicates.len(),
+        // A partial run may have results for fewer replicates than it planned.
+        if r.references.len() < r.plan.replicates.len() {
+            format!("{} of {} planned", r.references.len(), r.plan.replicates.len())
+        } else {
+            r.plan.replicates.len().to_string()
+        },
         r.scores.len(),
         verdict_counts(&fam),
         fam.tests,
@@ -639,7 +645,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         writeln!(md)?;
         by_source(&mut md, base, &here, r.prompts.get(&seed))?;
     }
-    verdict_section(&mut md, &fam, r.plan.replicates.len())?;
+    verdict_section(&mut md, &fam, r.references.len())?;
     if headline != "heretic" {
         writeln!(
             md,

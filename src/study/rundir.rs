@@ -1035,14 +1035,27 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             "the shards hold no assignments: none of them finished its run; rerun them, then merge"
         );
     }
+    let planned: Option<Plan> = match &plan {
+        Some((_, bytes)) => Some(serde_json::from_slice(bytes).context("plan.json is unreadable")?),
+        None => None,
+    };
+    // A missing score is named by its key and the variants that needed it.
+    let name_of = |id: &String| -> String {
+        planned
+            .as_ref()
+            .and_then(|p| p.variants.iter().find(|v| &v.id == id))
+            .map_or_else(|| id.clone(), |v| v.variant.name.clone())
+    };
     let mut missing: Vec<String> = expected
-        .keys()
-        .filter(|k| !files.contains_key(&Path::new("results").join(format!("{k}.json"))))
-        .cloned()
+        .iter()
+        .filter(|(k, _)| !files.contains_key(&Path::new("results").join(format!("{k}.json"))))
+        .map(|(k, ids)| {
+            let names: Vec<String> = ids.iter().map(name_of).collect();
+            format!("{k} ({})", names.join(", "))
+        })
         .collect();
     // Replicates the plan has but no shard began (a run stopped before reaching them).
-    if let Some((_, bytes)) = &plan {
-        let planned: Plan = serde_json::from_slice(bytes).context("plan.json is unreadable")?;
+    if let Some(planned) = &planned {
         for r in planned
             .replicates
             .iter()
