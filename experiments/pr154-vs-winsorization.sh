@@ -33,7 +33,9 @@ echo "study: $(( $(date +%s) - start )) s this call (exit $status)"
 copy_finished "$run" "$keep"
 if [ "$status" -ne 0 ]; then
   # Stopped part-way: what is finished, merged and marked partial, is what the report shows.
-  rm -rf "$run-partial"
-  "$bin" merge --allow-partial --into "$run-partial" "$run"
-  "$bin" report "$run-partial" --out reports/pr154-vs-winsorization
+  # Relative, so the committed report does not name this machine's folders.
+  partial=runs/pr154-vs-winsorization-partial
+  rm -rf "$partial"
+  "$bin" merge --allow-partial --into "$partial" "$run"
+  "$bin" report "$partial" --out reports/pr154-vs-winsorization
 fi
