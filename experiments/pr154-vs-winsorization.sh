@@ -15,14 +15,16 @@ run=$root/runs/pr154-vs-winsorization
 keep=$root/reports/pr154-vs-winsorization/run
 mkdir -p "$run" "$keep"
 # Copies finished work only — score files, tunings, the unedited references, the plan — from
-# one run folder to another, never over an existing file (a finished score does not change).
+# one run folder to another. Into the run folder never over an existing file; back into the
+# kept folder over older files (a stored score changes only when the study adds a refusal
+# classifier: its replies cut at heretic's markers are completed).
 # The cache's residual files (tens of MB) are recomputed in about a minute and stay out of git.
-copy_finished() { # FROM TO
+copy_finished() { # FROM TO MODE (-n: never overwrite, -u: overwrite older)
   (cd "$1" && find . -type f \( -path './results/*.json' -o -path './tune/*.json' \
       -o -path './cache/reference-*.json' -o -name plan.json -o -name study.yaml \) \
-      -exec cp --parents -n -t "$2" {} +)
+      -exec cp --parents "$3" -t "$2" {} +)
 }
-copy_finished "$keep" "$run"
+copy_finished "$keep" "$run" -n
 start=$(date +%s)
 set +e
 timeout --signal=TERM "${TIME_LIMIT:-86400}" "$bin" run experiments/pr154-vs-winsorization.yaml \
@@ -30,7 +32,7 @@ timeout --signal=TERM "${TIME_LIMIT:-86400}" "$bin" run experiments/pr154-vs-win
 status=$?
 set -e
 echo "study: $(( $(date +%s) - start )) s this call (exit $status)"
-copy_finished "$run" "$keep"
+copy_finished "$run" "$keep" -u
 if [ "$status" -ne 0 ]; then
   # Stopped part-way: what is finished, merged and marked partial, is what the report shows.
   # Relative, so the committed report does not name this machine's folders.

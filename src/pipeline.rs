@@ -185,6 +185,23 @@ pub fn score(
     })
 }
 
+/// Edits the model as `score` did, completes the outcome's cut replies
+/// ([`Evaluator::complete`]), restores it. Returns (replies regenerated, labels changed).
+pub fn complete(
+    lm: &mut LoadedModel,
+    ev: &Evaluator,
+    v: &Variant,
+    p: &Prepared,
+    o: &mut Outcome,
+    progress: impl FnMut(&str, usize),
+) -> Result<(usize, usize)> {
+    let tok = &lm.tokenizer;
+    let model = &mut lm.model;
+    ablate::with_edit(model, &p.directions, &v.ablation, &p.protect, |m| {
+        ev.complete(m, tok, o, progress)
+    })
+}
+
 pub fn default_ablation(lm: &LoadedModel) -> AblationParams {
     AblationParams::default_for(lm.model.num_layers())
 }

@@ -905,3 +905,104 @@ selection:
     let c2 = plan::draw_splits(&d, &sets, 2, 0, Redraw::All).unwrap();
     assert_ne!(c1.good_eval, c2.good_eval);
 }
+
+#[test]
+fn adding_a_classifier_completes_stored_scores_instead_of_rescoring_them() {
+    // Scored first with heretic's markers alone (replies cut at the first marker), then with
+    // the phrases too: the stored scores are kept, their cut replies completed, and everything
+    // equals a fresh run of the second study.
+    let tmp = tempfile::tempdir().unwrap();
+    // A marker most replies hold early, so that many are cut (SmolLM2 seldom refuses).
+    let markers = tmp.path().join("markers.txt");
+    std::fs::write(&markers, "the\n").unwrap();
+    let heretic = &format!(
+        "name: cut
+model: smollm2-135m-instruct
+datasets:
+  direction:
+    good: {{name: harmless-outlierlab, count: 6}}
+    bad: {{name: advbench, count: 6}}
+  evaluation:
+    good: {{name: harmless-outlierlab, count: 3, offset: 6}}
+    bad: {{name: advbench, count: 8, offset: 6}}
+ablation: {{direction_index: 17}}
+evaluation: {{max_response_tokens: 24, over_refusal_tokens: 0, batch_size: 8, markers: {}}}
+variants:
+  - {{name: none, handling: none}}
+  - {{name: winsorize, handling: 'winsorize:0.95'}}
+",
+        markers.display()
+    );
+    let both = heretic.replace(
+        "batch_size: 8,",
+        "batch_size: 8, refusal: [heretic, phrases],",
+    );
+    let (a, b) = (tmp.path().join("a.yaml"), tmp.path().join("b.yaml"));
+    std::fs::write(&a, heretic).unwrap();
+    std::fs::write(&b, &both).unwrap();
+    let (kept, fresh) = (tmp.path().join("kept"), tmp.path().join("fresh"));
+    let ok = |o: std::process::Output| {
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{e}");
+        e
+    };
+    ok(run_cli(&a, &kept, &[]));
+    let first = rundir::read_results(&kept).unwrap();
+    let reference = |dir: &Path| -> outlierlab::evaluate::Outcome {
+        let f = dir.join("results/r0/reference.json");
+        serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap()
+    };
+    // The test means something only if some reply was cut short at a marker.
+    let cut_short = |o: &outlierlab::evaluate::Outcome| {
+        o.refused
+            .iter()
+            .zip(&o.reply_tokens)
+            .filter(|(r, n)| **r && **n < 24)
+            .count()
+    };
+    let cut_before: usize = first
+        .scores
+        .values()
+        .map(|s| cut_short(&s.outcome))
+        .sum::<usize>()
+        + cut_short(&reference(&kept));
+    assert!(cut_before > 0, "no reply was cut at a marker");
+
+    let e = ok(run_cli(&b, &kept, &[]));
+    assert!(
+        e.contains("refusal classifiers changed") && e.contains("completed"),
+        "{e}"
+    );
+    assert!(e.contains("0 score(s) computed now"), "{e}");
+    ok(run_cli(&b, &fresh, &[]));
+    let (k, f) = (
+        rundir::read_results(&kept).unwrap(),
+        rundir::read_results(&fresh).unwrap(),
+    );
+    assert_eq!(
+        k.scores.keys().collect::<Vec<_>>(),
+        f.scores.keys().collect::<Vec<_>>()
+    );
+    for (key, s) in &k.scores {
+        let (o, want) = (&s.outcome, &f.scores[key].outcome);
+        assert!(!o.stopped_at_marker && !want.stopped_at_marker);
+        assert_eq!(o.replies, want.replies, "{key:?}");
+        assert_eq!(o.reply_tokens, want.reply_tokens, "{key:?}");
+        assert_eq!(o.refused, want.refused, "{key:?}");
+        assert_eq!(o.kl, want.kl, "{key:?}");
+        assert_eq!(o.labels["phrases"], want.labels["phrases"], "{key:?}");
+        // The heretic labels did not move: a cut reply already held its marker.
+        assert_eq!(o.refused, first.scores[key].outcome.refused);
+    }
+    let (rk, rf) = (reference(&kept), reference(&fresh));
+    assert_eq!(rk.replies, rf.replies);
+    assert_eq!(rk.refused, rf.refused);
+    assert_eq!(rk.labels.get("phrases"), rf.labels.get("phrases"));
+    assert_eq!(cut_short(&rk), 0);
+    // A changed edit or reply length is still a different plan.
+    let other = both.replace("max_response_tokens: 24", "max_response_tokens: 25");
+    std::fs::write(&b, other).unwrap();
+    let o = run_cli(&b, &kept, &[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("different plan"));
+}

@@ -330,6 +330,7 @@ impl Evaluator {
                     tok,
                     &self.good,
                     self.options.over_refusal_tokens,
+                    self.options.early_stop,
                     &mut progress,
                     "over-refusals",
                 )?;
@@ -355,6 +356,7 @@ impl Evaluator {
             tok,
             &self.bad,
             self.options.max_response_tokens,
+            self.options.early_stop,
             &mut progress,
             "refusals",
         )?;
@@ -375,15 +377,69 @@ impl Evaluator {
         })
     }
 
+    /// Runs to the length limit the replies of `o` that were cut at heretic's first marker, so
+    /// that classifiers other than heretic's can read them — without rescoring the rest: a reply
+    /// is cut only where a marker appeared, and greedy replies do not depend on how prompts are
+    /// batched (tested), so the completed outcome is the one an uncut run gives. `model` must be
+    /// in the state that produced `o`. Returns how many replies were regenerated and how many
+    /// of heretic's labels changed with them (0 but for numerical ties).
+    pub fn complete(
+        &self,
+        model: &Model,
+        tok: &TextTokenizer,
+        o: &mut Outcome,
+        mut progress: impl FnMut(&str, usize),
+    ) -> Result<(usize, usize)> {
+        if !o.stopped_at_marker || self.options.early_stop {
+            return Ok((0, 0));
+        }
+        if o.replies.len() != self.bad.len() {
+            bail!(
+                "a stored score has {} replies but the study has {} harmful evaluation prompts",
+                o.replies.len(),
+                self.bad.len()
+            );
+        }
+        let cut: Vec<usize> = (0..o.refused.len()).filter(|&i| o.refused[i]).collect();
+        let prompts: Vec<Vec<u32>> = cut.iter().map(|&i| self.bad[i].clone()).collect();
+        let (replies, tokens) = self.replies(
+            model,
+            tok,
+            &prompts,
+            self.options.max_response_tokens,
+            false,
+            &mut progress,
+            "completing cut replies",
+        )?;
+        let mut changed = 0;
+        for ((i, r), n) in cut.iter().zip(replies).zip(tokens) {
+            let refused = self.classifier.is_refusal(&r);
+            changed += usize::from(refused != o.refused[*i]);
+            o.refused[*i] = refused;
+            o.replies[*i] = r;
+            o.reply_tokens[*i] = n;
+        }
+        o.stopped_at_marker = false;
+        // Labels read from cut replies are stale.
+        o.labels.clear();
+        o.judge_scores.clear();
+        Ok((cut.len(), changed))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn replies(
         &self,
         model: &Model,
         tok: &TextTokenizer,
         prompts: &[Vec<u32>],
         max_tokens: usize,
+        early_stop: bool,
         progress: &mut impl FnMut(&str, usize),
         what: &str,
     ) -> Result<(Vec<String>, Vec<usize>)> {
+        if prompts.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let opts = GenerateOptions {
             max_new_tokens: max_tokens,
             stop_ids: self.stop_ids.clone(),
@@ -391,7 +447,7 @@ impl Evaluator {
             use_cache: true,
         };
         let rows = map_by_length(prompts, max_tokens, self.options.batch_size, |chunk| {
-            let outs = if self.options.early_stop {
+            let outs = if early_stop {
                 let decided = |ids: &[u32]| {
                     self.classifier
                         .marker(&tok.decode(ids).unwrap_or_default())

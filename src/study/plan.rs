@@ -33,6 +33,24 @@ pub struct Plan {
     pub redraw: super::spec::Redraw,
 }
 
+impl Plan {
+    /// Whether the stored scores of `self` are scores of `other` too: the plans differ at most
+    /// in the refusal classifiers (which label replies, never change a score's edit or KL).
+    pub fn same_scores(&self, other: &Plan) -> bool {
+        let canon = |p: &Plan| {
+            let mut p = p.clone();
+            if let Some(e) = &mut p.evaluation {
+                let d = super::spec::EvaluationSpec::default();
+                e.refusal = d.refusal;
+                e.headline = d.headline;
+                e.judge_threshold = d.judge_threshold;
+            }
+            serde_json::to_string(&p).ok()
+        };
+        canon(self).is_some() && canon(self) == canon(other)
+    }
+}
+
 fn is_all(r: &super::spec::Redraw) -> bool {
     *r == super::spec::Redraw::All
 }

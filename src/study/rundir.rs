@@ -272,10 +272,22 @@ pub fn write_or_check_plan(out: &Path, plan: &Plan) -> Result<()> {
     let plan_json = serde_json::to_vec_pretty(plan)?;
     let plan_path = out.join("plan.json");
     match fs::read(&plan_path) {
-        Ok(old) if old != plan_json => bail!(
-            "{} holds the results of a different plan (the study changed); use another output folder or delete it",
-            out.display()
-        ),
+        Ok(old) if old != plan_json => {
+            // Only the refusal classifiers changed: every stored score stays valid (the runner
+            // completes cut replies and adds the new labels).
+            let same = serde_json::from_slice::<Plan>(&old).is_ok_and(|o| o.same_scores(plan));
+            if !same {
+                bail!(
+                    "{} holds the results of a different plan (the study changed); use another output folder or delete it",
+                    out.display()
+                );
+            }
+            eprintln!(
+                "{}: the study's refusal classifiers changed; stored scores are kept, replies cut at heretic's markers are completed and relabelled",
+                out.display()
+            );
+            write_atomic(&plan_path, &plan_json)
+        }
         Ok(_) => Ok(()),
         Err(_) => write_atomic(&plan_path, &plan_json),
     }

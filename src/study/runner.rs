@@ -230,6 +230,26 @@ fn scored_reference(
     if let Ok(Some(o)) = read_record::<Outcome>(&path) {
         return Ok((evaluator, o));
     }
+    // Scored with replies cut at heretic's markers, before the study named other classifiers:
+    // completed, not rescored.
+    if !opts.early_stop {
+        let cut = crate::evaluate::EvalOptions {
+            early_stop: true,
+            ..opts.clone()
+        };
+        let cut_path =
+            reference_cache_path(cache, &hash_json(&(model_key, good, bad, system, &cut)));
+        if let Ok(Some(mut o)) = read_record::<Outcome>(&cut_path) {
+            let pb = progress_bar(o.refused.iter().filter(|r| **r).count() as u64, label);
+            let t = Instant::now();
+            let (n, changed) =
+                evaluator.complete(&lm.model, &lm.tokenizer, &mut o, |_, k| pb.inc(k as u64))?;
+            pb.finish_and_clear();
+            eprintln!("{label}: completed {n} replies cut at heretic's markers ({changed} label(s) changed, {:.0} s)", t.elapsed().as_secs_f64());
+            write_record(&path, &o)?;
+            return Ok((evaluator, o));
+        }
+    }
     let pb = progress_bar((good.len() * 2 + bad.len()) as u64, label);
     let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
@@ -351,6 +371,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 continue;
             }
             if result_path(&opts.out, seed, key).exists() {
+                update_stored(&mut lm, &rep, key, dims, members, &opts.out, &mut refusal)?;
                 continue;
             }
             score_group(
@@ -509,6 +530,68 @@ fn group_by_score<'a>(
             .push(pv);
     }
     Ok(groups)
+}
+
+/// Brings a stored score up to the study's classifiers: replies cut at heretic's first marker
+/// are completed under the same edit (when the study now names classifiers that read whole
+/// replies), and classifiers missing from it label it. Nothing else in the score changes.
+fn update_stored(
+    lm: &mut LoadedModel,
+    rep: &Replicate,
+    key: &str,
+    dims: &[u32],
+    members: &[&PlannedVariant],
+    out: &Path,
+    refusal: &mut Labeller,
+) -> Result<()> {
+    let path = result_path(out, rep.seed, key);
+    let Some(mut rec) = read_record::<ScoreRecord>(&path)? else {
+        return Ok(());
+    };
+    let cut = rec.outcome.stopped_at_marker && !rep.evaluator.options.early_stop;
+    let unlabelled = refusal.classifiers.iter().any(|c| {
+        *c != classify::Classifier::Heretic && !rec.outcome.labels.contains_key(&c.name())
+    });
+    if !cut && !unlabelled {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let mut v = members[0].variant.clone();
+    if let Some(a) = &rec.ablation {
+        v.ablation = a.clone();
+    }
+    let mut done = String::new();
+    if cut {
+        let data = variant::prepare_with_dims(&rep.data, &v, dims)?;
+        let n = rec.outcome.refused.iter().filter(|r| **r).count();
+        let pb = progress_bar(
+            n as u64,
+            &format!("r{} {} (completing)", rep.seed, trunc(&v.name, 22)),
+        );
+        let (n, changed) =
+            variant::complete(lm, &rep.evaluator, &v, &data, &mut rec.outcome, |_, k| {
+                pb.inc(k as u64)
+            })?;
+        pb.finish_and_clear();
+        done = format!(
+            "completed {n} replies cut at heretic's markers ({changed} label(s) changed), "
+        );
+    }
+    refusal.label(&mut rec.outcome, &rep.evaluator.bad_text)?;
+    write_atomic(&path, &serde_json::to_vec(&rec)?)?;
+    eprintln!(
+        "r{} {:<40} stored score: {done}labelled by {} ({:.0} s)",
+        rep.seed,
+        trunc(&v.name, 40),
+        refusal
+            .classifiers
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Scores one distinct edit on the evaluation prompts — after searching its kernel on the
