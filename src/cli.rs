@@ -483,8 +483,7 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
     let pb = bar((split.good_eval.len()) as u64, "reference (unedited)");
     let ev = Evaluator::new(&lm, &split.good_eval, &split.bad_eval, system, opts)?;
     pb.finish_and_clear();
-    let score_bar =
-        |name: &str, ev: &Evaluator| bar((ev.good.len() * 2 + ev.bad.len()) as u64, name);
+    let score_bar = |name: &str, ev: &Evaluator| bar(ev.work(), name);
     let pb = score_bar("scoring unedited", &ev);
     let base = ev.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();

@@ -239,6 +239,13 @@ impl Evaluator {
         Ok(ev)
     }
 
+    /// The units of work a score reports through its progress callback: each harmless prompt
+    /// once for KL (twice with an over-refusal check), each harmful prompt once.
+    pub fn work(&self) -> u64 {
+        let passes = 1 + usize::from(self.options.over_refusal_tokens > 0);
+        (self.good.len() * passes + self.bad.len()) as u64
+    }
+
     /// Log-probabilities at the scored positions of every harmless prompt.
     fn logprobs(&self, model: &Model) -> Result<Vec<Tensor>> {
         let k = self.options.kl_tokens.max(1);

@@ -190,18 +190,25 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
         available(),
         "bf16 kernel called on a CPU without AVX512_BF16"
     );
-    // x in bf16 with an even row stride (a zero in the padding).
-    let mut xb = vec![bf16::ZERO; m * k2];
-    xb.par_chunks_mut(k2.max(1))
-        .zip(x.par_chunks(k.max(1)))
-        // SAFETY: `available()` was asserted.
-        .for_each(|(d, s)| unsafe { round_row(s, d) });
-    // The widening kernel broadcasts f32s: the same rounded values, widened once.
-    let xw: Vec<f32> = if kern == Kernel::Widen {
-        xb.par_iter().map(|v| v.to_f32()).collect()
-    } else {
-        Vec::new()
-    };
+    // x rounded to bf16 once, with an even row stride (a zero in the padding): as bf16 pairs for
+    // the dot kernel, widened back to f32 for the widening one (which broadcasts f32s).
+    let (mut xb, mut xw) = (Vec::new(), Vec::new());
+    match kern {
+        Kernel::Dot => {
+            xb = vec![bf16::ZERO; m * k2];
+            xb.par_chunks_mut(k2.max(1))
+                .zip(x.par_chunks(k.max(1)))
+                // SAFETY: `available()` was asserted.
+                .for_each(|(d, s)| unsafe { round_row(s, d) });
+        }
+        Kernel::Widen => {
+            xw = vec![0f32; m * k2];
+            xw.par_chunks_mut(k2.max(1))
+                .zip(x.par_chunks(k.max(1)))
+                // SAFETY: as above.
+                .for_each(|(d, s)| unsafe { round_row_f32(s, d) });
+        }
+    }
     let mut y = vec![0f32; m * n];
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
@@ -249,8 +256,89 @@ unsafe fn round_row(_: &[f32], _: &mut [bf16]) {
     unreachable!("available() is false off x86_64")
 }
 
-/// Panels `q0..q1` of the output: k-blocks outermost, so each panel slice is reused from L1
-/// by every block of input rows.
+/// `d[..s.len()] = s` rounded to bf16 as `round_row` does, kept as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_row_f32(s: &[f32], d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let full = s.len() / 16 * 16;
+    let mut i = 0;
+    while i < full {
+        let v = _mm512_loadu_ps(s.as_ptr().add(i));
+        let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16);
+        _mm512_storeu_ps(d.as_mut_ptr().add(i), _mm512_castsi512_ps(wide));
+        i += 16;
+    }
+    for j in full..s.len() {
+        d[j] = half::bf16::from_f32(s[j]).to_f32();
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_row_f32(_: &[f32], _: &mut [f32]) {
+    unreachable!("available() is false off x86_64")
+}
+
+/// One micro-kernel call: R rows of x from `x` (row stride `k2` elements) against one panel
+/// over `steps` input pairs, into the R × 32 block of y at `y` (row stride `ldy`), `cols` of the
+/// 32 columns real; added to y unless `first`.
+#[derive(Clone, Copy)]
+struct Tile<T> {
+    x: *const T,
+    k2: usize,
+    panel: *const bf16,
+    steps: usize,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    first: bool,
+}
+
+/// Panels `q0..q1` of the output, each block of input rows handed to `$tile::<R>`: k-blocks
+/// outermost, so each panel slice is reused from L1 by every block of input rows. A macro, not
+/// a function taking the kernel, so that each tile is inlined into its own walker, which is
+/// compiled with that kernel's target features.
+macro_rules! walk_panels {
+    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $tile:ident) => {{
+        let (x, m, k2, w, y) = ($x, $m, $k2, $w, $y);
+        let pairs = k2 / 2;
+        let mut p0 = 0;
+        while p0 < pairs {
+            let p1 = (p0 + k_block(k2) / 2).min(pairs);
+            for q in $q0..$q1 {
+                let mut i = 0;
+                while i < m {
+                    let rows = (m - i).min(MR);
+                    let t = Tile {
+                        x: x.as_ptr().add(i * k2 + p0 * 2),
+                        k2,
+                        panel: w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2),
+                        steps: p1 - p0,
+                        y: y.add(i * w.n + q * NR),
+                        ldy: w.n,
+                        cols: (w.n - q * NR).min(NR),
+                        first: p0 == 0,
+                    };
+                    match rows {
+                        8 => $tile::<8>(t),
+                        7 => $tile::<7>(t),
+                        6 => $tile::<6>(t),
+                        5 => $tile::<5>(t),
+                        4 => $tile::<4>(t),
+                        3 => $tile::<3>(t),
+                        2 => $tile::<2>(t),
+                        _ => $tile::<1>(t),
+                    }
+                    i += rows;
+                }
+            }
+            p0 = p1;
+        }
+    }};
+}
+
+/// Panels `q0..q1` with the `vdpbf16ps` kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn panels_range(
@@ -262,34 +350,22 @@ unsafe fn panels_range(
     q1: usize,
     y: *mut f32,
 ) {
-    let pairs = k2 / 2;
-    let mut p0 = 0;
-    while p0 < pairs {
-        let p1 = (p0 + k_block(k2) / 2).min(pairs);
-        for q in q0..q1 {
-            let panel = w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2);
-            let cols = (w.n - q * NR).min(NR);
-            let mut i = 0;
-            while i < m {
-                let rows = (m - i).min(MR);
-                let xrow = xb.as_ptr().add(i * k2 + p0 * 2);
-                let yblk = y.add(i * w.n + q * NR);
-                let first = p0 == 0;
-                match rows {
-                    8 => tile::<8>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    7 => tile::<7>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    6 => tile::<6>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    5 => tile::<5>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    4 => tile::<4>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    3 => tile::<3>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    2 => tile::<2>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                    _ => tile::<1>(xrow, k2, panel, p1 - p0, yblk, w.n, cols, first),
-                }
-                i += rows;
-            }
-        }
-        p0 = p1;
-    }
+    walk_panels!(xb, m, k2, w, q0, q1, y, tile)
+}
+
+/// Panels `q0..q1` with the widening kernel; `xw` holds the rounded inputs as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn panels_range_widen(
+    xw: &[f32],
+    m: usize,
+    k2: usize,
+    w: &Packed,
+    q0: usize,
+    q1: usize,
+    y: *mut f32,
+) {
+    walk_panels!(xw, m, k2, w, q0, q1, y, tile_widen)
 }
 
 /// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
@@ -297,17 +373,17 @@ unsafe fn panels_range(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize>(
-    x: *const bf16,
-    k2: usize,
-    panel: *const bf16,
-    steps: usize,
-    y: *mut f32,
-    ldy: usize,
-    cols: usize,
-    first: bool,
-) {
+unsafe fn tile<const R: usize>(t: Tile<bf16>) {
+    let Tile {
+        x,
+        k2,
+        panel,
+        steps,
+        y,
+        ldy,
+        cols,
+        first,
+    } = t;
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -329,66 +405,23 @@ unsafe fn tile<const R: usize>(
     store_tile(&acc, y, ldy, cols, first);
 }
 
-/// As `panels_range`, with the widening micro-kernel; `xw` holds the rounded inputs as f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn panels_range_widen(
-    xw: &[f32],
-    m: usize,
-    k2: usize,
-    w: &Packed,
-    q0: usize,
-    q1: usize,
-    y: *mut f32,
-) {
-    let pairs = k2 / 2;
-    let mut p0 = 0;
-    while p0 < pairs {
-        let p1 = (p0 + k_block(k2) / 2).min(pairs);
-        for q in q0..q1 {
-            let panel = w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2);
-            let cols = (w.n - q * NR).min(NR);
-            let mut i = 0;
-            while i < m {
-                let rows = (m - i).min(MR);
-                let xrow = xw.as_ptr().add(i * k2 + p0 * 2);
-                let yblk = y.add(i * w.n + q * NR);
-                let a = (xrow, k2, panel, p1 - p0, yblk, w.n, cols, p0 == 0);
-                match rows {
-                    8 => tile_widen::<8>(a),
-                    7 => tile_widen::<7>(a),
-                    6 => tile_widen::<6>(a),
-                    5 => tile_widen::<5>(a),
-                    4 => tile_widen::<4>(a),
-                    3 => tile_widen::<3>(a),
-                    2 => tile_widen::<2>(a),
-                    _ => tile_widen::<1>(a),
-                }
-                i += rows;
-            }
-        }
-        p0 = p1;
-    }
-}
-
-type TileArgs = (
-    *const f32,
-    usize,
-    *const bf16,
-    usize,
-    *mut f32,
-    usize,
-    usize,
-    bool,
-);
-
 /// As `tile`, each weight pair widened to f32 (the even element is the low half of a 32-bit
 /// lane: shifted up; the odd one the high half: masked) and accumulated odd first, as
 /// `vdpbf16ps` does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn tile_widen<const R: usize>((x, k2, panel, steps, y, ldy, cols, first): TileArgs) {
+unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
+    let Tile {
+        x,
+        k2,
+        panel,
+        steps,
+        y,
+        ldy,
+        cols,
+        first,
+    } = t;
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -491,7 +524,7 @@ mod tests {
     }
 
     /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail (m
-    /// not a multiple of 8, n not of 32, odd k, k across several blocks).
+    /// not a multiple of 8, n not of 32, odd k, k across several k-blocks).
     #[test]
     fn agrees_with_the_exact_product_of_the_rounded_operands() {
         if !available() {
@@ -506,6 +539,7 @@ mod tests {
             (16, 576, 64, 5),
             (13, 700, 70, 6),
             (17, 896, 97, 7),
+            (5, 1100, 40, 8),
         ] {
             let x = noise(m * k, seed);
             let wf = noise(n * k, seed + 100);

@@ -163,7 +163,7 @@ pub fn search_edit(
     let names: Vec<String> = space.iter().map(|s| s.0.clone()).collect();
     let bounds: Vec<(f64, f64)> = space.iter().map(|s| (s.1, s.2)).collect();
     let mut trials: Vec<Trial> = Vec::new();
-    let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
+    let n_work = sel.evaluator.work();
     let mut f = |x: &[f64]| -> Result<f64> {
         let t = Instant::now();
         let key = format!("{x:?}");
@@ -310,7 +310,7 @@ pub fn tune_thresholds(
     // Dim sets met so far in this trace (a trial is `scored` when its dims are new here).
     let mut seen: std::collections::BTreeSet<Vec<u32>> = Default::default();
     let mut trials: Vec<Trial> = Vec::new();
-    let n_work = (sel.evaluator.good.len() * 2 + sel.evaluator.bad.len()) as u64;
+    let n_work = sel.evaluator.work();
     let mut f = |x: &[f64]| -> Result<f64> {
         let t = Instant::now();
         let mut cfg = base_cfg.clone();

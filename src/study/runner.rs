@@ -250,7 +250,7 @@ fn scored_reference(
             return Ok((evaluator, o));
         }
     }
-    let pb = progress_bar((good.len() * 2 + bad.len()) as u64, label);
+    let pb = progress_bar(evaluator.work(), label);
     let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     write_record(&path, &o)?;
@@ -629,7 +629,7 @@ fn score_group(
         v.ablation = p.clone();
     }
     let pb = progress_bar(
-        (rep.evaluator.good.len() * 2 + rep.evaluator.bad.len()) as u64,
+        rep.evaluator.work(),
         &format!("r{seed} {}", trunc(&v.name, 34)),
     );
     let mut outcome = variant::score(lm, &rep.evaluator, &v, &data, |_, n| pb.inc(n as u64))?;
