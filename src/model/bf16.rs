@@ -206,7 +206,7 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
             xw.par_chunks_mut(k2.max(1))
                 .zip(x.par_chunks(k.max(1)))
                 // SAFETY: as above.
-                .for_each(|(d, s)| unsafe { round_row_f32(s, d) });
+                .for_each(|(d, s)| unsafe { round_row(s, d) });
         }
     }
     let mut y = vec![0f32; m * n];
@@ -233,50 +233,54 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
     y
 }
 
+/// What x is rounded into: bf16 pairs for the dot kernel, the same values as f32 for the
+/// widening one.
+trait Rounded: Copy {
+    /// Stored as f32 (the bf16 bits shifted into the high half).
+    const WIDE: bool;
+    fn round(v: f32) -> Self;
+}
+
+impl Rounded for bf16 {
+    const WIDE: bool = false;
+    fn round(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
+impl Rounded for f32 {
+    const WIDE: bool = true;
+    fn round(v: f32) -> f32 {
+        bf16::from_f32(v).to_f32()
+    }
+}
+
 /// `d[..s.len()] = s` rounded to bf16 (nearest even), 16 at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_row(s: &[f32], d: &mut [bf16]) {
+unsafe fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
     use std::arch::x86_64::*;
     let full = s.len() / 16 * 16;
     let mut i = 0;
     while i < full {
         let v = _mm512_loadu_ps(s.as_ptr().add(i));
         let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-        _mm256_storeu_si256(d.as_mut_ptr().add(i) as *mut __m256i, r);
+        let at = d.as_mut_ptr().add(i);
+        if T::WIDE {
+            let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16);
+            _mm512_storeu_ps(at as *mut f32, _mm512_castsi512_ps(wide));
+        } else {
+            _mm256_storeu_si256(at as *mut __m256i, r);
+        }
         i += 16;
     }
     for j in full..s.len() {
-        d[j] = half::bf16::from_f32(s[j]);
+        d[j] = T::round(s[j]);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn round_row(_: &[f32], _: &mut [bf16]) {
-    unreachable!("available() is false off x86_64")
-}
-
-/// `d[..s.len()] = s` rounded to bf16 as `round_row` does, kept as f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_row_f32(s: &[f32], d: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let full = s.len() / 16 * 16;
-    let mut i = 0;
-    while i < full {
-        let v = _mm512_loadu_ps(s.as_ptr().add(i));
-        let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-        let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16);
-        _mm512_storeu_ps(d.as_mut_ptr().add(i), _mm512_castsi512_ps(wide));
-        i += 16;
-    }
-    for j in full..s.len() {
-        d[j] = half::bf16::from_f32(s[j]).to_f32();
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn round_row_f32(_: &[f32], _: &mut [f32]) {
+unsafe fn round_row<T: Rounded>(_: &[f32], _: &mut [T]) {
     unreachable!("available() is false off x86_64")
 }
 
@@ -374,16 +378,7 @@ unsafe fn panels_range_widen(
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
 unsafe fn tile<const R: usize>(t: Tile<bf16>) {
-    let Tile {
-        x,
-        k2,
-        panel,
-        steps,
-        y,
-        ldy,
-        cols,
-        first,
-    } = t;
+    let (x, k2, panel, steps) = (t.x, t.k2, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -402,7 +397,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
             }
         }
     }
-    store_tile(&acc, y, ldy, cols, first);
+    store_tile(&acc, &t);
 }
 
 /// As `tile`, each weight pair widened to f32 (the even element is the low half of a 32-bit
@@ -412,16 +407,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
-    let Tile {
-        x,
-        k2,
-        panel,
-        steps,
-        y,
-        ldy,
-        cols,
-        first,
-    } = t;
+    let (x, k2, panel, steps) = (t.x, t.k2, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -444,7 +430,7 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
             }
         }
     }
-    store_tile(&acc, y, ldy, cols, first);
+    store_tile(&acc, &t);
 }
 
 /// Writes (or, unless `first`, adds) an R × 32 block of accumulators to `y`, `cols` of the
@@ -452,14 +438,12 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn store_tile<const R: usize, const NV: usize>(
+unsafe fn store_tile<const R: usize, const NV: usize, T>(
     acc: &[[std::arch::x86_64::__m512; NV]; R],
-    y: *mut f32,
-    ldy: usize,
-    cols: usize,
-    first: bool,
+    t: &Tile<T>,
 ) {
     use std::arch::x86_64::*;
+    let (y, ldy, cols, first) = (t.y, t.ldy, t.cols, t.first);
     for (r, row) in acc.iter().enumerate() {
         let yr = y.add(r * ldy);
         for (v, c) in row.iter().enumerate() {
