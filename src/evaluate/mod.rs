@@ -384,6 +384,14 @@ impl Evaluator {
         })
     }
 
+    /// The harmful prompts whose replies in `o` [`Evaluator::complete`] would generate again —
+    /// those heretic labelled, a reply being cut only where a marker appeared — or None when
+    /// `o` was not cut or this evaluator cuts too.
+    pub fn cut_replies(&self, o: &Outcome) -> Option<Vec<usize>> {
+        (o.stopped_at_marker && !self.options.early_stop)
+            .then(|| (0..o.refused.len()).filter(|&i| o.refused[i]).collect())
+    }
+
     /// Runs to the length limit the replies of `o` that were cut at heretic's first marker, so
     /// that classifiers other than heretic's can read them — without rescoring the rest: a reply
     /// is cut only where a marker appeared, and greedy replies do not depend on how prompts are
@@ -397,9 +405,9 @@ impl Evaluator {
         o: &mut Outcome,
         mut progress: impl FnMut(&str, usize),
     ) -> Result<(usize, usize)> {
-        if !o.stopped_at_marker || self.options.early_stop {
+        let Some(cut) = self.cut_replies(o) else {
             return Ok((0, 0));
-        }
+        };
         if o.replies.len() != self.bad.len() {
             bail!(
                 "a stored score has {} replies but the study has {} harmful evaluation prompts",
@@ -407,7 +415,6 @@ impl Evaluator {
                 self.bad.len()
             );
         }
-        let cut: Vec<usize> = (0..o.refused.len()).filter(|&i| o.refused[i]).collect();
         let prompts: Vec<Vec<u32>> = cut.iter().map(|&i| self.bad[i].clone()).collect();
         let (replies, tokens) = self.replies(
             model,

@@ -240,7 +240,8 @@ fn scored_reference(
         let cut_path =
             reference_cache_path(cache, &hash_json(&(model_key, good, bad, system, &cut)));
         if let Ok(Some(mut o)) = read_record::<Outcome>(&cut_path) {
-            let pb = progress_bar(o.refused.iter().filter(|r| **r).count() as u64, label);
+            let n = evaluator.cut_replies(&o).map_or(0, |c| c.len());
+            let pb = progress_bar(n as u64, label);
             let t = Instant::now();
             let (n, changed) =
                 evaluator.complete(&lm.model, &lm.tokenizer, &mut o, |_, k| pb.inc(k as u64))?;
@@ -548,11 +549,11 @@ fn update_stored(
     let Some(mut rec) = read_record::<ScoreRecord>(&path)? else {
         return Ok(());
     };
-    let cut = rec.outcome.stopped_at_marker && !rep.evaluator.options.early_stop;
+    let cut = rep.evaluator.cut_replies(&rec.outcome).map(|c| c.len());
     let unlabelled = refusal.classifiers.iter().any(|c| {
         *c != classify::Classifier::Heretic && !rec.outcome.labels.contains_key(&c.name())
     });
-    if !cut && !unlabelled {
+    if cut.is_none() && !unlabelled {
         return Ok(());
     }
     let t = Instant::now();
@@ -561,9 +562,8 @@ fn update_stored(
         v.ablation = a.clone();
     }
     let mut done = String::new();
-    if cut {
+    if let Some(n) = cut {
         let data = variant::prepare_with_dims(&rep.data, &v, dims)?;
-        let n = rec.outcome.refused.iter().filter(|r| **r).count();
         let pb = progress_bar(
             n as u64,
             &format!("r{} {} (completing)", rep.seed, trunc(&v.name, 22)),
