@@ -967,6 +967,13 @@ variants:
         .sum::<usize>()
         + cut_short(&reference(&kept));
     assert!(cut_before > 0, "no reply was cut at a marker");
+    // A shard left as it was, to merge with the relabelled one below.
+    let stale = tmp.path().join("stale");
+    let cp = Command::new("cp")
+        .args(["-r", kept.to_str().unwrap(), stale.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(cp.success());
 
     let e = ok(run_cli(&b, &kept, &[]));
     assert!(
@@ -999,6 +1006,20 @@ variants:
     assert_eq!(rk.refused, rf.refused);
     assert_eq!(rk.labels.get("phrases"), rf.labels.get("phrases"));
     assert_eq!(cut_short(&rk), 0);
+    // A shard not yet relabelled does not merge with one that is, and the error says what to do.
+    let m = Command::new(bin())
+        .args(["merge", "--into"])
+        .arg(tmp.path().join("merged"))
+        .args([&kept, &stale])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&m.stderr);
+    assert!(!m.status.success());
+    assert!(
+        e.contains("differ only in their refusal classifiers")
+            && e.contains("run each shard again"),
+        "{e}"
+    );
     // A changed edit or reply length is still a different plan.
     let other = both.replace("max_response_tokens: 24", "max_response_tokens: 25");
     std::fs::write(&b, other).unwrap();

@@ -952,11 +952,30 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
         let p = fs::read(&pp)
             .with_context(|| format!("{} is not a run directory (no plan.json)", s.display()))?;
         match &plan {
-            Some((first, b)) if *b != p => bail!(
-                "{} ran a different plan than {}; only shards of one study and plan merge",
-                pp.display(),
-                first.display()
-            ),
+            Some((first, b)) if *b != p => {
+                // A shard run before the study named another refusal classifier holds scores
+                // without its labels: merging it would leave them out, so it is refused too, but
+                // the way out is cheap.
+                let relabel = match (
+                    serde_json::from_slice::<Plan>(b),
+                    serde_json::from_slice::<Plan>(&p),
+                ) {
+                    (Ok(a), Ok(c)) => a.same_scores(&c),
+                    _ => false,
+                };
+                if relabel {
+                    bail!(
+                        "{} and {} differ only in their refusal classifiers; run each shard again with the current study file (its stored scores are kept and relabelled, nothing is rescored), then merge",
+                        pp.display(),
+                        first.display()
+                    );
+                }
+                bail!(
+                    "{} ran a different plan than {}; only shards of one study and plan merge",
+                    pp.display(),
+                    first.display()
+                )
+            }
             Some(_) => {}
             None => plan = Some((pp, p)),
         }
