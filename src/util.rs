@@ -101,21 +101,6 @@ pub fn did_you_mean<'a>(word: &str, choices: &[&'a str]) -> Option<&'a str> {
         .map(|(_, c)| c)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn suggests_close_keys_only() {
-        assert_eq!(
-            did_you_mean("median_ration", &["median_ratio", "mad_ratio"]),
-            Some("median_ratio")
-        );
-        assert_eq!(did_you_mean("zzzzzz", &["median_ratio", "mad_ratio"]), None);
-        assert_eq!(levenshtein("kitten", "sitting"), 3);
-    }
-}
-
 /// Dims for a one-line summary: all of them when few, else the first few and the count.
 pub fn dims_summary(dims: &[u32]) -> String {
     if dims.len() <= 8 {
@@ -132,5 +117,20 @@ pub fn trunc(s: &str, n: usize) -> String {
         s.to_string()
     } else {
         format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_keys_only() {
+        assert_eq!(
+            did_you_mean("median_ration", &["median_ratio", "mad_ratio"]),
+            Some("median_ratio")
+        );
+        assert_eq!(did_you_mean("zzzzzz", &["median_ratio", "mad_ratio"]), None);
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
     }
 }

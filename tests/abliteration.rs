@@ -127,7 +127,7 @@ fn empty_dims_make_dim_handlings_identical_to_none() {
     let none = direction::refusal_directions(&good, &bad, true).unwrap();
     for h in [Handling::ZeroResidualDims, Handling::ProtectOutputRows] {
         let (mut g, mut b) = (good.clone(), bad.clone());
-        let protect = apply_handlings(&[h.clone()], &[], &mut g, &mut b).unwrap();
+        let protect = apply_handlings(std::slice::from_ref(&h), &[], &mut g, &mut b).unwrap();
         assert!(protect.is_empty());
         assert_eq!(g.data, good.data);
         let dirs = direction::refusal_directions(&g, &b, true).unwrap();
@@ -203,12 +203,8 @@ fn undo_restores_weights_and_outputs_bit_for_bit() {
     );
     let after = last_logits(&lm.model, &batch);
     assert_eq!(bits(&after), bits(&before));
-    for l in 0..lm.model.num_layers() {
-        assert_eq!(
-            bits(&lm.model.writer(l, Writer::MlpDown)),
-            w_before[l],
-            "layer {l}"
-        );
+    for (l, w) in w_before.iter().enumerate() {
+        assert_eq!(bits(&lm.model.writer(l, Writer::MlpDown)), *w, "layer {l}");
     }
 }
 

@@ -37,7 +37,7 @@ fn check_against_reference(alias: &str, fixture_name: &str) {
             "input ids for {user:?}"
         );
 
-        let batch = Batch::left_padded(&[enc.ids.clone()], lm.tokenizer.pad_id);
+        let batch = Batch::left_padded(std::slice::from_ref(&enc.ids), lm.tokenizer.pad_id);
         let out = lm.model.forward(&batch, true, Logits::Last).unwrap();
         let logits: Vec<f32> = out
             .logits
@@ -127,7 +127,7 @@ fn check_against_reference(alias: &str, fixture_name: &str) {
             pad_id: lm.tokenizer.pad_id,
             use_cache: true,
         };
-        let got = &generate::greedy(&lm.model, &[enc.ids.clone()], &opts).unwrap()[0];
+        let got = &generate::greedy(&lm.model, std::slice::from_ref(&enc.ids), &opts).unwrap()[0];
         let want = as_u32s(&case["greedy24"]);
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         // The reference stops at EOS, so a short reference must be matched whole.

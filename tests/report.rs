@@ -161,9 +161,9 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
             let after = cell
                 .trim_start_matches('|')
                 .trim()
-                .splitn(2, ": ")
-                .nth(1)
-                .unwrap();
+                .split_once(": ")
+                .unwrap()
+                .1;
             after
                 .split(", ")
                 .next()

@@ -39,7 +39,11 @@ fn left_padded_batch_equals_each_prompt_alone() {
     for (b, e) in enc.iter().enumerate() {
         let alone = lm
             .model
-            .forward(&Batch::left_padded(&[e.ids.clone()], 0), true, Logits::Last)
+            .forward(
+                &Batch::left_padded(std::slice::from_ref(&e.ids), 0),
+                true,
+                Logits::Last,
+            )
             .unwrap();
         let d = max_abs_diff(
             &together.logits.as_ref().unwrap().i(b).unwrap(),

@@ -326,17 +326,11 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
         };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} |{}",
-            format!(
-                "A{}: {}",
-                c.variant + 1,
-                escape_cell(&f.arms[c.variant].label())
-            ),
-            format!(
-                "A{}: {}",
-                c.reference + 1,
-                escape_cell(&f.arms[c.reference].label())
-            ),
+            "| A{}: {} | A{}: {} | {} | {} | {} |{}",
+            c.variant + 1,
+            escape_cell(&f.arms[c.variant].label()),
+            c.reference + 1,
+            escape_cell(&f.arms[c.reference].label()),
             metric_cells(r, 100.0, 1),
             metric_cells(k, 1.0, 4),
             power.join("<br>"),
@@ -976,7 +970,10 @@ h1,h2,h3{line-height:1.2}";
 /// Every variant pooled over replicates; variants with the same scores in every replicate are
 /// one point.
 fn pooled_points(r: &RunResults) -> Vec<plots::Point> {
-    let mut groups: Vec<(Vec<(u64, String)>, Vec<String>, bool)> = Vec::new();
+    // (replicate, score key) of every score a variant has, its variants' names, and whether
+    // any of them is a baseline.
+    type Group = (Vec<(u64, String)>, Vec<String>, bool);
+    let mut groups: Vec<Group> = Vec::new();
     for pv in &r.plan.variants {
         let mut keys: Vec<(u64, String)> = r
             .assignments

@@ -44,8 +44,10 @@ pub fn objective(o: &Outcome, base_refusals: usize, kl_target: f64, kl_scale: f6
     kl_term + ratio
 }
 
+type Objective<'a> = &'a mut dyn FnMut(&[f64]) -> Result<f64>;
+
 struct Budgeted<'a> {
-    f: RefCell<&'a mut dyn FnMut(&[f64]) -> Result<f64>>,
+    f: RefCell<Objective<'a>>,
     left: Cell<usize>,
 }
 
