@@ -183,6 +183,17 @@ impl Handling {
         }
     }
 
+    /// The residual dims this handling zeroes, given the detected `dims` and the hidden size:
+    /// the detected ones, as many drawn at random for the control, none for the others. The
+    /// report calls this too, so the dims a control zeroed are printed, not re-derived.
+    pub fn zeroed_dims(&self, dims: &[u32], d: usize) -> Vec<u32> {
+        match self {
+            Handling::ZeroResidualDims => dims.to_vec(),
+            Handling::RandomDims { seed } => random_dims(d, dims.len(), *seed, dims),
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether this handling needs detected dims.
     pub fn uses_dims(&self) -> bool {
         matches!(
@@ -272,11 +283,16 @@ fn rotate(r: &mut Residuals, q_mat: &Tensor, transpose: bool) -> Result<()> {
     Ok(())
 }
 
-/// Random dims, as many as `count`, never the same set for different seeds.
-pub fn random_dims(d: usize, count: usize, seed: u64) -> Vec<u32> {
+/// `count` dims of `0..d` drawn with `seed`, none of them in `avoid` (the detected dims: a
+/// control that zeroed one of them would not be a random control).
+pub fn random_dims(d: usize, count: usize, seed: u64, avoid: &[u32]) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..d as u32).collect();
     Rng::new(seed ^ 0xD1B5_4A32_D192_ED03).shuffle(&mut idx);
-    let mut v: Vec<u32> = idx.into_iter().take(count).collect();
+    let mut v: Vec<u32> = idx
+        .into_iter()
+        .filter(|i| !avoid.contains(i))
+        .take(count)
+        .collect();
     v.sort_unstable();
     v
 }
@@ -310,10 +326,7 @@ pub fn apply_handlings(
                 }
             }
             Handling::ZeroResidualDims | Handling::RandomDims { .. } => {
-                let zero: Vec<u32> = match h {
-                    Handling::RandomDims { seed } => random_dims(good.d, dims.len(), *seed),
-                    _ => dims.to_vec(),
-                };
+                let zero = h.zeroed_dims(dims, good.d);
                 for r in [&mut *good, &mut *bad] {
                     for s in 0..r.states {
                         for p in 0..r.n {

@@ -275,16 +275,36 @@ fn random_rotation_without_clamping_changes_nothing() {
     )
     .unwrap();
     assert_ne!(g1.data, g2.data);
-    // Random dims: as many as detected, seeded.
+    // Random dims: as many as detected, seeded, never a detected one.
     assert_eq!(
-        direction::random_dims(100, 3, 1),
-        direction::random_dims(100, 3, 1)
+        direction::random_dims(100, 3, 1, &[]),
+        direction::random_dims(100, 3, 1, &[])
     );
     assert_ne!(
-        direction::random_dims(100, 3, 1),
-        direction::random_dims(100, 3, 2)
+        direction::random_dims(100, 3, 1, &[]),
+        direction::random_dims(100, 3, 2, &[])
     );
-    assert_eq!(direction::random_dims(100, 3, 1).len(), 3);
+    let detected = [4u32, 7, 9];
+    for seed in 0..200 {
+        let r = Handling::RandomDims { seed }.zeroed_dims(&detected, 12);
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|x| *x < 12 && !detected.contains(x)), "{r:?}");
+        assert!(r.windows(2).all(|w| w[0] < w[1]), "{r:?}");
+    }
+    // Avoiding the detected dims changes only the draws that would have hit one.
+    let free = direction::random_dims(100, 3, 1, &[]);
+    assert_eq!(direction::random_dims(100, 3, 1, &[free[0] + 1]).len(), 3);
+    let hit = direction::random_dims(100, 3, 1, &free[..1]);
+    assert!(!hit.contains(&free[0]) && hit.contains(&free[1]) && hit.contains(&free[2]));
+    // What the report prints is what apply_handlings zeroed.
+    let (mut g3, mut b3) = (good.clone(), bad.clone());
+    let h = Handling::RandomDims { seed: 5 };
+    apply_handlings(std::slice::from_ref(&h), &detected, &mut g3, &mut b3).unwrap();
+    let zeroed = h.zeroed_dims(&detected, good.d);
+    for j in 0..good.d as u32 {
+        let all_zero = (0..g3.n).all(|p| g3.row(0, p)[j as usize] == 0.0);
+        assert_eq!(all_zero, zeroed.contains(&j), "dim {j}");
+    }
 }
 
 #[test]

@@ -610,14 +610,25 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         )?;
         writeln!(md, "| variant | handling | arm | detected dims | refusals (95% Wilson) | KL (mean, 95% CI) | over-refusals | shared score |")?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        let hidden = r.detections.get(&seed).map(|d| d.hidden_size);
         for row in &here {
             // Seeded by the score, so variants that share a score show the same interval.
             let kl = mean_ci(&row.outcome.kl, seed ^ key_seed(&row.key));
+            let mut handling = crate::direction::describe_list(&row.handlings);
+            // A random-dims control zeroes dims other than those detected: say which.
+            for h in &row.handlings {
+                if let (crate::direction::Handling::RandomDims { .. }, Some(d)) = (h, hidden) {
+                    handling.push_str(&format!(
+                        ", zeroes {}",
+                        dims_cell(&h.zeroed_dims(&row.dims, d))
+                    ));
+                }
+            }
             writeln!(
                 md,
                 "| {} | {} | {} | {} | {} | {:.3} [{:.3}, {:.3}] | {} | {} |",
                 row.name,
-                crate::direction::describe_list(&row.handlings),
+                handling,
                 arm_of(&row.name).map_or("–".into(), |a| format!("A{}", a + 1)),
                 dims_cell(&row.dims),
                 pct(&row.outcome.refusal_rate()),
