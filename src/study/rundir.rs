@@ -275,8 +275,7 @@ pub fn write_or_check_plan(out: &Path, plan: &Plan) -> Result<()> {
         Ok(old) if old != plan_json => {
             // Only the refusal classifiers changed: every stored score stays valid (the runner
             // completes cut replies and adds the new labels).
-            let same = serde_json::from_slice::<Plan>(&old).is_ok_and(|o| o.same_scores(plan));
-            if !same {
+            if !plans_share_scores(&old, &plan_json) {
                 bail!(
                     "{} holds the results of a different plan (the study changed); use another output folder or delete it",
                     out.display()
@@ -290,6 +289,18 @@ pub fn write_or_check_plan(out: &Path, plan: &Plan) -> Result<()> {
         }
         Ok(_) => Ok(()),
         Err(_) => write_atomic(&plan_path, &plan_json),
+    }
+}
+
+/// Whether two `plan.json` files, as bytes, plan the same scores (they differ at most in the
+/// refusal classifiers); an unreadable one shares nothing.
+fn plans_share_scores(a: &[u8], b: &[u8]) -> bool {
+    match (
+        serde_json::from_slice::<Plan>(a),
+        serde_json::from_slice::<Plan>(b),
+    ) {
+        (Ok(a), Ok(b)) => a.same_scores(&b),
+        _ => false,
     }
 }
 
@@ -956,14 +967,7 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
                 // A shard run before the study named another refusal classifier holds scores
                 // without its labels: merging it would leave them out, so it is refused too, but
                 // the way out is cheap.
-                let relabel = match (
-                    serde_json::from_slice::<Plan>(b),
-                    serde_json::from_slice::<Plan>(&p),
-                ) {
-                    (Ok(a), Ok(c)) => a.same_scores(&c),
-                    _ => false,
-                };
-                if relabel {
+                if plans_share_scores(b, &p) {
                     bail!(
                         "{} and {} differ only in their refusal classifiers; run each shard again with the current study file (its stored scores are kept and relabelled, nothing is rescored), then merge",
                         pp.display(),
