@@ -232,6 +232,7 @@ fn main() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    outlierlab::util::keep_freed_memory();
     let cli = Cli::parse();
     model::source::set_default_precision(cli.precision);
     if let Err(e) = run(cli) {

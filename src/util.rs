@@ -120,6 +120,24 @@ pub fn trunc(s: &str, n: usize) -> String {
     }
 }
 
+/// Asks glibc's allocator to keep freed memory for reuse. Every tensor of a forward pass is a
+/// fresh allocation of the same few sizes; by default glibc maps the large ones anew and returns
+/// heap tops to the kernel, so each is faulted in page by page again — measured as 9 million
+/// page faults and a fifth of the CPU time in a batch-100 decode. Called once by `main`, before
+/// any thread starts.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before other threads exist.
+    unsafe {
+        // The largest threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2): tensors up to
+        // 32 MiB come from the heap; a fixed value also stops glibc raising it by itself.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // Never give the heap's top back, and grow it in 64 MiB steps.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

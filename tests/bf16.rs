@@ -9,7 +9,7 @@ use candle_core::D;
 use common::*;
 use outlierlab::detect::{self, config::PR154_TRIGGER, preset, Source};
 use outlierlab::model::generate::{self, GenerateOptions};
-use outlierlab::model::{self, bf16, HiddenConvention, Precision};
+use outlierlab::model::{self, bf16, HiddenConvention, Logits, Precision};
 
 const SYSTEM: &str = "You are a helpful assistant.";
 
@@ -164,4 +164,36 @@ fn bf16_writers_read_rounded_and_restore_exactly() {
     );
     b.model.restore_writers(&snap).unwrap();
     assert!(bits(&last_logits(&b.model, &batch)) == bits(&before));
+}
+
+/// Decoding takes each next token from the head's fused argmax (`Logits::LastArgmax`); it must
+/// be candle's argmax of the full logits, on real hidden states: every prefix of two benchmark
+/// prompts, on both models' heads (SmolLM2's 49,152 and Qwen's 151,936 columns).
+#[test]
+fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
+    if !bf16::available() {
+        eprintln!("skipped: this CPU has no AVX512_BF16");
+        return;
+    }
+    for alias in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
+        let lm = model::load_with(alias, Precision::Bf16).unwrap();
+        let mut prefixes = Vec::new();
+        for p in outlierlab::bench::bench_prompts().iter().take(2) {
+            let ids = lm.encode_chat(Some(SYSTEM), p).unwrap().ids;
+            prefixes.extend((1..=ids.len()).map(|n| ids[..n].to_vec()));
+        }
+        let batch = outlierlab::model::Batch::left_padded(&prefixes, lm.tokenizer.pad_id);
+        let full = lm.model.forward(&batch, false, Logits::Last).unwrap();
+        let want: Vec<u32> = full
+            .logits
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let fused = lm.model.forward(&batch, false, Logits::LastArgmax).unwrap();
+        assert!(fused.logits.is_none());
+        assert_eq!(fused.next.unwrap(), want, "{alias}");
+        eprintln!("{alias}: {} prefixes agree", want.len());
+    }
 }

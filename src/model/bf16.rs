@@ -184,65 +184,221 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
 
 /// `matmul_t` with a given micro-kernel.
 pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
-    let (n, k, k2) = (w.n, w.k, w.k2);
-    assert_eq!(x.len(), m * k, "x is not [m, k]");
-    assert!(
-        available(),
-        "bf16 kernel called on a CPU without AVX512_BF16"
-    );
-    // x rounded to bf16 once, with an even row stride (a zero in the padding): as bf16 pairs for
-    // the dot kernel, widened back to f32 for the widening one (which broadcasts f32s).
-    let (mut xb, mut xw) = (Vec::new(), Vec::new());
-    match kern {
-        Kernel::Dot => {
-            xb = vec![bf16::ZERO; m * k2];
-            xb.par_chunks_mut(k2.max(1))
-                .zip(x.par_chunks(k.max(1)))
-                // SAFETY: `available()` was asserted.
-                .for_each(|(d, s)| unsafe { round_row(s, d) });
-        }
-        Kernel::Widen => {
-            xw = vec![0f32; m * k2];
-            xw.par_chunks_mut(k2.max(1))
-                .zip(x.par_chunks(k.max(1)))
-                // SAFETY: as above.
-                .for_each(|(d, s)| unsafe { round_row(s, d) });
-        }
+    let n = w.n;
+    if m == 0 || w.k == 0 {
+        check(x, m, w);
+        return vec![0.0; m * n];
     }
-    let mut y = vec![0f32; m * n];
+    // Every element of y is stored by the first k-block (`first`), so it starts uninitialised:
+    // zeroing it first would only touch each page twice.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = Out(y.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     // Enough tasks to balance, each a run of whole panels.
     let per = panels.div_ceil(threads * 2).max(1);
-    let out = Out(y.as_mut_ptr());
-    (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
-        let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
-        // The whole wrapper is moved in (a closure would otherwise capture the bare pointer,
-        // which is not Send).
-        #[allow(clippy::redundant_locals)]
-        let out = out;
-        // SAFETY: `available()` was asserted; each task writes only the columns of its own
-        // panels, within y's m × n.
-        unsafe {
-            match kern {
-                Kernel::Dot => panels_range(&xb, m, k2, w, q0, q1, out.0),
-                Kernel::Widen => panels_range_widen(&xw, m, k2, w, q0, q1, out.0),
-            }
-        };
+    with_rounded(x, m, w, kern, |xs| {
+        (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+            let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
+            // The whole wrapper is moved in (a closure would otherwise capture the bare
+            // pointer, which is not Send).
+            #[allow(clippy::redundant_locals)]
+            let out = out;
+            // SAFETY: each task writes only the columns of its own panels, within y's m × n.
+            unsafe { xs.panels(m, w, q0, q1, out.0.add(q0 * NR), n) };
+        });
     });
+    // SAFETY: the panels cover all n columns and the row blocks all m rows, and the first
+    // k-block stores (not adds) each of them.
+    unsafe { y.set_len(m * n) };
     y
+}
+
+/// For each row of `x`, the column of `x · Wᵀ` with the largest value — what candle's `argmax`
+/// returns on `matmul_t`'s output (the first of equal maxima; NaN never wins unless it is in
+/// column 0), computed by the same tiles, so bit-identical values, without writing the `[m, n]`
+/// product: greedy decoding needs only this from the output head (151,936 columns on Qwen).
+pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
+    let n = w.n;
+    if m == 0 || n == 0 || w.k == 0 {
+        check(x, m, w);
+        return vec![0; m];
+    }
+    // Column groups small enough that a group's products for all rows stay in L2 until
+    // they are scanned.
+    const GROUP: usize = 64;
+    let panels = n.div_ceil(NR);
+    let kern = kernel();
+    let (first, best) = with_rounded(x, m, w, kern, |xs| {
+        // Column 0 alone, as candle starts its scan from it.
+        let mut col0 = vec![0f32; m * NR];
+        // SAFETY: one panel into a buffer of m rows × NR.
+        unsafe { xs.panels(m, w, 0, 1, col0.as_mut_ptr(), NR) };
+        let first: Vec<f32> = (0..m).map(|r| col0[r * NR]).collect();
+        let best: Vec<Vec<Option<(f32, u32)>>> = (0..panels.div_ceil(GROUP))
+            .into_par_iter()
+            .map(|g| {
+                let (q0, q1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
+                let width = (q1 - q0) * NR;
+                let live = (n - q0 * NR).min(width);
+                let mut buf = Scratch::take(&OUT_SCRATCH);
+                let y = buf.sized(m * width);
+                // SAFETY: panels q0..q1 into a buffer of m rows × `width`.
+                unsafe { xs.panels(m, w, q0, q1, y.as_mut_ptr(), width) };
+                (0..m)
+                    .map(|r| {
+                        let mut top: Option<(f32, u32)> = None;
+                        for (c, &v) in y[r * width..r * width + live].iter().enumerate() {
+                            if top.is_none_or(|(b, _)| b < v) && !v.is_nan() {
+                                top = Some((v, (q0 * NR + c) as u32));
+                            }
+                        }
+                        top
+                    })
+                    .collect()
+            })
+            .collect();
+        (first, best)
+    });
+    (0..m)
+        .map(|r| {
+            let (mut val, mut at) = (first[r], 0u32);
+            for (v, c) in best.iter().filter_map(|g| g[r]) {
+                if val < v {
+                    (val, at) = (v, c);
+                }
+            }
+            at
+        })
+        .collect()
+}
+
+fn check(x: &[f32], m: usize, w: &Packed) {
+    assert_eq!(x.len(), m * w.k, "x is not [m, k]");
+    assert!(
+        available(),
+        "bf16 kernel called on a CPU without AVX512_BF16"
+    );
+}
+
+/// x rounded for one kernel, ready to multiply panels with.
+enum RoundedX<'a> {
+    Dot(&'a [bf16]),
+    Widen(&'a [f32]),
+}
+
+impl RoundedX<'_> {
+    /// Panels `q0..q1` of `x · Wᵀ` into `y` (row stride `ldy`, column 0 = panel q0's first).
+    ///
+    /// # Safety
+    /// `y` must hold m rows of `ldy ≥ (q1 − q0) · NR` columns, written by no one else.
+    unsafe fn panels(&self, m: usize, w: &Packed, q0: usize, q1: usize, y: *mut f32, ldy: usize) {
+        match *self {
+            RoundedX::Dot(xb) => panels_range(xb, m, w, q0, q1, y, ldy),
+            RoundedX::Widen(xw) => panels_range_widen(xw, m, w, q0, q1, y, ldy),
+        }
+    }
+}
+
+/// Runs `f` with x rounded to bf16 once, with an even row stride (a zero in the padding): as
+/// bf16 pairs for the dot kernel, widened back to f32 for the widening one (which broadcasts
+/// f32s). The buffer is kept per thread: a fresh one per call is a fresh mapping from the
+/// allocator, and its page faults cost more than the rounding.
+fn with_rounded<R>(
+    x: &[f32],
+    m: usize,
+    w: &Packed,
+    kern: Kernel,
+    f: impl FnOnce(&RoundedX) -> R,
+) -> R {
+    check(x, m, w);
+    let (k, k2) = (w.k, w.k2);
+    match kern {
+        Kernel::Dot => {
+            let mut xb = Scratch::take(&BF16_SCRATCH);
+            round_rows(x, k, xb.sized(m * k2), k2);
+            f(&RoundedX::Dot(xb.slice()))
+        }
+        Kernel::Widen => {
+            let mut xw = Scratch::take(&F32_SCRATCH);
+            round_rows(x, k, xw.sized(m * k2), k2);
+            f(&RoundedX::Widen(xw.slice()))
+        }
+    }
+}
+
+/// `d` (rows of `k2`) = the rows of `s` (rows of `k`) rounded to bf16, the padding zeroed.
+fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
+    d.par_chunks_mut(k2)
+        .zip(s.par_chunks(k))
+        .for_each(|(d, s)| {
+            // SAFETY: `available()` was asserted by the caller.
+            unsafe { round_row(s, &mut d[..k]) };
+            d[k..].fill(T::ZERO);
+        });
+}
+
+thread_local! {
+    static BF16_SCRATCH: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static F32_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static OUT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A thread's input buffer, taken for one call and put back after it (a call nested on the same
+/// thread, as rayon may run one while this one waits, finds it taken and uses a new one).
+struct Scratch<T: 'static> {
+    buf: Vec<T>,
+    home: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+}
+
+impl<T: Copy + Default + 'static> Scratch<T> {
+    fn take(home: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>) -> Scratch<T> {
+        let buf = home.with(|c| {
+            c.try_borrow_mut()
+                .map(|mut b| std::mem::take(&mut *b))
+                .unwrap_or_default()
+        });
+        Scratch { buf, home }
+    }
+
+    /// The first `len` elements (their old contents: every caller overwrites them).
+    fn sized(&mut self, len: usize) -> &mut [T] {
+        if self.buf.len() < len {
+            self.buf.resize(len, T::default());
+        }
+        &mut self.buf[..len]
+    }
+
+    fn slice(&self) -> &[T] {
+        &self.buf
+    }
+}
+
+impl<T: 'static> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let _ = self.home.try_with(|c| {
+            if let Ok(mut b) = c.try_borrow_mut() {
+                if b.capacity() < buf.capacity() {
+                    *b = buf;
+                }
+            }
+        });
+    }
 }
 
 /// What x is rounded into: bf16 pairs for the dot kernel, the same values as f32 for the
 /// widening one.
-trait Rounded: Copy {
+trait Rounded: Copy + Send + Sync {
     /// Stored as f32 (the bf16 bits shifted into the high half).
     const WIDE: bool;
+    const ZERO: Self;
     fn round(v: f32) -> Self;
 }
 
 impl Rounded for bf16 {
     const WIDE: bool = false;
+    const ZERO: bf16 = bf16::ZERO;
     fn round(v: f32) -> bf16 {
         bf16::from_f32(v)
     }
@@ -250,6 +406,7 @@ impl Rounded for bf16 {
 
 impl Rounded for f32 {
     const WIDE: bool = true;
+    const ZERO: f32 = 0.0;
     fn round(v: f32) -> f32 {
         bf16::from_f32(v).to_f32()
     }
@@ -299,13 +456,14 @@ struct Tile<T> {
     first: bool,
 }
 
-/// Panels `q0..q1` of the output, each block of input rows handed to `$tile::<R>`: k-blocks
+/// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first), each
+/// block of input rows handed to `$tile::<R>`: k-blocks
 /// outermost, so each panel slice is reused from L1 by every block of input rows. A macro, not
 /// a function taking the kernel, so that each tile is inlined into its own walker, which is
 /// compiled with that kernel's target features.
 macro_rules! walk_panels {
-    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $tile:ident) => {{
-        let (x, m, k2, w, y) = ($x, $m, $k2, $w, $y);
+    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident) => {{
+        let (x, m, k2, w, y, ldy) = ($x, $m, $k2, $w, $y, $ldy);
         let pairs = k2 / 2;
         let mut p0 = 0;
         while p0 < pairs {
@@ -319,8 +477,8 @@ macro_rules! walk_panels {
                         k2,
                         panel: w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2),
                         steps: p1 - p0,
-                        y: y.add(i * w.n + q * NR),
-                        ldy: w.n,
+                        y: y.add(i * ldy + (q - $q0) * NR),
+                        ldy,
                         cols: (w.n - q * NR).min(NR),
                         first: p0 == 0,
                     };
@@ -348,13 +506,13 @@ macro_rules! walk_panels {
 unsafe fn panels_range(
     xb: &[bf16],
     m: usize,
-    k2: usize,
     w: &Packed,
     q0: usize,
     q1: usize,
     y: *mut f32,
+    ldy: usize,
 ) {
-    walk_panels!(xb, m, k2, w, q0, q1, y, tile)
+    walk_panels!(xb, m, w.k2, w, q0, q1, y, ldy, tile)
 }
 
 /// Panels `q0..q1` with the widening kernel; `xw` holds the rounded inputs as f32.
@@ -363,13 +521,13 @@ unsafe fn panels_range(
 unsafe fn panels_range_widen(
     xw: &[f32],
     m: usize,
-    k2: usize,
     w: &Packed,
     q0: usize,
     q1: usize,
     y: *mut f32,
+    ldy: usize,
 ) {
-    walk_panels!(xw, m, k2, w, q0, q1, y, tile_widen)
+    walk_panels!(xw, m, w.k2, w, q0, q1, y, ldy, tile_widen)
 }
 
 /// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
@@ -469,11 +627,11 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
 unsafe fn panels_range_widen(
     _: &[f32],
     _: usize,
-    _: usize,
     _: &Packed,
     _: usize,
     _: usize,
     _: *mut f32,
+    _: usize,
 ) {
     unreachable!("available() is false off x86_64")
 }
@@ -482,11 +640,11 @@ unsafe fn panels_range_widen(
 unsafe fn panels_range(
     _: &[bf16],
     _: usize,
-    _: usize,
     _: &Packed,
     _: usize,
     _: usize,
     _: *mut f32,
+    _: usize,
 ) {
     unreachable!("available() is false off x86_64")
 }
@@ -552,5 +710,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fused argmax returns what candle's argmax returns on the full product: shapes across
+    /// column groups (64 panels = 2,048 columns) with tails, exact ties (duplicated weight rows:
+    /// the first wins), a maximum in column 0, and a NaN row.
+    #[test]
+    fn fused_argmax_equals_argmax_of_the_product() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let argmax = |y: Vec<f32>, m: usize, n: usize| -> Vec<u32> {
+            let t = candle_core::Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu).unwrap();
+            t.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap()
+        };
+        for (m, k, n, seed) in [
+            (1, 2, 1, 1),
+            (3, 31, 33, 2),
+            (9, 64, 2049, 3),
+            (17, 96, 4100, 4),
+            (100, 40, 6000, 5),
+        ] {
+            let x = noise(m * k, seed);
+            let mut wf = noise(n * k, seed + 100);
+            // Ties: a later copy of an earlier row, in another column group where there is one.
+            let (a, b) = (n / 3, n - 1);
+            if a != b {
+                let row: Vec<f32> = wf[a * k..(a + 1) * k].to_vec();
+                wf[b * k..(b + 1) * k].copy_from_slice(&row);
+            }
+            // Row 0 of W far above the rest wins for every x row with positive weight on it.
+            for v in &mut wf[..k] {
+                *v *= 8.0;
+            }
+            let w = Packed::new(&wf, n, k);
+            let want = argmax(matmul_with(&x, m, &w, kernel()), m, n);
+            assert_eq!(matmul_argmax(&x, m, &w), want, "({m},{k},{n})");
+        }
+        // Equal maxima: every column the same.
+        let (m, k, n) = (4, 8, 3000);
+        let w = Packed::new(&vec![0.5; n * k], n, k);
+        let x = noise(m * k, 9);
+        assert_eq!(matmul_argmax(&x, m, &w), vec![0; m]);
+        // Equal maxima in every group but column 0's: the first of them, column 1.
+        let mut wf = vec![0.5; n * k];
+        wf[..k].fill(0.125);
+        let w = Packed::new(&wf, n, k);
+        let x: Vec<f32> = noise(m * k, 12).iter().map(|v| v.abs() + 0.01).collect();
+        assert_eq!(matmul_argmax(&x, m, &w), vec![1; m]);
+        // A NaN input makes a row all NaN: candle keeps column 0.
+        let mut x = noise(m * k, 10);
+        x[k] = f32::NAN;
+        let w = Packed::new(&noise(n * k, 11), n, k);
+        let want = argmax(matmul_with(&x, m, &w, kernel()), m, n);
+        assert_eq!(want[1], 0);
+        assert_eq!(matmul_argmax(&x, m, &w), want);
     }
 }

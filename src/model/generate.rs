@@ -84,7 +84,7 @@ pub fn greedy_with_first_logits(
     if opts.max_new_tokens == 0 {
         return Ok((out, Some(first_logits)));
     }
-    let mut logits = argmax_rows(&first_logits)?;
+    let mut next = argmax_rows(&first_logits)?;
     let mut next_pos: Vec<u32> = positions
         .iter()
         .map(|p| p.last().copied().unwrap_or(0) + 1)
@@ -93,7 +93,7 @@ pub fn greedy_with_first_logits(
         let mut tokens = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (row, &b) in active.iter().enumerate() {
-            let t = logits[row];
+            let t = next[row];
             out[b].push(t);
             tokens.push(t);
             let finished = opts.stop_ids.contains(&t) || decided(&out[b]);
@@ -137,22 +137,26 @@ pub fn greedy_with_first_logits(
         let res = if opts.use_cache {
             let step_ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
             let step_pos: Vec<Vec<u32>> = next_pos.iter().map(|&p| vec![p]).collect();
-            model.step(
-                &step_ids,
-                &step_pos,
-                &mask,
-                Some(&mut caches),
-                false,
-                Logits::Last,
-            )?
+            model
+                .step(
+                    &step_ids,
+                    &step_pos,
+                    &mask,
+                    Some(&mut caches),
+                    false,
+                    Logits::LastArgmax,
+                )?
+                .next
+                .expect("asked for the next tokens")
         } else {
             for (row, r) in ids.iter_mut().enumerate() {
                 r.push(tokens[row]);
                 positions[row].push(next_pos[row]);
             }
-            model.step(&ids, &positions, &mask, None, false, Logits::Last)?
+            let res = model.step(&ids, &positions, &mask, None, false, Logits::Last)?;
+            argmax_rows(&res.logits.expect("asked for logits"))?
         };
-        logits = argmax_rows(&res.logits.expect("asked for logits"))?;
+        next = res;
         for p in next_pos.iter_mut() {
             *p += 1;
         }

@@ -146,15 +146,20 @@ pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
     if k != w.k {
         bail!("input width {k} does not match the weight's {}", w.k);
     }
-    // The input is read where it lies, without a copy.
+    let y = with_rows(x, |data| bf16::matmul_t(data, rows, w))?;
+    Ok(Tensor::from_vec(y, (rows, w.n), x.device())?)
+}
+
+/// `f` on the values of a `[rows, k]` f32 tensor on the CPU, read where they lie (a copy only
+/// when the tensor is not contiguous).
+fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
         bail!("the bf16 kernel takes f32 inputs on the CPU");
     };
     let start = layout.start_offset();
-    let y = bf16::matmul_t(&data[start..start + rows * k], rows, w);
-    Ok(Tensor::from_vec(y, (rows, w.n), x.device())?)
+    Ok(f(&data[start..start + x.elem_count()]))
 }
 
 /// How the large matrices are stored and multiplied. f32 is the reference the transformers
@@ -369,11 +374,16 @@ pub enum Logits {
     None,
     Last,
     All,
+    /// Only the greedy next token at the last position (`ForwardOutput::next`): what decoding
+    /// reads after the first step, without writing a `[batch, vocab]` tensor.
+    LastArgmax,
 }
 
 pub struct ForwardOutput {
     /// `[batch, vocab]` for `Logits::Last`, `[batch, seq, vocab]` for `Logits::All`.
     pub logits: Option<Tensor>,
+    /// The argmax of the last position's logits, for `Logits::LastArgmax`.
+    pub next: Option<Vec<u32>>,
     /// `residual[0]` is the embedding output, `residual[i]` the output of layer `i`;
     /// `[batch, seq, d_model]` each. Empty unless asked for.
     pub residual: Vec<Tensor>,
@@ -703,6 +713,18 @@ impl Model {
         Ok(y.reshape(dims)?)
     }
 
+    /// The argmax of `self.head(x)` per row of `x [rows, d]`. A packed head without
+    /// soft-capping is reduced as it is computed (the same values, so the same token).
+    fn greedy_next(&self, x: &Tensor) -> Result<Vec<u32>> {
+        match (&self.packed_head, self.config.final_logit_softcapping) {
+            (Some(p), None) => {
+                let rows = x.dim(0)?;
+                with_rows(x, |data| bf16::matmul_argmax(data, rows, p))
+            }
+            _ => Ok(self.head(x)?.argmax(D::Minus1)?.to_vec1::<u32>()?),
+        }
+    }
+
     /// Rotary tables and masks for `t` new queries after `past` cached keys.
     fn context(
         &self,
@@ -787,13 +809,16 @@ impl Model {
             }
         }
         let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
-        let logits = match logits {
-            Logits::None => None,
-            Logits::All => Some(self.head(&normed)?),
-            Logits::Last => Some(self.head(&normed.narrow(1, t - 1, 1)?.squeeze(1)?)?),
+        let last = || normed.narrow(1, t - 1, 1)?.squeeze(1);
+        let (logits, next) = match logits {
+            Logits::None => (None, None),
+            Logits::All => (Some(self.head(&normed)?), None),
+            Logits::Last => (Some(self.head(&last()?)?), None),
+            Logits::LastArgmax => (None, Some(self.greedy_next(&last()?)?)),
         };
         Ok(ForwardOutput {
             logits,
+            next,
             residual,
             final_normed: if keep_residual { Some(normed) } else { None },
         })
