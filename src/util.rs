@@ -138,6 +138,16 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Gives the allocator's free memory back to the kernel now: after a model is loaded, whose
+/// loading freed more than decoding will reuse.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,9 @@ pub fn load_with(spec: &str, precision: Precision) -> Result<LoadedModel> {
     }
     let mut model = model;
     model.set_precision(precision)?;
+    // Loading freed the f32 copies of what is now held in bf16; with freed memory kept for
+    // reuse (`util::keep_freed_memory`) it would stay resident.
+    crate::util::return_free_memory();
     let has_template = template.is_some();
     let chat = ChatTemplate::new(
         template.as_deref().unwrap_or(CHATML),
