@@ -246,3 +246,37 @@ fn a_score_does_not_depend_on_how_prompts_are_batched() {
         );
     }
 }
+
+/// A prefill larger than one pass runs in groups of rows whose caches are joined after; rows do
+/// not see each other, so the logits and the caches must be those of one pass, bit for bit.
+#[test]
+fn prefill_in_groups_equals_one_pass() {
+    let lm = model::load("smollm2-135m-instruct").unwrap();
+    let bench = outlierlab::bench::bench_prompts();
+    let ids: Vec<Vec<u32>> = (0..40)
+        .map(|i| {
+            let p = format!("{} (variant {i})", bench[i % bench.len()]);
+            lm.encode_chat(Some("You are a helpful assistant."), &p)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let pad = lm.tokenizer.pad_id;
+    let mut one = lm.model.new_caches();
+    let a = generate::prefill_in_passes(&lm.model, &ids, pad, &mut one, usize::MAX).unwrap();
+    let longest = ids.iter().map(Vec::len).max().unwrap();
+    // At least 3 rows a pass (fewer than 40): several groups, the last one shorter.
+    let mut groups = lm.model.new_caches();
+    let b =
+        generate::prefill_in_passes(&lm.model, &ids, pad, &mut groups, 3 * longest - 1).unwrap();
+    assert!(bits(&a.logits) == bits(&b.logits), "logits differ");
+    assert_eq!(a.mask, b.mask);
+    assert_eq!(a.positions, b.positions);
+    for (x, y) in one.iter().zip(&groups) {
+        for (p, q) in [(&x.k, &y.k), (&x.v, &y.v)] {
+            let (p, q) = (p.as_ref().unwrap(), q.as_ref().unwrap());
+            assert_eq!(p.dims(), q.dims());
+            assert!(bits(p) == bits(q), "a cache differs");
+        }
+    }
+}
