@@ -374,9 +374,16 @@ impl<T: Copy + Default + 'static> Scratch<T> {
     }
 }
 
+/// A buffer larger than this is freed after its call rather than kept: a forward pass over a
+/// whole long batch (a direction pass) would otherwise hold hundreds of MB for the process's life.
+const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+
 impl<T: 'static> Drop for Scratch<T> {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() * std::mem::size_of::<T>() > SCRATCH_KEEP_BYTES {
+            return;
+        }
         let _ = self.home.try_with(|c| {
             if let Ok(mut b) = c.try_borrow_mut() {
                 if b.capacity() < buf.capacity() {
@@ -456,9 +463,9 @@ struct Tile<T> {
     first: bool,
 }
 
-/// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first), each
-/// block of input rows handed to `$tile::<R>`: k-blocks
-/// outermost, so each panel slice is reused from L1 by every block of input rows. A macro, not
+/// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first),
+/// each block of input rows handed to `$tile::<R>`: k-blocks outermost, so each panel slice is
+/// reused from L1 by every block of input rows. A macro, not
 /// a function taking the kernel, so that each tile is inlined into its own walker, which is
 /// compiled with that kernel's target features.
 macro_rules! walk_panels {

@@ -252,10 +252,10 @@ pub fn prefill_in_passes(
                 .collect()
         })
         .collect();
-    // In groups of rows whose widest activation stays under PREFILL_BYTES: a whole batch at once makes
-    // activations of hundreds of MB, which the allocator maps afresh for every one (page
-    // faults), while the kernel is as fast at a thousand rows. Rows do not see each other, so
-    // the groups compute what the batch would.
+    // In groups of rows whose widest activation stays under `per_pass` positions: a whole
+    // batch at once makes activations of hundreds of MB, which the allocator maps afresh for
+    // every one (page faults), while the kernel is as fast at a thousand rows. Rows do not see
+    // each other, so the groups compute what the batch would.
     let group = (per_pass / batch.seq_len().max(1)).max(1);
     let mut logits = Vec::new();
     let mut parts: Vec<Vec<KvCache>> = Vec::new();
