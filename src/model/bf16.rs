@@ -229,13 +229,10 @@ pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
     const GROUP: usize = 64;
     let panels = n.div_ceil(NR);
     let kern = kernel();
-    let (first, best) = with_rounded(x, m, w, kern, |xs| {
-        // Column 0 alone, as candle starts its scan from it.
-        let mut col0 = vec![0f32; m * NR];
-        // SAFETY: one panel into a buffer of m rows × NR.
-        unsafe { xs.panels(m, w, 0, 1, col0.as_mut_ptr(), NR) };
-        let first: Vec<f32> = (0..m).map(|r| col0[r * NR]).collect();
-        let best: Vec<Vec<Option<(f32, u32)>>> = (0..panels.div_ceil(GROUP))
+    // Per group and row: the group's first value and its largest non-NaN value with its column.
+    type Row = (f32, Option<(f32, u32)>);
+    let groups: Vec<Vec<Row>> = with_rounded(x, m, w, kern, |xs| {
+        (0..panels.div_ceil(GROUP))
             .into_par_iter()
             .map(|g| {
                 let (q0, q1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
@@ -247,23 +244,24 @@ pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
                 unsafe { xs.panels(m, w, q0, q1, y.as_mut_ptr(), width) };
                 (0..m)
                     .map(|r| {
+                        let row = &y[r * width..r * width + live];
                         let mut top: Option<(f32, u32)> = None;
-                        for (c, &v) in y[r * width..r * width + live].iter().enumerate() {
+                        for (c, &v) in row.iter().enumerate() {
                             if top.is_none_or(|(b, _)| b < v) && !v.is_nan() {
                                 top = Some((v, (q0 * NR + c) as u32));
                             }
                         }
-                        top
+                        (row[0], top)
                     })
                     .collect()
             })
-            .collect();
-        (first, best)
+            .collect()
     });
     (0..m)
         .map(|r| {
-            let (mut val, mut at) = (first[r], 0u32);
-            for (v, c) in best.iter().filter_map(|g| g[r]) {
+            // candle's scan starts from column 0, whatever it holds.
+            let (mut val, mut at) = (groups[0][r].0, 0u32);
+            for (v, c) in groups.iter().filter_map(|g| g[r].1) {
                 if val < v {
                     (val, at) = (v, c);
                 }

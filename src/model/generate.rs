@@ -1,7 +1,7 @@
 //! Greedy decoding of a left-padded batch, with a KV cache, each sequence stopped at its own EOS.
 //! Finished sequences leave the batch, so a batch where most replies end early costs little.
 
-use super::{Batch, KvCache, Logits, Model};
+use super::{argmax_rows, Batch, KvCache, Logits, Model};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
@@ -134,7 +134,7 @@ pub fn greedy_with_first_logits(
         for m in mask.iter_mut() {
             m.push(1);
         }
-        let res = if opts.use_cache {
+        next = if opts.use_cache {
             let step_ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
             let step_pos: Vec<Vec<u32>> = next_pos.iter().map(|&p| vec![p]).collect();
             model
@@ -156,7 +156,6 @@ pub fn greedy_with_first_logits(
             let res = model.step(&ids, &positions, &mask, None, false, Logits::Last)?;
             argmax_rows(&res.logits.expect("asked for logits"))?
         };
-        next = res;
         for p in next_pos.iter_mut() {
             *p += 1;
         }
@@ -341,9 +340,4 @@ fn shared_prefix(model: &Model, prompts: &[Vec<u32>]) -> usize {
     } else {
         n
     }
-}
-
-/// The greedy token of each row of `[batch, vocab]` logits, without copying the logits out.
-fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
 }

@@ -150,6 +150,11 @@ pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, (rows, w.n), x.device())?)
 }
 
+/// The greedy token of each row of `[rows, vocab]` logits (candle's argmax: the first maximum).
+pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
 /// `f` on the values of a `[rows, k]` f32 tensor on the CPU, read where they lie (a copy only
 /// when the tensor is not contiguous).
 fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -721,7 +726,7 @@ impl Model {
                 let rows = x.dim(0)?;
                 with_rows(x, |data| bf16::matmul_argmax(data, rows, p))
             }
-            _ => Ok(self.head(x)?.argmax(D::Minus1)?.to_vec1::<u32>()?),
+            _ => argmax_rows(&self.head(x)?),
         }
     }
 
