@@ -9,17 +9,23 @@
 //! pair of inputs `(2p, 2p+1)`, the 32 rows' two values side by side — 128 bytes, two vectors,
 //! exactly what `vdpbf16ps` multiplies against an input pair broadcast to every lane. So the
 //! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
-//! each step loads two weight vectors and broadcasts eight input pairs. Inputs are walked in
-//! blocks of [`KC`] so that a panel's slice (16 KB) stays in L1 while every block of 8 input rows
-//! passes over it (a short k in one block, see [`WHOLE_K`]). Weights are packed once, when the model is converted (or a matrix edited).
+//! each step loads two weight vectors and broadcasts eight input pairs. The rounded inputs are
+//! laid out by blocks of 8 rows, pair by pair ([`round_rows`]), so one step's sixteen broadcasts
+//! read one cache line. Inputs are walked in blocks of [`KC`] so that a panel's slice stays in L1
+//! while every block of 8 input rows passes over it (a short k in one block, see [`WHOLE_K`]),
+//! and rows in chunks of [`MC`] that stay in L2. Weights are packed once, when the model is
+//! converted (or a matrix edited).
 //!
 //! Two micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
 //! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
-//! mask) and uses two `vfmadd231ps`, odd input first, which is exactly how `vdpbf16ps` is
-//! specified (two fused f32 multiply-adds of exact bf16 products, odd element first). Which is
-//! faster depends on the CPU: on the Intel Xeon these numbers were taken on, one core retires
-//! vdpbf16ps at 41 G multiply-adds/s and vfmadd231ps at 86 G (`cargo run --release --example
-//! peak`), so widening wins; [`kernel`] times both once and keeps the faster.
+//! mask) and uses two `vfmadd231ps`, odd
+//! input first, which is exactly how `vdpbf16ps` is specified (two fused f32 multiply-adds of
+//! exact bf16 products, odd element first) — except with subnormal operands or sums, which
+//! `vdpbf16ps` flushes to zero and the widening kernel keeps (inputs are rounded by
+//! `vcvtneps2bf16`, which flushes them too). Which is faster depends on the CPU: on the Intel
+//! Xeon these numbers were taken on, one core retires vdpbf16ps at 41 G multiply-adds/s and
+//! vfmadd231ps at 83–86 G (`cargo run --release --example peak`), so widening wins; [`kernel`]
+//! times both once and keeps the faster.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -102,6 +108,10 @@ const MR: usize = 8;
 /// one block for k = 896 were each the faster.
 const KC: usize = 256;
 const WHOLE_K: usize = 1024;
+/// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
+/// inputs, which stay in L2 while every panel passes over them; a prefill pass of 1,617 rows
+/// would otherwise stream 5.8 MB from L3 once per panel.
+const MC: usize = 256;
 
 /// The k-block length for a (padded) k.
 fn k_block(k2: usize) -> usize {
@@ -291,9 +301,15 @@ impl RoundedX<'_> {
     /// # Safety
     /// `y` must hold m rows of `ldy ≥ (q1 − q0) · NR` columns, written by no one else.
     unsafe fn panels(&self, m: usize, w: &Packed, q0: usize, q1: usize, y: *mut f32, ldy: usize) {
-        match *self {
-            RoundedX::Dot(xb) => panels_range(xb, m, w, q0, q1, y, ldy),
-            RoundedX::Widen(xw) => panels_range_widen(xw, m, w, q0, q1, y, ldy),
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(MC);
+            let (at, y) = (i0 * w.k2, y.add(i0 * ldy));
+            match *self {
+                RoundedX::Dot(xb) => panels_range(&xb[at..], rows, w, q0, q1, y, ldy),
+                RoundedX::Widen(xw) => panels_range_widen(&xw[at..], rows, w, q0, q1, y, ldy),
+            }
+            i0 += rows;
         }
     }
 }
@@ -314,25 +330,36 @@ fn with_rounded<R>(
     match kern {
         Kernel::Dot => {
             let mut xb = Scratch::take(&BF16_SCRATCH);
-            round_rows(x, k, xb.sized(m * k2), k2);
+            round_rows(x, k, xb.sized(m.div_ceil(MR) * MR * k2), k2);
             f(&RoundedX::Dot(xb.slice()))
         }
         Kernel::Widen => {
             let mut xw = Scratch::take(&F32_SCRATCH);
-            round_rows(x, k, xw.sized(m * k2), k2);
+            round_rows(x, k, xw.sized(m.div_ceil(MR) * MR * k2), k2);
             f(&RoundedX::Widen(xw.slice()))
         }
     }
 }
 
-/// `d` (rows of `k2`) = the rows of `s` (rows of `k`) rounded to bf16, the padding zeroed.
+/// `d` = the rows of `s` (rows of `k`) rounded to bf16 in the kernel's layout: blocks of [`MR`]
+/// rows (the last one padded), within a block pair by pair, the block's rows side by side, so
+/// that the 2·MR inputs one step of a tile broadcasts are one 64-byte line (the widened layout)
+/// rather than MR separate streams; the padding (odd k, rows past m) is zero.
 fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
-    d.par_chunks_mut(k2)
-        .zip(s.par_chunks(k))
+    d.par_chunks_mut(MR * k2)
+        .zip(s.par_chunks(MR * k))
         .for_each(|(d, s)| {
-            // SAFETY: `available()` was asserted by the caller.
-            unsafe { round_row(s, &mut d[..k]) };
-            d[k..].fill(T::ZERO);
+            let mut row = vec![T::ZERO; k2];
+            for r in 0..MR {
+                match s.get(r * k..(r + 1) * k) {
+                    // SAFETY: `available()` was asserted by the caller.
+                    Some(src) => unsafe { round_row(src, &mut row[..k]) },
+                    None => row.fill(T::ZERO),
+                }
+                for (p, pair) in row.chunks_exact(2).enumerate() {
+                    d[p * 2 * MR + r * 2..p * 2 * MR + r * 2 + 2].copy_from_slice(pair);
+                }
+            }
         });
 }
 
@@ -398,46 +425,38 @@ trait Rounded: Copy + Send + Sync {
     /// Stored as f32 (the bf16 bits shifted into the high half).
     const WIDE: bool;
     const ZERO: Self;
-    fn round(v: f32) -> Self;
 }
 
 impl Rounded for bf16 {
     const WIDE: bool = false;
     const ZERO: bf16 = bf16::ZERO;
-    fn round(v: f32) -> bf16 {
-        bf16::from_f32(v)
-    }
 }
 
 impl Rounded for f32 {
     const WIDE: bool = true;
     const ZERO: f32 = 0.0;
-    fn round(v: f32) -> f32 {
-        bf16::from_f32(v).to_f32()
-    }
 }
 
-/// `d[..s.len()] = s` rounded to bf16 (nearest even), 16 at a time.
+/// `d[..s.len()] = s` rounded to bf16 by `vcvtneps2bf16` (nearest even; subnormals to zero, as
+/// `vdpbf16ps` would read them), 16 at a time, the tail under a mask.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
     use std::arch::x86_64::*;
-    let full = s.len() / 16 * 16;
     let mut i = 0;
-    while i < full {
-        let v = _mm512_loadu_ps(s.as_ptr().add(i));
+    while i < s.len() {
+        let live = (s.len() - i).min(16);
+        let m: __mmask16 = (((1u32 << live) - 1) & 0xffff) as u16;
+        let v = _mm512_maskz_loadu_ps(m, s.as_ptr().add(i));
         let r: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
         let at = d.as_mut_ptr().add(i);
         if T::WIDE {
             let wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16);
-            _mm512_storeu_ps(at as *mut f32, _mm512_castsi512_ps(wide));
+            _mm512_mask_storeu_ps(at as *mut f32, m, _mm512_castsi512_ps(wide));
         } else {
-            _mm256_storeu_si256(at as *mut __m256i, r);
+            _mm256_mask_storeu_epi16(at as *mut i16, m, r);
         }
-        i += 16;
-    }
-    for j in full..s.len() {
-        d[j] = T::round(s[j]);
+        i += live;
     }
 }
 
@@ -446,13 +465,12 @@ unsafe fn round_row<T: Rounded>(_: &[f32], _: &mut [T]) {
     unreachable!("available() is false off x86_64")
 }
 
-/// One micro-kernel call: R rows of x from `x` (row stride `k2` elements) against one panel
-/// over `steps` input pairs, into the R × 32 block of y at `y` (row stride `ldy`), `cols` of the
-/// 32 columns real; added to y unless `first`.
+/// One micro-kernel call: R rows of x from `x` (a block of [`round_rows`]' layout, at its first
+/// step) against one panel over `steps` input pairs, into the R × 32 block of y at `y` (row
+/// stride `ldy`), `cols` of the 32 columns real; added to y unless `first`.
 #[derive(Clone, Copy)]
 struct Tile<T> {
     x: *const T,
-    k2: usize,
     panel: *const bf16,
     steps: usize,
     y: *mut f32,
@@ -478,8 +496,7 @@ macro_rules! walk_panels {
                 while i < m {
                     let rows = (m - i).min(MR);
                     let t = Tile {
-                        x: x.as_ptr().add(i * k2 + p0 * 2),
-                        k2,
+                        x: x.as_ptr().add(i / MR * MR * k2 + p0 * 2 * MR),
                         panel: w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2),
                         steps: p1 - p0,
                         y: y.add(i * ldy + (q - $q0) * NR),
@@ -541,12 +558,11 @@ unsafe fn panels_range_widen(
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
 unsafe fn tile<const R: usize>(t: Tile<bf16>) {
-    let (x, k2, panel, steps) = (t.x, t.k2, t.panel, t.steps);
+    let (x, panel, steps) = (t.x, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
     let x32 = x as *const i32;
-    let stride = k2 / 2; // a row of x, in pairs
     for s in 0..steps {
         let wp = panel.add(s * NR * 2) as *const __m512i;
         let mut w = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); NV];
@@ -554,7 +570,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
             *wv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(v)));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x32.add(r * stride + s)));
+            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x32.add(s * MR + r)));
             for (v, c) in row.iter_mut().enumerate() {
                 *c = _mm512_dpbf16_ps(*c, a, w[v]);
             }
@@ -570,7 +586,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
-    let (x, k2, panel, steps) = (t.x, t.k2, t.panel, t.steps);
+    let (x, panel, steps) = (t.x, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -585,8 +601,8 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
             odd[v] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let xo = _mm512_set1_ps(*x.add(r * k2 + 2 * s + 1));
-            let xe = _mm512_set1_ps(*x.add(r * k2 + 2 * s));
+            let xo = _mm512_set1_ps(*x.add(s * 2 * MR + r * 2 + 1));
+            let xe = _mm512_set1_ps(*x.add(s * 2 * MR + r * 2));
             for (v, c) in row.iter_mut().enumerate() {
                 *c = _mm512_fmadd_ps(xo, odd[v], *c);
                 *c = _mm512_fmadd_ps(xe, even[v], *c);
@@ -671,7 +687,8 @@ mod tests {
     }
 
     /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail (m
-    /// not a multiple of 8, n not of 32, odd k, k across several k-blocks).
+    /// not a multiple of 8, n not of 32, odd k, k across several k-blocks, m across two chunks
+    /// of MC rows).
     #[test]
     fn agrees_with_the_exact_product_of_the_rounded_operands() {
         if !available() {
@@ -687,6 +704,7 @@ mod tests {
             (13, 700, 70, 6),
             (17, 896, 97, 7),
             (5, 1100, 40, 8),
+            (300, 70, 33, 9),
         ] {
             let x = noise(m * k, seed);
             let wf = noise(n * k, seed + 100);
@@ -714,6 +732,47 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Subnormal inputs count as zero in both kernels, in a full group of 16 and in the tail
+    /// (what `vdpbf16ps` does with them), and every other input is rounded to nearest even.
+    #[test]
+    fn subnormal_inputs_are_zero_in_both_kernels() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let (m, k, n) = (3, 19, 40);
+        let mut x = noise(m * k, 21);
+        let w = Packed::new(&noise(n * k, 22), n, k);
+        let mut zeroed = x.clone();
+        for at in [3, k + 17, 2 * k + 18] {
+            x[at] = f32::from_bits(0x0001_2345) * if at % 2 == 0 { 1.0 } else { -1.0 };
+            zeroed[at] = 0.0;
+        }
+        let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for kern in [Kernel::Dot, Kernel::Widen] {
+            assert_eq!(
+                bits(matmul_with(&x, m, &w, kern)),
+                bits(matmul_with(&zeroed, m, &w, kern)),
+                "{kern:?}"
+            );
+        }
+        let mut d = vec![0f32; 19];
+        // SAFETY: available() checked above.
+        unsafe { round_row(&x[k..2 * k], &mut d) };
+        for (j, (&r, &v)) in d.iter().zip(&x[k..2 * k]).enumerate() {
+            let want = if v.is_subnormal() {
+                0.0
+            } else {
+                bf16::from_f32(v).to_f32()
+            };
+            assert_eq!(
+                r.abs().to_bits(),
+                want.abs().to_bits(),
+                "element {j}: {v:e}"
+            );
         }
     }
 
