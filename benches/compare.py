@@ -4,7 +4,7 @@ variant's score on 100 + 100 prompts (`outlierlab abliterate` vs benches/heretic
 heretic's two scoring steps). Prints one table with the ratios and the fraction of each
 precision's matmul peak measured in the same run. A benchmark: it asserts nothing.
 
-    OMP_WAIT_POLICY=PASSIVE python benches/compare.py --model qwen2.5-coder-0.5b-instruct [--score]
+    OMP_WAIT_POLICY=PASSIVE python benches/compare.py --model qwen2.5-coder-0.5b-instruct [--score] [--rounds 3]
 
 Needs torch, transformers and gguf (pip install torch transformers gguf) and a release build
 (cargo build --release; or OUTLIERLAB=path/to/outlierlab).
@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", choices=sorted(GGUF))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--score", action="store_true", help="also time one variant's score")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run both sides this many times, alternating which goes first")
     ap.add_argument("--precisions", default="f32,bf16",
                     help="comma-separated, of f32 and bf16 (bf16 is needed: the ratios are against "
                          "PyTorch bf16); bf16 alone halves the run")
@@ -56,40 +58,60 @@ def main():
     wanted = set(a.precisions.split(","))
     if "bf16" not in wanted or not wanted <= {"f32", "bf16"}:
         sys.exit("--precisions: a comma-separated list of f32 and bf16 that includes bf16")
-    for prec, dtype in [("f32", "float32"), ("bf16", "bfloat16")]:
-        if prec not in wanted:
-            continue
+
+    def ours(prec, files):
         o = run([exe, "--precision", prec, "bench", "--model", a.model])
-        rows[("outlierlab", prec)] = {
+        r = {
             "matmul": num(rf"{prec} matmul \(\w+\)\s+([\d.]+)", o),
             "prefill": num(r"prefill\s+([\d.]+) tokens/s", o),
             "decode": num(r"decode \(batch 16\)\s+([\d.]+) tokens/s", o),
             "mb": num(r"resident after loading: ([\d.]+) MB", o),
         }
+        if files:
+            o = run([exe, "--precision", prec, "abliterate", "--model", a.model,
+                     "--over-refusal-tokens", "0", "--batch-size", "100"])
+            r["score"] = num(r"scored none in ([\d.]+) s", o)
+        return r
+
+    def theirs(prec, files):
+        dtype = {"f32": "float32", "bf16": "bfloat16"}[prec]
         t = run([py, os.path.join(HERE, "torch_baseline.py"), gguf, "--threads", str(a.threads),
                  "--dtype", dtype], env)
-        rows[("pytorch", prec)] = {
+        r = {
             "matmul": num(r"matmul \(torch\)\s+([\d.]+)", t),
             "prefill": num(r"prefill\s+([\d.]+) tokens/s", t),
             "decode": num(r"decode \(batch 16\)\s+([\d.]+) tokens/s", t),
             "mb": num(r"resident after load\s+([\d.]+) MB", t),
         }
+        if files:
+            t = run([py, os.path.join(HERE, "heretic_trial.py"), gguf, files["good"],
+                     files["bad"], "--batch", "100", "--threads", str(a.threads),
+                     "--dtype", dtype], env)
+            r["score"] = num(r"one trial's scoring: ([\d.]+) s", t)
+        return r
+
+    # Every round runs both sides, in alternating order, so that a drift of the machine's speed
+    # (it moves by tens of percent over minutes here) falls on both; each figure is the best of
+    # the rounds, and each ratio is also given per round.
+    runs = {}
+    with tempfile.TemporaryDirectory() as d:
+        files = {}
         if a.score:
-            with tempfile.TemporaryDirectory() as d:
-                files = {}
-                for side, name in [("good", "harmless-outlierlab"), ("bad", "advbench")]:
-                    lines = run([exe, "datasets", name]).splitlines()[128:228]
-                    files[side] = os.path.join(d, f"{side}.txt")
-                    with open(files[side], "w") as f:
-                        f.write("\n".join(lines) + "\n")
-                o = run([exe, "--precision", prec, "abliterate", "--model", a.model,
-                         "--over-refusal-tokens", "0", "--batch-size", "100"])
-                rows[("outlierlab", prec)]["score"] = num(r"scored none in ([\d.]+) s", o)
-                t = run([py, os.path.join(HERE, "heretic_trial.py"), gguf, files["good"],
-                         files["bad"], "--batch", "100", "--threads", str(a.threads),
-                         "--dtype", dtype], env)
-                rows[("pytorch", prec)]["score"] = num(r"one trial's scoring: ([\d.]+) s", t)
+            for side, name in [("good", "harmless-outlierlab"), ("bad", "advbench")]:
+                lines = run([exe, "datasets", name]).splitlines()[128:228]
+                files[side] = os.path.join(d, f"{side}.txt")
+                with open(files[side], "w") as f:
+                    f.write("\n".join(lines) + "\n")
+        for i in range(a.rounds):
+            for prec in [p for p in ["f32", "bf16"] if p in wanted]:
+                sides = [("outlierlab", ours), ("pytorch", theirs)]
+                for who, fn in sides if i % 2 == 0 else sides[::-1]:
+                    runs.setdefault((who, prec), []).append(fn(prec, files))
+    best = {"matmul": max, "prefill": max, "decode": max, "mb": min, "score": min}
+    for key, rs in runs.items():
+        rows[key] = {f: pick(r[f] for r in rs) for f, pick in best.items() if f in rs[0]}
     print(f"\n{a.model}, {a.threads} threads, batch 16 x 32 new tokens (bench prompts)"
+          + (f", best of {a.rounds} alternating rounds" if a.rounds > 1 else "")
           + (", score = 100 + 100 prompts, <= 100 tokens" if a.score else ""))
     head = "| run | matmul GFLOP/s | prefill tok/s | decode tok/s | resident MB |" + (
         " one score, s |" if a.score else "")
@@ -109,6 +131,11 @@ def main():
         if a.score:
             parts.append(f"score {ref['score'] / r['score']:.2f}x (time {r['score'] / ref['score']:.2f} of PyTorch bf16's)")
         print(f"  outlierlab {prec}: " + ", ".join(parts))
+        if a.rounds > 1:
+            mine, base = runs[("outlierlab", prec)], runs[("pytorch", "bf16")]
+            for f in ["prefill", "decode"] + (["score"] if a.score else []):
+                per = [(b[f] / m[f]) if f == "score" else (m[f] / b[f]) for m, b in zip(mine, base)]
+                print(f"    {f} per round: " + ", ".join(f"{x:.2f}x" for x in per))
 
 
 if __name__ == "__main__":
