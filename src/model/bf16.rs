@@ -18,9 +18,8 @@
 //!
 //! Two micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
 //! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
-//! mask) and uses two `vfmadd231ps`, odd
-//! input first, which is exactly how `vdpbf16ps` is specified (two fused f32 multiply-adds of
-//! exact bf16 products, odd element first) — except with subnormal operands or sums, which
+//! mask) and uses two `vfmadd231ps`, odd input first, which is exactly how `vdpbf16ps` is
+//! specified (two fused f32 multiply-adds of exact bf16 products, odd element first) — except with subnormal operands or sums, which
 //! `vdpbf16ps` flushes to zero and the widening kernel keeps (inputs are rounded by
 //! `vcvtneps2bf16`, which flushes them too). Which is faster depends on the CPU: on the Intel
 //! Xeon these numbers were taken on, one core retires vdpbf16ps at 41 G multiply-adds/s and
@@ -304,7 +303,7 @@ impl RoundedX<'_> {
         let mut i0 = 0;
         while i0 < m {
             let rows = (m - i0).min(MC);
-            let (at, y) = (i0 * w.k2, y.add(i0 * ldy));
+            let (at, y) = (x_at(i0, 0, w.k2), y.add(i0 * ldy));
             match *self {
                 RoundedX::Dot(xb) => panels_range(&xb[at..], rows, w, q0, q1, y, ldy),
                 RoundedX::Widen(xw) => panels_range_widen(&xw[at..], rows, w, q0, q1, y, ldy),
@@ -327,18 +326,25 @@ fn with_rounded<R>(
 ) -> R {
     check(x, m, w);
     let (k, k2) = (w.k, w.k2);
+    let len = x_at(m.div_ceil(MR) * MR, 0, k2);
     match kern {
         Kernel::Dot => {
             let mut xb = Scratch::take(&BF16_SCRATCH);
-            round_rows(x, k, xb.sized(m.div_ceil(MR) * MR * k2), k2);
+            round_rows(x, k, xb.sized(len), k2);
             f(&RoundedX::Dot(xb.slice()))
         }
         Kernel::Widen => {
             let mut xw = Scratch::take(&F32_SCRATCH);
-            round_rows(x, k, xw.sized(m.div_ceil(MR) * MR * k2), k2);
+            round_rows(x, k, xw.sized(len), k2);
             f(&RoundedX::Widen(xw.slice()))
         }
     }
+}
+
+/// Where input pair `p` of the block of [`MR`] rows holding row `i` starts in [`round_rows`]'
+/// layout (rows of `k2` inputs).
+fn x_at(i: usize, p: usize, k2: usize) -> usize {
+    i / MR * MR * k2 + p * 2 * MR
 }
 
 /// `d` = the rows of `s` (rows of `k`) rounded to bf16 in the kernel's layout: blocks of [`MR`]
@@ -483,9 +489,9 @@ struct Tile<T> {
 
 /// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first),
 /// each block of input rows handed to `$tile::<R>`: k-blocks outermost, so each panel slice is
-/// reused from L1 by every block of input rows. A macro, not
-/// a function taking the kernel, so that each tile is inlined into its own walker, which is
-/// compiled with that kernel's target features.
+/// reused from L1 by every block of input rows. A macro, not a function taking the kernel, so
+/// that each tile is inlined into its own walker, which is compiled with that kernel's target
+/// features.
 macro_rules! walk_panels {
     ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident) => {{
         let (x, m, k2, w, y, ldy) = ($x, $m, $k2, $w, $y, $ldy);
@@ -498,7 +504,7 @@ macro_rules! walk_panels {
                 while i < m {
                     let rows = (m - i).min(MR);
                     let t = Tile {
-                        x: x.as_ptr().add(i / MR * MR * k2 + p0 * 2 * MR),
+                        x: x.as_ptr().add(x_at(i, p0, k2)),
                         panel: w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2),
                         ahead: if i == 0 && q + 1 < $q1 {
                             w.data.as_ptr().add((q + 1) * pairs * NR * 2 + p0 * NR * 2)
