@@ -368,7 +368,10 @@ fn run(cli: Cli) -> Result<()> {
             );
             println!("f32 matmul (candle)   {:.1} GFLOP/s", r.matmul_gflops);
             if let Some(g) = r.bf16_matmul_gflops {
-                println!("bf16 matmul (kernel)  {g:.1} GFLOP/s");
+                println!(
+                    "bf16 matmul (kernel)  {g:.1} GFLOP/s  (micro-kernel: {})",
+                    model::bf16::kernel().name()
+                );
             }
             // Fractions of the peak of the precision the model runs in.
             let peak = match lm.model.precision() {

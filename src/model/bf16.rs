@@ -27,7 +27,6 @@
 //! times both once and keeps the faster.
 
 use half::bf16;
-use rayon::prelude::*;
 
 /// Whether this CPU has the instructions (checked once; the binary runs f32 elsewhere).
 pub fn available() -> bool {
@@ -57,7 +56,12 @@ pub enum Kernel {
 }
 
 /// The kernel this process uses: `OUTLIERLAB_BF16_KERNEL=dot|widen` if set, else the faster of
-/// the two on a product of Qwen2.5-0.5B's MLP shape, timed once (a few ms) at first use.
+/// the two on a product of Qwen2.5-0.5B's attention shape, timed once (~20 ms) at first use.
+///
+/// The timing runs on one thread, each kernel warmed up first and the two alternated, best of
+/// five: timed once each on the thread pool, the first-timed kernel paid the pool's wake-up and
+/// its buffers' first touch, and one start-up in six picked `vdpbf16ps` on a CPU where it decodes
+/// 1.45× slower (measured here: 0.70–1.69 ms against 0.85–1.61 ms for the same product).
 pub fn kernel() -> Kernel {
     use std::sync::OnceLock;
     static CHOSEN: OnceLock<Kernel> = OnceLock::new();
@@ -65,30 +69,47 @@ pub fn kernel() -> Kernel {
         || match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
             Ok("dot") => Kernel::Dot,
             Ok("widen") => Kernel::Widen,
-            _ => {
-                let (m, k, n) = (64, 896, 1024);
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7919) % 1000) as f32 / 1e3)
-                    .collect();
-                let w = Packed::new(&x[..k * m.min(n)].repeat(n / m), n, k);
-                let time = |kern| {
-                    (0..3)
-                        .map(|_| {
-                            let t = std::time::Instant::now();
-                            std::hint::black_box(matmul_with(&x, m, &w, kern));
-                            t.elapsed()
-                        })
-                        .min()
-                        .unwrap_or_default()
-                };
-                if time(Kernel::Widen) <= time(Kernel::Dot) {
-                    Kernel::Widen
-                } else {
-                    Kernel::Dot
-                }
-            }
+            _ => fastest_kernel(),
         },
     )
+}
+
+fn fastest_kernel() -> Kernel {
+    let (m, k, n) = (64, 896, 896);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1e3)
+        .collect();
+    let w = Packed::new(&x[..k * m].repeat(n / m), n, k);
+    let mut y = vec![0f32; m * n];
+    // The product's panels on this thread alone (rounding x is the same for both kernels).
+    let mut time = |kern| {
+        with_rounded(&x, m, &w, kern, |xs| {
+            let t = std::time::Instant::now();
+            // SAFETY: every panel of an m × n output, into y of m × n.
+            unsafe { xs.panels(m, &w, 0, n.div_ceil(NR), y.as_mut_ptr(), n) };
+            t.elapsed()
+        })
+    };
+    let _ = (time(Kernel::Widen), time(Kernel::Dot));
+    let (mut widen, mut dot) = (std::time::Duration::MAX, std::time::Duration::MAX);
+    for _ in 0..5 {
+        widen = widen.min(time(Kernel::Widen));
+        dot = dot.min(time(Kernel::Dot));
+    }
+    if widen <= dot {
+        Kernel::Widen
+    } else {
+        Kernel::Dot
+    }
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Dot => "vdpbf16ps",
+            Kernel::Widen => "widened to f32, vfmadd231ps",
+        }
+    }
 }
 
 /// Rounds to bf16, nearest even (NaN stays NaN).
@@ -139,6 +160,7 @@ impl Packed {
         let panels = n.div_ceil(NR);
         let pairs = k2 / 2;
         let mut data = vec![bf16::ZERO; panels * pairs * NR * 2];
+        use rayon::prelude::*;
         data.par_chunks_mut(pairs * NR * 2)
             .enumerate()
             .for_each(|(q, panel)| {
@@ -179,13 +201,37 @@ impl Packed {
     }
 }
 
+/// The threads the kernel's tasks run on: candle's own pool, which runs the element-wise ops
+/// between the products. On a second pool (rayon's), each of candle's ops left its worker
+/// spinning for the next one (~1 ms) on a core the kernel's threads needed.
+fn pool_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
+/// `f(0)`, …, `f(n − 1)` on [`pool_threads`] threads.
+fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
+}
+
+/// `[f(0), …, f(n − 1)]`, computed on [`pool_threads`] threads.
+fn parallel_map<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<std::sync::OnceLock<T>> = (0..n).map(|_| std::sync::OnceLock::new()).collect();
+    parallel_for(n, |i| {
+        let _ = slots[i].set(f(i));
+    });
+    slots
+        .into_iter()
+        .map(|s| s.into_inner().expect("every task ran"))
+        .collect()
+}
+
 /// A pointer to `y` shared by the tasks, each of which writes its own columns only.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `y[m, n] = x[m, k] · Wᵀ`, split over the rayon pool by panels. Panics if `x` is not `[m, k]`
+/// `y[m, n] = x[m, k] · Wᵀ`, split over the thread pool by panels. Panics if `x` is not `[m, k]`
 /// or the CPU lacks the instructions (callers check [`available`] when choosing bf16).
 pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
     matmul_with(x, m, w, kernel())
@@ -203,11 +249,10 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(y.as_mut_ptr());
     let panels = n.div_ceil(NR);
-    let threads = rayon::current_num_threads().max(1);
     // Enough tasks to balance, each a run of whole panels.
-    let per = panels.div_ceil(threads * 2).max(1);
+    let per = panels.div_ceil(pool_threads() * 2).max(1);
     with_rounded(x, m, w, kern, |xs| {
-        (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+        parallel_for(panels.div_ceil(per), |t| {
             let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
             // The whole wrapper is moved in (a closure would otherwise capture the bare
             // pointer, which is not Send).
@@ -241,30 +286,27 @@ pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
     // Per group and row: the group's first value and its largest non-NaN value with its column.
     type Row = (f32, Option<(f32, u32)>);
     let groups: Vec<Vec<Row>> = with_rounded(x, m, w, kern, |xs| {
-        (0..panels.div_ceil(GROUP))
-            .into_par_iter()
-            .map(|g| {
-                let (q0, q1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
-                let width = (q1 - q0) * NR;
-                let live = (n - q0 * NR).min(width);
-                let mut buf = Scratch::take(&OUT_SCRATCH);
-                let y = buf.sized(m * width);
-                // SAFETY: panels q0..q1 into a buffer of m rows × `width`.
-                unsafe { xs.panels(m, w, q0, q1, y.as_mut_ptr(), width) };
-                (0..m)
-                    .map(|r| {
-                        let row = &y[r * width..r * width + live];
-                        let mut top: Option<(f32, u32)> = None;
-                        for (c, &v) in row.iter().enumerate() {
-                            if top.is_none_or(|(b, _)| b < v) && !v.is_nan() {
-                                top = Some((v, (q0 * NR + c) as u32));
-                            }
+        parallel_map(panels.div_ceil(GROUP), |g| {
+            let (q0, q1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
+            let width = (q1 - q0) * NR;
+            let live = (n - q0 * NR).min(width);
+            let mut buf = Scratch::take(&OUT_SCRATCH);
+            let y = buf.sized(m * width);
+            // SAFETY: panels q0..q1 into a buffer of m rows × `width`.
+            unsafe { xs.panels(m, w, q0, q1, y.as_mut_ptr(), width) };
+            (0..m)
+                .map(|r| {
+                    let row = &y[r * width..r * width + live];
+                    let mut top: Option<(f32, u32)> = None;
+                    for (c, &v) in row.iter().enumerate() {
+                        if top.is_none_or(|(b, _)| b < v) && !v.is_nan() {
+                            top = Some((v, (q0 * NR + c) as u32));
                         }
-                        (row[0], top)
-                    })
-                    .collect()
-            })
-            .collect()
+                    }
+                    (row[0], top)
+                })
+                .collect()
+        })
     });
     (0..m)
         .map(|r| {
@@ -352,21 +394,24 @@ fn x_at(i: usize, p: usize, k2: usize) -> usize {
 /// that the 2·MR inputs one step of a tile broadcasts are one 64-byte line (the widened layout)
 /// rather than MR separate streams; the padding (odd k, rows past m) is zero.
 fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
-    d.par_chunks_mut(MR * k2)
-        .zip(s.par_chunks(MR * k))
-        .for_each(|(d, s)| {
-            let mut row = vec![T::ZERO; k2];
-            for r in 0..MR {
-                match s.get(r * k..(r + 1) * k) {
-                    // SAFETY: `available()` was asserted by the caller.
-                    Some(src) => unsafe { round_row(src, &mut row[..k]) },
-                    None => row.fill(T::ZERO),
-                }
-                for (p, pair) in row.chunks_exact(2).enumerate() {
-                    d[p * 2 * MR + r * 2..p * 2 * MR + r * 2 + 2].copy_from_slice(pair);
-                }
+    // One lock per block, each taken once by the one task that writes it.
+    let blocks: Vec<std::sync::Mutex<&mut [T]>> =
+        d.chunks_mut(MR * k2).map(std::sync::Mutex::new).collect();
+    parallel_for(blocks.len(), |b| {
+        let mut d = blocks[b].lock().unwrap_or_else(|e| e.into_inner());
+        let s = &s[(b * MR * k).min(s.len())..((b + 1) * MR * k).min(s.len())];
+        let mut row = vec![T::ZERO; k2];
+        for r in 0..MR {
+            match s.get(r * k..(r + 1) * k) {
+                // SAFETY: `available()` was asserted by the caller.
+                Some(src) => unsafe { round_row(src, &mut row[..k]) },
+                None => row.fill(T::ZERO),
             }
-        });
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                d[p * 2 * MR + r * 2..p * 2 * MR + r * 2 + 2].copy_from_slice(pair);
+            }
+        }
+    });
 }
 
 thread_local! {
@@ -376,7 +421,7 @@ thread_local! {
 }
 
 /// A thread's input buffer, taken for one call and put back after it (a call nested on the same
-/// thread, as rayon may run one while this one waits, finds it taken and uses a new one).
+/// thread finds it taken and uses a new one).
 struct Scratch<T: 'static> {
     buf: Vec<T>,
     home: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
