@@ -26,6 +26,7 @@
 //! vfmadd231ps at 83–86 G (`cargo run --release --example peak`), so widening wins; [`kernel`]
 //! times both once and keeps the faster.
 
+use super::pool;
 use half::bf16;
 
 /// Whether this CPU has the instructions (checked once; the binary runs f32 elsewhere).
@@ -201,30 +202,6 @@ impl Packed {
     }
 }
 
-/// The threads the kernel's tasks run on: candle's own pool, which runs the element-wise ops
-/// between the products. On a second pool (rayon's), each of candle's ops left its worker
-/// spinning for the next one (~1 ms) on a core the kernel's threads needed.
-fn pool_threads() -> usize {
-    candle_core::utils::barrier_pool().n_workers() + 1
-}
-
-/// `f(0)`, …, `f(n − 1)` on [`pool_threads`] threads.
-fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-}
-
-/// `[f(0), …, f(n − 1)]`, computed on [`pool_threads`] threads.
-fn parallel_map<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let slots: Vec<std::sync::OnceLock<T>> = (0..n).map(|_| std::sync::OnceLock::new()).collect();
-    parallel_for(n, |i| {
-        let _ = slots[i].set(f(i));
-    });
-    slots
-        .into_iter()
-        .map(|s| s.into_inner().expect("every task ran"))
-        .collect()
-}
-
 /// A pointer to `y` shared by the tasks, each of which writes its own columns only.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
@@ -250,9 +227,9 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
     let out = Out(y.as_mut_ptr());
     let panels = n.div_ceil(NR);
     // Enough tasks to balance, each a run of whole panels.
-    let per = panels.div_ceil(pool_threads() * 2).max(1);
+    let per = panels.div_ceil(pool::threads() * 2).max(1);
     with_rounded(x, m, w, kern, |xs| {
-        parallel_for(panels.div_ceil(per), |t| {
+        pool::parallel_for(panels.div_ceil(per), |t| {
             let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
             // The whole wrapper is moved in (a closure would otherwise capture the bare
             // pointer, which is not Send).
@@ -286,7 +263,7 @@ pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
     // Per group and row: the group's first value and its largest non-NaN value with its column.
     type Row = (f32, Option<(f32, u32)>);
     let groups: Vec<Vec<Row>> = with_rounded(x, m, w, kern, |xs| {
-        parallel_map(panels.div_ceil(GROUP), |g| {
+        pool::parallel_map(panels.div_ceil(GROUP), |g| {
             let (q0, q1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
             let width = (q1 - q0) * NR;
             let live = (n - q0 * NR).min(width);
@@ -397,7 +374,7 @@ fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
     // One lock per block, each taken once by the one task that writes it.
     let blocks: Vec<std::sync::Mutex<&mut [T]>> =
         d.chunks_mut(MR * k2).map(std::sync::Mutex::new).collect();
-    parallel_for(blocks.len(), |b| {
+    pool::parallel_for(blocks.len(), |b| {
         let mut d = blocks[b].lock().unwrap_or_else(|e| e.into_inner());
         let s = &s[(b * MR * k).min(s.len())..((b + 1) * MR * k).min(s.len())];
         let mut row = vec![T::ZERO; k2];

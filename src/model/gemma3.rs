@@ -106,7 +106,6 @@ impl Gemma3Layer {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = h / kv;
         let heads = |l: &Linear, n: usize| -> Result<Tensor> {
             Ok(l.forward(x)?
                 .reshape((b, t, n, hd))?
@@ -126,19 +125,7 @@ impl Gemma3Layer {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let tk = k.dim(2)?;
-        let q = (q.reshape((b, kv, rep * t, hd))? * self.query_scale)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(c) = self.attn_softcap {
-            scores = ((scores / c)?.tanh()? * c)?;
-        }
-        let scores = scores.reshape((b, kv, rep, t, tk))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, rep * t, tk))?;
-        let y = probs
-            .matmul(&v)?
-            .reshape((b, h, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * hd))?;
+        let y = super::attention::attend(&q, &k, &v, mask, self.query_scale, self.attn_softcap)?;
         let y = match &ctx.attends {
             Some(keep) => y.broadcast_mul(keep)?,
             None => y,

@@ -74,7 +74,6 @@ impl LlamaLayer {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = h / kv;
         let q = self
             .q_proj
             .forward(x)?
@@ -99,18 +98,7 @@ impl LlamaLayer {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let tk = k.dim(2)?;
-        // Grouped-query attention without copying keys: the `rep` query heads that share a
-        // key/value head are stacked along the query axis.
-        let q = (q.reshape((b, kv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kv, rep, t, tk))?;
-        let scores = scores.broadcast_add(&ctx.mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, rep * t, tk))?;
-        let y = probs
-            .matmul(&v)?
-            .reshape((b, h, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * hd))?;
+        let y = super::attention::attend(&q, &k, &v, &ctx.mask, 1.0 / (hd as f64).sqrt(), None)?;
         let y = match &ctx.attends {
             Some(keep) => y.broadcast_mul(keep)?,
             None => y,

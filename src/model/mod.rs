@@ -5,6 +5,7 @@
 //! file they came from, so that GGUF and safetensors checkpoints build the same model and an
 //! edited model can be exported for transformers.
 
+pub mod attention;
 pub mod batching;
 pub mod bf16;
 pub mod chat;
@@ -15,6 +16,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod pool;
 pub mod qwen2;
 pub mod source;
 pub mod tokenizer;
