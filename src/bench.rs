@@ -23,8 +23,9 @@ pub struct BenchReport {
     pub bf16_matmul_gflops: Option<f64>,
     pub prefill_tokens_per_s: f64,
     pub prefill_gflops: f64,
-    pub decode_tokens_per_s: f64,
-    pub decode_gflops: f64,
+    /// None when decoding was too short to time against the prefill (a few tokens).
+    pub decode_tokens_per_s: Option<f64>,
+    pub decode_gflops: Option<f64>,
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
@@ -129,6 +130,7 @@ pub fn run(
     // the shared chat-template head once, so it is quicker than the padded forward timed above
     // (the like-for-like prefill figure); subtracting that one would flatter decoding.
     let mut decode = f64::MAX;
+    let mut own_prefill_best = f64::MAX;
     for _ in 0..repeats {
         let t0 = Instant::now();
         let _ = generate::prefill(
@@ -138,13 +140,15 @@ pub fn run(
             &mut lm.model.new_caches(),
         )?;
         let own_prefill = t0.elapsed().as_secs_f64();
+        own_prefill_best = own_prefill_best.min(own_prefill);
         let t1 = Instant::now();
         let _ = generate::greedy(&lm.model, &ids, &opts)?;
-        decode = decode.min((t1.elapsed().as_secs_f64() - own_prefill).max(1e-9));
+        decode = decode.min(t1.elapsed().as_secs_f64() - own_prefill);
     }
     let decoded = batch * new_tokens;
     let prefill_tps = prompt_tokens as f64 / prefill;
-    let decode_tps = decoded as f64 / decode;
+    // A few tokens' decoding is within the noise of the prefill it is measured against.
+    let decode = (decoded > 0 && decode > 0.02 * own_prefill_best).then_some(decode);
     // Padded positions are computed too, but only real tokens count as throughput.
     let padded_tokens = (b.len() * b.seq_len()) as f64;
     Ok(BenchReport {
@@ -152,8 +156,8 @@ pub fn run(
         bf16_matmul_gflops: bf16_matmul,
         prefill_tokens_per_s: prefill_tps,
         prefill_gflops: (padded_tokens * per_tok + batch as f64 * head) / prefill / 1e9,
-        decode_tokens_per_s: decode_tps,
-        decode_gflops: decoded as f64 * (per_tok + head) / decode / 1e9,
+        decode_tokens_per_s: decode.map(|d| decoded as f64 / d),
+        decode_gflops: decode.map(|d| decoded as f64 * (per_tok + head) / d / 1e9),
         batch,
         prompt_tokens,
         new_tokens,

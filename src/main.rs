@@ -383,11 +383,16 @@ fn run(cli: Cli) -> Result<()> {
                 r.prefill_tokens_per_s, r.batch, r.prompt_tokens, r.prefill_gflops,
                 100.0 * r.prefill_gflops / peak
             );
-            println!(
-                "decode (batch {:>2})     {:.0} tokens/s  ({} new tokens each; {:.1} GFLOP/s = {:.0}% of matmul)",
-                r.batch, r.decode_tokens_per_s, r.new_tokens, r.decode_gflops,
-                100.0 * r.decode_gflops / peak
-            );
+            match (r.decode_tokens_per_s, r.decode_gflops) {
+                (Some(tps), Some(g)) => println!(
+                    "decode (batch {:>2})     {tps:.0} tokens/s  ({} new tokens each; {g:.1} GFLOP/s = {:.0}% of matmul)",
+                    r.batch, r.new_tokens, 100.0 * g / peak
+                ),
+                _ => println!(
+                    "decode (batch {:>2})     too short to time against the prefill ({} new tokens each); raise --new-tokens",
+                    r.batch, r.new_tokens
+                ),
+            }
         }
     }
     Ok(())

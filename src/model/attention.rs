@@ -7,8 +7,8 @@
 //! its query heads' scores, softmax and weighted sum of values in one pass over its keys.
 //!
 //! Keys the mask rules out (−∞) are skipped rather than added as zero weights, so a row's result
-//! does not depend on how much padding its batch has. The arithmetic is in f32 in a fixed order
-//! (16 lanes, no fused multiply-adds), so every CPU computes the same bits.
+//! does not depend on how much padding its batch has. The arithmetic is in f32 in one fixed order
+//! (16 lanes, no fused multiply-adds) whatever the CPU's vector width.
 
 use super::pool;
 use anyhow::{bail, Result};
