@@ -284,14 +284,7 @@ fn prefill_in_groups_equals_one_pass() {
         )
         .unwrap();
         // Close, not equal: candle's f32 gemm sums in another order for a single row.
-        let diff = (alone.logits - b.logits.narrow(0, r, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(alone.logits - b.logits.narrow(0, r, 1).unwrap()).unwrap());
         assert!(
             diff < 1e-3,
             "row {r} is not its prompt's: max |logit diff| {diff}"

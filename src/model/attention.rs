@@ -278,6 +278,17 @@ mod tests {
             .unwrap()
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let mut s = seed;
@@ -326,16 +337,7 @@ mod tests {
             let got = attend(&q, &k, &v, &m, scale, None).unwrap();
             let want = reference(&q, &k, &v, &m, scale);
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&got, &want);
             assert!(diff < 1e-5, "{b} {h} {kv} {t} {tk} {hd}: max |diff| {diff}");
         }
     }
@@ -370,16 +372,7 @@ mod tests {
         let y = attend(&q, &k, &v, &mask(1, 1, tk, &[0]), 1.0, Some(1e-3)).unwrap();
         let mean = v.mean(2).unwrap().reshape((1, 1, hd)).unwrap();
         for head in 0..h {
-            let d = (y.narrow(2, head * hd, hd).unwrap() - &mean)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&y.narrow(2, head * hd, hd).unwrap(), &mean);
             assert!(d < 1e-2, "head {head}: {d}");
         }
     }

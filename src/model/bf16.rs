@@ -161,6 +161,7 @@ impl Packed {
         let panels = n.div_ceil(NR);
         let pairs = k2 / 2;
         let mut data = vec![bf16::ZERO; panels * pairs * NR * 2];
+        // Once per matrix, at load or after an edit, so rayon's pool does: nothing else runs.
         use rayon::prelude::*;
         data.par_chunks_mut(pairs * NR * 2)
             .enumerate()

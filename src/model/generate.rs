@@ -227,20 +227,7 @@ pub fn prefill_in_passes(
     }
     let rest: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
     let batch = Batch::left_padded(&rest, pad_id);
-    let positions: Vec<Vec<u32>> = batch
-        .positions()
-        .into_iter()
-        .map(|r| r.into_iter().map(|p| p + shared as u32).collect())
-        .collect();
-    let mask: Vec<Vec<u8>> = batch
-        .mask
-        .iter()
-        .map(|m| {
-            std::iter::repeat_n(1u8, shared)
-                .chain(m.iter().copied())
-                .collect()
-        })
-        .collect();
+    let (positions, mask) = after_prefix(&batch, shared);
     // In passes of rows, longest first, each padded only to its own longest row and holding at
     // most `per_pass` positions: a whole batch at once makes activations of hundreds of MB,
     // which the allocator maps afresh for every one (page faults), while the kernel is as fast at
@@ -258,20 +245,7 @@ pub fn prefill_in_passes(
         start += rows;
         let own: Vec<Vec<u32>> = pass.iter().map(|&i| rest[i].clone()).collect();
         let sub_batch = Batch::left_padded(&own, pad_id);
-        let sub_positions: Vec<Vec<u32>> = sub_batch
-            .positions()
-            .into_iter()
-            .map(|r| r.into_iter().map(|p| p + shared as u32).collect())
-            .collect();
-        let sub_mask: Vec<Vec<u8>> = sub_batch
-            .mask
-            .iter()
-            .map(|m| {
-                std::iter::repeat_n(1u8, shared)
-                    .chain(m.iter().copied())
-                    .collect()
-            })
-            .collect();
+        let (sub_positions, sub_mask) = after_prefix(&sub_batch, shared);
         // The shared prefix (one row), copied to every row of the pass.
         let mut sub: Vec<KvCache> = caches
             .iter()
@@ -340,6 +314,26 @@ pub fn prefill_in_passes(
         positions,
         logits,
     })
+}
+
+/// The positions and key mask of a left-padded batch that follows `shared` prefix tokens in the
+/// cache.
+fn after_prefix(batch: &Batch, shared: usize) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let positions = batch
+        .positions()
+        .into_iter()
+        .map(|r| r.into_iter().map(|p| p + shared as u32).collect())
+        .collect();
+    let mask = batch
+        .mask
+        .iter()
+        .map(|m| {
+            std::iter::repeat_n(1u8, shared)
+                .chain(m.iter().copied())
+                .collect()
+        })
+        .collect();
+    (positions, mask)
 }
 
 /// The last position's logits of each prompt `[batch, vocab]`, with the shared prefix computed
