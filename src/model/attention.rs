@@ -361,6 +361,23 @@ mod tests {
         assert_eq!(a, p);
     }
 
+    /// The module's claim that every CPU sums in the same order: the 512-bit dot product is the
+    /// 16-lane one, bit for bit, on lengths with and without a tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_dot_product_is_the_portable_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for len in [1, 15, 16, 20, 64, 100, 256] {
+            let a = random(&[len], len as u64).to_vec1::<f32>().unwrap();
+            let b = random(&[len], 1000 + len as u64).to_vec1::<f32>().unwrap();
+            // SAFETY: the feature was checked above.
+            let wide = unsafe { dot_avx512(&a, &b) };
+            assert_eq!(wide.to_bits(), dot_lanes(&a, &b).to_bits(), "length {len}");
+        }
+    }
+
     #[test]
     fn softcap_bounds_scores_before_the_softmax() {
         // With a cap of 1e-3 every score is within ±1e-3, so the weights are nearly uniform

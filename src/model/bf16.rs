@@ -386,7 +386,9 @@ fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
                 None => row.fill(T::ZERO),
             }
             for (p, pair) in row.chunks_exact(2).enumerate() {
-                d[p * 2 * MR + r * 2..p * 2 * MR + r * 2 + 2].copy_from_slice(pair);
+                // This block's own layout (r < MR): pair p's slot for row r.
+                let at = x_at(r, p, k2) + r * 2;
+                d[at..at + 2].copy_from_slice(pair);
             }
         }
     });
