@@ -1,4 +1,5 @@
-//! Microbenchmark of the bf16 kernels (vdpbf16ps, and widened to f32 FMA) against candle's f32
+//! Microbenchmark of the bf16 kernels (vdpbf16ps, and widened to f32 FMA in 16 and 8 lanes) —
+//! those this CPU has, NaN for the others — against candle's f32
 //! GEMM on the shapes of Qwen2.5-0.5B's projections, prefill (m = 512), batch-100 and batch-16
 //! decoding. Prints GFLOP/s; asserts nothing.
 //!
@@ -39,8 +40,8 @@ fn main() {
         });
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let wb = bf16::Packed::new(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, k);
-        let time = |kern| {
-            if bf16::available() {
+        let time = |kern: bf16::Kernel| {
+            if kern.runs_here() {
                 best(reps, || {
                     let _ = bf16::matmul_with(&xs, m, &wb, kern);
                 })
@@ -48,13 +49,18 @@ fn main() {
                 f64::NAN
             }
         };
-        let (d, w) = (time(bf16::Kernel::Dot), time(bf16::Kernel::Widen));
+        let (d, w, w8) = (
+            time(bf16::Kernel::Dot),
+            time(bf16::Kernel::Widen),
+            time(bf16::Kernel::Widen8),
+        );
         let fl = 2.0 * (m * k * n) as f64 / 1e9;
         println!(
-            "{m:>4} x {k:>5} x {n:>6}: f32 (candle) {:>6.1}   bf16 vdpbf16ps {:>6.1}   bf16 widened {:>6.1} GFLOP/s",
+            "{m:>4} x {k:>5} x {n:>6}: f32 (candle) {:>6.1}   bf16 vdpbf16ps {:>6.1}   widened {:>6.1}   widened 8-lane {:>6.1} GFLOP/s",
             fl / f,
             fl / d,
             fl / w,
+            fl / w8,
         );
     }
 }

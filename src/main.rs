@@ -15,8 +15,9 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// How the models' matrices are stored and multiplied: f32 (the reference, what the
-    /// transformers tests compare with) or bf16 (half the memory, AVX512_BF16 kernels; f32 with a
-    /// warning on a CPU without them). A study names its own with `precision:`.
+    /// transformers tests compare with) or bf16 (half the memory; kernels for AVX512_BF16,
+    /// AVX-512 and AVX2 with FMA, the same bits on each; f32 with a warning on a CPU without
+    /// them). A study names its own with `precision:`.
     #[arg(long, global = true, value_enum, default_value_t = model::Precision::F32)]
     precision: model::Precision,
 }

@@ -43,15 +43,18 @@ pub fn attend(
             [b, 1, 1, t, tk]
         );
     }
+    // Keys and values may be views of a cache with spare slots: read in place as long as each
+    // (row, head)'s keys are one run of rows.
     let (q, k, v, mask) = (
         q.contiguous()?,
-        k.contiguous()?,
-        v.contiguous()?,
+        runs_of_rows(k)?,
+        runs_of_rows(v)?,
         mask.contiguous()?,
     );
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
+    let head_strides = |l: &candle_core::Layout| [l.stride()[0], l.stride()[1]];
     let (ms, ml) = mask.storage_and_layout();
     let shapes = Shapes {
         h,
@@ -62,10 +65,15 @@ pub fn attend(
         scale: scale as f32,
         softcap: softcap.map(|c| c as f32),
     };
+    // The last key of the last (row, head) ends the span each tensor's view reads.
+    let span = |st: [usize; 2]| (b - 1) * st[0] + (kv - 1) * st[1] + tk * hd;
+    let (kst, vst) = (head_strides(kl), head_strides(vl));
     let inputs = Inputs {
         q: f32s(&qs, ql.start_offset(), b * h * t * hd)?,
-        k: f32s(&ks, kl.start_offset(), b * kv * tk * hd)?,
-        v: f32s(&vs, vl.start_offset(), b * kv * tk * hd)?,
+        k: f32s(&ks, kl.start_offset(), span(kst))?,
+        v: f32s(&vs, vl.start_offset(), span(vst))?,
+        k_strides: kst,
+        v_strides: vst,
         mask: f32s(&ms, ml.start_offset(), b * t * tk)?,
     };
     let rep = h / kv;
@@ -83,6 +91,18 @@ pub fn attend(
         }
     }
     Ok(Tensor::from_vec(y, (b, t, h * hd), &Device::Cpu)?)
+}
+
+/// `t` `[b, kv, tk, hd]` as it is if every (row, head)'s keys are consecutive rows of `hd`,
+/// else a contiguous copy.
+fn runs_of_rows(t: &Tensor) -> Result<Tensor> {
+    let (_, _, tk, hd) = t.dims4()?;
+    let st = t.layout().stride();
+    Ok(if st[3] == 1 && (st[2] == hd || tk == 1) {
+        t.clone()
+    } else {
+        t.contiguous()?
+    })
 }
 
 fn f32s(s: &candle_core::Storage, start: usize, len: usize) -> Result<&[f32]> {
@@ -106,6 +126,9 @@ struct Inputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    /// Where row b, key head g starts in `k` (`v`): `b · s[0] + g · s[1]`.
+    k_strides: [usize; 2],
+    v_strides: [usize; 2],
     mask: &'a [f32],
 }
 
@@ -118,7 +141,19 @@ fn one_group(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
             // SAFETY: the CPU has the feature the function is compiled for.
             return unsafe { one_group_avx512(x, s, task) };
         }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { one_group_avx2(x, s, task) };
+        }
     }
+    one_group_body::<false>(x, s, task)
+}
+
+/// The portable code compiled for 256-bit vectors: the 16-lane dot product in two registers,
+/// the same operations in the same order (no fused multiply-add: the compiler does not contract).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn one_group_avx2(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
     one_group_body::<false>(x, s, task)
 }
 
@@ -133,8 +168,9 @@ unsafe fn one_group_avx512(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
 fn one_group_body<const AVX512: bool>(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
     let (rep, t, tk, hd) = (s.h / s.kv, s.t, s.tk, s.hd);
     let (bi, g) = (task / s.kv, task % s.kv);
-    let keys = &x.k[task * tk * hd..(task + 1) * tk * hd];
-    let values = &x.v[task * tk * hd..(task + 1) * tk * hd];
+    let start = |st: [usize; 2]| bi * st[0] + g * st[1];
+    let keys = &x.k[start(x.k_strides)..][..tk * hd];
+    let values = &x.v[start(x.v_strides)..][..tk * hd];
     let mut y = vec![0f32; rep * t * hd];
     let mut query = vec![0f32; hd];
     // (key, score) of the keys a query may see; the score becomes its weight.
@@ -189,6 +225,7 @@ fn dot<const AVX512: bool>(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
+#[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -208,6 +245,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+#[inline(always)]
 fn tail_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -317,6 +355,32 @@ mod tests {
             }
         }
         Tensor::from_vec(m, (b, 1, 1, t, tk), &Device::Cpu).unwrap()
+    }
+
+    /// Keys and values read in place from a cache with spare slots give the same bits as a
+    /// contiguous copy of the slots in use (and a view that is not runs of rows is copied).
+    #[test]
+    fn reads_views_of_a_cache_with_spare_slots() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for (b, h, kv, t, tk, slots, hd) in [(3, 14, 2, 1, 37, 50, 64), (2, 4, 4, 3, 9, 12, 20)] {
+            let q = random(&[b, h, t, hd], 4);
+            let kc = random(&[b, kv, slots, hd], 5);
+            let vc = random(&[b, kv, slots, hd], 6);
+            let (k, v) = (kc.narrow(2, 0, tk).unwrap(), vc.narrow(2, 0, tk).unwrap());
+            assert!(!k.is_contiguous());
+            let m = mask(b, t, tk, &vec![1; b]);
+            let got = attend(&q, &k, &v, &m, 0.125, None).unwrap();
+            let (kk, vv) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+            let want = attend(&q, &kk, &vv, &m, 0.125, None).unwrap();
+            assert_eq!(bits(&got), bits(&want));
+            // Heads and keys swapped in memory: keys of one head are not consecutive rows.
+            let kt = kk.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let odd = attend(&q, &kt, &vv, &m, 0.125, None).unwrap();
+            assert_eq!(bits(&odd), bits(&want));
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The bf16 weight path: `y = x Wᵀ` with `W` stored as bf16 and `x`, `y` in f32, multiplied
-//! with AVX512_BF16's `vdpbf16ps` (pairs of bf16 products accumulated in f32).
+//! in pairs of exact bf16 products accumulated in f32 (AVX512_BF16's `vdpbf16ps`, or the same
+//! arithmetic written with AVX-512 or AVX2 fused multiply-adds).
 //!
 //! The only unsafe code of the runtime lives here. `x` is rounded to bf16 once per call (round to
 //! nearest even, as PyTorch's bf16 casts); every product and sum is in f32 and `y` stays f32, so
@@ -16,7 +17,7 @@
 //! and rows in chunks of [`MC`] that stay in L2. Weights are packed once, when the model is
 //! converted (or a matrix edited).
 //!
-//! Two micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
+//! Three micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
 //! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
 //! mask) and uses two `vfmadd231ps`, odd input first, which is exactly how `vdpbf16ps` is
 //! specified (two fused f32 multiply-adds of exact bf16 products, odd element first) — except with subnormal operands or sums, which
@@ -24,40 +25,75 @@
 //! `vcvtneps2bf16`, which flushes them too). Which is faster depends on the CPU: on the Intel
 //! Xeon these numbers were taken on, one core retires vdpbf16ps at 41 G multiply-adds/s and
 //! vfmadd231ps at 83–86 G (`cargo run --release --example peak`), so widening wins; [`kernel`]
-//! times both once and keeps the faster.
+//! times both once and keeps the faster. `Kernel::Widen8` is the widening kernel in AVX2's
+//! 8-lane registers, for CPUs without AVX-512 (AMD before Zen 4, Intel client cores): each
+//! output lane sees the same fused multiply-adds in the same order, and the inputs are rounded
+//! by [`round_bits`], bit for bit what `vcvtneps2bf16` does, so a bf16 result does not depend on
+//! which of the three ran.
 
 use super::pool;
 use half::bf16;
 
-/// Whether this CPU has the instructions (checked once; the binary runs f32 elsewhere).
-pub fn available() -> bool {
+/// What this CPU offers the kernels, read once.
+#[derive(Debug, Clone, Copy)]
+struct Features {
+    /// AVX-512 F and BW: the 16-lane widening kernel.
+    avx512: bool,
+    /// AVX512_BF16 besides: `vdpbf16ps` and `vcvtneps2bf16`.
+    avx512bf16: bool,
+    /// AVX2 and FMA: the 8-lane widening kernel.
+    avx2: bool,
+}
+
+fn features() -> Features {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
+        static HAS: OnceLock<Features> = OnceLock::new();
         *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw");
+            Features {
+                avx512,
+                avx512bf16: avx512 && std::arch::is_x86_feature_detected!("avx512bf16"),
+                avx2: std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma"),
+            }
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Features {
+            avx512: false,
+            avx512bf16: false,
+            avx2: false,
+        }
     }
 }
 
-/// The micro-kernel `matmul_t` runs; both give the same bits (tested).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    /// `vdpbf16ps` on bf16 pairs.
-    Dot,
-    /// Weights widened to f32 in registers, `vfmadd231ps`.
-    Widen,
+/// Whether this CPU runs one of the kernels (AVX2 with FMA at least; checked once): elsewhere
+/// the binary runs f32.
+pub fn available() -> bool {
+    let f = features();
+    f.avx512 || f.avx2
 }
 
-/// The kernel this process uses: `OUTLIERLAB_BF16_KERNEL=dot|widen` if set, else the faster of
-/// the two on a product of Qwen2.5-0.5B's attention shape, timed once (~20 ms) at first use.
+/// The micro-kernel `matmul_t` runs; all give the same bits (tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `vdpbf16ps` on bf16 pairs (AVX512_BF16).
+    Dot,
+    /// Weights widened to f32 in 16-lane registers, `vfmadd231ps` (AVX-512).
+    Widen,
+    /// The same widening in 8-lane registers (AVX2 and FMA): half a panel's columns and up to
+    /// four rows at a time, which is what sixteen registers hold.
+    Widen8,
+}
+
+/// The kernel this process uses: `OUTLIERLAB_BF16_KERNEL=dot|widen|widen8` if set (and the CPU
+/// has it), else the fastest this CPU has. With AVX512_BF16 the two 16-lane kernels are timed
+/// once (~20 ms) at first use on a product of Qwen2.5-0.5B's attention shape; with AVX-512 alone
+/// it is the 16-lane widening kernel, with AVX2 the 8-lane one.
 ///
 /// The timing runs on one thread, each kernel warmed up first and the two alternated, best of
 /// five: timed once each on the thread pool, the first-timed kernel paid the pool's wake-up and
@@ -66,16 +102,36 @@ pub enum Kernel {
 pub fn kernel() -> Kernel {
     use std::sync::OnceLock;
     static CHOSEN: OnceLock<Kernel> = OnceLock::new();
-    *CHOSEN.get_or_init(
-        || match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
-            Ok("dot") => Kernel::Dot,
-            Ok("widen") => Kernel::Widen,
-            _ => fastest_kernel(),
-        },
-    )
+    *CHOSEN.get_or_init(|| {
+        let asked = match std::env::var("OUTLIERLAB_BF16_KERNEL").as_deref() {
+            Ok("dot") => Some(Kernel::Dot),
+            Ok("widen") => Some(Kernel::Widen),
+            Ok("widen8") => Some(Kernel::Widen8),
+            _ => None,
+        };
+        match asked {
+            Some(k) if k.runs_here() => k,
+            Some(k) => {
+                eprintln!(
+                    "warning: OUTLIERLAB_BF16_KERNEL asks for the {} kernel, which this CPU cannot run; choosing another",
+                    k.name()
+                );
+                fastest_kernel()
+            }
+            None => fastest_kernel(),
+        }
+    })
 }
 
 fn fastest_kernel() -> Kernel {
+    let f = features();
+    if !f.avx512bf16 {
+        return if f.avx512 {
+            Kernel::Widen
+        } else {
+            Kernel::Widen8
+        };
+    }
     let (m, k, n) = (64, 896, 896);
     let x: Vec<f32> = (0..m * k)
         .map(|i| ((i * 7919) % 1000) as f32 / 1e3)
@@ -109,7 +165,26 @@ impl Kernel {
         match self {
             Kernel::Dot => "vdpbf16ps",
             Kernel::Widen => "widened to f32, vfmadd231ps",
+            Kernel::Widen8 => "widened to f32, 8-lane vfmadd231ps (AVX2)",
         }
+    }
+
+    /// Whether this CPU has the kernel's instructions.
+    pub fn runs_here(self) -> bool {
+        let f = features();
+        match self {
+            Kernel::Dot => f.avx512bf16,
+            Kernel::Widen => f.avx512,
+            Kernel::Widen8 => f.avx2,
+        }
+    }
+
+    /// Every kernel this CPU can run (tests compare them bit for bit).
+    pub fn all_here() -> Vec<Kernel> {
+        [Kernel::Dot, Kernel::Widen, Kernel::Widen8]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
     }
 }
 
@@ -219,7 +294,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
 pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
     let n = w.n;
     if m == 0 || w.k == 0 {
-        check(x, m, w);
+        check(x, m, w, kern);
         return vec![0.0; m * n];
     }
     // Every element of y is stored by the first k-block (`first`), so it starts uninitialised:
@@ -253,7 +328,7 @@ pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
 pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
     let n = w.n;
     if m == 0 || n == 0 || w.k == 0 {
-        check(x, m, w);
+        check(x, m, w, kernel());
         return vec![0; m];
     }
     // Column groups small enough that a group's products for all rows stay in L2 until
@@ -300,11 +375,12 @@ pub fn matmul_argmax(x: &[f32], m: usize, w: &Packed) -> Vec<u32> {
         .collect()
 }
 
-fn check(x: &[f32], m: usize, w: &Packed) {
+fn check(x: &[f32], m: usize, w: &Packed, kern: Kernel) {
     assert_eq!(x.len(), m * w.k, "x is not [m, k]");
     assert!(
-        available(),
-        "bf16 kernel called on a CPU without AVX512_BF16"
+        kern.runs_here(),
+        "the {} kernel called on a CPU without its instructions",
+        kern.name()
     );
 }
 
@@ -312,6 +388,7 @@ fn check(x: &[f32], m: usize, w: &Packed) {
 enum RoundedX<'a> {
     Dot(&'a [bf16]),
     Widen(&'a [f32]),
+    Widen8(&'a [f32]),
 }
 
 impl RoundedX<'_> {
@@ -327,6 +404,7 @@ impl RoundedX<'_> {
             match *self {
                 RoundedX::Dot(xb) => panels_range(&xb[at..], rows, w, q0, q1, y, ldy),
                 RoundedX::Widen(xw) => panels_range_widen(&xw[at..], rows, w, q0, q1, y, ldy),
+                RoundedX::Widen8(xw) => panels_range_widen8(&xw[at..], rows, w, q0, q1, y, ldy),
             }
             i0 += rows;
         }
@@ -344,7 +422,7 @@ fn with_rounded<R>(
     kern: Kernel,
     f: impl FnOnce(&RoundedX) -> R,
 ) -> R {
-    check(x, m, w);
+    check(x, m, w, kern);
     let (k, k2) = (w.k, w.k2);
     let len = x_at(m.div_ceil(MR) * MR, 0, k2);
     match kern {
@@ -353,10 +431,14 @@ fn with_rounded<R>(
             round_rows(x, k, xb.sized(len), k2);
             f(&RoundedX::Dot(xb.slice()))
         }
-        Kernel::Widen => {
+        Kernel::Widen | Kernel::Widen8 => {
             let mut xw = Scratch::take(&F32_SCRATCH);
             round_rows(x, k, xw.sized(len), k2);
-            f(&RoundedX::Widen(xw.slice()))
+            f(&if kern == Kernel::Widen {
+                RoundedX::Widen(xw.slice())
+            } else {
+                RoundedX::Widen8(xw.slice())
+            })
         }
     }
 }
@@ -381,8 +463,7 @@ fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
         let mut row = vec![T::ZERO; k2];
         for r in 0..MR {
             match s.get(r * k..(r + 1) * k) {
-                // SAFETY: `available()` was asserted by the caller.
-                Some(src) => unsafe { round_row(src, &mut row[..k]) },
+                Some(src) => round_row(src, &mut row[..k]),
                 None => row.fill(T::ZERO),
             }
             for (p, pair) in row.chunks_exact(2).enumerate() {
@@ -456,23 +537,59 @@ trait Rounded: Copy + Send + Sync {
     /// Stored as f32 (the bf16 bits shifted into the high half).
     const WIDE: bool;
     const ZERO: Self;
+    fn from_bf16_bits(b: u16) -> Self;
 }
 
 impl Rounded for bf16 {
     const WIDE: bool = false;
     const ZERO: bf16 = bf16::ZERO;
+    fn from_bf16_bits(b: u16) -> bf16 {
+        bf16::from_bits(b)
+    }
 }
 
 impl Rounded for f32 {
     const WIDE: bool = true;
     const ZERO: f32 = 0.0;
+    fn from_bf16_bits(b: u16) -> f32 {
+        f32::from_bits((b as u32) << 16)
+    }
+}
+
+/// `d[..s.len()] = s` rounded to bf16 as `vcvtneps2bf16` rounds: by that instruction where the
+/// CPU has it, else by [`round_bits`] — the same bits, so every kernel reads the same inputs.
+fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if features().avx512bf16 {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { round_row_avx512(s, d) };
+        }
+    }
+    for (o, &v) in d.iter_mut().zip(s) {
+        *o = T::from_bf16_bits(round_bits(v));
+    }
+}
+
+/// `vcvtneps2bf16`'s rounding of one value, as Intel's pseudo-code gives it: zero and subnormals
+/// to a zero of their sign, NaN quieted, infinities kept, everything else to nearest even.
+/// (`half`'s conversion keeps subnormals, which `vdpbf16ps` would read as zero.)
+pub fn round_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x0040) as u16
+    } else if b & 0x7f80_0000 == 0 {
+        ((b >> 16) & 0x8000) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
 }
 
 /// `d[..s.len()] = s` rounded to bf16 by `vcvtneps2bf16` (nearest even; subnormals to zero, as
 /// `vdpbf16ps` would read them), 16 at a time, the tail under a mask.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
+unsafe fn round_row_avx512<T: Rounded>(s: &[f32], d: &mut [T]) {
     use std::arch::x86_64::*;
     let mut i = 0;
     while i < s.len() {
@@ -489,11 +606,6 @@ unsafe fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
         }
         i += live;
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn round_row<T: Rounded>(_: &[f32], _: &mut [T]) {
-    unreachable!("available() is false off x86_64")
 }
 
 /// One micro-kernel call: R rows of x from `x` (a block of [`round_rows`]' layout, at its first
@@ -666,6 +778,100 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
     store_tile(&acc, &t);
 }
 
+/// Panels `q0..q1` with the 8-lane widening kernel; `xw` holds the rounded inputs as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panels_range_widen8(
+    xw: &[f32],
+    m: usize,
+    w: &Packed,
+    q0: usize,
+    q1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    walk_panels!(xw, m, w.k2, w, q0, q1, y, ldy, tile_widen8)
+}
+
+/// As `tile_widen`, in 8-lane registers: an R × 32 tile does not fit in sixteen of them, so it
+/// runs as sub-tiles of 16 columns × up to 4 rows (8 accumulators, 4 widened weight vectors, 2
+/// broadcasts), each over every step. Each output lane sees the same operations in the same
+/// order as in the 16-lane kernel, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_widen8<const R: usize>(t: Tile<f32>) {
+    for half in 0..NR / 16 {
+        if t.cols <= half * 16 {
+            break;
+        }
+        let mut r0 = 0;
+        while r0 < R {
+            match R - r0 {
+                1 => sub_tile_widen8::<1>(&t, half, r0),
+                2 => sub_tile_widen8::<2>(&t, half, r0),
+                3 => sub_tile_widen8::<3>(&t, half, r0),
+                _ => sub_tile_widen8::<4>(&t, half, r0),
+            }
+            r0 += 4;
+        }
+    }
+}
+
+/// Rows `r0..r0 + RR` of the tile × its columns `16·half .. 16·half + 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize) {
+    use std::arch::x86_64::*;
+    let (x, steps) = (t.x, t.steps);
+    let mut acc = [[_mm256_setzero_ps(); 2]; RR];
+    let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    // The next panel is fetched once, by the tile's first pass over the steps.
+    let ahead = if half == 0 && r0 == 0 {
+        t.ahead
+    } else {
+        std::ptr::null()
+    };
+    for s in 0..steps {
+        prefetch_ahead(ahead, s);
+        // A step's 32 pairs are 128 bytes; this half's 16 are the 64 from `32 · half` bf16s.
+        let wp = t.panel.add(s * NR * 2 + half * 32) as *const __m256i;
+        let mut even = [_mm256_setzero_ps(); 2];
+        let mut odd = [_mm256_setzero_ps(); 2];
+        for v in 0..2 {
+            let raw = _mm256_loadu_si256(wp.add(v));
+            even[v] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+            odd[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let at = s * 2 * MR + (r0 + r) * 2;
+            let xo = _mm256_set1_ps(*x.add(at + 1));
+            let xe = _mm256_set1_ps(*x.add(at));
+            for (v, c) in row.iter_mut().enumerate() {
+                *c = _mm256_fmadd_ps(xo, odd[v], *c);
+                *c = _mm256_fmadd_ps(xe, even[v], *c);
+            }
+        }
+    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (r, row) in acc.iter().enumerate() {
+        let yr = t.y.add((r0 + r) * t.ldy + half * 16);
+        for (v, c) in row.iter().enumerate() {
+            let live = t.cols.saturating_sub(half * 16 + v * 8).min(8);
+            if live == 0 {
+                break;
+            }
+            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), lanes);
+            let mut out = *c;
+            if !t.first {
+                out = _mm256_add_ps(out, _mm256_maskload_ps(yr.add(v * 8), m));
+            }
+            _mm256_maskstore_ps(yr.add(v * 8), m, out);
+        }
+    }
+}
+
 /// Writes (or, unless `first`, adds) an R × 32 block of accumulators to `y`, `cols` of the
 /// 32 columns real.
 #[cfg(target_arch = "x86_64")]
@@ -712,6 +918,19 @@ unsafe fn panels_range_widen(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+unsafe fn panels_range_widen8(
+    _: &[f32],
+    _: usize,
+    _: &Packed,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("available() is false off x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 unsafe fn panels_range(
     _: &[bf16],
     _: usize,
@@ -746,9 +965,11 @@ mod tests {
     #[test]
     fn agrees_with_the_exact_product_of_the_rounded_operands() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
             return;
         }
+        let kernels = Kernel::all_here();
+        eprintln!("kernels compared: {kernels:?}");
         for (m, k, n, seed) in [
             (1, 1, 1, 1),
             (3, 31, 5, 2),
@@ -763,10 +984,17 @@ mod tests {
             let x = noise(m * k, seed);
             let wf = noise(n * k, seed + 100);
             let w = Packed::new(&wf, n, k);
-            let y = matmul_with(&x, m, &w, Kernel::Dot);
-            let yw = matmul_with(&x, m, &w, Kernel::Widen);
+            let y = matmul_with(&x, m, &w, kernels[0]);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&y), bits(&yw), "({m},{k},{n}): the kernels differ");
+            for &kern in &kernels[1..] {
+                let other = matmul_with(&x, m, &w, kern);
+                assert_eq!(
+                    bits(&y),
+                    bits(&other),
+                    "({m},{k},{n}): {:?} and {kern:?} differ",
+                    kernels[0]
+                );
+            }
             let xr = to_bf16(&x);
             let wr = to_bf16(&wf);
             assert_eq!(
@@ -792,9 +1020,9 @@ mod tests {
     /// Subnormal inputs count as zero in both kernels, in a full group of 16 and in the tail
     /// (what `vdpbf16ps` does with them), and every other input is rounded to nearest even.
     #[test]
-    fn subnormal_inputs_are_zero_in_both_kernels() {
+    fn subnormal_inputs_are_zero_in_every_kernel() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
             return;
         }
         let (m, k, n) = (3, 19, 40);
@@ -806,7 +1034,7 @@ mod tests {
             zeroed[at] = 0.0;
         }
         let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for kern in [Kernel::Dot, Kernel::Widen] {
+        for kern in Kernel::all_here() {
             assert_eq!(
                 bits(matmul_with(&x, m, &w, kern)),
                 bits(matmul_with(&zeroed, m, &w, kern)),
@@ -814,8 +1042,7 @@ mod tests {
             );
         }
         let mut d = vec![0f32; 19];
-        // SAFETY: available() checked above.
-        unsafe { round_row(&x[k..2 * k], &mut d) };
+        round_row(&x[k..2 * k], &mut d);
         for (j, (&r, &v)) in d.iter().zip(&x[k..2 * k]).enumerate() {
             let want = if v.is_subnormal() {
                 0.0
@@ -836,7 +1063,7 @@ mod tests {
     #[test]
     fn fused_argmax_equals_argmax_of_the_product() {
         if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
             return;
         }
         let argmax = |y: Vec<f32>, m: usize, n: usize| -> Vec<u32> {
@@ -884,5 +1111,66 @@ mod tests {
         let want = argmax(matmul_with(&x, m, &w, kernel()), m, n);
         assert_eq!(want[1], 0);
         assert_eq!(matmul_argmax(&x, m, &w), want);
+    }
+
+    /// The portable rounding is `vcvtneps2bf16`'s: on special values and 200,000 random bit
+    /// patterns against the instruction where the CPU has it, and everywhere against `half`'s
+    /// nearest-even rounding on normal numbers, zero for subnormals and a quiet NaN for NaN.
+    #[test]
+    fn portable_rounding_is_the_instructions() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc0_1234),
+            f32::MIN_POSITIVE,
+            f32::from_bits(0x0000_0001),
+            f32::from_bits(0x8040_0000),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            values.push(f32::from_bits((seed >> 16) as u32));
+        }
+        for &v in &values {
+            let r = round_bits(v);
+            let want = if v.is_nan() {
+                assert!(bf16::from_bits(r).is_nan(), "{:#x}", v.to_bits());
+                assert_eq!(r & 0x0040, 0x0040, "{:#x}: NaN not quiet", v.to_bits());
+                continue;
+            } else if v.is_subnormal() || v == 0.0 {
+                if v.is_sign_negative() {
+                    0x8000
+                } else {
+                    0
+                }
+            } else {
+                bf16::from_f32(v).to_bits()
+            };
+            assert_eq!(r, want, "{v:e} ({:#x})", v.to_bits());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if features().avx512bf16 {
+            let mut got = vec![bf16::ZERO; values.len()];
+            // SAFETY: the CPU has AVX512_BF16.
+            unsafe { round_row_avx512(&values, &mut got) };
+            for (v, g) in values.iter().zip(got) {
+                assert_eq!(g.to_bits(), round_bits(*v), "{:#x}", v.to_bits());
+            }
+        } else {
+            eprintln!("the instruction itself not compared: this CPU has no AVX512_BF16");
+        }
     }
 }

@@ -65,6 +65,9 @@ pub fn greedy_with_first_logits(
     let mut caches: Vec<KvCache> = model.new_caches();
     let (mut ids, mut mask, mut positions, first_logits) = if opts.use_cache {
         let p = prefill(model, prompts, opts.pad_id, &mut caches)?;
+        for c in caches.iter_mut() {
+            c.reserve(opts.max_new_tokens)?;
+        }
         // With a cache only the key mask and the next positions are read from here on.
         (Vec::new(), p.mask, p.positions, p.logits)
     } else {
@@ -124,10 +127,7 @@ pub fn greedy_with_first_logits(
                     &Device::Cpu,
                 )?;
                 for c in caches.iter_mut() {
-                    if let (Some(k), Some(v)) = (&c.k, &c.v) {
-                        c.k = Some(k.index_select(&idx, 0)?);
-                        c.v = Some(v.index_select(&idx, 0)?);
-                    }
+                    c.select_rows(&idx)?;
                 }
             }
         }
@@ -258,10 +258,7 @@ pub fn prefill_in_passes(
                         })
                         .transpose()
                 };
-                Ok(KvCache {
-                    k: pick(&c.k)?,
-                    v: pick(&c.v)?,
-                })
+                Ok(KvCache::holding(pick(&c.k)?, pick(&c.v)?))
             })
             .collect::<Result<_>>()?;
         let out = model.step(
@@ -305,8 +302,7 @@ pub fn prefill_in_passes(
                 _ => Some(Tensor::cat(&ts, 0)?.index_select(&back, 0)?),
             })
         };
-        c.k = join(|c| &c.k)?;
-        c.v = join(|c| &c.v)?;
+        *c = KvCache::holding(join(|c| &c.k)?, join(|c| &c.v)?);
     }
     let logits = Tensor::cat(&logits, 0)?.index_select(&back, 0)?;
     Ok(Prefilled {
