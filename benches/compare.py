@@ -7,7 +7,8 @@ precision's matmul peak measured in the same run. A benchmark: it asserts nothin
     OMP_WAIT_POLICY=PASSIVE python benches/compare.py --model qwen2.5-coder-0.5b-instruct [--score] [--rounds 3]
 
 Needs torch, transformers and gguf (pip install torch transformers gguf) and a release build
-(cargo build --release; or OUTLIERLAB=path/to/outlierlab).
+(cargo build --release, or .ci/run's build in ~/.cache/outlierlab-target; or
+OUTLIERLAB=path/to/outlierlab).
 """
 import argparse
 import os
@@ -46,18 +47,28 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run both sides this many times, alternating which goes first")
     ap.add_argument("--precisions", default="f32,bf16",
-                    help="comma-separated, of f32 and bf16 (bf16 is needed: the ratios are against "
-                         "PyTorch bf16); bf16 alone halves the run")
+                    help="comma-separated, of f32 and bf16: outlierlab's (and PyTorch's, unless "
+                         "--pytorch-precisions says otherwise); ratios are against each PyTorch "
+                         "precision run")
+    ap.add_argument("--pytorch-precisions", default=None,
+                    help="PyTorch's precisions, if not the same: on a CPU without AVX512_BF16, "
+                         "PyTorch's bf16 runs on one thread and takes hours to score")
     a = ap.parse_args()
-    exe = os.environ.get("OUTLIERLAB", os.path.join(ROOT, "target", "release", "outlierlab"))
+    # A plain `cargo build --release`, else where .ci/run builds (CARGO_TARGET_DIR's default there).
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    exe = os.path.join(target, "release", "outlierlab")
+    if not os.path.exists(exe):
+        exe = os.path.expanduser("~/.cache/outlierlab-target/release/outlierlab")
+    exe = os.environ.get("OUTLIERLAB", exe)
     cache = os.environ.get("OUTLIERLAB_CACHE", os.path.expanduser("~/.cache/outlierlab"))
     gguf = os.path.join(cache, "models", GGUF[a.model])
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(a.threads))
     py = sys.executable
     rows = {}
     wanted = set(a.precisions.split(","))
-    if "bf16" not in wanted or not wanted <= {"f32", "bf16"}:
-        sys.exit("--precisions: a comma-separated list of f32 and bf16 that includes bf16")
+    torch_wanted = set((a.pytorch_precisions or a.precisions).split(","))
+    if not wanted or not (wanted | torch_wanted) <= {"f32", "bf16"}:
+        sys.exit("--precisions, --pytorch-precisions: comma-separated lists of f32 and bf16")
 
     def ours(prec, files):
         o = run([exe, "--precision", prec, "bench", "--model", a.model])
@@ -103,10 +114,14 @@ def main():
                 with open(files[side], "w") as f:
                     f.write("\n".join(lines) + "\n")
         for i in range(a.rounds):
-            for prec in [p for p in ["f32", "bf16"] if p in wanted]:
-                sides = [("outlierlab", ours), ("pytorch", theirs)]
+            for prec in [p for p in ["f32", "bf16"] if p in wanted | torch_wanted]:
+                sides = [(w, fn) for w, fn, on in [("outlierlab", ours, wanted),
+                                                   ("pytorch", theirs, torch_wanted)] if prec in on]
                 for who, fn in sides if i % 2 == 0 else sides[::-1]:
-                    runs.setdefault((who, prec), []).append(fn(prec, files))
+                    r = fn(prec, files)
+                    # Each run as it completes, so an interrupted comparison still says something.
+                    print(f"round {i + 1}: {who} {prec}: {r}", file=sys.stderr, flush=True)
+                    runs.setdefault((who, prec), []).append(r)
     best = {"matmul": max, "prefill": max, "decode": max, "mb": min, "score": min}
     for key, rs in runs.items():
         rows[key] = {f: pick(r[f] for r in rs) for f, pick in best.items() if f in rs[0]}
@@ -122,20 +137,21 @@ def main():
         if a.score:
             line += f" {r.get('score', float('nan')):.1f} |"
         print(line)
-    ref = rows[("pytorch", "bf16")]
-    print("\nratios against PyTorch bf16 (higher is better; for the score, PyTorch's time / ours):")
-    for (who, prec), r in rows.items():
-        if who != "outlierlab":
-            continue
-        parts = [f"prefill {r['prefill'] / ref['prefill']:.2f}x", f"decode {r['decode'] / ref['decode']:.2f}x"]
-        if a.score:
-            parts.append(f"score {ref['score'] / r['score']:.2f}x (time {r['score'] / ref['score']:.2f} of PyTorch bf16's)")
-        print(f"  outlierlab {prec}: " + ", ".join(parts))
-        if a.rounds > 1:
-            mine, base = runs[("outlierlab", prec)], runs[("pytorch", "bf16")]
-            for f in ["prefill", "decode"] + (["score"] if a.score else []):
-                per = [(b[f] / m[f]) if f == "score" else (m[f] / b[f]) for m, b in zip(mine, base)]
-                print(f"    {f} per round: " + ", ".join(f"{x:.2f}x" for x in per))
+    for tp in [p for p in ["bf16", "f32"] if ("pytorch", p) in rows]:
+        ref = rows[("pytorch", tp)]
+        print(f"\nratios against PyTorch {tp} (higher is better; for the score, PyTorch's time / ours):")
+        for (who, prec), r in rows.items():
+            if who != "outlierlab":
+                continue
+            parts = [f"prefill {r['prefill'] / ref['prefill']:.2f}x", f"decode {r['decode'] / ref['decode']:.2f}x"]
+            if a.score:
+                parts.append(f"score {ref['score'] / r['score']:.2f}x (time {r['score'] / ref['score']:.2f} of PyTorch {tp}'s)")
+            print(f"  outlierlab {prec}: " + ", ".join(parts))
+            if a.rounds > 1:
+                mine, base = runs[("outlierlab", prec)], runs[("pytorch", tp)]
+                for f in ["prefill", "decode"] + (["score"] if a.score else []):
+                    per = [(b[f] / m[f]) if f == "score" else (m[f] / b[f]) for m, b in zip(mine, base)]
+                    print(f"    {f} per round: " + ", ".join(f"{x:.2f}x" for x in per))
 
 
 if __name__ == "__main__":
