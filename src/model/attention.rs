@@ -377,7 +377,13 @@ mod tests {
             let want = attend(&q, &kk, &vv, &m, 0.125, None).unwrap();
             assert_eq!(bits(&got), bits(&want));
             // Heads and keys swapped in memory: keys of one head are not consecutive rows.
-            let kt = kk.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let kt = kk
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             let odd = attend(&q, &kt, &vv, &m, 0.125, None).unwrap();
             assert_eq!(bits(&odd), bits(&want));
         }

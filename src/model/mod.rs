@@ -233,10 +233,11 @@ impl Writer {
 
 /// Keys and values seen so far, `[batch, kv_heads, slots, head_dim]`. Decoding first calls
 /// [`KvCache::reserve`]: each step then writes its keys into spare slots in place instead of
-/// concatenating, which copied the whole cache at every step (24 layers × 15 MB at batch 100 and
-/// 150 positions on Qwen 0.5B).
+/// concatenating, which copied the whole cache at every step — a cost that grows with the square
+/// of a reply's length (24 layers × 15 MB per step at batch 100 and 150 positions on Qwen 0.5B).
 #[derive(Default, Clone)]
 pub struct KvCache {
+    /// The stored tensors; slots past `len` are unset room (read through [`KvCache::used`]).
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
     /// Slots in use, the rest spare room; None: every slot is in use.
