@@ -672,35 +672,53 @@ macro_rules! walk_panels {
     }};
 }
 
-/// Panels `q0..q1` with the `vdpbf16ps` kernel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn panels_range(
-    xb: &[bf16],
-    m: usize,
-    w: &Packed,
-    q0: usize,
-    q1: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    walk_panels!(xb, m, w.k2, w, q0, q1, y, ldy, tile)
+/// Defines `$name`, panels `q0..q1` of the output through `walk_panels!` with `$tile`, compiled
+/// for `$features` (and, off x86-64, a stub: `available()` is false there).
+macro_rules! walker {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $t:ty, $tile:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            x: &[$t],
+            m: usize,
+            w: &Packed,
+            q0: usize,
+            q1: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            walk_panels!(x, m, w.k2, w, q0, q1, y, ldy, $tile)
+        }
+
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name(_: &[$t], _: usize, _: &Packed, _: usize, _: usize, _: *mut f32, _: usize) {
+            unreachable!("available() is false off x86_64")
+        }
+    };
 }
 
-/// Panels `q0..q1` with the widening kernel; `xw` holds the rounded inputs as f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn panels_range_widen(
-    xw: &[f32],
-    m: usize,
-    w: &Packed,
-    q0: usize,
-    q1: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    walk_panels!(xw, m, w.k2, w, q0, q1, y, ldy, tile_widen)
-}
+walker!(
+    /// With the `vdpbf16ps` kernel; `x` holds the rounded inputs as bf16 pairs.
+    panels_range,
+    "avx512f,avx512bw,avx512bf16",
+    bf16,
+    tile
+);
+walker!(
+    /// With the widening kernel; `x` holds the rounded inputs as f32.
+    panels_range_widen,
+    "avx512f,avx512bw",
+    f32,
+    tile_widen
+);
+walker!(
+    /// With the 8-lane widening kernel; `x` holds the rounded inputs as f32.
+    panels_range_widen8,
+    "avx2,fma",
+    f32,
+    tile_widen8
+);
 
 /// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
 /// unless `first`.
@@ -776,21 +794,6 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
         }
     }
     store_tile(&acc, &t);
-}
-
-/// Panels `q0..q1` with the 8-lane widening kernel; `xw` holds the rounded inputs as f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panels_range_widen8(
-    xw: &[f32],
-    m: usize,
-    w: &Packed,
-    q0: usize,
-    q1: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    walk_panels!(xw, m, w.k2, w, q0, q1, y, ldy, tile_widen8)
 }
 
 /// As `tile_widen`, in 8-lane registers: an R × 32 tile does not fit in sixteen of them, so it
@@ -902,45 +905,6 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
             _mm512_mask_storeu_ps(yr.add(v * 16), m, out);
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn panels_range_widen(
-    _: &[f32],
-    _: usize,
-    _: &Packed,
-    _: usize,
-    _: usize,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("available() is false off x86_64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn panels_range_widen8(
-    _: &[f32],
-    _: usize,
-    _: &Packed,
-    _: usize,
-    _: usize,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("available() is false off x86_64")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn panels_range(
-    _: &[bf16],
-    _: usize,
-    _: &Packed,
-    _: usize,
-    _: usize,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("available() is false off x86_64")
 }
 
 #[cfg(test)]
