@@ -250,15 +250,14 @@ pub fn prefill_in_passes(
         let mut sub: Vec<KvCache> = caches
             .iter()
             .map(|c| -> Result<KvCache> {
-                let pick = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-                    t.as_ref()
-                        .map(|t| {
-                            let (_, h, s, d) = t.dims4()?;
-                            Ok(t.broadcast_as((rows, h, s, d))?.contiguous()?)
-                        })
-                        .transpose()
+                let Some((k, v)) = c.used()? else {
+                    return Ok(KvCache::default());
                 };
-                Ok(KvCache::holding(pick(&c.k)?, pick(&c.v)?))
+                let copies = |t: &Tensor| -> Result<Option<Tensor>> {
+                    let (_, h, s, d) = t.dims4()?;
+                    Ok(Some(t.broadcast_as((rows, h, s, d))?.contiguous()?))
+                };
+                Ok(KvCache::holding(copies(&k)?, copies(&v)?))
             })
             .collect::<Result<_>>()?;
         let out = model.step(
@@ -291,18 +290,21 @@ pub fn prefill_in_passes(
             2,
         )?)
     };
+    let join = |ts: &[Tensor]| -> Result<Option<Tensor>> {
+        Ok(match ts.len() {
+            0 => None,
+            _ => Some(Tensor::cat(ts, 0)?.index_select(&back, 0)?),
+        })
+    };
     for (i, c) in caches.iter_mut().enumerate() {
-        let join = |f: fn(&KvCache) -> &Option<Tensor>| -> Result<Option<Tensor>> {
-            let ts = parts
-                .iter()
-                .filter_map(|(p, len)| f(&p[i]).as_ref().map(|t| widen(t, *len)))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(match ts.len() {
-                0 => None,
-                _ => Some(Tensor::cat(&ts, 0)?.index_select(&back, 0)?),
-            })
-        };
-        *c = KvCache::holding(join(|c| &c.k)?, join(|c| &c.v)?);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for (p, len) in &parts {
+            if let Some((k, v)) = p[i].used()? {
+                ks.push(widen(&k, *len)?);
+                vs.push(widen(&v, *len)?);
+            }
+        }
+        *c = KvCache::holding(join(&ks)?, join(&vs)?);
     }
     let logits = Tensor::cat(&logits, 0)?.index_select(&back, 0)?;
     Ok(Prefilled {
