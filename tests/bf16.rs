@@ -167,9 +167,10 @@ fn bf16_writers_read_rounded_and_restore_exactly() {
     assert!(bits(&last_logits(&b.model, &batch)) == bits(&before));
 }
 
-/// Decoding takes each next token from the head's fused argmax (`Logits::LastArgmax`); it must
-/// be candle's argmax of the full logits, on real hidden states: every prefix of two benchmark
-/// prompts, on both models' heads (SmolLM2's 49,152 and Qwen's 151,936 columns).
+/// Decoding takes each next token from the head's fused argmax (`Logits::LastArgmax`), or from
+/// its integer screen (src/model/screen.rs); both must be candle's argmax of the full logits, on
+/// real hidden states: every prefix of two benchmark prompts, on both models' heads (SmolLM2's
+/// 49,152 and Qwen's 151,936 columns).
 #[test]
 fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
     if !bf16::available() {
@@ -192,9 +193,44 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let fused = lm.model.forward(&batch, false, Logits::LastArgmax).unwrap();
-        assert!(fused.logits.is_none());
-        assert_eq!(fused.next.unwrap(), want, "{alias}");
-        eprintln!("{alias}: {} prefixes agree", want.len());
+        let mut lm = lm;
+        for screened in [false, true] {
+            assert_eq!(lm.model.set_head_screen(screened), screened && avx2());
+            let fused = lm.model.forward(&batch, false, Logits::LastArgmax).unwrap();
+            assert!(fused.logits.is_none());
+            assert_eq!(fused.next.unwrap(), want, "{alias}, screened: {screened}");
+        }
+        eprintln!("{alias}: {} prefixes agree, fused and screened", want.len());
+        // How much of the head the screen leaves to compute on these states.
+        let hidden = lm.model.forward(&batch, true, Logits::None).unwrap();
+        let normed = hidden.final_normed.unwrap();
+        let (rows, t, d) = normed.dims3().unwrap();
+        let last: Vec<f32> = normed
+            .narrow(1, t - 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        if let Some(s) = lm.model.head_screen() {
+            let left = s.rows_left(&last, rows).expect("finite states");
+            let (mean, max) = (
+                left.iter().sum::<usize>() as f64 / rows as f64,
+                left.iter().max().copied().unwrap_or(0),
+            );
+            eprintln!("{alias}: the screen leaves {mean:.1} head rows per state (max {max}) of {d}-wide states");
+            assert!(left.iter().all(|&n| n >= 1), "the argmax always survives");
+        }
+    }
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }

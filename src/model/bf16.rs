@@ -267,6 +267,30 @@ impl Packed {
         out
     }
 
+    /// Rows `ids` as a packed matrix of their own, the values copied as they are: the kernel
+    /// gives each of its columns the bits it gives that row here (every output lane sees the
+    /// same operations whatever its panel).
+    pub(super) fn gather(&self, ids: &[u32]) -> Packed {
+        let pairs = self.k2 / 2;
+        let panels = ids.len().div_ceil(NR);
+        let mut data = vec![bf16::ZERO; panels * pairs * NR * 2];
+        for (to, &id) in ids.iter().enumerate() {
+            let (q, lane) = (id as usize / NR, id as usize % NR);
+            let (tq, tlane) = (to / NR, to % NR);
+            for p in 0..pairs {
+                let from = q * pairs * NR * 2 + p * NR * 2 + lane * 2;
+                let at = tq * pairs * NR * 2 + p * NR * 2 + tlane * 2;
+                data[at..at + 2].copy_from_slice(&self.data[from..from + 2]);
+            }
+        }
+        Packed {
+            n: ids.len(),
+            k: self.k,
+            k2: self.k2,
+            data,
+        }
+    }
+
     /// The whole matrix, widened to f32, row-major.
     pub fn unpack(&self) -> Vec<f32> {
         self.rows(&(0..self.n as u32).collect::<Vec<_>>())
@@ -554,6 +578,13 @@ impl Rounded for f32 {
     fn from_bf16_bits(b: u16) -> f32 {
         f32::from_bits((b as u32) << 16)
     }
+}
+
+/// `x` as every kernel reads it: each value rounded to bf16 (and widened back).
+pub fn rounded(x: &[f32]) -> Vec<f32> {
+    let mut d = vec![0f32; x.len()];
+    round_row(x, &mut d);
+    d
 }
 
 /// `d[..s.len()] = s` rounded to bf16 as `vcvtneps2bf16` rounds: by that instruction where the

@@ -18,6 +18,7 @@ pub mod hf;
 pub mod llama;
 pub mod pool;
 pub mod qwen2;
+pub mod screen;
 pub mod source;
 pub mod tokenizer;
 
@@ -486,6 +487,8 @@ pub struct Model {
     lm_head: Option<Tensor>,
     /// The output head packed for the bf16 kernel (under [`Precision::Bf16`]).
     packed_head: Option<std::sync::Arc<bf16::Packed>>,
+    /// The packed head quantised for greedy decoding's screen (where [`screen::enabled`]).
+    head_screen: Option<std::sync::Arc<screen::Screen>>,
     inv_freq: Vec<f32>,
     /// Local layers' rotary frequencies (Gemma 3).
     inv_freq_local: Option<Vec<f32>>,
@@ -558,6 +561,7 @@ impl Model {
             embed_scale,
             norm_offset,
             packed_head: None,
+            head_screen: None,
         })
     }
 
@@ -645,7 +649,27 @@ impl Model {
                 self.packed_head = Some(pack(&e)?);
             }
         }
+        self.set_head_screen(screen::enabled());
         Ok(p)
+    }
+
+    /// Whether greedy decoding screens the packed head in integers ([`screen`]; the same
+    /// tokens either way). Set from [`screen::enabled`] when the model turns bf16; returns
+    /// whether the screen is now in use (never under f32, or for a head with non-finite values).
+    pub fn set_head_screen(&mut self, on: bool) -> bool {
+        self.head_screen = match (&self.packed_head, on) {
+            (Some(p), true) => self
+                .head_screen
+                .take()
+                .or_else(|| screen::Screen::new(p).map(std::sync::Arc::new)),
+            _ => None,
+        };
+        self.head_screen.is_some()
+    }
+
+    /// The head's screen, when in use.
+    pub fn head_screen(&self) -> Option<&screen::Screen> {
+        self.head_screen.as_deref()
     }
 
     /// All writers as they are now; `restore_writers` puts them back exactly.
@@ -785,12 +809,16 @@ impl Model {
     }
 
     /// The argmax of `self.head(x)` per row of `x [rows, d]`. A packed head without
-    /// soft-capping is reduced as it is computed (the same values, so the same token).
+    /// soft-capping is reduced as it is computed, or screened in integers and finished on the
+    /// few rows that can win (the same values, so the same token).
     fn greedy_next(&self, x: &Tensor) -> Result<Vec<u32>> {
         match (&self.packed_head, self.config.final_logit_softcapping) {
             (Some(p), None) => {
                 let rows = x.dim(0)?;
-                with_rows(x, |data| bf16::matmul_argmax(data, rows, p))
+                with_rows(x, |data| match &self.head_screen {
+                    Some(s) => s.argmax(data, rows, p),
+                    None => bf16::matmul_argmax(data, rows, p),
+                })
             }
             _ => argmax_rows(&self.head(x)?),
         }

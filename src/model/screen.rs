@@ -1,0 +1,588 @@
+//! Greedy decoding's output head, screened in integers and finished exactly.
+//!
+//! After its first token, decoding needs only the argmax of each row's logits — on Qwen 0.5B a
+//! product with 151,936 head rows, 27% of a token's multiply-adds. The screen computes every
+//! logit approximately in integers (the head's rows quantised to int8 with one scale per row,
+//! the bf16-rounded state to int16 with one scale per state, multiplied by `vpmaddwd`, which
+//! retires twice the multiply-adds per cycle of the f32 fused multiply-add on AVX2 CPUs) along
+//! with a bound on how far each approximation can be from the exact logit. Only rows whose upper
+//! bound reaches the largest lower bound can be the argmax; those alone are multiplied by the
+//! bf16 kernel itself. So the token is the one [`bf16::matmul_argmax`] gives, bit for bit
+//! (tested), whatever the bound's slack: a looser bound only leaves more rows to compute.
+//!
+//! For a rounded state x and a head row w (both exact in bf16), with x̂ = t·p and ŵ = s·q,
+//!   x·w − x̂·ŵ = x·(w − ŵ) + (x − x̂)·ŵ,
+//! each term bounded by the smaller of Hölder's (‖·‖₁ × max) and Cauchy–Schwarz's bounds from
+//! norms stored per row and computed per state; added to it, the f32 rounding of the kernel's
+//! own sum (at most γ_k Σ|x_i w_i| ≤ γ_k ‖x‖₂ ‖w‖₂ with γ_k = k·2⁻²⁴, k fused multiply-adds)
+//! and of the screen's scaling. `benches/head_int8_screen_feasibility.py` counted, before this
+//! was written, the rows that survive on real decoding states.
+
+use super::bf16::{self, Packed};
+use super::pool;
+
+/// Head rows per panel: two vectors of 8 i32 sums.
+const NR: usize = 16;
+/// State rows per tile: 12 accumulators, 2 weight vectors and a broadcast of AVX2's 16 registers.
+const MR: usize = 6;
+/// Panels per task: the task's candidates are merged once per task.
+const GROUP: usize = 64;
+/// Above this share of the head's rows left to compute, the screen has not paid: the full head
+/// is computed instead (same token).
+const MAX_SHARE: usize = 8;
+
+/// What the bound needs of a panel's head rows (each rounded up), lane by lane so that the
+/// bounds of a tile's row are computed in vectors.
+#[derive(Debug, Clone, Copy, Default)]
+struct PanelTerms {
+    scale: [f32; NR],
+    /// max |w − ŵ| and ‖w − ŵ‖₂.
+    err_max: [f32; NR],
+    err_l2: [f32; NR],
+    /// ‖ŵ‖₁ and ‖ŵ‖₂.
+    hat_l1: [f32; NR],
+    hat_l2: [f32; NR],
+    /// ‖w‖₂, for the kernel's rounding.
+    w_l2: [f32; NR],
+}
+
+/// What the bound needs of one state (each rounded up), and its scale.
+#[derive(Debug, Clone, Copy)]
+struct StateTerms {
+    scale: f32,
+    l1: f32,
+    l2: f32,
+    err_max: f32,
+    err_l2: f32,
+}
+
+/// The head quantised for the screen (built once per model: 136 MB of int8 for Qwen 0.5B).
+pub struct Screen {
+    n: usize,
+    k: usize,
+    /// k rounded up to even.
+    k2: usize,
+    /// The states' integers lie in ±levels: as many as an i32 sum of k2 products with ±127 holds.
+    levels: i32,
+    /// The rows as int8 in panels of [`NR`]: per input pair, the panel's rows' two values side
+    /// by side (32 bytes), what two `vpmovsxbw` widen into `vpmaddwd`'s pairs.
+    q: Vec<i8>,
+    terms: Vec<PanelTerms>,
+}
+
+/// Whether this process screens the head: on CPUs with AVX2 (`vpmaddwd` in 8 lanes) and without
+/// AVX-512, where it was measured to pay; `OUTLIERLAB_HEAD_SCREEN=1` or `0` overrides (on
+/// AVX-512 CPUs the 8-lane integer products are no faster than the 16-lane f32 kernel).
+pub fn enabled() -> bool {
+    if !avx2() {
+        return false;
+    }
+    match std::env::var("OUTLIERLAB_HEAD_SCREEN").as_deref() {
+        Ok("1") | Ok("on") => true,
+        Ok("0") | Ok("off") => false,
+        _ => !avx512(),
+    }
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `v` rounded up to an f32 (for a non-negative bound term computed in f64).
+fn up(v: f64) -> f32 {
+    let f = v as f32;
+    if (f as f64) < v {
+        f32::from_bits(f.to_bits() + 1)
+    } else {
+        f
+    }
+}
+
+impl Screen {
+    /// Quantises a packed head; `None` if a value is not finite (the full head then serves).
+    pub fn new(head: &Packed) -> Option<Screen> {
+        let (n, k) = (head.n, head.k);
+        let k2 = k.div_ceil(2) * 2;
+        let levels = ((i32::MAX as i64) / (k2.max(1) as i64 * 127)).min(16383) as i32;
+        if levels < 127 {
+            return None;
+        }
+        let panels = n.div_ceil(NR);
+        let pairs = k2 / 2;
+        let mut q = vec![0i8; panels * pairs * NR * 2];
+        let mut terms = vec![PanelTerms::default(); panels];
+        // Once per model, so rayon's pool does: nothing else runs.
+        use rayon::prelude::*;
+        let finite = q
+            .par_chunks_mut(pairs * NR * 2)
+            .zip(terms.par_iter_mut())
+            .enumerate()
+            .all(|(p, (panel, t))| {
+                let ids: Vec<u32> = (p * NR..((p + 1) * NR).min(n)).map(|j| j as u32).collect();
+                let w = head.rows(&ids);
+                for (lane, row) in w.chunks_exact(k).enumerate() {
+                    if row.iter().any(|v| !v.is_finite()) {
+                        return false;
+                    }
+                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                    let s = scale as f64;
+                    let (mut e_max, mut e2, mut h1, mut h2, mut w2) =
+                        (0f64, 0f64, 0f64, 0f64, 0f64);
+                    for (c, &v) in row.iter().enumerate() {
+                        let qi = (v as f64 / s).round().clamp(-127.0, 127.0);
+                        panel[(c / 2) * NR * 2 + lane * 2 + c % 2] = qi as i8;
+                        let (v, hat) = (v as f64, qi * s);
+                        let e = (v - hat).abs();
+                        e_max = e_max.max(e);
+                        e2 += e * e;
+                        h1 += hat.abs();
+                        h2 += hat * hat;
+                        w2 += v * v;
+                    }
+                    // f64 sums of ≤ 10⁵ terms are far within the 1e-6 added here.
+                    let pad = 1.0 + 1e-6;
+                    t.scale[lane] = scale;
+                    t.err_max[lane] = up(e_max);
+                    t.err_l2[lane] = up(e2.sqrt() * pad);
+                    t.hat_l1[lane] = up(h1 * pad);
+                    t.hat_l2[lane] = up(h2.sqrt() * pad);
+                    t.w_l2[lane] = up(w2.sqrt() * pad);
+                }
+                true
+            });
+        finite.then_some(Screen {
+            n,
+            k,
+            k2,
+            levels,
+            q,
+            terms,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + self.terms.len() * std::mem::size_of::<PanelTerms>()
+    }
+
+    /// For each row of `x [m, k]`, the column of `x · headᵀ` with the largest value, exactly as
+    /// [`bf16::matmul_argmax`] returns it (`head` is the matrix this screen was built from).
+    pub fn argmax(&self, x: &[f32], m: usize, head: &Packed) -> Vec<u32> {
+        assert_eq!((head.n, head.k), (self.n, self.k), "not this screen's head");
+        assert_eq!(x.len(), m * self.k, "x is not [m, k]");
+        if m == 0 || self.n == 0 || self.k == 0 || !x.iter().all(|v| v.is_finite()) {
+            return bf16::matmul_argmax(x, m, head);
+        }
+        let Some(cands) = self.candidates(x, m) else {
+            return bf16::matmul_argmax(x, m, head);
+        };
+        let mut union: Vec<u32> = cands.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        if union.len() * MAX_SHARE > self.n {
+            return bf16::matmul_argmax(x, m, head);
+        }
+        let exact = bf16::matmul_t(x, m, &head.gather(&union));
+        cands
+            .iter()
+            .enumerate()
+            .map(|(r, cs)| {
+                let row = &exact[r * union.len()..(r + 1) * union.len()];
+                // Columns ascending, a later one only on a strictly larger value: the first of
+                // equal maxima, as the full head's scan.
+                let mut best: Option<(f32, u32)> = None;
+                for &c in cs {
+                    let v = row[union
+                        .binary_search(&c)
+                        .expect("a candidate is in the union")];
+                    if best.is_none_or(|(b, _)| v > b) {
+                        best = Some((v, c));
+                    }
+                }
+                best.expect("the argmax is always a candidate").1
+            })
+            .collect()
+    }
+
+    /// Per row of `x [m, k]`, how many head rows the screen leaves to compute exactly (`None`
+    /// where the full head would serve instead: a value or bound not finite).
+    pub fn rows_left(&self, x: &[f32], m: usize) -> Option<Vec<usize>> {
+        assert_eq!(x.len(), m * self.k, "x is not [m, k]");
+        if !x.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+        Some(self.candidates(x, m)?.iter().map(Vec::len).collect())
+    }
+
+    /// Per row of `x`, the columns (ascending) that the screen cannot rule out; `None` when a
+    /// bound is not finite (the full head then serves).
+    fn candidates(&self, x: &[f32], m: usize) -> Option<Vec<Vec<u32>>> {
+        let (k, k2) = (self.k, self.k2);
+        let xr = bf16::rounded(x);
+        // The states as int16, rows of k2 (a zero in the padding), and their terms.
+        let mut xq = vec![0i16; m.div_ceil(MR) * MR * k2];
+        let mut states = Vec::with_capacity(m);
+        let levels = self.levels as f64;
+        for (r, row) in xr.chunks_exact(k).enumerate() {
+            let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = if max > 0.0 {
+                max / self.levels as f32
+            } else {
+                1.0
+            };
+            let t = scale as f64;
+            let (mut l1, mut l2, mut e_max, mut e2) = (0f64, 0f64, 0f64, 0f64);
+            for (c, &v) in row.iter().enumerate() {
+                let p = (v as f64 / t).round().clamp(-levels, levels);
+                xq[r * k2 + c] = p as i16;
+                let v = v as f64;
+                let e = (v - p * t).abs();
+                l1 += v.abs();
+                l2 += v * v;
+                e_max = e_max.max(e);
+                e2 += e * e;
+            }
+            let pad = 1.0 + 1e-6;
+            states.push(StateTerms {
+                scale,
+                l1: up(l1 * pad),
+                l2: up(l2.sqrt() * pad),
+                err_max: up(e_max),
+                err_l2: up(e2.sqrt() * pad),
+            });
+        }
+        if states
+            .iter()
+            .any(|s| !(s.l1.is_finite() && s.l2.is_finite()) || s.l2 > 1e30)
+        {
+            return None;
+        }
+        // γ_k of the kernel's k fused multiply-adds (rounded up generously).
+        let gamma = (k2 as f32 + 2.0) * f32::EPSILON / 2.0 * 1.01;
+        let panels = self.n.div_ceil(NR);
+        let groups = pool::parallel_map(panels.div_ceil(GROUP), |g| {
+            let (p0, p1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
+            self.scan(&xq, &states, gamma, p0, p1)
+        });
+        // The best lower bound of each row over every group, then each group's survivors.
+        Some(
+            (0..m)
+                .map(|r| {
+                    let lower = groups
+                        .iter()
+                        .map(|g| g[r].0)
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    groups
+                        .iter()
+                        .flat_map(|g| g[r].1.iter())
+                        .filter(|&&(_, upper)| upper >= lower)
+                        .map(|&(c, _)| c)
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// Panels `p0..p1` against every state: per state, the group's best lower bound and the
+    /// columns whose upper bound reaches it, with that bound.
+    fn scan(
+        &self,
+        xq: &[i16],
+        states: &[StateTerms],
+        gamma: f32,
+        p0: usize,
+        p1: usize,
+    ) -> Vec<(f32, Vec<(u32, f32)>)> {
+        let m = states.len();
+        let k2 = self.k2;
+        let pairs = k2 / 2;
+        let mut out: Vec<(f32, Vec<(u32, f32)>)> = vec![(f32::NEG_INFINITY, Vec::new()); m];
+        let mut sums = [[0i32; NR]; MR];
+        for p in p0..p1 {
+            let panel = &self.q[p * pairs * NR * 2..(p + 1) * pairs * NR * 2];
+            let cols = (self.n - p * NR).min(NR);
+            let mut r0 = 0;
+            while r0 < m {
+                let rr = (m - r0).min(MR);
+                tile_sums(&xq[r0 * k2..(r0 + MR) * k2], k2, panel, rr, &mut sums);
+                for (r, s) in sums.iter().enumerate().take(rr) {
+                    let (lower, found) = &mut out[r0 + r];
+                    let mut upper = [0f32; NR];
+                    *lower = lower.max(bounds(
+                        s,
+                        cols,
+                        &states[r0 + r],
+                        &self.terms[p],
+                        gamma,
+                        &mut upper,
+                    ));
+                    for (c, &u) in upper.iter().enumerate().take(cols) {
+                        if u >= *lower {
+                            found.push(((p * NR + c) as u32, u));
+                        }
+                    }
+                }
+                r0 += MR;
+            }
+        }
+        for (lower, found) in &mut out {
+            found.retain(|&(_, upper)| upper >= *lower);
+        }
+        out
+    }
+}
+
+/// One state's bounds over a panel's first `cols` columns (the rest are padding): `upper` gets
+/// each column's a + b, and the largest a − b is returned.
+fn bounds(
+    sums: &[i32; NR],
+    cols: usize,
+    st: &StateTerms,
+    t: &PanelTerms,
+    gamma: f32,
+    upper: &mut [f32; NR],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA is not used.
+            return unsafe { bounds_avx2(sums, cols, st, t, gamma, upper) };
+        }
+    }
+    bounds_portable(sums, cols, st, t, gamma, upper)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bounds_avx2(
+    sums: &[i32; NR],
+    cols: usize,
+    st: &StateTerms,
+    t: &PanelTerms,
+    gamma: f32,
+    upper: &mut [f32; NR],
+) -> f32 {
+    bounds_portable(sums, cols, st, t, gamma, upper)
+}
+
+#[inline(always)]
+fn bounds_portable(
+    sums: &[i32; NR],
+    cols: usize,
+    st: &StateTerms,
+    t: &PanelTerms,
+    gamma: f32,
+    upper: &mut [f32; NR],
+) -> f32 {
+    let mut lo = [0f32; NR];
+    let g = gamma * st.l2;
+    for c in 0..NR {
+        let a = sums[c] as f32 * (st.scale * t.scale[c]);
+        let b = ((st.l1 * t.err_max[c]).min(st.l2 * t.err_l2[c])
+            + (st.err_max * t.hat_l1[c]).min(st.err_l2 * t.hat_l2[c])
+            + g * t.w_l2[c])
+            * (1.0 + 1e-5)
+            + a.abs() * 1e-6
+            + 1e-30;
+        lo[c] = if c < cols { a - b } else { f32::NEG_INFINITY };
+        upper[c] = a + b;
+    }
+    lo.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// `sums[r][c]` = Σ_i xq[r·k2 + i] · q_c[i] for the panel's columns c and the first `rr` rows.
+fn tile_sums(xq: &[i16], k2: usize, panel: &[i8], rr: usize, sums: &mut [[i32; NR]; MR]) {
+    assert!(xq.len() >= rr * k2 && panel.len() == k2 * NR && rr <= MR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2() {
+            // SAFETY: the CPU has AVX2; the slices hold what the tile reads (asserted above).
+            unsafe {
+                match rr {
+                    6 => tile_avx2::<6>(xq, k2, panel, sums),
+                    5 => tile_avx2::<5>(xq, k2, panel, sums),
+                    4 => tile_avx2::<4>(xq, k2, panel, sums),
+                    3 => tile_avx2::<3>(xq, k2, panel, sums),
+                    2 => tile_avx2::<2>(xq, k2, panel, sums),
+                    _ => tile_avx2::<1>(xq, k2, panel, sums),
+                }
+            }
+            return;
+        }
+    }
+    tile_portable(xq, k2, panel, rr, sums);
+}
+
+/// The same sums, one at a time (the reference the tests hold the vector tile to).
+fn tile_portable(xq: &[i16], k2: usize, panel: &[i8], rr: usize, sums: &mut [[i32; NR]; MR]) {
+    for (r, s) in sums.iter_mut().enumerate().take(rr) {
+        for (c, out) in s.iter_mut().enumerate() {
+            *out = (0..k2)
+                .map(|i| xq[r * k2 + i] as i32 * panel[(i / 2) * NR * 2 + c * 2 + i % 2] as i32)
+                .sum();
+        }
+    }
+}
+
+/// R rows × one panel: per input pair, the panel's 32 int8 values widened to two vectors of 16
+/// int16 (`vpmovsxbw`), the row's pair broadcast, `vpmaddwd` into 8 i32 lanes per vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2<const R: usize>(
+    xq: &[i16],
+    k2: usize,
+    panel: &[i8],
+    sums: &mut [[i32; NR]; MR],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    let (x, w) = (xq.as_ptr(), panel.as_ptr());
+    for s in 0..k2 / 2 {
+        let wp = w.add(s * NR * 2) as *const __m128i;
+        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp));
+        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(1)));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let pair = (x.add(r * k2 + 2 * s) as *const i32).read_unaligned();
+            let xv = _mm256_set1_epi32(pair);
+            a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(xv, w0));
+            a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(xv, w1));
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm256_storeu_si256(sums[r].as_mut_ptr() as *mut __m256i, a[0]);
+        _mm256_storeu_si256(sums[r].as_mut_ptr().add(8) as *mut __m256i, a[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_vector_tile_sums_as_the_portable_one() {
+        for (k2, seed) in [(2, 1), (6, 2), (896, 3), (1000, 4)] {
+            let xq: Vec<i16> = noise(MR * k2, seed)
+                .iter()
+                .map(|v| (v * 16383.0) as i16)
+                .collect();
+            let panel: Vec<i8> = noise(NR * k2, seed + 9)
+                .iter()
+                .map(|v| (v * 127.0) as i8)
+                .collect();
+            for rr in 1..=MR {
+                let (mut a, mut b) = ([[0i32; NR]; MR], [[0i32; NR]; MR]);
+                tile_sums(&xq, k2, &panel, rr, &mut a);
+                tile_portable(&xq, k2, &panel, rr, &mut b);
+                assert_eq!(a[..rr], b[..rr], "k2 {k2}, rows {rr}");
+            }
+        }
+    }
+
+    /// The token is the full head's on shapes with every tail, on heads with exact ties (a row
+    /// repeated: the first must win), a dominant input dimension (the massive-activation case:
+    /// the state's scale is set by one value) and a zero state (every logit 0: column 0 wins).
+    #[test]
+    fn gives_the_full_heads_argmax() {
+        if !bf16::available() || !avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for (m, k, n, seed) in [
+            (1, 1, 1, 1),
+            (3, 31, 5, 2),
+            (7, 64, 100, 3),
+            (13, 127, 333, 4),
+            (100, 96, 2000, 5),
+        ] {
+            let mut wf = noise(n * k, seed);
+            if n > 10 {
+                // Rows 3 and 9 equal: whenever 9 wins, 3 must.
+                let (a, b) = wf.split_at_mut(9 * k);
+                b[..k].copy_from_slice(&a[3 * k..4 * k]);
+            }
+            let head = Packed::new(&wf, n, k);
+            let screen = Screen::new(&head).expect("finite");
+            let mut x = noise(m * k, seed + 50);
+            let tied = |r: usize| r % 4 == 0 && r % 3 != 1;
+            for r in 0..m {
+                if r % 3 == 1 {
+                    x[r * k] *= 500.0;
+                }
+                if r % 5 == 2 {
+                    x[r * k..(r + 1) * k].fill(0.0);
+                }
+                if n > 10 && tied(r) {
+                    // Make row 3 (and so 9) the winner.
+                    let w3: Vec<f32> = wf[3 * k..4 * k].to_vec();
+                    for (v, w) in x[r * k..(r + 1) * k].iter_mut().zip(&w3) {
+                        *v += 4.0 * w;
+                    }
+                }
+            }
+            let want = bf16::matmul_argmax(&x, m, &head);
+            assert_eq!(screen.argmax(&x, m, &head), want, "({m},{k},{n})");
+            if n > 10 {
+                assert!(
+                    (0..m).filter(|&r| tied(r)).all(|r| want[r] == 3),
+                    "ties set up"
+                );
+            }
+        }
+    }
+
+    /// The bound holds: every exact logit lies within its column's bound of the screen's value
+    /// (checked through the candidates: with the bound alone deciding, the exact argmax always
+    /// survives, and on random data few others do).
+    #[test]
+    fn leaves_few_rows_and_always_the_argmax() {
+        if !bf16::available() || !avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let (m, k, n) = (20, 896, 4096);
+        let head = Packed::new(&noise(n * k, 7), n, k);
+        let screen = Screen::new(&head).expect("finite");
+        let x = noise(m * k, 8);
+        let cands = screen.candidates(&x, m).expect("finite");
+        let want = bf16::matmul_argmax(&x, m, &head);
+        for (r, cs) in cands.iter().enumerate() {
+            assert!(
+                cs.contains(&want[r]),
+                "row {r}: {} not among {cs:?}",
+                want[r]
+            );
+            assert!(cs.len() < n / 20, "row {r}: {} candidates", cs.len());
+        }
+    }
+}
