@@ -2,8 +2,9 @@
 exact logits for only a few? A feasibility measurement, before any kernel is written.
 
 The head is 27% of Qwen2.5-0.5B's multiply-adds per token, and greedy decoding needs only its
-argmax. Screen: quantise each head row to int8 with its own scale s_j (q = round(w/s_j), |q| ≤ 127)
-and the (bf16-rounded) final hidden state to int8 with one scale t per state; then
+argmax. Screen: quantise each head row to int8 with its own scale s_j (q = round(w/s_j), |q| ≤ 127,
+or ±63) and the (bf16-rounded) final hidden state to integers with one scale t per state (±16383:
+int16, what src/model/screen.rs uses; ±127 or ±63: int8, what `vpdpbusd`/`vpmaddubsw` take); then
 a_j = s_j t Σ p_i q_ij differs from the exact logit w_j·h by at most
     b_j = min(‖h‖₁ max|w_j − ŵ_j|, ‖h‖₂ ‖w_j − ŵ_j‖₂) + min(max|h − ĥ| ‖ŵ_j‖₁, ‖h − ĥ‖₂ ‖ŵ_j‖₂)
 (Hölder and Cauchy–Schwarz; the row terms are stored once, the state terms cost O(896)). Only rows

@@ -373,6 +373,22 @@ fn run(cli: Cli) -> Result<()> {
                     "bf16 matmul (kernel)  {g:.1} GFLOP/s  (micro-kernel: {})",
                     model::bf16::kernel().name()
                 );
+                println!(
+                    "greedy head           {}",
+                    match (
+                        lm.model.head_screen().is_some(),
+                        model::screen::timed_ratio(),
+                    ) {
+                        (true, Some(r)) => format!(
+                            "integer screen, finished exactly (timed at load: {r:.2}× the fused argmax's time)"
+                        ),
+                        (true, None) => "integer screen, finished exactly".into(),
+                        (false, Some(r)) => format!(
+                            "fused argmax of the bf16 kernel (the integer screen timed at load: {r:.2}× its time)"
+                        ),
+                        (false, None) => "fused argmax of the bf16 kernel".into(),
+                    }
+                );
             }
             // Fractions of the peak of the precision the model runs in.
             let peak = match lm.model.precision() {

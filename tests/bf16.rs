@@ -170,7 +170,8 @@ fn bf16_writers_read_rounded_and_restore_exactly() {
 /// Decoding takes each next token from the head's fused argmax (`Logits::LastArgmax`), or from
 /// its integer screen (src/model/screen.rs); both must be candle's argmax of the full logits, on
 /// real hidden states: every prefix of two benchmark prompts, on both models' heads (SmolLM2's
-/// 49,152 and Qwen's 151,936 columns).
+/// 49,152 and Qwen's 151,936 columns); and the 16 benchmark prompts' 24-token replies must not
+/// change with the screen.
 #[test]
 fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
     if !bf16::available() {
@@ -201,6 +202,27 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             assert_eq!(fused.next.unwrap(), want, "{alias}, screened: {screened}");
         }
         eprintln!("{alias}: {} prefixes agree, fused and screened", want.len());
+        // Whole replies, the screen off and on: token for token the same.
+        let prompts: Vec<Vec<u32>> = outlierlab::bench::bench_prompts()
+            .iter()
+            .map(|p| lm.encode_chat(Some(SYSTEM), p).unwrap().ids)
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            stop_ids: vec![],
+            pad_id: lm.tokenizer.pad_id,
+            use_cache: true,
+        };
+        let replies: Vec<_> = [false, true]
+            .map(|on| {
+                lm.model.set_head_screen(on);
+                generate::greedy(&lm.model, &prompts, &opts).unwrap()
+            })
+            .into();
+        assert_eq!(
+            replies[0], replies[1],
+            "{alias}: replies with and without the screen"
+        );
         // How much of the head the screen leaves to compute on these states.
         let hidden = lm.model.forward(&batch, true, Logits::None).unwrap();
         let normed = hidden.final_normed.unwrap();

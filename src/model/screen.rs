@@ -3,20 +3,22 @@
 //! After its first token, decoding needs only the argmax of each row's logits — on Qwen 0.5B a
 //! product with 151,936 head rows, 27% of a token's multiply-adds. The screen computes every
 //! logit approximately in integers (the head's rows quantised to int8 with one scale per row,
-//! the bf16-rounded state to int16 with one scale per state, multiplied by `vpmaddwd`, which
-//! retires twice the multiply-adds per cycle of the f32 fused multiply-add on AVX2 CPUs) along
-//! with a bound on how far each approximation can be from the exact logit. Only rows whose upper
-//! bound reaches the largest lower bound can be the argmax; those alone are multiplied by the
-//! bf16 kernel itself. So the token is the one [`bf16::matmul_argmax`] gives, bit for bit
-//! (tested), whatever the bound's slack: a looser bound only leaves more rows to compute.
+//! the bf16-rounded state to int16 with one scale per state, multiplied by `vpmaddwd`, whose
+//! 8-lane form retires up to twice the multiply-adds per cycle of 8-lane f32 fused multiply-adds
+//! on AVX2 cores) along with a bound on how far each approximation can be from the exact logit.
+//! Only rows whose upper bound reaches the largest lower bound can be the argmax; those alone
+//! are multiplied by the bf16 kernel itself. So the token is the one [`bf16::matmul_argmax`]
+//! gives, bit for bit (tested), whatever the bound's slack: a looser bound only leaves more rows
+//! to compute. On 960 decoding states of Qwen 0.5B it left 2 rows per state on average, 18 at most
+//! (`benches/head_int8_screen_feasibility.py`, run before this was written).
 //!
 //! For a rounded state x and a head row w (both exact in bf16), with x̂ = t·p and ŵ = s·q,
 //!   x·w − x̂·ŵ = x·(w − ŵ) + (x − x̂)·ŵ,
 //! each term bounded by the smaller of Hölder's (‖·‖₁ × max) and Cauchy–Schwarz's bounds from
 //! norms stored per row and computed per state; added to it, the f32 rounding of the kernel's
 //! own sum (at most γ_k Σ|x_i w_i| ≤ γ_k ‖x‖₂ ‖w‖₂ with γ_k = k·2⁻²⁴, k fused multiply-adds)
-//! and of the screen's scaling. `benches/head_int8_screen_feasibility.py` counted, before this
-//! was written, the rows that survive on real decoding states.
+//! and of the screen's scaling. int16 states, not int8: with one scale per state set by its
+//! largest (massive) dimension, int8 states left 30 rows on average and 3,173 at most.
 
 use super::bf16::{self, Packed};
 use super::pool;
@@ -70,9 +72,9 @@ pub struct Screen {
     terms: Vec<PanelTerms>,
 }
 
-/// Whether this process screens the head: on CPUs with AVX2 (`vpmaddwd` in 8 lanes) and without
-/// AVX-512, where it was measured to pay; `OUTLIERLAB_HEAD_SCREEN=1` or `0` overrides (on
-/// AVX-512 CPUs the 8-lane integer products are no faster than the 16-lane f32 kernel).
+/// Whether this process screens the head: on CPUs with AVX2 where the screen beats the fused
+/// argmax in a timing at first use ([`timed_ratio`]); `OUTLIERLAB_HEAD_SCREEN=1` or `0`
+/// overrides.
 pub fn enabled() -> bool {
     if !avx2() {
         return false;
@@ -80,25 +82,68 @@ pub fn enabled() -> bool {
     match std::env::var("OUTLIERLAB_HEAD_SCREEN").as_deref() {
         Ok("1") | Ok("on") => true,
         Ok("0") | Ok("off") => false,
-        _ => !avx512(),
+        _ => pays(),
     }
+}
+
+/// Whether the screen takes under 0.9× the fused argmax's time on this CPU ([`timed_ratio`]).
+/// Where 16-lane f32 fused multiply-adds retire as many multiply-adds as 8-lane `vpmaddwd`
+/// (Intel's server cores with two AVX-512 units) it cannot pay; on an AVX2-only core it took
+/// 0.58–0.67× the head's time (`examples/head_screen`).
+fn pays() -> bool {
+    timed_ratio().is_some_and(|r| r < 0.9)
+}
+
+/// The screen's time over the fused argmax's, timed once per process (~150 ms, at the first
+/// bf16 model) on a random head of 16,384 rows × 896 against 32 states, each warmed up, the two
+/// alternated, best of five; `None` where the screen cannot run.
+pub fn timed_ratio() -> Option<f64> {
+    use std::sync::OnceLock;
+    static RATIO: OnceLock<Option<f64>> = OnceLock::new();
+    *RATIO.get_or_init(|| {
+        if !(avx2() && bf16::available()) {
+            return None;
+        }
+        let (m, k, n) = (32, 896, 16384);
+        let head = Packed::new(&noise(n * k, 1), n, k);
+        let screen = Screen::new(&head)?;
+        let x = noise(m * k, 2);
+        let time = |screened: bool| {
+            let t = std::time::Instant::now();
+            let _ = if screened {
+                screen.argmax(&x, m, &head)
+            } else {
+                bf16::matmul_argmax(&x, m, &head)
+            };
+            t.elapsed()
+        };
+        let _ = (time(false), time(true));
+        let (mut full, mut screened) = (std::time::Duration::MAX, std::time::Duration::MAX);
+        for _ in 0..5 {
+            full = full.min(time(false));
+            screened = screened.min(time(true));
+        }
+        Some(screened.as_secs_f64() / full.as_secs_f64())
+    })
+}
+
+/// Uniform values in [−1, 1) from a seed (xorshift): the timing's data and the tests'.
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
 }
 
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -477,18 +522,6 @@ unsafe fn tile_avx2<const R: usize>(
 mod tests {
     use super::*;
 
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     #[test]
     fn the_vector_tile_sums_as_the_portable_one() {
         for (k2, seed) in [(2, 1), (6, 2), (896, 3), (1000, 4)] {
@@ -558,6 +591,18 @@ mod tests {
                     "ties set up"
                 );
             }
+            // Every logit negative (and n not a multiple of a panel): a padding lane's zero
+            // must not pass for a lower bound.
+            let neg: Vec<f32> = wf.iter().map(|v| -v.abs() - 0.01).collect();
+            let pos: Vec<f32> = x.iter().map(|v| v.abs() + 0.01).collect();
+            let head = Packed::new(&neg, n, k);
+            let screen = Screen::new(&head).expect("finite");
+            let want = bf16::matmul_argmax(&pos, m, &head);
+            assert_eq!(
+                screen.argmax(&pos, m, &head),
+                want,
+                "negative ({m},{k},{n})"
+            );
         }
     }
 
