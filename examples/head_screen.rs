@@ -1,11 +1,14 @@
 //! Microbenchmark of greedy decoding's head on Qwen2.5-0.5B's shape (151,936 × 896): the bf16
-//! kernel's fused argmax against the integer screen that finishes on the rows it cannot rule
-//! out (`src/model/screen.rs`), at batch 100 and 16, random normal states and head. Prints
-//! milliseconds per call and the screen's share of the full head's time; asserts nothing beyond
-//! the two giving the same tokens.
+//! kernel's fused argmax against the integer screens this CPU runs, which finish on the rows
+//! they cannot rule out (`src/model/screen.rs`), at batch 100 and 16, random normal states and
+//! head. Prints milliseconds per call and each screen's share of the full head's time; asserts
+//! nothing beyond all giving the same tokens.
 //!
 //!     cargo run --release --example head_screen [-- --profile]   (the screen alone, for perf)
-use outlierlab::model::{bf16, screen::Screen};
+use outlierlab::model::{
+    bf16,
+    screen::{Flavour, Screen},
+};
 use std::time::Instant;
 
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -39,44 +42,56 @@ fn main() {
     }
     let (k, n) = (896, 151936);
     let head = bf16::Packed::new(&normal(n * k, 1, 0.02), n, k);
-    let t = Instant::now();
-    let Some(screen) = Screen::new(&head) else {
-        eprintln!("the screen could not be built");
-        return;
-    };
-    println!(
-        "screen built in {:.2} s, {} MB",
-        t.elapsed().as_secs_f64(),
-        screen.bytes() >> 20
-    );
+    let flavours: Vec<Flavour> = [Flavour::Int16, Flavour::Int8]
+        .into_iter()
+        .filter(|f| f.runs_here())
+        .collect();
+    let screens: Vec<Screen> = flavours
+        .iter()
+        .filter_map(|&f| {
+            let t = Instant::now();
+            let s = Screen::new(&head, f)?;
+            println!(
+                "{} screen built in {:.2} s, {} MB",
+                f.name(),
+                t.elapsed().as_secs_f64(),
+                s.bytes() >> 20
+            );
+            Some(s)
+        })
+        .collect();
     if std::env::args().any(|a| a == "--profile") {
-        // Only the screen, over and over: for `perf record`.
+        // Only the first screen, over and over: for `perf record`.
         let x = normal(100 * k, 3, 3.0);
         for _ in 0..40 {
-            let _ = screen.argmax(&x, 100, &head);
+            let _ = screens[0].argmax(&x, 100, &head);
         }
         return;
     }
     for m in [100, 16] {
         let x = normal(m * k, 2 + m as u64, 3.0);
-        assert_eq!(
-            screen.argmax(&x, m, &head),
-            bf16::matmul_argmax(&x, m, &head)
-        );
+        let want = bf16::matmul_argmax(&x, m, &head);
         let full = best(5, || {
             let _ = bf16::matmul_argmax(&x, m, &head);
         });
-        let screened = best(5, || {
-            let _ = screen.argmax(&x, m, &head);
-        });
         let macs = (m * k * n) as f64;
         println!(
-            "batch {m:>3}: full head {:>7.1} ms ({:>5.1} G MAC/s)   screened {:>7.1} ms ({:>5.1} G MAC/s of the head's)   {:.2}× the full head's time",
+            "batch {m:>3}: full head {:>7.1} ms ({:>5.1} G MAC/s)",
             full * 1e3,
-            macs / full / 1e9,
-            screened * 1e3,
-            macs / screened / 1e9,
-            screened / full
+            macs / full / 1e9
         );
+        for s in &screens {
+            assert_eq!(s.argmax(&x, m, &head), want);
+            let t = best(5, || {
+                let _ = s.argmax(&x, m, &head);
+            });
+            println!(
+                "           {:<40} {:>7.1} ms ({:>5.1} G MAC/s of the head's)   {:.2}× the full head's time",
+                s.flavour().name(),
+                t * 1e3,
+                macs / t / 1e9,
+                t / full
+            );
+        }
     }
 }

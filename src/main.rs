@@ -376,17 +376,19 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "greedy head           {}",
                     match (
-                        lm.model.head_screen().is_some(),
-                        model::screen::timed_ratio(),
+                        lm.model.head_screen().map(|s| s.flavour()),
+                        model::screen::timed(),
                     ) {
-                        (true, Some(r)) => format!(
-                            "integer screen, finished exactly (timed at load: {r:.2}× the fused argmax's time)"
+                        (Some(f), Some((t, r))) if f == t => format!(
+                            "integer screen, {}, finished exactly (timed at load: {r:.2}× the fused argmax's time)",
+                            f.name()
                         ),
-                        (true, None) => "integer screen, finished exactly".into(),
-                        (false, Some(r)) => format!(
-                            "fused argmax of the bf16 kernel (the integer screen timed at load: {r:.2}× its time)"
+                        (Some(f), _) => format!("integer screen, {}, finished exactly", f.name()),
+                        (None, Some((t, r))) => format!(
+                            "fused argmax of the bf16 kernel (the {} screen timed at load: {r:.2}× its time)",
+                            t.name()
                         ),
-                        (false, None) => "fused argmax of the bf16 kernel".into(),
+                        (None, None) => "fused argmax of the bf16 kernel".into(),
                     }
                 );
             }

@@ -10,7 +10,7 @@ use candle_core::D;
 use common::*;
 use outlierlab::detect::{self, config::PR154_TRIGGER, preset, Source};
 use outlierlab::model::generate::{self, GenerateOptions};
-use outlierlab::model::{self, bf16, HiddenConvention, Logits, Precision};
+use outlierlab::model::{self, bf16, screen::Flavour, HiddenConvention, Logits, Precision};
 
 const SYSTEM: &str = "You are a helpful assistant.";
 
@@ -195,11 +195,15 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             .to_vec1()
             .unwrap();
         let mut lm = lm;
-        for screened in [false, true] {
-            assert_eq!(lm.model.set_head_screen(screened), screened && avx2());
+        let flavours = [None, Some(Flavour::Int16), Some(Flavour::Int8)];
+        for screened in flavours
+            .into_iter()
+            .filter(|f| f.is_none_or(|f| f.runs_here()))
+        {
+            assert_eq!(lm.model.set_head_screen(screened), screened);
             let fused = lm.model.forward(&batch, false, Logits::LastArgmax).unwrap();
             assert!(fused.logits.is_none());
-            assert_eq!(fused.next.unwrap(), want, "{alias}, screened: {screened}");
+            assert_eq!(fused.next.unwrap(), want, "{alias}, screened: {screened:?}");
         }
         eprintln!("{alias}: {} prefixes agree, fused and screened", want.len());
         // Whole replies, the screen off and on: token for token the same.
@@ -213,16 +217,20 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             pad_id: lm.tokenizer.pad_id,
             use_cache: true,
         };
-        let replies: Vec<_> = [false, true]
-            .map(|on| {
-                lm.model.set_head_screen(on);
-                generate::greedy(&lm.model, &prompts, &opts).unwrap()
+        let replies: Vec<_> = flavours
+            .into_iter()
+            .filter(|f| f.is_none_or(|f| f.runs_here()))
+            .map(|f| {
+                lm.model.set_head_screen(f);
+                (f, generate::greedy(&lm.model, &prompts, &opts).unwrap())
             })
-            .into();
-        assert_eq!(
-            replies[0], replies[1],
-            "{alias}: replies with and without the screen"
-        );
+            .collect();
+        for (f, r) in &replies[1..] {
+            assert_eq!(
+                &replies[0].1, r,
+                "{alias}: replies without the screen and with {f:?}"
+            );
+        }
         // How much of the head the screen leaves to compute on these states.
         let hidden = lm.model.forward(&batch, true, Logits::None).unwrap();
         let normed = hidden.final_normed.unwrap();
@@ -234,25 +242,21 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        if let Some(s) = lm.model.head_screen() {
+        // Both flavours, int8's sums one at a time where the CPU lacks VNNI (then on SmolLM2's
+        // head only, for time): the count, not the speed, is what is read here.
+        for f in [Flavour::Int16, Flavour::Int8]
+            .into_iter()
+            .filter(|f| f.runs_here() || alias.starts_with("smollm2"))
+        {
+            lm.model.set_head_screen(Some(f));
+            let s = lm.model.head_screen().expect("a bf16 model has a screen");
             let left = s.rows_left(&last, rows).expect("finite states");
             let (mean, max) = (
                 left.iter().sum::<usize>() as f64 / rows as f64,
                 left.iter().max().copied().unwrap_or(0),
             );
-            eprintln!("{alias}: the screen leaves {mean:.1} head rows per state (max {max}) of {d}-wide states");
+            eprintln!("{alias}: the {} screen leaves {mean:.1} head rows per state (max {max}) of {d}-wide states", f.name());
             assert!(left.iter().all(|&n| n >= 1), "the argmax always survives");
         }
-    }
-}
-
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }

@@ -487,7 +487,7 @@ pub struct Model {
     lm_head: Option<Tensor>,
     /// The output head packed for the bf16 kernel (under [`Precision::Bf16`]).
     packed_head: Option<std::sync::Arc<bf16::Packed>>,
-    /// The packed head quantised for greedy decoding's screen (where [`screen::enabled`]).
+    /// The packed head quantised for greedy decoding's screen (where [`screen::chosen`]).
     head_screen: Option<std::sync::Arc<screen::Screen>>,
     inv_freq: Vec<f32>,
     /// Local layers' rotary frequencies (Gemma 3).
@@ -649,22 +649,23 @@ impl Model {
                 self.packed_head = Some(pack(&e)?);
             }
         }
-        self.set_head_screen(screen::enabled());
+        self.set_head_screen(screen::chosen());
         Ok(p)
     }
 
-    /// Whether greedy decoding screens the packed head in integers ([`screen`]; the same
-    /// tokens either way). Set from [`screen::enabled`] when the model turns bf16; returns
-    /// whether the screen is now in use (never under f32, or for a head with non-finite values).
-    pub fn set_head_screen(&mut self, on: bool) -> bool {
-        self.head_screen = match (&self.packed_head, on) {
-            (Some(p), true) => self
-                .head_screen
-                .take()
-                .or_else(|| screen::Screen::new(p).map(std::sync::Arc::new)),
-            _ => None,
-        };
-        self.head_screen.is_some()
+    /// How greedy decoding screens the packed head in integers ([`screen`]; the same tokens
+    /// either way), or `None` for the fused argmax. Set from [`screen::chosen`] when the model
+    /// turns bf16; returns the flavour now in use (none under f32, or for a head with
+    /// non-finite values).
+    pub fn set_head_screen(&mut self, flavour: Option<screen::Flavour>) -> Option<screen::Flavour> {
+        let current = self.head_screen.as_ref().map(|s| s.flavour());
+        if current != flavour {
+            self.head_screen = match (&self.packed_head, flavour) {
+                (Some(p), Some(f)) => screen::Screen::new(p, f).map(std::sync::Arc::new),
+                _ => None,
+            };
+        }
+        self.head_screen.as_ref().map(|s| s.flavour())
     }
 
     /// The head's screen, when in use.
