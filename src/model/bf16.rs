@@ -2,9 +2,10 @@
 //! in pairs of exact bf16 products accumulated in f32 (AVX512_BF16's `vdpbf16ps`, or the same
 //! arithmetic written with AVX-512 or AVX2 fused multiply-adds).
 //!
-//! The only unsafe code of the runtime lives here. `x` is rounded to bf16 once per call (round to
-//! nearest even, as PyTorch's bf16 casts); every product and sum is in f32 and `y` stays f32, so
-//! the residual stream is never rounded.
+//! Its unsafe code (vector intrinsics) stays in this module, as attention's and the head
+//! screen's stay in theirs. `x` is rounded to bf16 once per call (round to nearest even, as
+//! PyTorch's bf16 casts); every product and sum is in f32 and `y` stays f32, so the residual
+//! stream is never rounded.
 //!
 //! Layout ([`Packed`]): the weight rows (output features) in panels of 32; within a panel, for each
 //! pair of inputs `(2p, 2p+1)`, the 32 rows' two values side by side — 128 bytes, two vectors,

@@ -655,13 +655,18 @@ impl Model {
 
     /// How greedy decoding screens the packed head in integers ([`screen`]; the same tokens
     /// either way), or `None` for the fused argmax. Set from [`screen::chosen`] when the model
-    /// turns bf16; returns the flavour now in use (none under f32, or for a head with
-    /// non-finite values).
+    /// turns bf16; returns the flavour now in use (none under f32, for a soft-capped head, or
+    /// for a head with non-finite values).
     pub fn set_head_screen(&mut self, flavour: Option<screen::Flavour>) -> Option<screen::Flavour> {
         let current = self.head_screen.as_ref().map(|s| s.flavour());
         if current != flavour {
+            // A soft-capped head is not reduced as it is computed (`greedy_next`), so not
+            // screened either.
+            let capped = self.config.final_logit_softcapping.is_some();
             self.head_screen = match (&self.packed_head, flavour) {
-                (Some(p), Some(f)) => screen::Screen::new(p, f).map(std::sync::Arc::new),
+                (Some(p), Some(f)) if !capped => {
+                    screen::Screen::new(p, f).map(std::sync::Arc::new)
+                }
                 _ => None,
             };
         }

@@ -5,7 +5,8 @@
 //! logit approximately in integers (the head's rows quantised to int8 with one scale per row,
 //! the bf16-rounded state to int16 with one scale per state, multiplied by `vpmaddwd`, whose
 //! 8-lane form retires up to twice the multiply-adds per cycle of 8-lane f32 fused multiply-adds
-//! on AVX2 cores) along with a bound on how far each approximation can be from the exact logit.
+//! on AVX2 cores; or, see [`Flavour`], int8 states with AVX512_VNNI's `vpdpbusd`) along with a
+//! bound on how far each approximation can be from the exact logit.
 //! Only rows whose upper bound reaches the largest lower bound can be the argmax; those alone
 //! are multiplied by the bf16 kernel itself. So the token is the one [`bf16::matmul_argmax`]
 //! gives, bit for bit (tested), whatever the bound's slack: a looser bound only leaves more rows
@@ -16,7 +17,7 @@
 //!   x·w − x̂·ŵ = x·(w − ŵ) + (x − x̂)·ŵ,
 //! each term bounded by the smaller of Hölder's (‖·‖₁ × max) and Cauchy–Schwarz's bounds from
 //! norms stored per row and computed per state; added to it, the f32 rounding of the kernel's
-//! own sum (at most γ_k Σ|x_i w_i| ≤ γ_k ‖x‖₂ ‖w‖₂ with γ_k = k·2⁻²⁴, k fused multiply-adds)
+//! own sum (at most γ Σ|x_i w_i| ≤ γ ‖x‖₂ ‖w‖₂ with γ = n·2⁻²⁴ for its n ≤ 2k roundings)
 //! and of the screen's scaling. int16 states, not int8: with one scale per state set by its
 //! largest (massive) dimension, int8 states left 30 rows on average and 3,173 at most.
 
@@ -194,7 +195,8 @@ pub fn chosen() -> Option<Flavour> {
 
 /// The fastest flavour this CPU runs and its time over the fused argmax's, timed once per
 /// process (~150 ms per flavour, at the first bf16 model) on a random head of 16,384 rows × 896
-/// against 32 states, each warmed up, the two alternated, best of five; `None` where no flavour
+/// against 32 states with one large dimension, each warmed up, the two alternated, best of
+/// five; `None` where no flavour
 /// runs. Where 16-lane f32 fused multiply-adds retire as many multiply-adds as 8-lane `vpmaddwd`
 /// (Intel's server cores with two AVX-512 units) int16 cannot pay; on an AVX2-only core (Zen 3)
 /// it took 0.58–0.67× the head's time (`examples/head_screen`).
@@ -207,7 +209,13 @@ pub fn timed() -> Option<(Flavour, f64)> {
         }
         let (m, k, n) = (32, 896, 16384);
         let head = Packed::new(&noise(n * k, 1), n, k);
-        let x = noise(m * k, 2);
+        // One dimension of each state ten times the others' scale, as in decoding states (Qwen
+        // 0.5B's dimension 53: mean |h| 32 against a median of 3.7): it sets the state's scale,
+        // and so how many rows int8 states leave.
+        let mut x = noise(m * k, 2);
+        for row in x.chunks_exact_mut(k) {
+            row[0] = 10.0f32.copysign(row[0]);
+        }
         [Flavour::Int16, Flavour::Int8]
             .into_iter()
             .filter(|f| f.runs_here())
@@ -430,8 +438,9 @@ impl Screen {
         {
             return None;
         }
-        // γ_k of the kernel's k fused multiply-adds (rounded up generously).
-        let gamma = (kp as f32 + 4.0) * f32::EPSILON / 2.0 * 1.01;
+        // γ of the kernel's roundings: k fused multiply-adds, plus one addition per k-block
+        // beyond the first when k is long — at most 2k, taken as 2k + 8.
+        let gamma = (2 * kp + 8) as f32 * f32::EPSILON / 2.0;
         let panels = self.n.div_ceil(NR);
         let groups = pool::parallel_map(panels.div_ceil(GROUP), |g| {
             let (p0, p1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
