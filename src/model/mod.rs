@@ -664,9 +664,7 @@ impl Model {
             // screened either.
             let capped = self.config.final_logit_softcapping.is_some();
             self.head_screen = match (&self.packed_head, flavour) {
-                (Some(p), Some(f)) if !capped => {
-                    screen::Screen::new(p, f).map(std::sync::Arc::new)
-                }
+                (Some(p), Some(f)) if !capped => screen::Screen::new(p, f).map(std::sync::Arc::new),
                 _ => None,
             };
         }
