@@ -19,12 +19,10 @@ to AdvBench prompts): the screen pays only if they are a small fraction of 151,9
         [--prompts-used 24] [--tokens 40] [--threads 2]
 """
 import argparse
-import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SYSTEM = "You are a helpful assistant."
+import decoding_states
 
 
 def survivors(H, W, exact_dims, w_levels=127, x_levels=127):
@@ -62,29 +60,9 @@ def survivors(H, W, exact_dims, w_levels=127, x_levels=127):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("gguf")
-    ap.add_argument("prompts")
-    ap.add_argument("--prompts-used", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    decoding_states.add_args(ap)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    d, f = os.path.split(os.path.abspath(a.gguf))
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    bad = [line.strip() for line in open(a.prompts) if line.strip()][: a.prompts_used]
-    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in bad]
-    texts = tok.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
-    enc = tok(texts, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=a.tokens, do_sample=False,
-                             output_hidden_states=True, return_dict_in_generate=True,
-                             pad_token_id=tok.eos_token_id)
-    # transformers' last hidden state is after the final norm: what the head multiplies.
-    H = torch.cat([hs[-1][:, -1, :] for hs in out.hidden_states], 0)
-    H = H.to(torch.bfloat16).double()
-    W = model.lm_head.weight.detach().to(torch.bfloat16).double()
+    H, W = decoding_states.collect(a)
     print(f"{H.shape[0]} decoding states, head {tuple(W.shape)}")
     top = H.abs().mean(0).argsort(descending=True)
     print(f"largest mean |h| dims: {top[:8].tolist()} "

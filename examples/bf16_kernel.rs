@@ -4,20 +4,12 @@
 //! decoding. Prints GFLOP/s; asserts nothing.
 //!
 //!     cargo run --release --example bf16_kernel
+mod common;
+
+use common::best;
+
 use candle_core::{Device, Tensor};
 use outlierlab::model::bf16;
-use std::time::Instant;
-
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 fn main() {
     for (m, k, n) in [

@@ -5,22 +5,15 @@
 //! nothing beyond all giving the same tokens.
 //!
 //!     cargo run --release --example head_screen [-- --profile]   (the screen alone, for perf)
+mod common;
+
+use common::best;
+use std::time::Instant;
+
 use outlierlab::model::{
     bf16,
     screen::{Flavour, Screen},
 };
-use std::time::Instant;
-
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
 
 fn normal(n: usize, seed: u64, sd: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

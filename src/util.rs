@@ -148,6 +148,20 @@ pub fn return_free_memory() {
     }
 }
 
+/// `n` values uniform in [−1, 1) from a seed (xorshift): deterministic data for the kernels'
+/// timings at load and their tests.
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -942,18 +942,7 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::util::noise;
 
     /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail (m
     /// not a multiple of 8, n not of 32, odd k, k across several k-blocks, m across two chunks

@@ -23,6 +23,7 @@
 
 use super::bf16::{self, Packed};
 use super::pool;
+use crate::util::noise;
 
 /// Head rows per panel: one vector of 16 i32 sums (two of 8 on AVX2).
 const NR: usize = 16;
@@ -240,19 +241,6 @@ pub fn timed() -> Option<(Flavour, f64)> {
             })
             .min_by(|a, b| a.1.total_cmp(&b.1))
     })
-}
-
-/// Uniform values in [−1, 1) from a seed (xorshift): the timing's data and the tests'.
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// `v` rounded up to an f32 (for a non-negative bound term computed in f64).
@@ -537,33 +525,26 @@ fn bounds(
     bounds_portable(sums, cols, st, t, gamma, upper)
 }
 
-/// `bounds_portable` compiled for AVX2's vectors (no fused multiply-adds: the same values).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bounds_avx2(
-    sums: &[i32; NR],
-    cols: usize,
-    st: &StateTerms,
-    t: &PanelTerms,
-    gamma: f32,
-    upper: &mut [f32; NR],
-) -> f32 {
-    bounds_portable(sums, cols, st, t, gamma, upper)
+/// `$name`: `bounds_portable` compiled for `$features`' vectors (no fused multiply-adds, so the
+/// same values).
+macro_rules! bounds_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            sums: &[i32; NR],
+            cols: usize,
+            st: &StateTerms,
+            t: &PanelTerms,
+            gamma: f32,
+            upper: &mut [f32; NR],
+        ) -> f32 {
+            bounds_portable(sums, cols, st, t, gamma, upper)
+        }
+    };
 }
-
-/// `bounds_portable` compiled for AVX-512's vectors.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn bounds_avx512(
-    sums: &[i32; NR],
-    cols: usize,
-    st: &StateTerms,
-    t: &PanelTerms,
-    gamma: f32,
-    upper: &mut [f32; NR],
-) -> f32 {
-    bounds_portable(sums, cols, st, t, gamma, upper)
-}
+bounds_for!(bounds_avx2, "avx2");
+bounds_for!(bounds_avx512, "avx512f,avx512bw");
 
 #[inline(always)]
 fn bounds_portable(
@@ -601,49 +582,34 @@ fn tile_sums(
     sums: &mut [[i32; NR]; MR],
 ) {
     assert!(panel.len() == kp * NR && rr <= MR);
+    // `$tile::<R>` for this call's R rows, where the CPU has `$has`; else the portable sums.
+    macro_rules! by_rows {
+        ($x:expr, $step:expr, $has:ident, $tile:ident) => {{
+            let x = &$x[r0 * kp..(r0 + rr) * kp];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if features().$has {
+                    // SAFETY: the CPU has the tile's features; x holds rr rows of kp, the panel
+                    // kp × NR (asserted above).
+                    unsafe {
+                        match rr {
+                            6 => $tile::<6>(x, kp, panel, sums),
+                            5 => $tile::<5>(x, kp, panel, sums),
+                            4 => $tile::<4>(x, kp, panel, sums),
+                            3 => $tile::<3>(x, kp, panel, sums),
+                            2 => $tile::<2>(x, kp, panel, sums),
+                            _ => $tile::<1>(x, kp, panel, sums),
+                        }
+                    }
+                    return;
+                }
+            }
+            tile_portable(x, $step, kp, panel, rr, sums);
+        }};
+    }
     match xq {
-        States::Int16(x) => {
-            let x = &x[r0 * kp..(r0 + rr) * kp];
-            #[cfg(target_arch = "x86_64")]
-            {
-                if features().avx2 {
-                    // SAFETY: the CPU has AVX2; x holds rr rows of kp, the panel kp × NR.
-                    unsafe {
-                        match rr {
-                            6 => tile_int16::<6>(x, kp, panel, sums),
-                            5 => tile_int16::<5>(x, kp, panel, sums),
-                            4 => tile_int16::<4>(x, kp, panel, sums),
-                            3 => tile_int16::<3>(x, kp, panel, sums),
-                            2 => tile_int16::<2>(x, kp, panel, sums),
-                            _ => tile_int16::<1>(x, kp, panel, sums),
-                        }
-                    }
-                    return;
-                }
-            }
-            tile_portable(x, 2, kp, panel, rr, sums);
-        }
-        States::Int8(x) => {
-            let x = &x[r0 * kp..(r0 + rr) * kp];
-            #[cfg(target_arch = "x86_64")]
-            {
-                if features().vnni {
-                    // SAFETY: the CPU has AVX512_VNNI; x holds rr rows of kp, the panel kp × NR.
-                    unsafe {
-                        match rr {
-                            6 => tile_int8::<6>(x, kp, panel, sums),
-                            5 => tile_int8::<5>(x, kp, panel, sums),
-                            4 => tile_int8::<4>(x, kp, panel, sums),
-                            3 => tile_int8::<3>(x, kp, panel, sums),
-                            2 => tile_int8::<2>(x, kp, panel, sums),
-                            _ => tile_int8::<1>(x, kp, panel, sums),
-                        }
-                    }
-                    return;
-                }
-            }
-            tile_portable(x, 4, kp, panel, rr, sums);
-        }
+        States::Int16(x) => by_rows!(x, 2, avx2, tile_int16),
+        States::Int8(x) => by_rows!(x, 4, vnni, tile_int8),
     }
 }
 
