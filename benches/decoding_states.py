@@ -36,4 +36,5 @@ def collect(a):
     H = torch.cat([hs[-1][:, -1, :] for hs in out.hidden_states], 0)
     H = H.to(torch.bfloat16).double()
     W = model.lm_head.weight.detach().to(torch.bfloat16).double()
+    print(f"{H.shape[0]} decoding states, head {tuple(W.shape)}")
     return H, W

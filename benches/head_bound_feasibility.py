@@ -38,7 +38,6 @@ def main():
     decoding_states.add_args(ap)
     a = ap.parse_args()
     H, W = decoding_states.collect(a)
-    print(f"{H.shape[0]} decoding states, head {tuple(W.shape)}")
     fit, test = H[::2], H[1::2]
     bases = {
         "head rows' principal directions": torch.linalg.eigh(W.T @ W)[1].flip(1),

@@ -63,7 +63,6 @@ def main():
     decoding_states.add_args(ap)
     a = ap.parse_args()
     H, W = decoding_states.collect(a)
-    print(f"{H.shape[0]} decoding states, head {tuple(W.shape)}")
     top = H.abs().mean(0).argsort(descending=True)
     print(f"largest mean |h| dims: {top[:8].tolist()} "
           f"({', '.join(f'{v:.1f}' for v in H.abs().mean(0)[top[:8]].tolist())}); "

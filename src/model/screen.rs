@@ -477,11 +477,13 @@ impl Screen {
                     let (lower, found) = &mut out[r0 + r];
                     let mut upper = [0f32; NR];
                     *lower = lower.max(bounds(
-                        s,
-                        cols,
-                        &states[r0 + r],
-                        &self.terms[p],
-                        gamma,
+                        &Panel {
+                            sums: s,
+                            cols,
+                            st: &states[r0 + r],
+                            t: &self.terms[p],
+                            gamma,
+                        },
                         &mut upper,
                     ));
                     for (c, &u) in upper.iter().enumerate().take(cols) {
@@ -500,29 +502,32 @@ impl Screen {
     }
 }
 
-/// One state's bounds over a panel's first `cols` columns (the rest are padding): `upper` gets
-/// each column's a + b, and the largest a − b is returned.
-fn bounds(
-    sums: &[i32; NR],
+/// One state's integer sums over one panel, with what its bounds need.
+#[derive(Clone, Copy)]
+struct Panel<'a> {
+    sums: &'a [i32; NR],
+    /// The panel's real columns (the rest are padding).
     cols: usize,
-    st: &StateTerms,
-    t: &PanelTerms,
+    st: &'a StateTerms,
+    t: &'a PanelTerms,
     gamma: f32,
-    upper: &mut [f32; NR],
-) -> f32 {
+}
+
+/// `upper` gets each column's a + b; the largest a − b over the real columns is returned.
+fn bounds(a: &Panel, upper: &mut [f32; NR]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         let f = features();
         if f.avx512 {
             // SAFETY: the CPU has AVX-512 F and BW.
-            return unsafe { bounds_avx512(sums, cols, st, t, gamma, upper) };
+            return unsafe { bounds_avx512(a, upper) };
         }
         if f.avx2 {
             // SAFETY: the CPU has AVX2.
-            return unsafe { bounds_avx2(sums, cols, st, t, gamma, upper) };
+            return unsafe { bounds_avx2(a, upper) };
         }
     }
-    bounds_portable(sums, cols, st, t, gamma, upper)
+    bounds_portable(a, upper)
 }
 
 /// `$name`: `bounds_portable` compiled for `$features`' vectors (no fused multiply-adds, so the
@@ -531,15 +536,8 @@ macro_rules! bounds_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name(
-            sums: &[i32; NR],
-            cols: usize,
-            st: &StateTerms,
-            t: &PanelTerms,
-            gamma: f32,
-            upper: &mut [f32; NR],
-        ) -> f32 {
-            bounds_portable(sums, cols, st, t, gamma, upper)
+        unsafe fn $name(a: &Panel, upper: &mut [f32; NR]) -> f32 {
+            bounds_portable(a, upper)
         }
     };
 }
@@ -547,14 +545,14 @@ bounds_for!(bounds_avx2, "avx2");
 bounds_for!(bounds_avx512, "avx512f,avx512bw");
 
 #[inline(always)]
-fn bounds_portable(
-    sums: &[i32; NR],
-    cols: usize,
-    st: &StateTerms,
-    t: &PanelTerms,
-    gamma: f32,
-    upper: &mut [f32; NR],
-) -> f32 {
+fn bounds_portable(a: &Panel, upper: &mut [f32; NR]) -> f32 {
+    let Panel {
+        sums,
+        cols,
+        st,
+        t,
+        gamma,
+    } = *a;
     let mut lo = [0f32; NR];
     let g = gamma * st.l2;
     for c in 0..NR {
