@@ -25,6 +25,14 @@ import torch
 import decoding_states
 
 
+def quantise(M, levels):
+    """Each row of M to integers in ±levels with its own scale: (integers, scales, M̂, M − M̂)."""
+    scale = M.abs().amax(1).clamp(min=1e-30) / levels
+    ints = torch.round(M / scale[:, None])
+    hat = ints * scale[:, None]
+    return ints, scale, hat, M - hat
+
+
 def survivors(H, W, exact_dims, w_levels=127, x_levels=127):
     """Per state, how many head rows the int8 screen cannot rule out, and the mean bound."""
     E = H @ W.T  # exact logits of the rounded operands
@@ -32,16 +40,10 @@ def survivors(H, W, exact_dims, w_levels=127, x_levels=127):
     keep = torch.ones(n, dtype=torch.bool)
     keep[exact_dims] = False
     Hq_in, Wq_in = H[:, keep], W[:, keep]
-    s = Wq_in.abs().amax(1).clamp(min=1e-30) / w_levels
-    q = torch.round(Wq_in / s[:, None])
-    What = q * s[:, None]
-    dw = Wq_in - What
+    q, s, What, dw = quantise(Wq_in, w_levels)
     dw_max, dw_2 = dw.abs().amax(1), dw.norm(dim=1)
     w_1, w_2 = What.abs().sum(1), What.norm(dim=1)
-    t = Hq_in.abs().amax(1).clamp(min=1e-30) / x_levels
-    p = torch.round(Hq_in / t[:, None])
-    Hhat = p * t[:, None]
-    dh = Hq_in - Hhat
+    p, t, _, dh = quantise(Hq_in, x_levels)
     h_1, h_2 = Hq_in.abs().sum(1), Hq_in.norm(dim=1)
     dh_max, dh_2 = dh.abs().amax(1), dh.norm(dim=1)
     A = (p @ q.T) * t[:, None] * s[None, :]

@@ -194,11 +194,12 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let flavours = [None, Some(Flavour::Int16), Some(Flavour::Int8)];
-        for screened in flavours
+        // Off, and each flavour this CPU runs.
+        let routes: Vec<Option<Flavour>> = [None, Some(Flavour::Int16), Some(Flavour::Int8)]
             .into_iter()
             .filter(|f| f.is_none_or(|f| f.runs_here()))
-        {
+            .collect();
+        for &screened in &routes {
             assert_eq!(lm.model.set_head_screen(screened), screened);
             let fused = lm.model.forward(&batch, false, Logits::LastArgmax).unwrap();
             assert!(fused.logits.is_none());
@@ -216,10 +217,9 @@ fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
             pad_id: lm.tokenizer.pad_id,
             use_cache: true,
         };
-        let replies: Vec<_> = flavours
-            .into_iter()
-            .filter(|f| f.is_none_or(|f| f.runs_here()))
-            .map(|f| {
+        let replies: Vec<_> = routes
+            .iter()
+            .map(|&f| {
                 lm.model.set_head_screen(f);
                 (f, generate::greedy(&lm.model, &prompts, &opts).unwrap())
             })

@@ -169,11 +169,16 @@ pub struct Screen {
     terms: Vec<PanelTerms>,
 }
 
+/// The screen is used by default where the timing at load puts it under this share of the fused
+/// argmax's time.
+const PAYS_BELOW: f64 = 0.9;
+
 /// The flavour this process screens the head with, if any: where the screen beats the fused
 /// argmax in a timing at first use ([`timed`]: the faster flavour, if under 0.9× the fused
 /// argmax's time). `OUTLIERLAB_HEAD_SCREEN=0` turns it off, `=1` on (the timed flavour),
 /// `=int16` or `=int8` names one (if the CPU has its instructions).
 pub fn chosen() -> Option<Flavour> {
+    let if_faster = || timed().filter(|&(_, r)| r < PAYS_BELOW).map(|(f, _)| f);
     let forced = |f: Flavour| {
         if f.runs_here() {
             Some(f)
@@ -182,7 +187,7 @@ pub fn chosen() -> Option<Flavour> {
                 "warning: OUTLIERLAB_HEAD_SCREEN asks for the {} screen, which this CPU cannot run; screening as timed",
                 f.name()
             );
-            timed().filter(|&(_, r)| r < 0.9).map(|(f, _)| f)
+            if_faster()
         }
     };
     match std::env::var("OUTLIERLAB_HEAD_SCREEN").as_deref() {
@@ -190,17 +195,17 @@ pub fn chosen() -> Option<Flavour> {
         Ok("1") | Ok("on") => timed().map(|(f, _)| f),
         Ok("int16") => forced(Flavour::Int16),
         Ok("int8") => forced(Flavour::Int8),
-        _ => timed().filter(|&(_, r)| r < 0.9).map(|(f, _)| f),
+        _ => if_faster(),
     }
 }
 
 /// The fastest flavour this CPU runs and its time over the fused argmax's, timed once per
 /// process (~150 ms per flavour, at the first bf16 model) on a random head of 16,384 rows × 896
 /// against 32 states with one large dimension, each warmed up, the two alternated, best of
-/// five; `None` where no flavour
-/// runs. Where 16-lane f32 fused multiply-adds retire as many multiply-adds as 8-lane `vpmaddwd`
-/// (Intel's server cores with two AVX-512 units) int16 cannot pay; on an AVX2-only core (Zen 3)
-/// it took 0.58–0.67× the head's time (`examples/head_screen`).
+/// five; `None` where no flavour runs. Where 16-lane f32 fused multiply-adds retire as many
+/// multiply-adds as 8-lane `vpmaddwd` (Intel's server cores with two AVX-512 units) int16 cannot
+/// pay; on an AVX2-only core (Zen 3) it took 0.65–0.82× the fused argmax's time at batch 100 and
+/// 0.60–0.73× at batch 16 in most runs of `examples/head_screen` (README, Performance).
 pub fn timed() -> Option<(Flavour, f64)> {
     use std::sync::OnceLock;
     static TIMED: OnceLock<Option<(Flavour, f64)>> = OnceLock::new();
@@ -253,6 +258,58 @@ fn up(v: f64) -> f32 {
     }
 }
 
+/// A row quantised to integers with one scale: the f64 sums its bound terms come from.
+struct Quantised {
+    scale: f32,
+    /// max |v − v̂| and Σ (v − v̂)².
+    err_max: f64,
+    err_sq: f64,
+    /// Σ |v| and Σ v² of the values.
+    l1: f64,
+    sq: f64,
+    /// Σ |v̂| and Σ v̂² of the quantised values.
+    hat_l1: f64,
+    hat_sq: f64,
+    /// Σ of the integers.
+    sum: i32,
+}
+
+/// Quantises `row` to integers in ±`levels` with one scale (its largest |value| / levels; 1 for
+/// a zero row), handing each to `put(column, integer)`. Head rows and states alike: the bound
+/// holds because both are quantised by this one rule.
+fn quantise(row: &[f32], levels: i32, mut put: impl FnMut(usize, i32)) -> Quantised {
+    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if max > 0.0 { max / levels as f32 } else { 1.0 };
+    let (s, lv) = (scale as f64, levels as f64);
+    let mut out = Quantised {
+        scale,
+        err_max: 0.0,
+        err_sq: 0.0,
+        l1: 0.0,
+        sq: 0.0,
+        hat_l1: 0.0,
+        hat_sq: 0.0,
+        sum: 0,
+    };
+    for (c, &v) in row.iter().enumerate() {
+        let p = (v as f64 / s).round().clamp(-lv, lv);
+        put(c, p as i32);
+        let (v, hat) = (v as f64, p * s);
+        let e = (v - hat).abs();
+        out.err_max = out.err_max.max(e);
+        out.err_sq += e * e;
+        out.l1 += v.abs();
+        out.sq += v * v;
+        out.hat_l1 += hat.abs();
+        out.hat_sq += hat * hat;
+        out.sum += p as i32;
+    }
+    out
+}
+
+/// f64 sums of ≤ 10⁵ terms are far within this relative pad, added before rounding up.
+const PAD: f64 = 1.0 + 1e-6;
+
 impl Screen {
     /// Quantises a packed head for `flavour`; `None` if a value is not finite or the head too
     /// wide for the flavour's sums (the full head then serves).
@@ -280,36 +337,20 @@ impl Screen {
                     if row.iter().any(|v| !v.is_finite()) {
                         return false;
                     }
-                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-                    let s = scale as f64;
-                    let (mut e_max, mut e2, mut h1, mut h2, mut w2, mut sum) =
-                        (0f64, 0f64, 0f64, 0f64, 0f64, 0i32);
-                    for (c, &v) in row.iter().enumerate() {
-                        let qi = (v as f64 / s).round().clamp(-127.0, 127.0);
-                        panel[(c / step) * NR * step + lane * step + c % step] = qi as i8;
-                        sum += qi as i32;
-                        let (v, hat) = (v as f64, qi * s);
-                        let e = (v - hat).abs();
-                        e_max = e_max.max(e);
-                        e2 += e * e;
-                        h1 += hat.abs();
-                        h2 += hat * hat;
-                        w2 += v * v;
-                    }
-                    // f64 sums of ≤ 10⁵ terms are far within the 1e-6 added here.
-                    let pad = 1.0 + 1e-6;
-                    t.scale[lane] = scale;
+                    let z = quantise(row, 127, |c, p| {
+                        panel[(c / step) * NR * step + lane * step + c % step] = p as i8;
+                    });
+                    t.scale[lane] = z.scale;
                     t.offset[lane] = if flavour == Flavour::Int8 {
-                        128 * sum
+                        128 * z.sum
                     } else {
                         0
                     };
-                    t.err_max[lane] = up(e_max);
-                    t.err_l2[lane] = up(e2.sqrt() * pad);
-                    t.hat_l1[lane] = up(h1 * pad);
-                    t.hat_l2[lane] = up(h2.sqrt() * pad);
-                    t.w_l2[lane] = up(w2.sqrt() * pad);
+                    t.err_max[lane] = up(z.err_max);
+                    t.err_l2[lane] = up(z.err_sq.sqrt() * PAD);
+                    t.hat_l1[lane] = up(z.hat_l1 * PAD);
+                    t.hat_l2[lane] = up(z.hat_sq.sqrt() * PAD);
+                    t.w_l2[lane] = up(z.sq.sqrt() * PAD);
                 }
                 true
             });
@@ -388,36 +429,17 @@ impl Screen {
             Flavour::Int8 => States::Int8(vec![128; rows * kp]),
         };
         let mut states = Vec::with_capacity(m);
-        let levels = self.levels as f64;
         for (r, row) in xr.chunks_exact(k).enumerate() {
-            let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = if max > 0.0 {
-                max / self.levels as f32
-            } else {
-                1.0
-            };
-            let t = scale as f64;
-            let (mut l1, mut l2, mut e_max, mut e2) = (0f64, 0f64, 0f64, 0f64);
-            for (c, &v) in row.iter().enumerate() {
-                let p = (v as f64 / t).round().clamp(-levels, levels);
-                match &mut xq {
-                    States::Int16(d) => d[r * kp + c] = p as i16,
-                    States::Int8(d) => d[r * kp + c] = (p as i32 + 128) as u8,
-                }
-                let v = v as f64;
-                let e = (v - p * t).abs();
-                l1 += v.abs();
-                l2 += v * v;
-                e_max = e_max.max(e);
-                e2 += e * e;
-            }
-            let pad = 1.0 + 1e-6;
+            let z = quantise(row, self.levels, |c, p| match &mut xq {
+                States::Int16(d) => d[r * kp + c] = p as i16,
+                States::Int8(d) => d[r * kp + c] = (p + 128) as u8,
+            });
             states.push(StateTerms {
-                scale,
-                l1: up(l1 * pad),
-                l2: up(l2.sqrt() * pad),
-                err_max: up(e_max),
-                err_l2: up(e2.sqrt() * pad),
+                scale: z.scale,
+                l1: up(z.l1 * PAD),
+                l2: up(z.sq.sqrt() * PAD),
+                err_max: up(z.err_max),
+                err_l2: up(z.err_sq.sqrt() * PAD),
             });
         }
         if states
