@@ -317,33 +317,61 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Packed) -> Vec<f32> {
 
 /// `matmul_t` with a given micro-kernel.
 pub fn matmul_with(x: &[f32], m: usize, w: &Packed, kern: Kernel) -> Vec<f32> {
-    let n = w.n;
-    if m == 0 || w.k == 0 {
-        check(x, m, w, kern);
-        return vec![0.0; m * n];
+    matmul_many_with(x, m, &[w], kern)
+        .pop()
+        .expect("one product per weight")
+}
+
+/// `[x · W₁ᵀ, x · W₂ᵀ, …]` for weights of one input width: `x` is rounded once and the
+/// products' panels are split over the thread pool in one hand-off — the attention's q, k and v
+/// projections, and the MLP's gate and up, read one input. Each product's values are those
+/// `matmul_t` gives it alone (a panel's arithmetic does not depend on its neighbours).
+pub fn matmul_many(x: &[f32], m: usize, ws: &[&Packed]) -> Vec<Vec<f32>> {
+    matmul_many_with(x, m, ws, kernel())
+}
+
+fn matmul_many_with(x: &[f32], m: usize, ws: &[&Packed], kern: Kernel) -> Vec<Vec<f32>> {
+    let Some(first) = ws.first() else {
+        return Vec::new();
+    };
+    assert!(
+        ws.iter().all(|w| w.k == first.k),
+        "weights multiplied by one input differ in input width"
+    );
+    if m == 0 || first.k == 0 {
+        check(x, m, first, kern);
+        return ws.iter().map(|w| vec![0.0; m * w.n]).collect();
     }
-    // Every element of y is stored by the first k-block (`first`), so it starts uninitialised:
-    // zeroing it first would only touch each page twice.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let out = Out(y.as_mut_ptr());
-    let panels = n.div_ceil(NR);
-    // Enough tasks to balance, each a run of whole panels.
-    let per = panels.div_ceil(pool::threads() * 2).max(1);
-    with_rounded(x, m, w, kern, |xs| {
-        pool::parallel_for(panels.div_ceil(per), |t| {
-            let (q0, q1) = (t * per, ((t + 1) * per).min(panels));
-            // The whole wrapper is moved in (a closure would otherwise capture the bare
-            // pointer, which is not Send).
-            #[allow(clippy::redundant_locals)]
-            let out = out;
-            // SAFETY: each task writes only the columns of its own panels, within y's m × n.
-            unsafe { xs.panels(m, w, q0, q1, out.0.add(q0 * NR), n) };
+    // Every element of each y is stored by the first k-block (`first`), so it starts
+    // uninitialised: zeroing it first would only touch each page twice.
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
+    let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+    // Enough tasks to balance, each a run of whole panels of one product.
+    let panels: Vec<usize> = ws.iter().map(|w| w.n.div_ceil(NR)).collect();
+    let per = panels
+        .iter()
+        .sum::<usize>()
+        .div_ceil(pool::threads() * 2)
+        .max(1);
+    let tasks: Vec<(usize, usize, usize)> = panels
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &p)| (0..p.div_ceil(per)).map(move |t| (i, t * per, ((t + 1) * per).min(p))))
+        .collect();
+    with_rounded(x, m, first, kern, |xs| {
+        pool::parallel_for(tasks.len(), |t| {
+            let (i, q0, q1) = tasks[t];
+            let (w, out) = (ws[i], outs[i]);
+            // SAFETY: each task writes only the columns of its own panels, within its y's m × n.
+            unsafe { xs.panels(m, w, q0, q1, out.0.add(q0 * NR), w.n) };
         });
     });
-    // SAFETY: the panels cover all n columns and the row blocks all m rows, and the first
-    // k-block stores (not adds) each of them.
-    unsafe { y.set_len(m * n) };
-    y
+    for (y, w) in ys.iter_mut().zip(ws) {
+        // SAFETY: the panels cover all n columns and the row blocks all m rows, and the first
+        // k-block stores (not adds) each of them.
+        unsafe { y.set_len(m * w.n) };
+    }
+    ys
 }
 
 /// For each row of `x`, the column of `x · Wᵀ` with the largest value — what candle's `argmax`
@@ -1040,6 +1068,41 @@ mod tests {
                 "element {j}: {v:e}"
             );
         }
+    }
+
+    /// Products of one input computed together (one rounding, one hand-off, tasks that mix
+    /// products) are bit for bit each product computed alone, for shapes whose panel counts
+    /// split unevenly across the tasks (k across k-blocks, n not a multiple of 32, one panel).
+    #[test]
+    fn products_of_one_input_together_equal_each_alone() {
+        if !available() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+            return;
+        }
+        for (m, k, ns) in [
+            (3, 37, vec![70, 5, 200]),
+            (17, 1100, vec![33, 32, 1]),
+            (100, 64, vec![896, 128, 128]),
+        ] {
+            let x = noise(m * k, 31);
+            let ws: Vec<Packed> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Packed::new(&noise(n * k, 40 + i as u64), n, k))
+                .collect();
+            let together = matmul_many(&x, m, &ws.iter().collect::<Vec<_>>());
+            assert_eq!(together.len(), ws.len());
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for (w, y) in ws.iter().zip(&together) {
+                assert_eq!(
+                    bits(y),
+                    bits(&matmul_t(&x, m, w)),
+                    "m {m}, k {k}, n {}",
+                    w.n
+                );
+            }
+        }
+        assert!(matmul_many(&[], 0, &[]).is_empty());
     }
 
     /// The fused argmax returns what candle's argmax returns on the full product: shapes across

@@ -106,15 +106,13 @@ impl Gemma3Layer {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |l: &Linear, n: usize| -> Result<Tensor> {
-            Ok(l.forward(x)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.norm("self_attn.q_norm", &heads(&self.q_proj, h)?)?;
-        let k = self.norm("self_attn.k_norm", &heads(&self.k_proj, kv)?)?;
-        let v = heads(&self.v_proj, kv)?;
+        let q = self.norm("self_attn.q_norm", &heads(q, h)?)?;
+        let k = self.norm("self_attn.k_norm", &heads(k, kv)?)?;
+        let v = heads(v, kv)?;
         let (cos, sin, mask) = match (&ctx.local, self.sliding) {
             (Some(l), true) => (&l.cos, &l.sin, &l.mask),
             _ => (&ctx.cos, &ctx.sin, &ctx.mask),
@@ -135,9 +133,8 @@ impl Gemma3Layer {
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation (transformers' gelu_pytorch_tanh).
-        let g = self.gate_proj.forward(x)?.gelu()?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
+        self.down_proj.forward(&(g.gelu()? * u)?)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod qwen2;
 pub mod screen;
 pub mod source;
+pub mod swiglu;
 pub mod tokenizer;
 
 use anyhow::{bail, Context, Result};
@@ -112,21 +113,51 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [y] = Linear::forward_shared([self], x)?;
+        Ok(y)
+    }
+
+    /// Each linear's `forward` of one input: where all are bf16, as one product of the kernel
+    /// (the input rounded once, one hand-off to the threads), with the same values.
+    pub fn forward_shared<const N: usize>(ls: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let dims = x.dims().to_vec();
         let n_in = *dims.last().context("linear input has no dimensions")?;
         let rows = x.elem_count() / n_in;
         let x2 = x.reshape((rows, n_in))?;
-        let mut y = match (&self.packed, &self.w) {
-            (Some(p), _) => matmul_packed(&x2, p)?,
-            (None, Some(w)) => x2.matmul(&w.t()?)?,
-            (None, None) => unreachable!("a Linear always holds a weight"),
+        let packed: Option<Vec<&bf16::Packed>> = ls.iter().map(|l| l.packed.as_deref()).collect();
+        let ys: Vec<Tensor> = match packed {
+            Some(ps) => {
+                if let Some(p) = ps.iter().find(|p| p.k != n_in) {
+                    bail!("input width {n_in} does not match the weight's {}", p.k);
+                }
+                with_rows(&x2, |data| bf16::matmul_many(data, rows, &ps))?
+                    .into_iter()
+                    .zip(&ps)
+                    .map(|(y, p)| Tensor::from_vec(y, (rows, p.n), x.device()))
+                    .collect::<candle_core::Result<_>>()?
+            }
+            None => ls
+                .iter()
+                .map(|l| match (&l.packed, &l.w) {
+                    (Some(p), _) => matmul_packed(&x2, p),
+                    (None, Some(w)) => Ok(x2.matmul(&w.t()?)?),
+                    (None, None) => unreachable!("a Linear always holds a weight"),
+                })
+                .collect::<Result<_>>()?,
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = self.out_features();
-        Ok(y.reshape(out_dims)?)
+        let out: Vec<Tensor> = ys
+            .into_iter()
+            .zip(ls)
+            .map(|(mut y, l)| -> Result<Tensor> {
+                if let Some(b) = &l.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                let mut out_dims = dims.clone();
+                *out_dims.last_mut().expect("non-empty") = l.out_features();
+                Ok(y.reshape(out_dims)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(out.try_into().expect("one output per linear"))
     }
 }
 
