@@ -126,20 +126,11 @@ impl Linear {
         let x2 = x.reshape((rows, n_in))?;
         let packed: Option<Vec<&bf16::Packed>> = ls.iter().map(|l| l.packed.as_deref()).collect();
         let ys: Vec<Tensor> = match packed {
-            Some(ps) => {
-                if let Some(p) = ps.iter().find(|p| p.k != n_in) {
-                    bail!("input width {n_in} does not match the weight's {}", p.k);
-                }
-                with_rows(&x2, |data| bf16::matmul_many(data, rows, &ps))?
-                    .into_iter()
-                    .zip(&ps)
-                    .map(|(y, p)| Tensor::from_vec(y, (rows, p.n), x.device()))
-                    .collect::<candle_core::Result<_>>()?
-            }
+            Some(ps) => matmul_packed(&x2, &ps)?,
             None => ls
                 .iter()
                 .map(|l| match (&l.packed, &l.w) {
-                    (Some(p), _) => matmul_packed(&x2, p),
+                    (Some(p), _) => Ok(matmul_packed(&x2, &[p])?.remove(0)),
                     (None, Some(w)) => Ok(x2.matmul(&w.t()?)?),
                     (None, None) => unreachable!("a Linear always holds a weight"),
                 })
@@ -174,14 +165,17 @@ fn unpack(p: &bf16::Packed) -> Tensor {
         .expect("a packed matrix has n × k values")
 }
 
-/// `x [rows, k] · Wᵀ` through the bf16 kernel.
-pub fn matmul_packed(x: &Tensor, w: &bf16::Packed) -> Result<Tensor> {
+/// `x [rows, k] · Wᵢᵀ` for each weight, through the bf16 kernel in one call.
+pub fn matmul_packed(x: &Tensor, ws: &[&bf16::Packed]) -> Result<Vec<Tensor>> {
     let (rows, k) = x.dims2()?;
-    if k != w.k {
+    if let Some(w) = ws.iter().find(|w| w.k != k) {
         bail!("input width {k} does not match the weight's {}", w.k);
     }
-    let y = with_rows(x, |data| bf16::matmul_t(data, rows, w))?;
-    Ok(Tensor::from_vec(y, (rows, w.n), x.device())?)
+    with_rows(x, |data| bf16::matmul_many(data, rows, ws))?
+        .into_iter()
+        .zip(ws)
+        .map(|(y, w)| Ok(Tensor::from_vec(y, (rows, w.n), x.device())?))
+        .collect()
 }
 
 /// The greedy token of each row of `[rows, vocab]` logits (candle's argmax: the first maximum).
@@ -830,7 +824,7 @@ impl Model {
         let rows = x.elem_count() / d;
         let x2 = x.reshape((rows, d))?;
         let (y, vocab) = match (&self.packed_head, &self.lm_head, &self.embed) {
-            (Some(p), _, _) => (matmul_packed(&x2, p)?, p.n),
+            (Some(p), _, _) => (matmul_packed(&x2, &[p])?.remove(0), p.n),
             (None, Some(w), _) | (None, None, Some(w)) => (x2.matmul(&w.t()?)?, w.dim(0)?),
             (None, None, None) => unreachable!("the head is held one way or another"),
         };
