@@ -24,3 +24,19 @@ pub fn parallel_map<T: Send + Sync>(n: usize, f: impl Fn(usize) -> T + Sync) -> 
         .map(|s| s.into_inner().expect("every task ran"))
         .collect()
 }
+
+/// `f(i, piece)` for the `len`-long pieces of `y` (the last may be shorter), computed over
+/// [`threads`]: each task writes its own piece only.
+pub fn parallel_chunks_mut<T: Send>(y: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    // One uncontended lock per piece hands each task its piece without unsafe code.
+    let pieces: Vec<std::sync::Mutex<&mut [T]>> = y
+        .chunks_mut(len.max(1))
+        .map(std::sync::Mutex::new)
+        .collect();
+    parallel_for(pieces.len(), |i| {
+        let mut piece = pieces[i]
+            .lock()
+            .expect("a piece's task does not panic holding it");
+        f(i, &mut piece)
+    });
+}

@@ -27,13 +27,9 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let y = super::with_rows(g, |g| {
         super::with_rows(u, |u| {
             let mut y = vec![0f32; g.len()];
-            let out = Out(y.as_mut_ptr());
-            pool::parallel_for(g.len().div_ceil(PER_TASK), |t| {
-                let (a, b) = (t * PER_TASK, ((t + 1) * PER_TASK).min(g.len()));
-                #[allow(clippy::redundant_locals)]
-                let out = out;
-                // SAFETY: each task writes only its own range a..b of y, which holds g.len().
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(a), b - a) };
+            pool::parallel_chunks_mut(&mut y, PER_TASK, |t, dst| {
+                let a = t * PER_TASK;
+                let b = a + dst.len();
                 silu_mul_into(&g[a..b], &u[a..b], dst);
             });
             y
@@ -41,12 +37,6 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     })??;
     Ok(Tensor::from_vec(y, g.dims(), g.device())?)
 }
-
-/// A pointer to the output shared by the tasks, each of which writes its own range.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 fn silu_mul_into(g: &[f32], u: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
