@@ -42,7 +42,11 @@ def num(pattern, text):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", choices=sorted(GGUF))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gguf", default=None,
+                    help="time this GGUF file (same architecture as --model) instead of the alias's "
+                         "cached one, e.g. benches/synth_gguf.py's random-weight copy on a machine "
+                         "the real file cannot reach")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--score", action="store_true", help="also time one variant's score")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run both sides this many times, alternating which goes first")
@@ -61,8 +65,11 @@ def main():
         exe = os.path.expanduser("~/.cache/outlierlab-target/release/outlierlab")
     exe = os.environ.get("OUTLIERLAB", exe)
     cache = os.environ.get("OUTLIERLAB_CACHE", os.path.expanduser("~/.cache/outlierlab"))
-    gguf = os.path.join(cache, "models", GGUF[a.model])
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(a.threads))
+    gguf = a.gguf or os.path.join(cache, "models", GGUF[a.model])
+    model = a.gguf or a.model
+    # Both sides on a.threads threads: OpenMP's for PyTorch, candle's pool (RAYON_NUM_THREADS) for us.
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(a.threads),
+               RAYON_NUM_THREADS=str(a.threads))
     py = sys.executable
     rows = {}
     wanted = set(a.precisions.split(","))
@@ -71,7 +78,7 @@ def main():
         sys.exit("--precisions, --pytorch-precisions: comma-separated lists of f32 and bf16")
 
     def ours(prec, files):
-        o = run([exe, "--precision", prec, "bench", "--model", a.model])
+        o = run([exe, "--precision", prec, "bench", "--model", model], env)
         r = {
             "matmul": num(rf"{prec} matmul \(\w+\)\s+([\d.]+)", o),
             "prefill": num(r"prefill\s+([\d.]+) tokens/s", o),
@@ -79,8 +86,8 @@ def main():
             "mb": num(r"resident after loading: ([\d.]+) MB", o),
         }
         if files:
-            o = run([exe, "--precision", prec, "abliterate", "--model", a.model,
-                     "--over-refusal-tokens", "0", "--batch-size", "100"])
+            o = run([exe, "--precision", prec, "abliterate", "--model", model,
+                     "--over-refusal-tokens", "0", "--batch-size", "100"], env)
             r["score"] = num(r"scored none in ([\d.]+) s", o)
         return r
 
@@ -125,7 +132,7 @@ def main():
     best = {"matmul": max, "prefill": max, "decode": max, "mb": min, "score": min}
     for key, rs in runs.items():
         rows[key] = {f: pick(r[f] for r in rs) for f, pick in best.items() if f in rs[0]}
-    print(f"\n{a.model}, {a.threads} threads, batch 16 x 32 new tokens (bench prompts)"
+    print(f"\n{a.model}" + (f" (weights from {a.gguf})" if a.gguf else "") + f", {a.threads} threads, batch 16 x 32 new tokens (bench prompts)"
           + (f", best of {a.rounds} alternating rounds" if a.rounds > 1 else "")
           + (", score = 100 + 100 prompts, <= 100 tokens" if a.score else ""))
     head = "| run | matmul GFLOP/s | prefill tok/s | decode tok/s | resident MB |" + (

@@ -355,10 +355,12 @@ fn run(cli: Cli) -> Result<()> {
             repeats,
         } => {
             let lm = model::load(&model)?;
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // The pool's own count: RAYON_NUM_THREADS / CANDLE_NUM_THREADS can set it below the
+            // cores the process may use.
             eprintln!(
-                "model loaded in {:.1} s; benchmarking on {threads} threads",
-                lm.load_seconds
+                "model loaded in {:.1} s; benchmarking on {} threads",
+                lm.load_seconds,
+                model::pool::threads()
             );
             let r = outlierlab::bench::run(&lm, batch, new_tokens, repeats)?;
             println!("model                 {model}");
