@@ -137,11 +137,12 @@ struct Inputs<'a> {
 fn one_group(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        let f = super::cpu::features();
+        if f.avx512f {
             // SAFETY: the CPU has the feature the function is compiled for.
             return unsafe { one_group_avx512(x, s, task) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if f.avx2 {
             // SAFETY: as above.
             return unsafe { one_group_avx2(x, s, task) };
         }
@@ -436,7 +437,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_avx512_dot_product_is_the_portable_one() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
+        if !crate::model::cpu::features().avx512f {
             return;
         }
         for len in [1, 15, 16, 20, 64, 100, 256] {

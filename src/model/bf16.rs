@@ -32,51 +32,15 @@
 //! by [`round_bits`], bit for bit what `vcvtneps2bf16` does, so a bf16 result does not depend on
 //! which of the three ran.
 
+use super::cpu::features;
 use super::pool;
 use half::bf16;
-
-/// What this CPU offers the kernels, read once.
-#[derive(Debug, Clone, Copy)]
-struct Features {
-    /// AVX-512 F and BW: the 16-lane widening kernel.
-    avx512: bool,
-    /// AVX512_BF16 besides: `vdpbf16ps` and `vcvtneps2bf16`.
-    avx512bf16: bool,
-    /// AVX2 and FMA: the 8-lane widening kernel.
-    avx2: bool,
-}
-
-fn features() -> Features {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<Features> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw");
-            Features {
-                avx512,
-                avx512bf16: avx512 && std::arch::is_x86_feature_detected!("avx512bf16"),
-                avx2: std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma"),
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Features {
-            avx512: false,
-            avx512bf16: false,
-            avx2: false,
-        }
-    }
-}
 
 /// Whether this CPU runs one of the kernels (AVX2 with FMA at least; checked once): elsewhere
 /// the binary runs f32.
 pub fn available() -> bool {
     let f = features();
-    f.avx512 || f.avx2
+    f.avx512 || f.avx2_fma
 }
 
 /// The micro-kernel `matmul_t` runs; all give the same bits (tested).
@@ -176,7 +140,7 @@ impl Kernel {
         match self {
             Kernel::Dot => f.avx512bf16,
             Kernel::Widen => f.avx512,
-            Kernel::Widen8 => f.avx2,
+            Kernel::Widen8 => f.avx2_fma,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod batching;
 pub mod bf16;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod export;
 pub mod gemma3;
 pub mod generate;

@@ -22,6 +22,7 @@
 //! largest (massive) dimension, int8 states left 30 rows on average and 3,173 at most.
 
 use super::bf16::{self, Packed};
+use super::cpu::features;
 use super::pool;
 use crate::util::noise;
 
@@ -85,38 +86,6 @@ impl Flavour {
                     0
                 }
             }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Features {
-    avx2: bool,
-    avx512: bool,
-    vnni: bool,
-}
-
-/// Read once: the tiles and bounds ask for every row of every panel.
-fn features() -> Features {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        static HAS: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            let avx512 = has!("avx512f") && has!("avx512bw");
-            Features {
-                avx2: has!("avx2"),
-                avx512,
-                vnni: avx512 && has!("avx512vnni"),
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Features {
-            avx2: false,
-            avx512: false,
-            vnni: false,
         }
     }
 }

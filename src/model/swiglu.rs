@@ -40,7 +40,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 fn silu_mul_into(g: &[f32], u: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::cpu::features().avx2_fma {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { silu_mul_avx2(g, u, y) };
     }

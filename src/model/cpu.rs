@@ -1,0 +1,54 @@
+//! What this CPU offers the vector code, read once for every module that dispatches on it (the
+//! bf16 kernels, the head screen, attention, SwiGLU): one place decides what "has AVX2" means.
+//! Each entry implies what its code also uses (AVX-512 BW with F, FMA with AVX2 where named), so
+//! a caller checks one flag.
+
+/// The instruction sets the dispatching code asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct Features {
+    /// AVX2: the screen's int16 tile and bounds, attention's 8-lane sums.
+    pub avx2: bool,
+    /// AVX2 and FMA: the 8-lane bf16 kernel, SwiGLU's exponential.
+    pub avx2_fma: bool,
+    /// AVX-512 F: attention's 16-lane dot product.
+    pub avx512f: bool,
+    /// AVX-512 F and BW: the 16-lane widening kernel, the screen's bounds.
+    pub avx512: bool,
+    /// AVX512_BF16 besides F and BW: `vdpbf16ps` and `vcvtneps2bf16`.
+    pub avx512bf16: bool,
+    /// AVX512_VNNI besides F and BW: the screen's int8 tile (`vpdpbusd`).
+    pub vnni: bool,
+}
+
+/// This CPU's features (all false off x86-64).
+pub fn features() -> Features {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        static HAS: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            let avx2 = has!("avx2");
+            let avx512f = has!("avx512f");
+            let avx512 = avx512f && has!("avx512bw");
+            Features {
+                avx2,
+                avx2_fma: avx2 && has!("fma"),
+                avx512f,
+                avx512,
+                avx512bf16: avx512 && has!("avx512bf16"),
+                vnni: avx512 && has!("avx512vnni"),
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Features {
+            avx2: false,
+            avx2_fma: false,
+            avx512f: false,
+            avx512: false,
+            avx512bf16: false,
+            vnni: false,
+        }
+    }
+}
