@@ -1048,10 +1048,22 @@ pub fn run_study(
     out: Option<PathBuf>,
     shard: Option<&str>,
     report_dir: Option<PathBuf>,
+    precision: Option<crate::model::Precision>,
 ) -> Result<()> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
     let study = crate::study::spec::parse(&text, &file.display().to_string())?;
+    // The file is what the run directory keeps, so it alone says which precision ran: a flag
+    // that silently lost to it (or won over it) would leave results that say otherwise.
+    if let Some(p) = precision.filter(|&p| p != study.file.precision) {
+        bail!(
+            "{} runs in {} (its `precision:`, f32 when absent), and --precision asks for {}; add `precision: {}` to the study file (or a copy of it), or drop --precision",
+            file.display(),
+            study.file.precision.name(),
+            p.name(),
+            p.name()
+        );
+    }
     for w in crate::study::spec::warnings(&study) {
         eprintln!("warning: {w}");
     }

@@ -17,9 +17,10 @@ struct Cli {
     /// How the models' matrices are stored and multiplied: f32 (the reference, what the
     /// transformers tests compare with) or bf16 (half the memory; kernels for AVX512_BF16,
     /// AVX-512 and AVX2 with FMA, the same bits on each; f32 with a warning on a CPU without
-    /// them). A study names its own with `precision:`.
-    #[arg(long, global = true, value_enum, default_value_t = model::Precision::F32)]
-    precision: model::Precision,
+    /// them). Default f32. A study runs in the one its file names (`precision:`, f32 when
+    /// absent); `run` refuses a --precision that differs from it.
+    #[arg(long, global = true, value_enum)]
+    precision: Option<model::Precision>,
 }
 
 #[derive(Subcommand)]
@@ -235,7 +236,7 @@ fn main() {
     }
     outlierlab::util::keep_freed_memory();
     let cli = Cli::parse();
-    model::source::set_default_precision(cli.precision);
+    model::source::set_default_precision(cli.precision.unwrap_or_default());
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -294,7 +295,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             shard,
             report_dir,
-        } => outlierlab::cli::run_study(&file, out, shard.as_deref(), report_dir)?,
+        } => outlierlab::cli::run_study(&file, out, shard.as_deref(), report_dir, cli.precision)?,
         Command::Merge {
             into,
             shards,

@@ -314,3 +314,14 @@ fn registry_download_is_verified_and_a_wrong_sha256_refused() {
     assert!(err.contains("sha256"), "{err}");
     assert!(!tmp.path().join("data.txt").exists());
 }
+
+#[test]
+fn precision_flag_that_differs_from_the_study_file() {
+    // quickstart.yaml names no precision, so it runs in f32; the refusal comes before any model
+    // is loaded.
+    let study = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/quickstart.yaml");
+    assert_one_line_error(
+        &["--precision", "bf16", "run", study, "--out", "/nonexistent/run"],
+        "runs in f32 (its `precision:`, f32 when absent), and --precision asks for bf16; add `precision: bf16`",
+    );
+}
