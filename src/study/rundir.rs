@@ -380,7 +380,8 @@ impl Provenance {
             datasets: BTreeMap::new(),
             seeds: plan.replicates.clone(),
             machine: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // What ran, not what the machine has: RAYON_NUM_THREADS / CANDLE_NUM_THREADS set it.
+            threads: crate::model::pool::threads(),
             classifiers: Vec::new(),
             judge: None,
             markers: None,
