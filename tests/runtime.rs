@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{IndexOp, Tensor};
 use common::{bits, last_logits, max_abs};
-use outlierlab::model::generate::{self, GenerateOptions};
+use outlierlab::model::generate::{self, GenerateOptions, Passes};
 use outlierlab::model::{self, Batch, HiddenConvention, Logits, Writer};
 
 const PROMPTS: [&str; 3] = [
@@ -264,12 +264,19 @@ fn prefill_in_groups_equals_one_pass() {
         .collect();
     let pad = lm.tokenizer.pad_id;
     let mut one = lm.model.new_caches();
-    let a = generate::prefill_in_passes(&lm.model, &ids, pad, &mut one, usize::MAX).unwrap();
+    let a = generate::prefill_in_passes(&lm.model, &ids, pad, &mut one, Passes::One).unwrap();
     let longest = ids.iter().map(Vec::len).max().unwrap();
-    // At least 3 rows a pass (fewer than 40): several groups, the last one shorter.
+    // A pass holds fewer positions than 3 longest rows, so these 40 (none a tenth of the
+    // longest) take several.
     let mut groups = lm.model.new_caches();
-    let b =
-        generate::prefill_in_passes(&lm.model, &ids, pad, &mut groups, 3 * longest - 1).unwrap();
+    let b = generate::prefill_in_passes(
+        &lm.model,
+        &ids,
+        pad,
+        &mut groups,
+        Passes::AtMost(3 * longest - 1),
+    )
+    .unwrap();
     assert!(bits(&a.logits) == bits(&b.logits), "logits differ");
     assert_eq!(a.mask, b.mask);
     assert_eq!(a.positions, b.positions);
@@ -280,7 +287,7 @@ fn prefill_in_groups_equals_one_pass() {
             &ids[r..r + 1],
             pad,
             &mut lm.model.new_caches(),
-            usize::MAX,
+            Passes::One,
         )
         .unwrap();
         // Close, not equal: candle's f32 gemm sums in another order for a single row.

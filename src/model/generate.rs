@@ -170,6 +170,12 @@ const PREFILL_BYTES: usize = 30 << 20;
 /// Below this many rows the kernel reads its weights too often for their work.
 const MIN_PREFILL_POSITIONS: usize = 256;
 
+/// What one more prefill pass costs beyond its positions, in positions (its hand-offs to the
+/// threads, its copy of the shared prefix, its reading of every weight once). Measured on 100
+/// AdvBench and 100 harmless prompts' prefill (Qwen 0.5B, bf16, Zen 3): 2 (no padding at all, 16
+/// and 10 passes) 10.6 and 8.6 s, 16 10.2 and 8.2 s, 64 11.2 and 9.0 s, 200 12.8 and 9.2 s.
+const PASS_COST_POSITIONS: usize = 16;
+
 /// Prompts shorter than this share nothing worth a separate pass.
 const MIN_SHARED_PREFIX: usize = 4;
 
@@ -199,17 +205,26 @@ pub fn prefill(
         .max(model.config.hidden_size)
         .max(1);
     let per_pass = (PREFILL_BYTES / (4 * widest)).max(MIN_PREFILL_POSITIONS);
-    prefill_in_passes(model, prompts, pad_id, caches, per_pass)
+    prefill_in_passes(model, prompts, pad_id, caches, Passes::AtMost(per_pass))
 }
 
-/// `prefill`, computing at most `per_pass` positions (rows × padded length, at least one row)
-/// per pass.
+/// How `prefill_in_passes` splits its rows into passes.
+#[derive(Debug, Clone, Copy)]
+pub enum Passes {
+    /// Every row in one pass, padded to the longest.
+    One,
+    /// The split [`plan_passes`] makes, at most this many positions (rows × padded length) in a
+    /// pass of more than one row.
+    AtMost(usize),
+}
+
+/// `prefill`, its rows split into passes as `passes` says.
 pub fn prefill_in_passes(
     model: &Model,
     prompts: &[Vec<u32>],
     pad_id: u32,
     caches: &mut [KvCache],
-    per_pass: usize,
+    passes: Passes,
 ) -> Result<Prefilled> {
     let shared = shared_prefix(model, prompts);
     let n = prompts.len();
@@ -236,11 +251,17 @@ pub fn prefill_in_passes(
     // skips masked keys, so a row's values do not depend on its pass.
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(rest[i].len()));
+    let plan = match passes {
+        Passes::One => vec![n],
+        Passes::AtMost(per_pass) => {
+            let sorted: Vec<usize> = order.iter().map(|&i| rest[i].len()).collect();
+            plan_passes(&sorted, per_pass)
+        }
+    };
     let mut logits = Vec::new();
     let mut parts: Vec<(Vec<KvCache>, usize)> = Vec::new();
     let mut start = 0;
-    while start < n {
-        let rows = (per_pass / rest[order[start]].len().max(1)).clamp(1, n - start);
+    for rows in plan {
         let pass = &order[start..start + rows];
         start += rows;
         let own: Vec<Vec<u32>> = pass.iter().map(|&i| rest[i].clone()).collect();
@@ -314,6 +335,40 @@ pub fn prefill_in_passes(
     })
 }
 
+/// How many rows each prefill pass takes, given the rows' lengths longest first: the split into
+/// consecutive passes that computes the fewest positions (a pass pads every row to its first),
+/// counting [`PASS_COST_POSITIONS`] for each pass and holding at most `per_pass` positions in a
+/// pass of more than one row. Filling each pass up to `per_pass` instead computed 2,552 positions
+/// for the 1,821 of 100 AdvBench prompts (this split: 1,871).
+pub fn plan_passes(sorted: &[usize], per_pass: usize) -> Vec<usize> {
+    let n = sorted.len();
+    // best[b]: the cheapest plan for rows ..b, and the first row of its last pass.
+    let mut best: Vec<(usize, usize)> = vec![(0, 0); n + 1];
+    for b in 1..=n {
+        let mut pick = (usize::MAX, b - 1);
+        for a in (0..b).rev() {
+            let positions = (b - a) * sorted[a];
+            if b - a > 1 && positions > per_pass {
+                break;
+            }
+            let cost = best[a].0 + positions + PASS_COST_POSITIONS;
+            if cost < pick.0 {
+                pick = (cost, a);
+            }
+        }
+        best[b] = pick;
+    }
+    let mut plan = Vec::new();
+    let mut b = n;
+    while b > 0 {
+        let a = best[b].1;
+        plan.push(b - a);
+        b = a;
+    }
+    plan.reverse();
+    plan
+}
+
 /// The positions and key mask of a left-padded batch that follows `shared` prefix tokens in the
 /// cache.
 fn after_prefix(batch: &Batch, shared: usize) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
@@ -364,5 +419,65 @@ fn shared_prefix(model: &Model, prompts: &[Vec<u32>]) -> usize {
         0
     } else {
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Positions plus the per-pass cost of a split of `sorted` (None if a pass holds too many).
+    fn cost(sorted: &[usize], plan: &[usize], per_pass: usize) -> Option<usize> {
+        let (mut at, mut total) = (0, 0);
+        for &rows in plan {
+            let positions = rows * sorted[at];
+            if rows == 0 || (rows > 1 && positions > per_pass) {
+                return None;
+            }
+            total += positions + PASS_COST_POSITIONS;
+            at += rows;
+        }
+        (at == sorted.len()).then_some(total)
+    }
+
+    /// Every split of n rows into consecutive passes.
+    fn splits(n: usize) -> Vec<Vec<usize>> {
+        if n == 0 {
+            return vec![vec![]];
+        }
+        (1..=n)
+            .flat_map(|first| {
+                splits(n - first).into_iter().map(move |mut rest| {
+                    rest.insert(0, first);
+                    rest
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_is_the_cheapest_split_within_the_bound() {
+        let mut rng = crate::stats::Rng::new(7);
+        for case in 0..300 {
+            let n = 1 + case % 10;
+            let mut sorted: Vec<usize> = (0..n).map(|_| 1 + rng.below(60)).collect();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            let per_pass = 20 + rng.below(200);
+            let plan = plan_passes(&sorted, per_pass);
+            let got = cost(&sorted, &plan, per_pass)
+                .unwrap_or_else(|| panic!("{plan:?} breaks the bound {per_pass} on {sorted:?}"));
+            let best = splits(n)
+                .iter()
+                .filter_map(|p| cost(&sorted, p, per_pass))
+                .min()
+                .unwrap();
+            assert_eq!(got, best, "{plan:?} on {sorted:?} under {per_pass}");
+        }
+    }
+
+    #[test]
+    fn a_row_longer_than_the_bound_gets_a_pass_of_its_own() {
+        assert_eq!(plan_passes(&[500, 40, 40], 100), vec![1, 2]);
+        assert_eq!(plan_passes(&[], 100), Vec::<usize>::new());
     }
 }
