@@ -13,10 +13,12 @@
 //! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
 //! each step loads two weight vectors and broadcasts eight input pairs. The rounded inputs are
 //! laid out by blocks of 8 rows, pair by pair ([`round_rows`]), so one step's sixteen broadcasts
-//! read one cache line. Inputs are walked in blocks of [`KC`] so that a panel's slice stays in L1
-//! while every block of 8 input rows passes over it (a short k in one block, see [`WHOLE_K`]),
-//! and rows in chunks of [`MC`] that stay in L2. Weights are packed once, when the model is
-//! converted (or a matrix edited).
+//! read one cache line. Inputs are walked in blocks of [`KC`] ([`KC8`] in the 8-lane kernel) so
+//! that a panel's slice stays in L1 while every block of 8 input rows passes over it (a short k in
+//! one block, see [`WHOLE_K`]), and rows in chunks of [`MC`] that stay in L2; a later k-block's
+//! accumulators start from the sums the earlier ones stored, so each output is one chain of
+//! multiply-adds over the whole k, whatever the block length. Weights are packed once, when the
+//! model is converted (or a matrix edited).
 //!
 //! Three micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
 //! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
@@ -169,17 +171,24 @@ const MR: usize = 8;
 /// one block for k = 896 were each the faster.
 const KC: usize = 256;
 const WHOLE_K: usize = 1024;
+/// The 8-lane kernel's k-block. Its 4-row sub-tiles stream their half of the panel's slice from
+/// L2 at any KC, so a longer block costs little there, and the output is read and written 5 times
+/// instead of 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
+/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896): KC = 256 137–147 / 144–150 /
+/// 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one whole block in between, 128 slower;
+/// `bench --batch 100`, alternated, two rounds: decode 152, 151 → 156, 156 tokens/s.
+const KC8: usize = 1024;
 /// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
 /// inputs, which stay in L2 while every panel passes over them; a prefill pass of 1,617 rows
 /// would otherwise stream 5.8 MB from L3 once per panel.
 const MC: usize = 256;
 
-/// The k-block length for a (padded) k.
-fn k_block(k2: usize) -> usize {
+/// The k-block length for a (padded) k, in blocks of `kc` where it exceeds [`WHOLE_K`].
+fn k_block(k2: usize, kc: usize) -> usize {
     if k2 <= WHOLE_K {
         k2.max(2)
     } else {
-        KC
+        kc
     }
 }
 
@@ -654,12 +663,12 @@ struct Tile<T> {
 /// that each tile is inlined into its own walker, which is compiled with that kernel's target
 /// features.
 macro_rules! walk_panels {
-    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident) => {{
+    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident, $kc:expr) => {{
         let (x, m, k2, w, y, ldy) = ($x, $m, $k2, $w, $y, $ldy);
         let pairs = k2 / 2;
         let mut p0 = 0;
         while p0 < pairs {
-            let p1 = (p0 + k_block(k2) / 2).min(pairs);
+            let p1 = (p0 + k_block(k2, $kc) / 2).min(pairs);
             for q in $q0..$q1 {
                 let mut i = 0;
                 while i < m {
@@ -699,7 +708,7 @@ macro_rules! walk_panels {
 /// Defines `$name`, panels `q0..q1` of the output through `walk_panels!` with `$tile`, compiled
 /// for `$features` (and, off x86-64, a stub: `available()` is false there).
 macro_rules! walker {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $t:ty, $tile:ident) => {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $t:ty, $tile:ident, $kc:expr) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
@@ -712,7 +721,7 @@ macro_rules! walker {
             y: *mut f32,
             ldy: usize,
         ) {
-            walk_panels!(x, m, w.k2, w, q0, q1, y, ldy, $tile)
+            walk_panels!(x, m, w.k2, w, q0, q1, y, ldy, $tile, $kc)
         }
 
         #[cfg(not(target_arch = "x86_64"))]
@@ -727,21 +736,24 @@ walker!(
     panels_range,
     "avx512f,avx512bw,avx512bf16",
     bf16,
-    tile
+    tile,
+    KC
 );
 walker!(
     /// With the widening kernel; `x` holds the rounded inputs as f32.
     panels_range_widen,
     "avx512f,avx512bw",
     f32,
-    tile_widen
+    tile_widen,
+    KC
 );
 walker!(
     /// With the 8-lane widening kernel; `x` holds the rounded inputs as f32.
     panels_range_widen8,
     "avx2,fma",
     f32,
-    tile_widen8
+    tile_widen8,
+    KC8
 );
 
 /// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
@@ -753,7 +765,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
     let (x, panel, steps) = (t.x, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
-    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    let mut acc = start_tile::<R, NV, _>(&t);
     let x32 = x as *const i32;
     for s in 0..steps {
         prefetch_ahead(t.ahead, s);
@@ -796,7 +808,7 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
     let (x, panel, steps) = (t.x, t.panel, t.steps);
     use std::arch::x86_64::*;
     const NV: usize = NR / 16;
-    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    let mut acc = start_tile::<R, NV, _>(&t);
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     for s in 0..steps {
         prefetch_ahead(t.ahead, s);
@@ -852,7 +864,21 @@ unsafe fn tile_widen8<const R: usize>(t: Tile<f32>) {
 unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize) {
     use std::arch::x86_64::*;
     let (x, steps) = (t.x, t.steps);
+    // As `start_tile`: later k-blocks go on from the sums in `y`.
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let live = |v: usize| {
+        let n = t.cols.saturating_sub(half * 16 + v * 8).min(8);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes)
+    };
     let mut acc = [[_mm256_setzero_ps(); 2]; RR];
+    if !t.first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let yr = t.y.add((r0 + r) * t.ldy + half * 16);
+            for (v, c) in row.iter_mut().enumerate() {
+                *c = _mm256_maskload_ps(yr.add(v * 8), live(v));
+            }
+        }
+    }
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     // The next panel is fetched once, by the tile's first pass over the steps.
     let ahead = if half == 0 && r0 == 0 {
@@ -881,26 +907,50 @@ unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize
             }
         }
     }
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (r, row) in acc.iter().enumerate() {
         let yr = t.y.add((r0 + r) * t.ldy + half * 16);
         for (v, c) in row.iter().enumerate() {
-            let live = t.cols.saturating_sub(half * 16 + v * 8).min(8);
-            if live == 0 {
+            if t.cols <= half * 16 + v * 8 {
                 break;
             }
-            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), lanes);
-            let mut out = *c;
-            if !t.first {
-                out = _mm256_add_ps(out, _mm256_maskload_ps(yr.add(v * 8), m));
-            }
-            _mm256_maskstore_ps(yr.add(v * 8), m, out);
+            _mm256_maskstore_ps(yr.add(v * 8), live(v), *c);
         }
     }
 }
 
-/// Writes (or, unless `first`, adds) an R × 32 block of accumulators to `y`, `cols` of the
-/// 32 columns real.
+/// The accumulators an R × 32 block starts from: zero in the first k-block, else the sums the
+/// earlier blocks left in `y` — so each output is one chain of multiply-adds over the whole k,
+/// the same bits whatever the block length (which differs between kernels, [`KC8`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn start_tile<const R: usize, const NV: usize, T>(
+    t: &Tile<T>,
+) -> [[std::arch::x86_64::__m512; NV]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    if !t.first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let yr = t.y.add(r * t.ldy);
+            for (v, c) in row.iter_mut().enumerate() {
+                *c = _mm512_maskz_loadu_ps(live_mask(t.cols, v), yr.add(v * 16));
+            }
+        }
+    }
+    acc
+}
+
+/// Which of the 16 columns from `16 · v` of a 32-column block with `cols` real ones are real.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn live_mask(cols: usize, v: usize) -> u16 {
+    match cols.saturating_sub(v * 16).min(16) {
+        16 => 0xffff,
+        live => ((1u32 << live) - 1) as u16,
+    }
+}
+
+/// Writes an R × 32 block of accumulators to `y`, `cols` of the 32 columns real.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -909,24 +959,14 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
     t: &Tile<T>,
 ) {
     use std::arch::x86_64::*;
-    let (y, ldy, cols, first) = (t.y, t.ldy, t.cols, t.first);
     for (r, row) in acc.iter().enumerate() {
-        let yr = y.add(r * ldy);
+        let yr = t.y.add(r * t.ldy);
         for (v, c) in row.iter().enumerate() {
-            let live = cols.saturating_sub(v * 16).min(16);
-            if live == 0 {
+            let m = live_mask(t.cols, v);
+            if m == 0 {
                 break;
             }
-            let m: __mmask16 = if live == 16 {
-                0xffff
-            } else {
-                ((1u32 << live) - 1) as u16
-            };
-            let mut out = *c;
-            if !first {
-                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(m, yr.add(v * 16)));
-            }
-            _mm512_mask_storeu_ps(yr.add(v * 16), m, out);
+            _mm512_mask_storeu_ps(yr.add(v * 16), m, *c);
         }
     }
 }
@@ -935,6 +975,37 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
 mod tests {
     use super::*;
     use crate::util::noise;
+
+    /// Every kernel computes each output as one chain of fused multiply-adds over the whole k,
+    /// pair by pair, odd input first — whatever its k-block length ([`KC`], [`KC8`]): the same
+    /// bits as that chain written out in scalar code.
+    #[test]
+    fn every_output_is_one_chain_of_fused_multiply_adds() {
+        for (m, k, n, seed) in [(9, 33, 33, 11), (5, 1100, 40, 12), (6, 2501, 35, 13)] {
+            let x = rounded(&noise(m * k, seed));
+            let w = Packed::new(&noise(n * k, seed + 100), n, k);
+            let wr = w.unpack();
+            let mut want = vec![0f32; m * n];
+            for r in 0..m {
+                for c in 0..n {
+                    let (xr, wc) = (&x[r * k..(r + 1) * k], &wr[c * k..(c + 1) * k]);
+                    let mut acc = 0f32;
+                    for p in (0..k).step_by(2) {
+                        if p + 1 < k {
+                            acc = xr[p + 1].mul_add(wc[p + 1], acc);
+                        }
+                        acc = xr[p].mul_add(wc[p], acc);
+                    }
+                    want[r * n + c] = acc;
+                }
+            }
+            for kern in Kernel::all_here() {
+                let got = matmul_with(&x, m, &w, kern);
+                let diff = (0..m * n).filter(|&i| got[i].to_bits() != want[i].to_bits());
+                assert_eq!(diff.count(), 0, "({m},{k},{n}): {kern:?} is not the chain");
+            }
+        }
+    }
 
     /// Against an f64 product of the same bf16-rounded operands, on shapes with every tail (m
     /// not a multiple of 8, n not of 32, odd k, k across several k-blocks, m across two chunks
@@ -957,6 +1028,7 @@ mod tests {
             (17, 896, 97, 7),
             (5, 1100, 40, 8),
             (300, 70, 33, 9),
+            (6, 2501, 35, 10),
         ] {
             let x = noise(m * k, seed);
             let wf = noise(n * k, seed + 100);
