@@ -244,7 +244,7 @@ pub fn prefill_in_passes(
     let batch = Batch::left_padded(&rest, pad_id);
     let (positions, mask) = after_prefix(&batch, shared);
     // In passes of rows, longest first, each padded only to its own longest row and holding at
-    // most `per_pass` positions: a whole batch at once makes activations of hundreds of MB,
+    // most the bound's positions: a whole batch at once makes activations of hundreds of MB,
     // which the allocator maps afresh for every one (page faults), while the kernel is as fast at
     // a thousand rows; and one length for all would compute every short prompt's padding (45%
     // of a 100-prompt AdvBench batch's positions). Rows do not see each other and attention
