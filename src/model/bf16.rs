@@ -176,7 +176,8 @@ const WHOLE_K: usize = 1024;
 /// instead of 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
 /// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896): KC = 256 137–147 / 144–150 /
 /// 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one whole block in between, 128 slower;
-/// `bench --batch 100`, alternated, two rounds: decode 152, 151 → 156, 156 tokens/s.
+/// end to end within noise (`bench --batch 100` decode, alternated: 152, 151 → 156, 156 and
+/// 146, 153 → 154, 150 tokens/s).
 const KC8: usize = 1024;
 /// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
 /// inputs, which stay in L2 while every panel passes over them; a prefill pass of 1,617 rows
@@ -643,7 +644,8 @@ unsafe fn round_row_avx512<T: Rounded>(s: &[f32], d: &mut [T]) {
 
 /// One micro-kernel call: R rows of x from `x` (a block of [`round_rows`]' layout, at its first
 /// step) against one panel over `steps` input pairs, into the R × 32 block of y at `y` (row
-/// stride `ldy`), `cols` of the 32 columns real; added to y unless `first`.
+/// stride `ldy`), `cols` of the 32 columns real; unless `first`, `y` holds the earlier k-blocks'
+/// sums, which the tile goes on from.
 #[derive(Clone, Copy)]
 struct Tile<T> {
     x: *const T,
@@ -756,8 +758,8 @@ walker!(
     KC8
 );
 
-/// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs; adds to `y`
-/// unless `first`.
+/// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs, going on from
+/// the sums in `y` unless `first`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
