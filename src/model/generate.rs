@@ -167,7 +167,9 @@ pub fn greedy_with_first_logits(
 /// see `prefill`. Under the 32 MiB above which glibc maps each allocation afresh
 /// (`util::keep_freed_memory`): 1,617 positions on Qwen 0.5B, 877 on Qwen 1.5B.
 const PREFILL_BYTES: usize = 30 << 20;
-/// Below this many rows the kernel reads its weights too often for their work.
+/// The bound on a pass never falls below this many positions, so a model whose MLP is wider than
+/// 30,720 still gets passes of more than a few rows. How small a pass is worth making under the
+/// bound is [`PASS_COST_POSITIONS`]' concern: [`plan_passes`] makes smaller ones where that pays.
 const MIN_PREFILL_POSITIONS: usize = 256;
 
 /// What one more prefill pass costs beyond its positions, in positions (its hand-offs to the
