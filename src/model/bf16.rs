@@ -12,10 +12,11 @@
 //! exactly what `vdpbf16ps` multiplies against an input pair broadcast to every lane. So the
 //! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
 //! each step loads two weight vectors and broadcasts eight input pairs. The rounded inputs are
-//! laid out by blocks of 8 rows, pair by pair ([`round_rows`]), so one step's sixteen broadcasts
-//! read one cache line. Inputs are walked in blocks of [`KC`] ([`KC8`] in the 8-lane kernel) so
-//! that a panel's slice stays in L1 while every block of 8 input rows passes over it (a short k in
-//! one block, see [`WHOLE_K`]), and rows in chunks of [`MC`] that stay in L2; a later k-block's
+//! laid out by blocks of up to 8 rows (5 for the 8-lane kernel, [`blocks`]), pair by pair
+//! ([`round_rows`]), so one step's broadcasts read one cache line. Inputs are walked in blocks of
+//! [`KC`] ([`KC8`] in the 8-lane kernel) so that a panel's slice (half of it in the 8-lane kernel)
+//! stays in L1 while every block of input rows passes over it (a short k in one block, see
+//! [`WHOLE_K`]), and rows in chunks of [`MC`] that stay in L2; a later k-block's
 //! accumulators start from the sums the earlier ones stored, so each output is one chain of
 //! multiply-adds over the whole k, whatever the block length. Weights are packed once, when the
 //! model is converted (or a matrix edited).
@@ -136,6 +137,14 @@ impl Kernel {
         }
     }
 
+    /// The most input rows per block of its micro-kernel ([`blocks`]).
+    fn block_rows(self) -> usize {
+        match self {
+            Kernel::Dot | Kernel::Widen => MR,
+            Kernel::Widen8 => MR8,
+        }
+    }
+
     /// Whether this CPU has the kernel's instructions.
     pub fn runs_here(self) -> bool {
         let f = features();
@@ -163,18 +172,21 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
 /// Weight rows per panel (two vectors of 16 lanes). 4 × 64 and 6 × 64 tiles (fewer broadcasts
 /// per product) were measured on this kernel's benchmark shapes: within run-to-run noise (±10%).
 const NR: usize = 32;
-/// Input rows per block of the micro-kernel.
+/// The most input rows per block of the AVX-512 micro-kernels (16 accumulators of 16 lanes).
 const MR: usize = 8;
+/// The most input rows per block of the 8-lane kernel (see [`tile_widen8`]).
+const MR8: usize = 5;
 /// Inputs (k) per block: a panel's slice is KC × 32 × 2 bytes = 16 KB. A k of at most
 /// `WHOLE_K` is done in one block instead: the output is then written once, which matters for
 /// the head (151,936 columns); measured on this kernel's benchmark shapes, KC for k = 4,864 and
 /// one block for k = 896 were each the faster.
 const KC: usize = 256;
 const WHOLE_K: usize = 1024;
-/// The 8-lane kernel's k-block. Its 4-row sub-tiles stream their half of the panel's slice from
-/// L2 at any KC, so a longer block costs little there, and the output is read and written 5 times
+/// The 8-lane kernel's k-block. Its tiles stream their half of the panel's slice from L1 or L2,
+/// so a longer block costs little there, and the output is read and written 5 times
 /// instead of 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
-/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896): KC = 256 137–147 / 144–150 /
+/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896, with the kernel's 4-row
+/// tiles of then): KC = 256 137–147 / 144–150 /
 /// 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one whole block in between, 128 slower;
 /// end to end within noise (`bench --batch 100` decode, alternated: 152, 151 → 156, 156 and
 /// 146, 153 → 154, 150 tokens/s).
@@ -427,7 +439,7 @@ impl RoundedX<'_> {
         let mut i0 = 0;
         while i0 < m {
             let rows = (m - i0).min(MC);
-            let (at, y) = (x_at(i0, 0, w.k2), y.add(i0 * ldy));
+            let (at, y) = (i0 * w.k2, y.add(i0 * ldy));
             match *self {
                 RoundedX::Dot(xb) => panels_range(&xb[at..], rows, w, q0, q1, y, ldy),
                 RoundedX::Widen(xw) => panels_range_widen(&xw[at..], rows, w, q0, q1, y, ldy),
@@ -450,17 +462,17 @@ fn with_rounded<R>(
     f: impl FnOnce(&RoundedX) -> R,
 ) -> R {
     check(x, m, w, kern);
-    let (k, k2) = (w.k, w.k2);
-    let len = x_at(m.div_ceil(MR) * MR, 0, k2);
+    let (k, k2, mr) = (w.k, w.k2, kern.block_rows());
+    let len = m * k2;
     match kern {
         Kernel::Dot => {
             let mut xb = Scratch::take(&BF16_SCRATCH);
-            round_rows(x, k, xb.sized(len), k2);
+            round_rows(x, k, xb.sized(len), k2, mr);
             f(&RoundedX::Dot(xb.slice()))
         }
         Kernel::Widen | Kernel::Widen8 => {
             let mut xw = Scratch::take(&F32_SCRATCH);
-            round_rows(x, k, xw.sized(len), k2);
+            round_rows(x, k, xw.sized(len), k2, mr);
             f(&if kern == Kernel::Widen {
                 RoundedX::Widen(xw.slice())
             } else {
@@ -470,32 +482,54 @@ fn with_rounded<R>(
     }
 }
 
-/// Where input pair `p` of the block of [`MR`] rows holding row `i` starts in [`round_rows`]'
-/// layout (rows of `k2` inputs).
-fn x_at(i: usize, p: usize, k2: usize) -> usize {
-    i / MR * MR * k2 + p * 2 * MR
+/// `rows` input rows (at most [`MC`], one pass over the panels) as blocks of at most `mr`:
+/// (first row, rows) of each, as few blocks as that allows, their sizes as even as they go —
+/// 16 rows in blocks of at most 5 are 4 × 4, not 5 + 5 + 5 + 1.
+fn blocks(rows: usize, mr: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = rows.div_ceil(mr);
+    (0..n).scan(0, move |i, b| {
+        let len = (rows - *i).div_ceil(n - b);
+        let at = *i;
+        *i += len;
+        Some((at, len))
+    })
 }
 
-/// `d` = the rows of `s` (rows of `k`) rounded to bf16 in the kernel's layout: blocks of [`MR`]
-/// rows (the last one padded), within a block pair by pair, the block's rows side by side, so
-/// that the 2·MR inputs one step of a tile broadcasts are one 64-byte line (the widened layout)
-/// rather than MR separate streams; the padding (odd k, rows past m) is zero.
-fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize) {
+/// Where input pair `p` of the block of `rows` rows that starts at row `i` starts in
+/// [`round_rows`]' layout (rows of `k2` inputs).
+fn x_at(i: usize, p: usize, k2: usize, rows: usize) -> usize {
+    i * k2 + p * 2 * rows
+}
+
+/// `d` (m rows of `k2`) = the m rows of `s` (rows of `k`) rounded to bf16 in the kernel's
+/// layout: passes of [`MC`] rows, each in the [`blocks`] of at most `mr` rows that the kernel's
+/// tiles take; within a block pair by pair, the block's rows side by side, so that the 2·rows
+/// inputs one step of a tile broadcasts are contiguous (one 64-byte line for 8 rows in f32)
+/// rather than separate streams; the padding (odd k) is zero.
+fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize, mr: usize) {
+    let m = s.len() / k;
+    debug_assert_eq!(d.len(), m * k2);
+    let spans: Vec<(usize, usize)> = (0..m)
+        .step_by(MC)
+        .flat_map(|i0| blocks((m - i0).min(MC), mr).map(move |(i, n)| (i0 + i, n)))
+        .collect();
     // One lock per block, each taken once by the one task that writes it.
-    let blocks: Vec<std::sync::Mutex<&mut [T]>> =
-        d.chunks_mut(MR * k2).map(std::sync::Mutex::new).collect();
-    pool::parallel_for(blocks.len(), |b| {
-        let mut d = blocks[b].lock().unwrap_or_else(|e| e.into_inner());
-        let s = &s[(b * MR * k).min(s.len())..((b + 1) * MR * k).min(s.len())];
+    let mut rest = d;
+    let mut parts = Vec::with_capacity(spans.len());
+    for &(_, n) in &spans {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(n * k2);
+        parts.push(std::sync::Mutex::new(part));
+        rest = tail;
+    }
+    pool::parallel_for(spans.len(), |b| {
+        let mut d = parts[b].lock().unwrap_or_else(|e| e.into_inner());
+        let (i0, n) = spans[b];
         let mut row = vec![T::ZERO; k2];
-        for r in 0..MR {
-            match s.get(r * k..(r + 1) * k) {
-                Some(src) => round_row(src, &mut row[..k]),
-                None => row.fill(T::ZERO),
-            }
+        for r in 0..n {
+            round_row(&s[(i0 + r) * k..(i0 + r + 1) * k], &mut row[..k]);
             for (p, pair) in row.chunks_exact(2).enumerate() {
-                // This block's own layout (r < MR): pair p's slot for row r.
-                let at = x_at(r, p, k2) + r * 2;
+                // Pair p's slot for row r, within this block.
+                let at = x_at(0, p, k2, n) + r * 2;
                 d[at..at + 2].copy_from_slice(pair);
             }
         }
@@ -652,6 +686,9 @@ struct Tile<T> {
     panel: *const bf16,
     /// The next panel's slice, fetched into L2 while this one is multiplied (null: none).
     ahead: *const bf16,
+    /// Which of the panel's columns: all 32 (0) in the 16-lane kernels; `16·part ..` + 16 in the
+    /// 8-lane one.
+    part: usize,
     steps: usize,
     y: *mut f32,
     ldy: usize,
@@ -665,41 +702,34 @@ struct Tile<T> {
 /// that each tile is inlined into its own walker, which is compiled with that kernel's target
 /// features.
 macro_rules! walk_panels {
-    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident, $kc:expr) => {{
+    ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident, $kc:expr, $mr:expr, $parts:expr) => {{
         let (x, m, k2, w, y, ldy) = ($x, $m, $k2, $w, $y, $ldy);
         let pairs = k2 / 2;
         let mut p0 = 0;
         while p0 < pairs {
             let p1 = (p0 + k_block(k2, $kc) / 2).min(pairs);
-            for q in $q0..$q1 {
-                let mut i = 0;
-                while i < m {
-                    let rows = (m - i).min(MR);
+            for (q, part) in ($q0..$q1).flat_map(|q| (0..$parts).map(move |part| (q, part))) {
+                let cols = (w.n - q * NR).min(NR);
+                if cols <= part * NR / $parts {
+                    continue;
+                }
+                for (i, rows) in blocks(m, $mr) {
                     let t = Tile {
-                        x: x.as_ptr().add(x_at(i, p0, k2)),
+                        x: x.as_ptr().add(x_at(i, p0, k2, rows)),
                         panel: w.data.as_ptr().add(q * pairs * NR * 2 + p0 * NR * 2),
-                        ahead: if i == 0 && q + 1 < $q1 {
+                        ahead: if i == 0 && part == 0 && q + 1 < $q1 {
                             w.data.as_ptr().add((q + 1) * pairs * NR * 2 + p0 * NR * 2)
                         } else {
                             std::ptr::null()
                         },
+                        part,
                         steps: p1 - p0,
                         y: y.add(i * ldy + (q - $q0) * NR),
                         ldy,
-                        cols: (w.n - q * NR).min(NR),
+                        cols,
                         first: p0 == 0,
                     };
-                    match rows {
-                        8 => $tile::<8>(t),
-                        7 => $tile::<7>(t),
-                        6 => $tile::<6>(t),
-                        5 => $tile::<5>(t),
-                        4 => $tile::<4>(t),
-                        3 => $tile::<3>(t),
-                        2 => $tile::<2>(t),
-                        _ => $tile::<1>(t),
-                    }
-                    i += rows;
+                    $tile(t, rows);
                 }
             }
             p0 = p1;
@@ -710,7 +740,7 @@ macro_rules! walk_panels {
 /// Defines `$name`, panels `q0..q1` of the output through `walk_panels!` with `$tile`, compiled
 /// for `$features` (and, off x86-64, a stub: `available()` is false there).
 macro_rules! walker {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $t:ty, $tile:ident, $kc:expr) => {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $t:ty, $tile:ident, $kc:expr, $mr:expr, $parts:expr) => {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
@@ -723,7 +753,7 @@ macro_rules! walker {
             y: *mut f32,
             ldy: usize,
         ) {
-            walk_panels!(x, m, w.k2, w, q0, q1, y, ldy, $tile, $kc)
+            walk_panels!(x, m, w.k2, w, q0, q1, y, ldy, $tile, $kc, $mr, $parts)
         }
 
         #[cfg(not(target_arch = "x86_64"))]
@@ -738,16 +768,20 @@ walker!(
     panels_range,
     "avx512f,avx512bw,avx512bf16",
     bf16,
-    tile,
-    KC
+    tile_rows,
+    KC,
+    MR,
+    1
 );
 walker!(
     /// With the widening kernel; `x` holds the rounded inputs as f32.
     panels_range_widen,
     "avx512f,avx512bw",
     f32,
-    tile_widen,
-    KC
+    tile_widen_rows,
+    KC,
+    MR,
+    1
 );
 walker!(
     /// With the 8-lane widening kernel; `x` holds the rounded inputs as f32.
@@ -755,8 +789,42 @@ walker!(
     "avx2,fma",
     f32,
     tile_widen8,
-    KC8
+    KC8,
+    MR8,
+    2
 );
+
+/// `$tile::<R>(t)` for R = `rows`, 1 to [`MR`].
+macro_rules! by_rows {
+    ($tile:ident, $t:expr, $rows:expr) => {
+        match $rows {
+            8 => $tile::<8>($t),
+            7 => $tile::<7>($t),
+            6 => $tile::<6>($t),
+            5 => $tile::<5>($t),
+            4 => $tile::<4>($t),
+            3 => $tile::<3>($t),
+            2 => $tile::<2>($t),
+            _ => $tile::<1>($t),
+        }
+    };
+}
+
+/// `rows` rows (at most [`MR`]) × one panel with the `vdpbf16ps` kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn tile_rows(t: Tile<bf16>, rows: usize) {
+    by_rows!(tile, t, rows)
+}
+
+/// `rows` rows (at most [`MR`]) × one panel with the 16-lane widening kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn tile_widen_rows(t: Tile<f32>, rows: usize) {
+    by_rows!(tile_widen, t, rows)
+}
 
 /// R rows × one panel (32 columns, `cols` of them real) over `steps` input pairs, going on from
 /// the sums in `y` unless `first`.
@@ -777,7 +845,7 @@ unsafe fn tile<const R: usize>(t: Tile<bf16>) {
             *wv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(wp.add(v)));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x32.add(s * MR + r)));
+            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x32.add(s * R + r)));
             for (v, c) in row.iter_mut().enumerate() {
                 *c = _mm512_dpbf16_ps(*c, a, w[v]);
             }
@@ -823,8 +891,8 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
             odd[v] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let xo = _mm512_set1_ps(*x.add(s * 2 * MR + r * 2 + 1));
-            let xe = _mm512_set1_ps(*x.add(s * 2 * MR + r * 2));
+            let xo = _mm512_set1_ps(*x.add(s * 2 * R + r * 2 + 1));
+            let xe = _mm512_set1_ps(*x.add(s * 2 * R + r * 2));
             for (v, c) in row.iter_mut().enumerate() {
                 *c = _mm512_fmadd_ps(xo, odd[v], *c);
                 *c = _mm512_fmadd_ps(xe, even[v], *c);
@@ -834,36 +902,39 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
     store_tile(&acc, &t);
 }
 
-/// As `tile_widen`, in 8-lane registers: an R × 32 tile does not fit in sixteen of them, so it
-/// runs as sub-tiles of 16 columns × up to 4 rows (8 accumulators, 4 widened weight vectors, 2
-/// broadcasts), each over every step. Each output lane sees the same operations in the same
-/// order as in the 16-lane kernel, so the bits are the same.
+/// As `tile_widen`, in 8-lane registers, for a block of `rows` rows (at most [`MR8`]) × half a
+/// panel (16 columns, `t.part`): an R × 32 tile does not fit in sixteen of them (at 5 rows × 16
+/// columns: 10 accumulators, 4 widened weight vectors, a broadcast). Each output lane sees the
+/// same operations in the same order as in the 16-lane kernel, so the bits are the same.
+///
+/// Each accumulator takes two dependent multiply-adds per step (odd input, then even): with the
+/// 8 of a 4-row tile a step waits on their latency as long as on the FMA units, so blocks are of
+/// 5 rows where they can be, which also spreads a step's 4 widening instructions over 20
+/// multiply-adds instead of 16; and the walker runs each half of a panel over every block before
+/// the other half, so that half's slice (28 KB at k = 896) stays in L1. Against blocks of 8 rows
+/// run as 4-row tiles, half by half within each block, on the Zen 3 machine (binaries
+/// alternated, two runs each): `examples/bf16_kernel` 512 and 100 rows 151–177 → 159–185
+/// GFLOP/s, 16 rows 151–177 → 141–163; `bench --precision bf16` on Qwen 0.5B, batch 100:
+/// decode 148, 152 → 169, 174 tokens/s, prefill 139, 140 → 158, 160; batch 16: decode 142,
+/// 140 → 136, 141, prefill 161, 161 → 185, 186.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile_widen8<const R: usize>(t: Tile<f32>) {
-    for half in 0..NR / 16 {
-        if t.cols <= half * 16 {
-            break;
-        }
-        let mut r0 = 0;
-        while r0 < R {
-            match R - r0 {
-                1 => sub_tile_widen8::<1>(&t, half, r0),
-                2 => sub_tile_widen8::<2>(&t, half, r0),
-                3 => sub_tile_widen8::<3>(&t, half, r0),
-                _ => sub_tile_widen8::<4>(&t, half, r0),
-            }
-            r0 += 4;
-        }
+unsafe fn tile_widen8(t: Tile<f32>, rows: usize) {
+    match rows {
+        1 => half_tile_widen8::<1>(&t, t.part),
+        2 => half_tile_widen8::<2>(&t, t.part),
+        3 => half_tile_widen8::<3>(&t, t.part),
+        4 => half_tile_widen8::<4>(&t, t.part),
+        _ => half_tile_widen8::<5>(&t, t.part),
     }
 }
 
-/// Rows `r0..r0 + RR` of the tile × its columns `16·half .. 16·half + 16`.
+/// `tile_widen8` for R rows: the tile's rows × the panel's columns `16·half ..` + 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize) {
+unsafe fn half_tile_widen8<const R: usize>(t: &Tile<f32>, half: usize) {
     use std::arch::x86_64::*;
     let (x, steps) = (t.x, t.steps);
     // As `start_tile`: later k-blocks go on from the sums in `y`.
@@ -872,24 +943,18 @@ unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize
         let n = t.cols.saturating_sub(half * 16 + v * 8).min(8);
         _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes)
     };
-    let mut acc = [[_mm256_setzero_ps(); 2]; RR];
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     if !t.first {
         for (r, row) in acc.iter_mut().enumerate() {
-            let yr = t.y.add((r0 + r) * t.ldy + half * 16);
+            let yr = t.y.add(r * t.ldy + half * 16);
             for (v, c) in row.iter_mut().enumerate() {
                 *c = _mm256_maskload_ps(yr.add(v * 8), live(v));
             }
         }
     }
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-    // The next panel is fetched once, by the tile's first pass over the steps.
-    let ahead = if half == 0 && r0 == 0 {
-        t.ahead
-    } else {
-        std::ptr::null()
-    };
     for s in 0..steps {
-        prefetch_ahead(ahead, s);
+        prefetch_ahead(t.ahead, s);
         // A step's 32 pairs are 128 bytes; this half's 16 are the 64 from `32 · half` bf16s.
         let wp = t.panel.add(s * NR * 2 + half * 32) as *const __m256i;
         let mut even = [_mm256_setzero_ps(); 2];
@@ -900,7 +965,7 @@ unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize
             odd[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let at = s * 2 * MR + (r0 + r) * 2;
+            let at = s * 2 * R + r * 2;
             let xo = _mm256_set1_ps(*x.add(at + 1));
             let xe = _mm256_set1_ps(*x.add(at));
             for (v, c) in row.iter_mut().enumerate() {
@@ -910,7 +975,7 @@ unsafe fn sub_tile_widen8<const RR: usize>(t: &Tile<f32>, half: usize, r0: usize
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        let yr = t.y.add((r0 + r) * t.ldy + half * 16);
+        let yr = t.y.add(r * t.ldy + half * 16);
         for (v, c) in row.iter().enumerate() {
             if t.cols <= half * 16 + v * 8 {
                 break;
@@ -982,8 +1047,37 @@ mod tests {
     /// pair by pair, odd input first — whatever its k-block length ([`KC`], [`KC8`]): the same
     /// bits as that chain written out in scalar code.
     #[test]
+    fn blocks_cover_the_rows_in_the_fewest_blocks_as_even_as_they_go() {
+        for mr in [MR, MR8] {
+            for rows in 1..=MC {
+                let b: Vec<(usize, usize)> = blocks(rows, mr).collect();
+                assert_eq!(b.len(), rows.div_ceil(mr), "{rows} rows in blocks of {mr}");
+                let mut next = 0;
+                for &(at, n) in &b {
+                    assert_eq!(at, next, "{rows} rows: blocks {b:?} leave a gap");
+                    assert!((1..=mr).contains(&n), "{rows} rows: a block of {n}");
+                    next += n;
+                }
+                assert_eq!(next, rows);
+                let (lo, hi) = (b.iter().map(|x| x.1).min(), b.iter().map(|x| x.1).max());
+                assert!(hi.unwrap() - lo.unwrap() <= 1, "{rows} rows: {b:?}");
+            }
+        }
+        assert_eq!(
+            blocks(16, MR8).map(|b| b.1).collect::<Vec<_>>(),
+            [4, 4, 4, 4]
+        );
+    }
+
+    #[test]
     fn every_output_is_one_chain_of_fused_multiply_adds() {
-        for (m, k, n, seed) in [(9, 33, 33, 11), (5, 1100, 40, 12), (6, 2501, 35, 13)] {
+        // 247 rows: a pass of MC rows and one of 7 (blocks of 4 + 3 in the 8-lane kernel).
+        for (m, k, n, seed) in [
+            (9, 33, 33, 11),
+            (5, 1100, 40, 12),
+            (6, 2501, 35, 13),
+            (247, 1100, 40, 14),
+        ] {
             let x = rounded(&noise(m * k, seed));
             let w = Packed::new(&noise(n * k, seed + 100), n, k);
             let wr = w.unpack();
