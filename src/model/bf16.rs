@@ -913,7 +913,8 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
 /// multiply-adds instead of 16; and the walker runs each half of a panel over every block before
 /// the other half, so that half's slice (28 KB at k = 896) stays in L1. Against blocks of 8 rows
 /// run as 4-row tiles, half by half within each block, on the Zen 3 machine (binaries
-/// alternated, two runs each): `examples/bf16_kernel` 512 and 100 rows 151–177 → 159–185
+/// alternated, two runs each; the first two figures with rows in chunks of 240, not [`MC`]'s
+/// 256): `examples/bf16_kernel` 512 and 100 rows 151–177 → 159–185
 /// GFLOP/s, 16 rows 153–177 → 141–163; `bench --precision bf16` on Qwen 0.5B, batch 100:
 /// decode 148, 152 → 169, 174 tokens/s, prefill 139, 140 → 158, 160; batch 16: decode 142,
 /// 140 → 136, 141, prefill 161, 161 → 185, 186; a score (`abliterate --over-refusal-tokens 0
@@ -1072,12 +1073,12 @@ mod tests {
 
     #[test]
     fn every_output_is_one_chain_of_fused_multiply_adds() {
-        // 247 rows: a pass of MC rows and one of 7 (blocks of 4 + 3 in the 8-lane kernel).
+        // 263 rows: a pass of MC rows and one of 7 (blocks of 4 + 3 in the 8-lane kernel).
         for (m, k, n, seed) in [
             (9, 33, 33, 11),
             (5, 1100, 40, 12),
             (6, 2501, 35, 13),
-            (247, 1100, 40, 14),
+            (263, 1100, 40, 14),
         ] {
             let x = rounded(&noise(m * k, seed));
             let w = Packed::new(&noise(n * k, seed + 100), n, k);
