@@ -697,8 +697,9 @@ struct Tile<T> {
 }
 
 /// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first),
-/// each block of input rows handed to `$tile::<R>`: k-blocks outermost, so each panel slice is
-/// reused from L1 by every block of input rows. A macro, not a function taking the kernel, so
+/// each of a panel's `$parts` column parts (its tile's width) with each [`blocks`] of at most
+/// `$mr` input rows handed to `$tile(tile, rows)`: k-blocks outermost, so each panel slice (or
+/// part of it) is reused from L1 by every block of input rows. A macro, not a function taking the kernel, so
 /// that each tile is inlined into its own walker, which is compiled with that kernel's target
 /// features.
 macro_rules! walk_panels {
