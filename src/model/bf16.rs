@@ -13,13 +13,13 @@
 //! micro-kernel needs no horizontal sums: an 8 × 32 block of outputs lives in 16 accumulators,
 //! each step loads two weight vectors and broadcasts eight input pairs. The rounded inputs are
 //! laid out by blocks of up to 8 rows (5 for the 8-lane kernel, [`blocks`]), pair by pair
-//! ([`round_rows`]), so one step's broadcasts read consecutive bytes (one line for 8 rows). Inputs are walked in blocks of
-//! [`KC`] ([`KC8`] in the 8-lane kernel) so that a panel's slice (half of it in the 8-lane kernel)
-//! stays in L1 while every block of input rows passes over it (a short k in one block, see
-//! [`WHOLE_K`]), and rows in chunks of [`MC`] that stay in L2; a later k-block's
-//! accumulators start from the sums the earlier ones stored, so each output is one chain of
-//! multiply-adds over the whole k, whatever the block length. Weights are packed once, when the
-//! model is converted (or a matrix edited).
+//! ([`round_rows`]), so one step's broadcasts read consecutive bytes (one line for 8 rows).
+//! Inputs are walked in blocks of [`KC`] ([`KC8`] in the 8-lane kernel) so that a panel's slice
+//! (half of it in the 8-lane kernel) stays in L1 while every block of input rows passes over it
+//! (a short k in one block, see [`WHOLE_K`]), and rows in passes of [`MC`] that stay in L2; a
+//! later k-block's accumulators start from the sums the earlier ones stored, so each output is
+//! one chain of multiply-adds over the whole k, whatever the block length. Weights are packed
+//! once, when the model is converted (or a matrix edited).
 //!
 //! Three micro-kernels read that layout and give bit-identical results: `Kernel::Dot` multiplies
 //! with `vdpbf16ps`; `Kernel::Widen` widens each weight pair to two f32 vectors (a shift and a
@@ -183,12 +183,11 @@ const MR8: usize = 5;
 const KC: usize = 256;
 const WHOLE_K: usize = 1024;
 /// The 8-lane kernel's k-block. Its tiles stream their half of the panel's slice from L1 or L2,
-/// so a longer block costs little there, and the output is read and written 5 times
-/// instead of 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
-/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896, with the kernel's 4-row
-/// tiles of then): KC = 256 137–147 / 144–150 /
-/// 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one whole block in between, 128 slower;
-/// end to end within noise (`bench --batch 100` decode, alternated: 152, 151 → 156, 156 and
+/// so a longer block costs little there, and the output is read and written 5 times instead of
+/// 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
+/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896, with the kernel's 4-row tiles of
+/// then): KC = 256 137–147 / 144–150 / 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one
+/// whole block in between, 128 slower; end to end within noise (`bench --batch 100` decode, alternated: 152, 151 → 156, 156 and
 /// 146, 153 → 154, 150 tokens/s).
 const KC8: usize = 1024;
 /// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
@@ -436,16 +435,13 @@ impl RoundedX<'_> {
     /// # Safety
     /// `y` must hold m rows of `ldy ≥ (q1 − q0) · NR` columns, written by no one else.
     unsafe fn panels(&self, m: usize, w: &Packed, q0: usize, q1: usize, y: *mut f32, ldy: usize) {
-        let mut i0 = 0;
-        while i0 < m {
-            let rows = (m - i0).min(MC);
+        for (i0, rows) in passes(m) {
             let (at, y) = (i0 * w.k2, y.add(i0 * ldy));
             match *self {
                 RoundedX::Dot(xb) => panels_range(&xb[at..], rows, w, q0, q1, y, ldy),
                 RoundedX::Widen(xw) => panels_range_widen(&xw[at..], rows, w, q0, q1, y, ldy),
                 RoundedX::Widen8(xw) => panels_range_widen8(&xw[at..], rows, w, q0, q1, y, ldy),
             }
-            i0 += rows;
         }
     }
 }
@@ -482,6 +478,12 @@ fn with_rounded<R>(
     }
 }
 
+/// m input rows as the passes over the panels: (first row, rows) of each, [`MC`] rows but the
+/// last. [`round_rows`] lays each pass out in its own [`blocks`], as the walk takes them.
+fn passes(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m).step_by(MC).map(move |i0| (i0, (m - i0).min(MC)))
+}
+
 /// `rows` input rows (at most [`MC`], one pass over the panels) as blocks of at most `mr`:
 /// (first row, rows) of each, as few blocks as that allows, their sizes as even as they go —
 /// 16 rows in blocks of at most 5 are 4 × 4, not 5 + 5 + 5 + 1.
@@ -502,16 +504,15 @@ fn x_at(i: usize, p: usize, k2: usize, rows: usize) -> usize {
 }
 
 /// `d` (m rows of `k2`) = the m rows of `s` (rows of `k`) rounded to bf16 in the kernel's
-/// layout: passes of [`MC`] rows, each in the [`blocks`] of at most `mr` rows that the kernel's
+/// layout: each of the [`passes`] in the [`blocks`] of at most `mr` rows that the kernel's
 /// tiles take; within a block pair by pair, the block's rows side by side, so that the 2·rows
 /// inputs one step of a tile broadcasts are contiguous (one 64-byte line for 8 rows in f32)
 /// rather than separate streams; the padding (odd k) is zero.
 fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize, mr: usize) {
     let m = s.len() / k;
     debug_assert_eq!(d.len(), m * k2);
-    let spans: Vec<(usize, usize)> = (0..m)
-        .step_by(MC)
-        .flat_map(|i0| blocks((m - i0).min(MC), mr).map(move |(i, n)| (i0 + i, n)))
+    let spans: Vec<(usize, usize)> = passes(m)
+        .flat_map(|(i0, rows)| blocks(rows, mr).map(move |(i, n)| (i0 + i, n)))
         .collect();
     // One lock per block, each taken once by the one task that writes it.
     let mut rest = d;
@@ -699,9 +700,9 @@ struct Tile<T> {
 /// Panels `q0..q1` of the output into `y` (row stride `ldy`, its column 0 panel q0's first),
 /// each of a panel's `$parts` column parts (its tile's width) with each [`blocks`] of at most
 /// `$mr` input rows handed to `$tile(tile, rows)`: k-blocks outermost, so each panel slice (or
-/// part of it) is reused from L1 by every block of input rows. A macro, not a function taking the kernel, so
-/// that each tile is inlined into its own walker, which is compiled with that kernel's target
-/// features.
+/// part of it) is reused from L1 by every block of input rows. A macro, not a function taking
+/// the kernel, so that each tile is inlined into its own walker, which is compiled with that
+/// kernel's target features.
 macro_rules! walk_panels {
     ($x:expr, $m:expr, $k2:expr, $w:expr, $q0:expr, $q1:expr, $y:expr, $ldy:expr, $tile:ident, $kc:expr, $mr:expr, $parts:expr) => {{
         let (x, m, k2, w, y, ldy) = ($x, $m, $k2, $w, $y, $ldy);
@@ -925,21 +926,22 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
 #[inline]
 unsafe fn tile_widen8(t: Tile<f32>, rows: usize) {
     match rows {
-        1 => half_tile_widen8::<1>(&t, t.part),
-        2 => half_tile_widen8::<2>(&t, t.part),
-        3 => half_tile_widen8::<3>(&t, t.part),
-        4 => half_tile_widen8::<4>(&t, t.part),
-        _ => half_tile_widen8::<5>(&t, t.part),
+        1 => half_tile_widen8::<1>(&t),
+        2 => half_tile_widen8::<2>(&t),
+        3 => half_tile_widen8::<3>(&t),
+        4 => half_tile_widen8::<4>(&t),
+        _ => half_tile_widen8::<5>(&t),
     }
 }
 
-/// `tile_widen8` for R rows: the tile's rows × the panel's columns `16·half ..` + 16.
+/// `tile_widen8` for R rows: the tile's rows × the panel's columns `16·half ..` + 16, `half`
+/// being the tile's part.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn half_tile_widen8<const R: usize>(t: &Tile<f32>, half: usize) {
+unsafe fn half_tile_widen8<const R: usize>(t: &Tile<f32>) {
     use std::arch::x86_64::*;
-    let (x, steps) = (t.x, t.steps);
+    let (x, steps, half) = (t.x, t.steps, t.part);
     // As `start_tile`: later k-blocks go on from the sums in `y`.
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let live = |v: usize| {
@@ -1046,9 +1048,6 @@ mod tests {
     use super::*;
     use crate::util::noise;
 
-    /// Every kernel computes each output as one chain of fused multiply-adds over the whole k,
-    /// pair by pair, odd input first — whatever its k-block length ([`KC`], [`KC8`]): the same
-    /// bits as that chain written out in scalar code.
     #[test]
     fn blocks_cover_the_rows_in_the_fewest_blocks_as_even_as_they_go() {
         for mr in [MR, MR8] {
@@ -1072,6 +1071,9 @@ mod tests {
         );
     }
 
+    /// Every kernel computes each output as one chain of fused multiply-adds over the whole k,
+    /// pair by pair, odd input first — whatever its k-block length ([`KC`], [`KC8`]): the same
+    /// bits as that chain written out in scalar code.
     #[test]
     fn every_output_is_one_chain_of_fused_multiply_adds() {
         // 263 rows: a pass of MC rows and one of 7 (blocks of 4 + 3 in the 8-lane kernel).
