@@ -106,9 +106,9 @@ impl DecoderLayer for LlamaLayer {
         ctx: &StepContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = super::norm::rms_norm(x, &self.input_layernorm, self.eps)?;
         let x = (x + self.attention(&h, ctx, cache)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        let h = super::norm::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         Ok((&x + self.mlp(&h)?)?)
     }
 

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod norm;
 pub mod pool;
 pub mod qwen2;
 pub mod screen;
@@ -937,7 +938,7 @@ impl Model {
                 residual.push(x.clone());
             }
         }
-        let normed = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
+        let normed = norm::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
         let last = || normed.narrow(1, t - 1, 1)?.squeeze(1);
         let (logits, next) = match logits {
             Logits::None => (None, None),
