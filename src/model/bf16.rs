@@ -526,12 +526,12 @@ fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize, mr: usize
         let mut d = parts[b].lock().unwrap_or_else(|e| e.into_inner());
         let (i0, n) = spans[b];
         let mut row = vec![T::ZERO; k2];
+        debug_assert_eq!(x_at(0, 1, k2, n), 2 * n, "a step of the block is 2n values");
         for r in 0..n {
             round_row(&s[(i0 + r) * k..(i0 + r + 1) * k], &mut row[..k]);
-            for (p, pair) in row.chunks_exact(2).enumerate() {
-                // Pair p's slot for row r, within this block.
-                let at = x_at(0, p, k2, n) + r * 2;
-                d[at..at + 2].copy_from_slice(pair);
+            // Pair p's slot for row r: 2r within the block's step p.
+            for (step, pair) in d.chunks_exact_mut(2 * n).zip(row.chunks_exact(2)) {
+                step[2 * r..2 * r + 2].copy_from_slice(pair);
             }
         }
     });
@@ -626,15 +626,25 @@ pub fn rounded(x: &[f32]) -> Vec<f32> {
 }
 
 /// `d[..s.len()] = s` rounded to bf16 as `vcvtneps2bf16` rounds: by that instruction where the
-/// CPU has it, else by [`round_bits`] — the same bits, so every kernel reads the same inputs.
+/// CPU has it, else by [`round_bits`] (in 8 lanes with AVX2, for f32 outputs) — the same bits,
+/// so every kernel reads the same inputs.
 fn round_row<T: Rounded>(s: &[f32], d: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if features().avx512bf16 {
+        let f = features();
+        if f.avx512bf16 {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { round_row_avx512(s, d) };
         }
+        if T::WIDE && f.avx2 {
+            // SAFETY: as above; T is f32 (WIDE).
+            return unsafe { round_row_avx2(s, d) };
+        }
     }
+    round_row_portable(s, d)
+}
+
+fn round_row_portable<T: Rounded>(s: &[f32], d: &mut [T]) {
     for (o, &v) in d.iter_mut().zip(s) {
         *o = T::from_bf16_bits(round_bits(v));
     }
@@ -652,6 +662,37 @@ pub fn round_bits(v: f32) -> u16 {
     } else {
         ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
     }
+}
+
+/// [`round_bits`] in 8 lanes of integer arithmetic, widened back to f32 (`T` must be f32): the
+/// inputs of the 8-lane kernel. A score's decoding (Qwen 0.5B, batch 100, Zen 3, instrumented
+/// builds) spent 1.18 s of its 52 s in [`round_rows`]; 1.07 s with this, 0.57 s with each
+/// row's pairs then written step by step rather than through an offset computed per pair.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_row_avx2<T: Rounded>(s: &[f32], d: &mut [T]) {
+    use std::arch::x86_64::*;
+    assert!(T::WIDE && d.len() >= s.len());
+    let n = s.len() / 8 * 8;
+    let (one, half) = (_mm256_set1_epi32(1), _mm256_set1_epi32(0x7fff));
+    let (exponent, sign) = (_mm256_set1_epi32(0x7f80_0000), _mm256_set1_epi32(0x8000));
+    let quiet = _mm256_set1_epi32(0x0040);
+    let mut i = 0;
+    while i < n {
+        let v = _mm256_loadu_ps(s.as_ptr().add(i));
+        let b = _mm256_castps_si256(v);
+        let high = _mm256_srli_epi32(b, 16);
+        let odd = _mm256_and_si256(high, one);
+        let nearest = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, half), odd), 16);
+        let tiny = _mm256_cmpeq_epi32(_mm256_and_si256(b, exponent), _mm256_setzero_si256());
+        let r = _mm256_blendv_epi8(nearest, _mm256_and_si256(high, sign), tiny);
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let r = _mm256_blendv_epi8(r, _mm256_or_si256(high, quiet), nan);
+        let wide = _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+        _mm256_storeu_ps(d.as_mut_ptr().add(i) as *mut f32, wide);
+        i += 8;
+    }
+    round_row_portable(&s[n..], &mut d[n..]);
 }
 
 /// `d[..s.len()] = s` rounded to bf16 by `vcvtneps2bf16` (nearest even; subnormals to zero, as
@@ -1300,7 +1341,8 @@ mod tests {
 
     /// The portable rounding is `vcvtneps2bf16`'s: on special values and 200,000 random bit
     /// patterns against the instruction where the CPU has it, and everywhere against `half`'s
-    /// nearest-even rounding on normal numbers, zero for subnormals and a quiet NaN for NaN.
+    /// nearest-even rounding on normal numbers, zero for subnormals and a quiet NaN for NaN;
+    /// its 8-lane form gives its bits, where the CPU has AVX2.
     #[test]
     fn portable_rounding_is_the_instructions() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -1345,6 +1387,22 @@ mod tests {
                 bf16::from_f32(v).to_bits()
             };
             assert_eq!(r, want, "{v:e} ({:#x})", v.to_bits());
+        }
+        #[cfg(target_arch = "x86_64")]
+        if features().avx2 {
+            // One value short of a multiple of 8: the tail too.
+            let cut = &values[..values.len() / 8 * 8 - 1];
+            let mut got = vec![0f32; cut.len()];
+            // SAFETY: the CPU has AVX2; f32 outputs.
+            unsafe { round_row_avx2(cut, &mut got) };
+            for (v, g) in cut.iter().zip(got) {
+                assert_eq!(
+                    g.to_bits(),
+                    (round_bits(*v) as u32) << 16,
+                    "{:#x}",
+                    v.to_bits()
+                );
+            }
         }
         #[cfg(target_arch = "x86_64")]
         if features().avx512bf16 {
