@@ -526,12 +526,12 @@ fn round_rows<T: Rounded>(s: &[f32], k: usize, d: &mut [T], k2: usize, mr: usize
         let mut d = parts[b].lock().unwrap_or_else(|e| e.into_inner());
         let (i0, n) = spans[b];
         let mut row = vec![T::ZERO; k2];
-        debug_assert_eq!(x_at(0, 1, k2, n), 2 * n, "a step of the block is 2n values");
+        // The block's steps, pair p's at x_at(0, p, ..): row r's pair is 2r into each.
+        let step = x_at(0, 1, k2, n);
         for r in 0..n {
             round_row(&s[(i0 + r) * k..(i0 + r + 1) * k], &mut row[..k]);
-            // Pair p's slot for row r: 2r within the block's step p.
-            for (step, pair) in d.chunks_exact_mut(2 * n).zip(row.chunks_exact(2)) {
-                step[2 * r..2 * r + 2].copy_from_slice(pair);
+            for (at, pair) in d.chunks_exact_mut(step).zip(row.chunks_exact(2)) {
+                at[2 * r..2 * r + 2].copy_from_slice(pair);
             }
         }
     });
