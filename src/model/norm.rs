@@ -79,24 +79,12 @@ mod tests {
             let x = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
             let w = Tensor::from_vec(noise(n, seed + 100), n, &Device::Cpu).unwrap();
             for eps in [1e-6f32, 1e-5] {
-                let ours: Vec<u32> = rms_norm(&x, &w, eps)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                let theirs: Vec<u32> = candle_nn::ops::rms_norm(&x, &w, eps)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
+                let bits = |t: Tensor| -> Vec<u32> {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|v| v.to_bits()).collect()
+                };
+                let ours = bits(rms_norm(&x, &w, eps).unwrap());
+                let theirs = bits(candle_nn::ops::rms_norm(&x, &w, eps).unwrap());
                 assert_eq!(ours, theirs, "{shape:?}, eps {eps}");
             }
         }
