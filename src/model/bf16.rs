@@ -137,8 +137,9 @@ impl Kernel {
         }
     }
 
-    /// The most input rows per block of its micro-kernel ([`blocks`]).
-    fn block_rows(self) -> usize {
+    /// The most input rows per block of its micro-kernel ([`blocks`]): the rounding's layout and
+    /// the walker both take it from here.
+    const fn block_rows(self) -> usize {
         match self {
             Kernel::Dot | Kernel::Widen => MR,
             Kernel::Widen8 => MR8,
@@ -187,8 +188,8 @@ const WHOLE_K: usize = 1024;
 /// 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
 /// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896, with the kernel's 4-row tiles of
 /// then): KC = 256 137–147 / 144–150 / 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one
-/// whole block in between, 128 slower; end to end within noise (`bench --batch 100` decode, alternated: 152, 151 → 156, 156 and
-/// 146, 153 → 154, 150 tokens/s).
+/// whole block in between, 128 slower; end to end within noise (`bench --batch 100` decode,
+/// alternated: 152, 151 → 156, 156 and 146, 153 → 154, 150 tokens/s).
 const KC8: usize = 1024;
 /// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
 /// inputs, which stay in L2 while every panel passes over them; a prefill pass of 1,617 rows
@@ -813,7 +814,7 @@ walker!(
     bf16,
     tile_rows,
     KC,
-    MR,
+    Kernel::Dot.block_rows(),
     1
 );
 walker!(
@@ -823,7 +824,7 @@ walker!(
     f32,
     tile_widen_rows,
     KC,
-    MR,
+    Kernel::Widen.block_rows(),
     1
 );
 walker!(
@@ -833,7 +834,7 @@ walker!(
     f32,
     tile_widen8,
     KC8,
-    MR8,
+    Kernel::Widen8.block_rows(),
     2
 );
 

@@ -12,9 +12,6 @@ use super::pool;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-/// Values per task: enough to pay for a hand-off to the other thread.
-const PER_TASK: usize = 16 * 1024;
-
 /// RMSNorm of `x [..., n]` with weight `w [n]`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let n = w.dims1()?;
@@ -28,18 +25,19 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.elem_count() == 0 {
         return Ok(candle_nn::ops::rms_norm(x, w, eps)?);
     }
-    let w = w.to_vec1::<f32>()?;
-    let y = super::with_rows(x, |x| {
-        let mut y = vec![0f32; x.len()];
-        let per = (PER_TASK / n).max(1) * n;
-        pool::parallel_chunks_mut(&mut y, per, |t, dst| {
-            let src = &x[t * per..t * per + dst.len()];
-            for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-                norm_row(s, &w, eps, d);
-            }
-        });
-        y
-    })?;
+    let y = super::with_rows(w, |w| {
+        super::with_rows(x, |x| {
+            let mut y = vec![0f32; x.len()];
+            let per = (pool::VALUES_PER_TASK / n).max(1) * n;
+            pool::parallel_chunks_mut(&mut y, per, |t, dst| {
+                let src = &x[t * per..t * per + dst.len()];
+                for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+                    norm_row(s, w, eps, d);
+                }
+            });
+            y
+        })
+    })??;
     Ok(Tensor::from_vec(y, x.dims(), x.device())?)
 }
 

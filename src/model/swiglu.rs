@@ -12,9 +12,6 @@ use super::pool;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// Elements per task: enough to pay for a hand-off to the other thread.
-const PER_TASK: usize = 16 * 1024;
-
 /// `silu(g) · u` for two tensors of one shape.
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
@@ -27,8 +24,8 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let y = super::with_rows(g, |g| {
         super::with_rows(u, |u| {
             let mut y = vec![0f32; g.len()];
-            pool::parallel_chunks_mut(&mut y, PER_TASK, |t, dst| {
-                let a = t * PER_TASK;
+            pool::parallel_chunks_mut(&mut y, pool::VALUES_PER_TASK, |t, dst| {
+                let a = t * pool::VALUES_PER_TASK;
                 let b = a + dst.len();
                 silu_mul_into(&g[a..b], &u[a..b], dst);
             });
@@ -159,7 +156,7 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_candle_and_keeps_specials() {
-        let n = 3 * PER_TASK + 13; // several tasks and a tail
+        let n = 3 * pool::VALUES_PER_TASK + 13; // several tasks and a tail
         let g: Vec<f32> = crate::util::noise(n, 7).iter().map(|v| v * 30.0).collect();
         let u = crate::util::noise(n, 8);
         let dev = candle_core::Device::Cpu;
