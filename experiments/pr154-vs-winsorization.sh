@@ -21,7 +21,8 @@ mkdir -p "$run" "$keep"
 # The cache's residual files (tens of MB) are recomputed in about a minute and stay out of git.
 copy_finished() { # FROM TO MODE (-n: never overwrite, -u: overwrite older)
   (cd "$1" && find . -type f \( -path './results/*.json' -o -path './tune/*.json' \
-      -o -path './cache/reference-*.json' -o -name plan.json -o -name study.yaml \) \
+      -o -path './cache/reference-*.json' -o -name plan.json -o -name study.yaml \
+      -o -name 'assignments*.json' \) \
       -exec cp --parents "$3" -t "$2" {} +)
 }
 copy_finished "$keep" "$run" -n

@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# Replaces the README's quickstart table (between the readme-table markers) with the one
-# `outlierlab report runs/quickstart --summary` prints from the stored run: the README's numbers
-# come from the run, never from a hand edit.
+# Replaces the README's generated blocks with what `outlierlab report RUN --summary` prints from
+# the stored runs, so the README's numbers come from the runs, never from a hand edit:
+#   readme-table   the quickstart's variant table        (runs/quickstart, or $1)
+#   decisive       the decisive study's answer and spread (reports/pr154-vs-winsorization/run, or $2)
+# A block whose run folder is absent is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run=${1:-runs/quickstart}
 bin=${OUTLIERLAB:-target/release/outlierlab}
-table=$("$bin" report "$run" --summary)
-python3 - "$table" <<'PY'
-import re, sys
-table = sys.argv[1].rstrip("\n")
+replace() { # MARKER RUN
+  if ! [ -d "$2" ]; then
+    echo "README.md: $1 block left as it is ($2 does not exist)"
+    return
+  fi
+  local block
+  block=$("$bin" report "$2" --summary)
+  python3 - "$1" "$block" <<'PY'
+import sys
+marker, block = sys.argv[1], sys.argv[2].rstrip("\n")
 text = open("README.md").read()
-start, end = "<!-- readme-table:start -->", "<!-- readme-table:end -->"
+start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
 if start not in text or end not in text:
-    sys.exit("README.md has no readme-table markers")
+    sys.exit(f"README.md has no {marker} markers")
 head, rest = text.split(start, 1)
 _, tail = rest.split(end, 1)
-open("README.md", "w").write(head + start + "\n" + table + "\n" + end + tail)
+open("README.md", "w").write(head + start + "\n" + block + "\n" + end + tail)
 PY
-echo "README.md: quickstart table replaced from $run"
+  echo "README.md: $1 block replaced from $2"
+}
+replace readme-table "${1:-runs/quickstart}"
+replace decisive "${2:-reports/pr154-vs-winsorization/run}"

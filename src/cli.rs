@@ -380,6 +380,7 @@ impl VariantArgs {
             orthogonalize: !self.no_orthogonalize,
             search: None,
             tune: None,
+            dims: None,
         })
     }
 }
@@ -535,7 +536,11 @@ pub fn abliterate(a: &VariantArgs, json: bool, compare_none: bool) -> Result<()>
             (name.clone(), hs, 0u64, format!("row{i}"), o)
         })
         .collect();
-    let fam = compare::family(compare::arms(&items, &st), &st);
+    let fam = compare::family(
+        compare::arms(&items, &st),
+        &st,
+        &compare::Units::SharedByPosition,
+    );
     if json {
         let v = serde_json::json!({
             "model": a.model,
@@ -740,26 +745,36 @@ pub fn power(a: &PowerArgs) -> Result<()> {
         100.0 * a.power
     );
     println!(
-        "  (prompts needed are per arm, pooled over replicates; 'for {:.1} pts' / 'for KL {}' are the differences asked for)",
+        "  (prompts needed are distinct prompts per arm; 'for {:.1} pts' / 'for KL {}' are the differences asked for)",
         100.0 * want_r,
         want_k
     );
+    let units = |t: &crate::evaluate::compare::MetricTest, draws: usize| {
+        if draws > 1 {
+            format!("{} prompts x {draws} draws ({} pairs)", t.prompts, t.n)
+        } else {
+            format!("{} prompts", t.prompts)
+        }
+    };
     for c in &fam.comparisons {
         let (rt, kt) = (&c.refusals, &c.kl);
         let pi = c.mcnemar.discordance();
         println!(
-            "{} vs {}:\n  refusals: n {}, discordance {:.1}%, observed {:+.1} pts ({}), MDD {}, prompts for {:.1} pts: {}, for the observed: {}\n  KL: n {}, sd {:.4}, observed {:+.4} ({}), MDD {}, prompts for {}: {}, for the observed: {}",
+            "{} vs {}:\n  refusals: {}, discordance {:.1}%, observed {:+.1} pts ({}), MDD {}, prompts for {:.1} pts: {}, for the observed: {}\n  KL: {}, sd {:.4}, observed {:+.4} ({}), MDD {}, prompts for {}: {}, for the observed: {}",
             fam.arms[c.variant].label(),
             fam.arms[c.reference].label(),
-            rt.n,
+            units(rt, c.replicates.len()),
             100.0 * pi,
             100.0 * rt.estimate,
             rt.verdict.label(),
             rt.mdd.map_or("– (more than the discordance)".into(), |m| format!("{:.1} pts", 100.0 * m)),
             100.0 * want_r,
-            fmt_prompts(pw::mcnemar_prompts_needed(want_r, pi.max(want_r), rt.level, a.power)),
+            fmt_prompts(match rt.unit_sd {
+                Some(sd) => pw::mean_prompts_needed(want_r, sd, rt.level, a.power),
+                None => pw::mcnemar_prompts_needed(want_r, pi.max(want_r), rt.level, a.power),
+            }),
             fmt_prompts(rt.prompts_needed),
-            kt.n,
+            units(kt, c.replicates.len()),
             c.kl_sd,
             kt.estimate,
             kt.verdict.label(),
@@ -768,6 +783,28 @@ pub fn power(a: &PowerArgs) -> Result<()> {
             fmt_prompts(pw::mean_prompts_needed(want_k, c.kl_sd, kt.level, a.power)),
             fmt_prompts(kt.prompts_needed),
         );
+        // With several direction draws: what the draw-level reading would need.
+        for (what, t, want, scale, unit) in [
+            ("refusals", rt, want_r, 100.0, " pts"),
+            ("KL", kt, want_k, 1.0, ""),
+        ] {
+            let Some(w) = &t.over_draws else { continue };
+            let draws = |d: f64| {
+                w.reading
+                    .draws_needed(d, w.level, a.power)
+                    .map_or("– (more prompts first)".to_string(), |n| n.to_string())
+            };
+            println!(
+                "  {what} over {} draws: spread (sd of the per-draw estimates) {:.4}{unit}, {} ({}); draws for {}{unit}: {}, for the observed: {}",
+                w.reading.draws,
+                w.reading.spread * scale,
+                w.verdict.label(),
+                if t.prompts < t.n { "prompts repeat over draws" } else { "each draw its own prompts" },
+                want * scale,
+                draws(want),
+                if t.estimate == 0.0 { "–".into() } else { draws(t.estimate) },
+            );
+        }
     }
     Ok(())
 }

@@ -192,6 +192,16 @@ enum Command {
         /// Print the compact variant table (the one the README quotes) instead of rendering.
         #[arg(long)]
         summary: bool,
+        /// Print a Markdown summary of at most 60 lines to paste into a pull-request comment
+        /// (question, setup, answer table with adjusted intervals, caveats, how to reproduce)
+        /// instead of rendering.
+        #[arg(long, conflicts_with = "summary")]
+        comment: bool,
+        /// Write every comparison (arms, metric, prompts, draws, estimate, interval, p, adjusted
+        /// level, verdict, the reading over draws) as CSV to FILE (`-` for standard output)
+        /// instead of rendering.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["summary", "comment"])]
+        csv: Option<std::path::PathBuf>,
     },
     /// How many prompts a difference needs, and what a finished run could detect.
     ///
@@ -307,6 +317,8 @@ fn run(cli: Cli) -> Result<()> {
             alpha,
             correction,
             summary,
+            comment,
+            csv,
         } => {
             let dir = out.unwrap_or_else(|| outlierlab::cli::default_report_dir(&run_dir));
             let overrides = outlierlab::report::Overrides {
@@ -321,6 +333,17 @@ fn run(cli: Cli) -> Result<()> {
                     "{}",
                     outlierlab::report::summary_table(&run_dir, &overrides)?
                 );
+            } else if comment {
+                print!("{}", outlierlab::report::comment(&run_dir, &overrides)?);
+            } else if let Some(path) = csv {
+                let text = outlierlab::report::comparisons_csv(&run_dir, &overrides)?;
+                if path.as_os_str() == "-" {
+                    print!("{text}");
+                } else {
+                    outlierlab::study::rundir::write_atomic(&path, text.as_bytes())
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e:#}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
             } else {
                 let p = outlierlab::report::render_with(&run_dir, &dir, &overrides)?;
                 println!("{}", p.display());

@@ -23,11 +23,20 @@ pub struct Variant {
     /// The detection thresholds are tuned on the selection split; `detect` holds the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tune: Option<TuneSpec>,
+    /// The dims the handling acts on, named instead of detected (a study's `dims: [62]`), so a
+    /// study can tell which dims carry an effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dims: Option<Vec<u32>>,
 }
 
 impl Variant {
     pub fn needs_dims(&self) -> bool {
         self.handlings.iter().any(Handling::uses_dims)
+    }
+
+    /// Whether the dims come from a detection (a handling uses dims and none are named).
+    pub fn needs_detection(&self) -> bool {
+        self.needs_dims() && self.dims.is_none()
     }
 
     /// The loosest detection this variant may apply: for a tuned variant, every tuned
@@ -147,6 +156,7 @@ pub struct Prepared {
 
 pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
     let dims = match (&v.detect, &data.scan, v.needs_dims()) {
+        (_, _, true) if v.dims.is_some() => v.dims.clone().unwrap_or_default(),
         (Some(cfg), Some(scan), true) => detect::apply(cfg, scan)?.dim_ids(),
         (_, _, true) => anyhow::bail!(
             "variant {} needs detected dims but no detection was run",
@@ -159,6 +169,13 @@ pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
 
 /// The variant's edit given its (already resolved) dims.
 pub fn prepare_with_dims(data: &DirectionData, v: &Variant, dims: &[u32]) -> Result<Prepared> {
+    if let Some(d) = dims.iter().find(|d| **d as usize >= data.good.d) {
+        anyhow::bail!(
+            "variant {}: dim {d} does not exist (the model's hidden size is {}; dims count from 0)",
+            v.name,
+            data.good.d
+        );
+    }
     let mut good = data.good.clone();
     let mut bad = data.bad.clone();
     let protect = direction::apply_handlings(&v.handlings, dims, &mut good, &mut bad)?;

@@ -152,6 +152,7 @@ fn empty_dims_make_dim_handlings_identical_to_none() {
         orthogonalize: true,
         search: None,
         tune: None,
+        dims: None,
     };
     let edited = |lm: &mut model::LoadedModel, v: &outlierlab::pipeline::Variant, dims: &[u32]| {
         let snap = lm.model.snapshot_writers();
@@ -390,7 +391,7 @@ fn refusal_classifier_on_tricky_replies() {
 
 #[test]
 fn small_differences_cannot_tell_large_ones_are_better() {
-    use outlierlab::evaluate::compare::{arms, family, StatsSettings};
+    use outlierlab::evaluate::compare::{arms, family, StatsSettings, Units};
     use outlierlab::evaluate::Outcome;
     let o = Outcome {
         refused: (0..100).map(|i| i % 3 == 0).collect(),
@@ -413,7 +414,7 @@ fn small_differences_cannot_tell_large_ones_are_better() {
             ),
             ("none".to_string(), vec![], 0u64, "b".to_string(), b),
         ];
-        let f = family(arms(&items, &st), &st);
+        let f = family(arms(&items, &st), &st, &Units::SharedByPosition);
         (
             f.comparisons[0].refusals.verdict,
             f.comparisons[0].refusals.p,

@@ -4,7 +4,7 @@
 //! behaves end to end. Each bound allows three Monte Carlo standard errors.
 
 use outlierlab::direction::Handling;
-use outlierlab::evaluate::compare::{arms, family, StatsSettings};
+use outlierlab::evaluate::compare::{arms, family, StatsSettings, Units};
 use outlierlab::evaluate::Outcome;
 use outlierlab::stats::family::{decide, Correction, Verdict};
 use outlierlab::stats::paired::{McNemar, SignFlip};
@@ -242,7 +242,7 @@ fn study_families_under_the_null() {
                 (n, h, r, k, o)
             })
             .collect();
-        let fam = family(arms(&items, &st), &st);
+        let fam = family(arms(&items, &st), &st, &Units::SharedByPosition);
         assert_eq!(fam.comparisons.len(), 9, "sim {s}");
         assert_eq!(fam.tests, 18);
         assert_eq!(fam.identical.len(), 1);
@@ -281,7 +281,7 @@ fn a_a_comparisons() {
         ("none".to_string(), vec![], 0u64, "a".to_string(), &o),
         ("same".to_string(), vec![], 0u64, "a".to_string(), &o),
     ];
-    let fam = family(arms(&items, &st), &st);
+    let fam = family(arms(&items, &st), &st, &Units::SharedByPosition);
     assert!(fam.comparisons.is_empty());
     assert_eq!(fam.identical.len(), 1);
     let items = vec![
@@ -294,7 +294,7 @@ fn a_a_comparisons() {
             &o,
         ),
     ];
-    let fam = family(arms(&items, &st), &st);
+    let fam = family(arms(&items, &st), &st, &Units::SharedByPosition);
     assert_eq!(fam.comparisons.len(), 1);
     let c = &fam.comparisons[0];
     assert_eq!(c.refusals.p, 1.0);
@@ -309,4 +309,299 @@ fn a_a_comparisons() {
 fn kl_resolution_for_300_tests() {
     let reps = outlierlab::stats::paired::reps_for(300, 0.05);
     assert!(1.0 / (reps as f64 + 1.0) < 0.05 / 300.0);
+}
+
+/// The design a study with replicates runs: the same `prompts` harmful and harmless prompts
+/// scored under `draws` direction draws, one reference and `variants` other arms. Each prompt
+/// has a refusal propensity and a KL scale of its own, an effect per arm that it keeps in every
+/// draw (so a prompt's differences are correlated across draws), and a prompt × draw effect
+/// shared by the arms. `interaction` adds a draw × arm effect (a procedure whose result moves
+/// with the draw); `shift` moves the first variant's KL, `logit_shift` its refusal propensity.
+struct Design {
+    prompts: usize,
+    draws: usize,
+    variants: usize,
+    interaction: f64,
+    shift: f64,
+    logit_shift: f64,
+    /// The spread of the prompts' KL scales (log scale): 1 is heavy-tailed like real KL; the
+    /// power check uses a milder one, where the normal approximation of MDDs is meant to hold.
+    kl_spread: f64,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Design {
+    /// outcomes[arm][draw]; arm 0 is `none`.
+    fn simulate(&self, rng: &mut Rng) -> Vec<Vec<Outcome>> {
+        let (p, arms) = (self.prompts, self.variants + 1);
+        let propensity: Vec<f64> = (0..p).map(|_| -0.5 + 2.0 * rng.normal()).collect();
+        let scale: Vec<f64> = (0..p).map(|_| self.kl_spread * rng.normal()).collect();
+        let arm_prompt: Vec<Vec<(f64, f64)>> = (0..arms)
+            .map(|_| {
+                (0..p)
+                    .map(|_| (1.5 * rng.normal(), 0.5 * rng.normal()))
+                    .collect()
+            })
+            .collect();
+        let mut out = vec![Vec::new(); arms];
+        for _ in 0..self.draws {
+            let prompt_draw: Vec<(f64, f64)> = (0..p)
+                .map(|_| (0.5 * rng.normal(), 0.3 * rng.normal()))
+                .collect();
+            for (a, arm) in out.iter_mut().enumerate() {
+                let (h_r, h_k) = (
+                    self.interaction * 8.0 * rng.normal(),
+                    self.interaction * rng.normal(),
+                );
+                let (s_r, s_k) = if a == 1 {
+                    (self.logit_shift, self.shift)
+                } else {
+                    (0.0, 0.0)
+                };
+                let refused = (0..p)
+                    .map(|i| {
+                        let x = propensity[i] + arm_prompt[a][i].0 + prompt_draw[i].0 + h_r + s_r;
+                        rng.uniform() < sigmoid(x)
+                    })
+                    .collect();
+                let kl = (0..p)
+                    .map(|i| {
+                        let x =
+                            scale[i] + arm_prompt[a][i].1 + prompt_draw[i].1 + 0.3 * rng.normal();
+                        0.02 * x.exp() + h_k + s_k
+                    })
+                    .collect();
+                arm.push(outcome(refused, kl));
+            }
+        }
+        out
+    }
+}
+
+fn replicated_family<'a>(
+    outs: &'a [Vec<Outcome>],
+    st: &StatsSettings,
+) -> outlierlab::evaluate::compare::Family<'a> {
+    let mut items = Vec::new();
+    for (a, per_draw) in outs.iter().enumerate() {
+        let (name, hs) = if a == 0 {
+            ("none".to_string(), vec![])
+        } else {
+            (format!("v{a}"), vec![Handling::ZeroResidualDims])
+        };
+        for (r, o) in per_draw.iter().enumerate() {
+            items.push((name.clone(), hs.clone(), r as u64, format!("k{a}-{r}"), o));
+        }
+    }
+    family(arms(&items, st), st, &Units::SharedByPosition)
+}
+
+/// The pooled tests this project ran before prompts were units: McNemar on the discordant
+/// pairs summed over draws, sign-flip over every (prompt, draw) difference; Holm over the family.
+fn pooled_family_rejects(outs: &[Vec<Outcome>], alpha: f64) -> bool {
+    let mut ps = Vec::new();
+    for (a, per_draw) in outs.iter().enumerate().skip(1) {
+        let parts: Vec<McNemar> = per_draw
+            .iter()
+            .zip(&outs[0])
+            .map(|(v, r)| McNemar::new(&v.refused, &r.refused))
+            .collect();
+        ps.push(McNemar::pooled(&parts).p());
+        let d: Vec<f64> = per_draw
+            .iter()
+            .zip(&outs[0])
+            .flat_map(|(v, r)| {
+                v.kl.iter()
+                    .zip(&r.kl)
+                    .map(|(x, y)| x - y)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ps.push(SignFlip::new(&d, 1999, a as u64).p());
+    }
+    decide(&ps, Correction::Holm, alpha)
+        .iter()
+        .any(|d| d.rejected)
+}
+
+/// Under the null of the prompt-level reading (the arms exchangeable on every prompt, whatever
+/// the draw), the prompt-clustered family holds Holm's family-wise error at α on the replicated
+/// design; the pooled tests that counted each (prompt, draw) pair as new evidence do not — the
+/// reason the prompt became the unit. Interval and verdict agree on every test.
+#[test]
+fn replicated_prompts_are_one_unit_each() {
+    let (sims, st) = (300, StatsSettings::default());
+    let design = Design {
+        prompts: 60,
+        draws: 3,
+        variants: 3,
+        interaction: 0.0,
+        shift: 0.0,
+        logit_shift: 0.0,
+        kl_spread: 1.0,
+    };
+    let mut rng = Rng::new(34);
+    let (mut clustered, mut pooled) = (0usize, 0usize);
+    for _ in 0..sims {
+        let outs = design.simulate(&mut rng);
+        let fam = replicated_family(&outs, &st);
+        assert_eq!(
+            (fam.comparisons.len(), fam.tests, fam.draw_tests),
+            (3, 6, 6)
+        );
+        let mut any = false;
+        for c in &fam.comparisons {
+            for t in [&c.refusals, &c.kl] {
+                assert_eq!((t.test.as_str(), t.prompts, t.n), ("sign-flip", 60, 180));
+                assert_eq!(t.lo > 0.0 || t.hi < 0.0, t.verdict.decided(), "{t:?}");
+                assert_eq!(t.verdict.decided(), t.p_adjusted <= st.alpha + 1e-15);
+                any |= t.verdict.decided();
+            }
+        }
+        clustered += any as usize;
+        pooled += pooled_family_rejects(&outs, st.alpha) as usize;
+    }
+    let (fc, fp) = (clustered as f64 / sims as f64, pooled as f64 / sims as f64);
+    eprintln!(
+        "replicated design, {sims} null studies: FWER prompt-clustered {fc:.3}, pooled {fp:.3}"
+    );
+    assert!(
+        fc <= 0.05 + 3.0 * se(0.05, sims),
+        "prompt-clustered FWER {fc}"
+    );
+    assert!(
+        fp > 0.05 + 3.0 * se(0.05, sims),
+        "pooled FWER {fp}: the design should break it"
+    );
+}
+
+/// A procedure whose effect moves with the draw (a draw × arm interaction, no effect on
+/// average): read over prompts, the family rejects far too often — the realised draws do differ
+/// — while the draw-level reading holds its family-wise error at α.
+#[test]
+fn the_draw_level_reading_holds_under_a_draw_interaction() {
+    let (sims, st) = (300, StatsSettings::default());
+    let design = Design {
+        prompts: 60,
+        draws: 3,
+        variants: 3,
+        interaction: 0.01,
+        shift: 0.0,
+        logit_shift: 0.0,
+        kl_spread: 1.0,
+    };
+    let mut rng = Rng::new(35);
+    let (mut prompts, mut draws) = (0usize, 0usize);
+    for _ in 0..sims {
+        let outs = design.simulate(&mut rng);
+        let fam = replicated_family(&outs, &st);
+        let mut by_prompts = false;
+        let mut by_draws = false;
+        for c in &fam.comparisons {
+            for t in [&c.refusals, &c.kl] {
+                by_prompts |= t.verdict.decided();
+                let w = t
+                    .over_draws
+                    .as_ref()
+                    .expect("3 draws have a draw-level reading");
+                assert_eq!(w.reading.draws, 3);
+                assert_eq!(w.lo > 0.0 || w.hi < 0.0, w.verdict.decided(), "{w:?}");
+                by_draws |= w.verdict.decided();
+            }
+        }
+        prompts += by_prompts as usize;
+        draws += by_draws as usize;
+    }
+    let (fp, fd) = (prompts as f64 / sims as f64, draws as f64 / sims as f64);
+    eprintln!(
+        "draw × arm interaction, {sims} studies: FWER over prompts {fp:.3}, over draws {fd:.3}"
+    );
+    assert!(fd <= 0.05 + 3.0 * se(0.05, sims), "draw-level FWER {fd}");
+    assert!(fp > 0.05 + 3.0 * se(0.05, sims), "prompt-level FWER {fp}");
+}
+
+/// Power of the prompt-clustered tests on the replicated design: a KL shift planted at the
+/// minimum detectable difference the family computes is found ~80% of the time, and a refusal
+/// shift as often as the analytic power of the mean of per-prompt differences says.
+#[test]
+fn clustered_power_at_the_mdd() {
+    let st = StatsSettings {
+        correction: Correction::None,
+        ..StatsSettings::default()
+    };
+    let base = Design {
+        prompts: 100,
+        draws: 3,
+        variants: 1,
+        interaction: 0.0,
+        shift: 0.0,
+        logit_shift: 0.0,
+        kl_spread: 0.3,
+    };
+    // The per-prompt sd of the differences, from a large null design.
+    let mut rng = Rng::new(36);
+    let pilot = Design {
+        prompts: 20_000,
+        ..base
+    }
+    .simulate(&mut rng);
+    let fam = replicated_family(&pilot, &st);
+    let c = &fam.comparisons[0];
+    let kl_sd = c.kl_sd;
+    let mdd = power::mean_mdd(kl_sd, 100.0, st.alpha, st.power);
+    // The refusal shift's true Δ and per-prompt sd, from a large design with the shift.
+    let logit_shift = -1.0;
+    let pilot = Design {
+        prompts: 20_000,
+        logit_shift,
+        ..base
+    }
+    .simulate(&mut rng);
+    let fam = replicated_family(&pilot, &st);
+    let r = &fam.comparisons[0].refusals;
+    let units_sd = {
+        let draws = &pilot[1];
+        let n = draws[0].refused.len();
+        let d: Vec<f64> = (0..n)
+            .map(|i| {
+                draws
+                    .iter()
+                    .zip(&pilot[0])
+                    .map(|(v, w)| v.refused[i] as i32 as f64 - w.refused[i] as i32 as f64)
+                    .sum::<f64>()
+                    / 3.0
+            })
+            .collect();
+        let m = d.iter().sum::<f64>() / n as f64;
+        (d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    };
+    let z = outlierlab::stats::normal_quantile(1.0 - st.alpha / 2.0);
+    let analytic = outlierlab::stats::normal_cdf(r.estimate.abs() * 10.0 / units_sd - z);
+    let sims = 400;
+    let (mut found_kl, mut found_r) = (0usize, 0usize);
+    let design = Design {
+        shift: -mdd,
+        logit_shift,
+        ..base
+    };
+    for _ in 0..sims {
+        let outs = design.simulate(&mut rng);
+        let fam = replicated_family(&outs, &st);
+        let c = &fam.comparisons[0];
+        found_kl += (c.kl.verdict.decided() && c.kl.estimate < 0.0) as usize;
+        found_r += (c.refusals.verdict.decided() && c.refusals.estimate < 0.0) as usize;
+    }
+    let (pk, pr) = (found_kl as f64 / sims as f64, found_r as f64 / sims as f64);
+    eprintln!(
+        "clustered power: KL at MDD {mdd:.5} (sd {kl_sd:.4}) {pk:.3} (want 0.8); refusals at Δ {:.3} {pr:.3} (analytic {analytic:.3})",
+        r.estimate
+    );
+    assert!((pk - 0.8).abs() <= 3.0 * se(0.8, sims), "KL power {pk}");
+    assert!(
+        (pr - analytic).abs() <= 3.0 * se(analytic, sims),
+        "refusal power {pr} vs {analytic}"
+    );
 }

@@ -62,6 +62,7 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
         "criteria_overlap",
         "threshold_sweep",
         "tuning_trace",
+        "forest",
     ] {
         let png = out.join(format!("{stem}.png"));
         let (w, h, ink, colours) = png_stats(&png);
@@ -148,47 +149,63 @@ fn report_from_a_stored_run_has_every_file_number_and_image() {
         checked += 1;
     }
     assert!(checked >= 3, "rows checked: {checked}");
-    // Each verdict row's differences are the raw differences of the two arms it names.
-    let verdict_rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| A")).collect();
-    assert_eq!(
-        verdict_rows.len(),
-        3,
-        "none, winsorize and the [507] arm: 3 distinct comparisons"
-    );
-    for row in &verdict_rows {
-        let cells: Vec<&str> = row.split(" | ").collect();
-        let first_name = |cell: &str| {
-            let after = cell
-                .trim_start_matches('|')
-                .trim()
-                .split_once(": ")
-                .unwrap()
-                .1;
-            after
-                .split(", ")
-                .next()
-                .unwrap()
-                .split(" (+")
-                .next()
-                .unwrap()
-                .to_string()
-        };
-        let (v, r) = (first_name(cells[0]), first_name(cells[1]));
-        let (kv, nv, klv) = outcome_of(&v).unwrap();
-        let (kr, _, klr) = outcome_of(&r).unwrap();
-        let d_ref = 100.0 * (kv as f64 - kr as f64) / nv as f64;
-        assert!(
-            cells[2].starts_with(&format!("{d_ref:+.1} [")),
-            "{v} vs {r}: refusals cell {} vs {d_ref:+.1}",
-            cells[2]
+    // Each verdict row's differences are the raw differences of the two arms it names: one table
+    // for refusals, one for KL.
+    let table = |title: &str| -> Vec<&str> {
+        md.split(&format!("### {title}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {title} table"))
+            .split("\n\n")
+            .next()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("| A"))
+            .collect()
+    };
+    let first_name = |cell: &str| {
+        let after = cell
+            .trim_start_matches('|')
+            .trim()
+            .split_once(": ")
+            .unwrap()
+            .1;
+        after
+            .split(", ")
+            .next()
+            .unwrap()
+            .split(" (+")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    for (title, refusals) in [("Refusals", true), ("KL", false)] {
+        let rows = table(title);
+        assert_eq!(
+            rows.len(),
+            3,
+            "{title}: none, winsorize and the [507] arm: 3 distinct comparisons"
         );
-        assert!(
-            cells[6].starts_with(&format!("{:+.4} [", klv - klr)),
-            "{v} vs {r}: KL cell {} vs {:+.4}",
-            cells[6],
-            klv - klr
-        );
+        for row in &rows {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let (v, r) = (first_name(cells[0]), first_name(cells[1]));
+            let (kv, nv, klv) = outcome_of(&v).unwrap();
+            let (kr, _, klr) = outcome_of(&r).unwrap();
+            let want = if refusals {
+                format!("{:+.1} [", 100.0 * (kv as f64 - kr as f64) / nv as f64)
+            } else {
+                format!("{:+.4} [", klv - klr)
+            };
+            assert!(
+                cells[2].starts_with(&want),
+                "{v} vs {r}: {title} cell {} vs {want}",
+                cells[2]
+            );
+        }
     }
+    // The answer comes first, with the forest plot.
+    let answer = md.find("## Answer").expect("an answer section");
+    assert!(answer < md.find("## Replicate").unwrap());
+    assert!(md[answer..].contains("**Does a variant beat `none`?**"));
     assert!(md.contains("3 distinct comparisons between 3 distinct scores"));
     let r = rundir::read_results(&fixture_run()).unwrap();
     let t = &r.tunes[0];
@@ -382,4 +399,99 @@ fn report_html_loads_every_image_in_headless_chromium() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&shot_path, Path::new(&dir).join("report-screenshot.png")).unwrap();
     }
+}
+
+/// `report --comment` fits a pull-request comment and `--csv` holds every comparison, on the
+/// fixture run and on the committed decisive study.
+#[test]
+fn comment_and_csv() {
+    let decisive = Path::new(env!("CARGO_MANIFEST_DIR")).join("reports/pr154-vs-winsorization/run");
+    for run in [fixture_run(), decisive] {
+        let o = Command::new(bin())
+            .args(["report", run.to_str().unwrap(), "--comment"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8(o.stdout).unwrap();
+        assert!(text.lines().count() <= 60, "{} lines", text.lines().count());
+        for part in [
+            "**Question.**",
+            "**Setup.**",
+            "**Answer**",
+            "**Caveats.**",
+            "**Reproduce.**",
+        ] {
+            assert!(text.contains(part), "{part} missing:\n{text}");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let csv = tmp.path().join("c.csv");
+        let o = Command::new(bin())
+            .args(["report", run.to_str().unwrap(), "--csv"])
+            .arg(&csv)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let r = rundir::read_results(&run).unwrap();
+        let st = outlierlab::report::settings(&run, &Default::default()).unwrap();
+        let outs = outlierlab::report::outcomes_under(&r, &st.headline);
+        let fam = outlierlab::report::family_of(&r, &st.stats, &outs);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + 2 * fam.comparisons.len());
+        let width = lines[0].split(',').count();
+        assert!(lines
+            .iter()
+            .all(|l| !l.contains('"') && l.split(',').count() == width));
+        assert!(text.contains(",sign-flip,") || text.contains(",mcnemar,"));
+    }
+}
+
+/// The committed decisive study (3 direction draws of the same 400 + 300 prompts) is decided over
+/// prompts: each test runs over the distinct prompts, and its KL interval for `sun2024` vs
+/// `none` is about 1.7× as wide as the pooled test's at the same level — what counting the 900
+/// (prompt, draw) pairs as independent had hidden.
+#[test]
+fn the_decisive_study_counts_each_prompt_once() {
+    use outlierlab::stats::paired::SignFlip;
+    let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("reports/pr154-vs-winsorization/run");
+    let r = rundir::read_results(&run).unwrap();
+    let st = outlierlab::report::settings(&run, &Default::default()).unwrap();
+    let outs = outlierlab::report::outcomes_under(&r, &st.headline);
+    let fam = outlierlab::report::family_of(&r, &st.stats, &outs);
+    let arm = |name: &str| {
+        fam.arms
+            .iter()
+            .position(|a| a.names.iter().any(|n| n == name))
+            .unwrap()
+    };
+    let c = fam
+        .comparisons
+        .iter()
+        .find(|c| c.variant == arm("sun2024") && c.reference == arm("none"))
+        .expect("sun2024 vs none");
+    assert_eq!(c.replicates.len(), 3);
+    assert_eq!(
+        (c.kl.prompts, c.kl.n, c.kl.test.as_str()),
+        (300, 900, "sign-flip")
+    );
+    assert_eq!(c.refusals.test, "sign-flip");
+    assert!(c.refusals.prompts < c.refusals.n);
+    // The pooled test at the same level, over every (prompt, draw) difference.
+    let d: Vec<f64> = c
+        .replicates
+        .iter()
+        .flat_map(|rep| {
+            let a = fam.arms[c.variant].outcomes[rep].1;
+            let b = fam.arms[c.reference].outcomes[rep].1;
+            a.kl.iter()
+                .zip(&b.kl)
+                .map(|(x, y)| x - y)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let pooled = SignFlip::new(&d, fam.reps, 1).interval(c.kl.level);
+    let ratio = (c.kl.hi - c.kl.lo) / (pooled.1 - pooled.0);
+    assert!((1.5..2.0).contains(&ratio), "width ratio {ratio}");
+    let w = c.kl.over_draws.as_ref().expect("a reading over draws");
+    assert_eq!(w.reading.draws, 3);
 }

@@ -1027,3 +1027,66 @@ variants:
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("different plan"));
 }
+
+/// A variant may name its dims instead of detecting them; such a variant needs no detection,
+/// and a named-dims list that cannot mean anything is refused at its key. A study that gains
+/// variants resumes (its plan extends the stored one); one that changes a variant does not.
+#[test]
+fn named_dims_and_plans_that_add_variants() {
+    let with = |extra: &str| format!("{GOOD}{extra}");
+    let s = spec::parse(
+        &with("  - {name: d62, handling: pr154-text, dims: [62]}\n"),
+        "s.yaml",
+    )
+    .unwrap();
+    let p = plan::plan(&s, 24).unwrap();
+    let v = &p.variants[1].variant;
+    assert_eq!(v.dims, Some(vec![62]));
+    assert!(v.needs_dims() && !v.needs_detection() && v.detect.is_none());
+    // The stored plan of the study without the new arm is extended by it, not contradicted.
+    let before = plan::plan(&spec::parse(GOOD, "s.yaml").unwrap(), 24).unwrap();
+    assert_eq!(before.added_by(&p), Some(1));
+    assert_eq!(
+        p.added_by(&before),
+        None,
+        "dropping a variant is not an extension"
+    );
+    assert_eq!(before.added_by(&before), None);
+    let changed = plan::plan(
+        &spec::parse(
+            &GOOD.replace("handling: none", "handling: 'winsorize:0.9'"),
+            "s.yaml",
+        )
+        .unwrap(),
+        24,
+    )
+    .unwrap();
+    assert_eq!(before.added_by(&changed), None);
+    // Through the run directory: the extended plan is accepted, the changed one refused.
+    let tmp = tempfile::tempdir().unwrap();
+    rundir::write_or_check_plan(tmp.path(), &before).unwrap();
+    rundir::write_or_check_plan(tmp.path(), &p).unwrap();
+    let e = rundir::write_or_check_plan(tmp.path(), &changed).unwrap_err();
+    assert!(format!("{e:#}").contains("different plan"), "{e:#}");
+    for (yaml, needle) in [
+        (
+            "  - {name: d, handling: 'winsorize:0.9', dims: [62]}\n",
+            "does not act on dims",
+        ),
+        (
+            "  - {name: d, handling: pr154-code, dims: []}\n",
+            "names no dims",
+        ),
+        (
+            "  - {name: d, handling: pr154-code, dims: [62], detection: {preset: sun2024}}\n",
+            "drop the other",
+        ),
+    ] {
+        let e = err_of(&with(yaml));
+        assert!(
+            e.contains(needle) && e.contains("`variants[1].dims`"),
+            "{e}"
+        );
+        assert!(e.starts_with("s.yaml:"), "{e}");
+    }
+}

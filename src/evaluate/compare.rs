@@ -1,12 +1,20 @@
 //! From per-prompt outcomes to verdicts. An *arm* is one distinct score: every variant whose
 //! edit gave the same score (in every replicate) belongs to one arm, so variants that share a
 //! score share their comparisons and are never tested twice. A *comparison* is a pair of
-//! distinct arms on the same prompts, one of them a reference; replicates are pooled into it
-//! (strata of one paired test). The *family* is every comparison's two tests (refusals, KL),
-//! corrected together; each test's interval is computed at the level its correction held it to.
+//! distinct arms on the same prompts, one of them a reference. The *family* is every
+//! comparison's two tests (refusals, KL), corrected together; each test's interval is computed
+//! at the level its correction held it to.
+//!
+//! The prompt is the unit of evidence. With one replicate (or replicates whose prompts are all
+//! distinct) a refusal comparison is exact McNemar over the pairs; when a prompt is scored under
+//! several direction draws its differences are averaged over them first and the test runs over
+//! prompts (sign-flip on the per-prompt means, for refusals as for KL). Each test also carries a
+//! *draw-level* reading, with the draws as a random factor ([`crate::stats::clustered`]),
+//! corrected as a family of its own.
 
 use super::Outcome;
 use crate::direction::Handling;
+use crate::stats::clustered::{cluster, Clustered, DrawReading};
 use crate::stats::family::{decide, Correction, Verdict};
 use crate::stats::paired::{reps_for, McNemar, SignFlip};
 use crate::stats::power;
@@ -177,10 +185,90 @@ impl Arm<'_> {
     }
 }
 
+/// Which prompt each outcome position is, so a prompt scored in several replicates counts once.
+#[derive(Debug, Clone, Default)]
+pub enum Units {
+    /// Position i is the same prompt in every replicate (one evaluation split for all of them,
+    /// as with `redraw: direction`, or a single replicate).
+    #[default]
+    SharedByPosition,
+    /// Every (replicate, position) is a prompt of its own.
+    Distinct,
+    /// The prompts themselves, per replicate: (harmless, harmful) prompt ids in scoring order.
+    Ids(BTreeMap<u64, (Vec<u64>, Vec<u64>)>),
+}
+
+/// The harmless (`good`) or harmful side of the evaluation split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Good,
+    Bad,
+}
+
+impl Units {
+    /// Ids from each replicate's prompt texts (the same text is the same prompt).
+    pub fn from_texts<'t>(
+        by_replicate: impl IntoIterator<Item = (u64, &'t [String], &'t [String])>,
+    ) -> Units {
+        let id = |p: &String| {
+            let d = Sha256::digest(p.as_bytes());
+            u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+        };
+        Units::Ids(
+            by_replicate
+                .into_iter()
+                .map(|(rep, good, bad)| {
+                    (
+                        rep,
+                        (good.iter().map(id).collect(), bad.iter().map(id).collect()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn id(&self, side: Side, rep: u64, i: usize) -> u64 {
+        let distinct = || (rep << 32) ^ (i as u64) ^ 0x5A5A_0000_0000_0000;
+        match self {
+            Units::SharedByPosition => i as u64,
+            Units::Distinct => distinct(),
+            Units::Ids(m) => m
+                .get(&rep)
+                .and_then(|(g, b)| match side {
+                    Side::Good => g.get(i),
+                    Side::Bad => b.get(i),
+                })
+                .copied()
+                .unwrap_or_else(distinct),
+        }
+    }
+}
+
+/// A comparison's draw-level reading of one metric: the draws as a random factor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrawTest {
+    pub reading: DrawReading,
+    pub p: f64,
+    pub p_adjusted: f64,
+    pub level: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub verdict: Verdict,
+    /// Direction draws (with these prompts) for the study's power at the observed estimate.
+    pub draws_needed: Option<usize>,
+}
+
+impl DrawTest {
+    pub fn estimate_is_zero(&self) -> bool {
+        self.reading.estimate == 0.0
+    }
+}
+
 /// One of a comparison's two tests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricTest {
-    /// Variant − reference (a rate difference for refusals, a mean difference for KL).
+    /// Variant − reference (a rate difference for refusals, a mean difference for KL), the mean
+    /// over prompts of each prompt's mean over the draws it appears in.
     pub estimate: f64,
     pub p: f64,
     pub p_adjusted: f64,
@@ -191,14 +279,27 @@ pub struct MetricTest {
     pub verdict: Verdict,
     /// The smallest |difference| this comparison detects with the study's power at `level`.
     pub mdd: Option<f64>,
-    /// Prompts (per arm, pooled over replicates) needed to detect the observed difference.
+    /// Prompts (per arm) needed to detect the observed difference.
     pub prompts_needed: Option<f64>,
     /// The estimate in each replicate (the between-replicate spread).
     pub per_replicate: Vec<f64>,
+    /// (prompt, replicate) pairs.
     pub n: usize,
-    /// Refusals: the share of prompts on which the two arms' outcomes differ.
+    /// Distinct prompts: the units the test runs over.
+    #[serde(default)]
+    pub prompts: usize,
+    /// `mcnemar` (exact, over pairs) or `sign-flip` (over per-prompt means).
+    #[serde(default)]
+    pub test: String,
+    /// Sign-flip: the standard deviation of the per-prompt differences (the test's units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_sd: Option<f64>,
+    /// Refusals: the share of (prompt, replicate) pairs on which the two arms' outcomes differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discordance: Option<f64>,
+    /// With two or more replicates: the reading over draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_draws: Option<DrawTest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,8 +307,10 @@ pub struct Comparison {
     pub variant: usize,
     pub reference: usize,
     pub replicates: Vec<u64>,
+    /// The discordant pairs summed over replicates (descriptive when prompts repeat).
     pub mcnemar: McNemar,
     pub refusals: MetricTest,
+    /// Standard deviation of the per-prompt KL differences (the test's units).
     pub kl_sd: f64,
     pub kl: MetricTest,
 }
@@ -226,8 +329,19 @@ pub struct Family<'a> {
     pub identical: Vec<Identity>,
     /// Tests in the family (two per comparison).
     pub tests: usize,
-    /// Sign-flip resamples per KL test.
+    /// Tests in the draw-level family (two per comparison over two or more replicates).
+    pub draw_tests: usize,
+    /// Sign-flip resamples per test.
     pub reps: usize,
+}
+
+impl Family<'_> {
+    /// Whether some prompt was scored in more than one replicate of some comparison.
+    pub fn prompts_repeat(&self) -> bool {
+        self.comparisons
+            .iter()
+            .any(|c| c.refusals.test == "sign-flip" || c.kl.prompts < c.kl.n)
+    }
 }
 
 fn seed_of(a: &Arm, b: &Arm) -> u64 {
@@ -258,8 +372,90 @@ pub fn comparison_pairs(ranks: &[Option<usize>]) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// Builds and decides the family over `arms`.
-pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings) -> Family<'a> {
+/// The prompt-level test of one metric, before correction.
+enum Test {
+    Exact(McNemar),
+    Flip(SignFlip),
+}
+
+impl Test {
+    fn p(&self) -> f64 {
+        match self {
+            Test::Exact(m) => m.p(),
+            Test::Flip(f) => f.p(),
+        }
+    }
+}
+
+/// One comparison's data, gathered before the family is decided.
+struct Raw {
+    pair: (usize, usize),
+    replicates: Vec<u64>,
+    mc: McNemar,
+    rep_refusals: Vec<f64>,
+    refusal_units: Clustered,
+    refusal_test: Test,
+    kl_units: Clustered,
+    flip: SignFlip,
+    rep_kl: Vec<f64>,
+}
+
+fn gather(pair: (usize, usize), a: &Arm, b: &Arm, units: &Units, reps: usize) -> Raw {
+    let mut parts = Vec::new();
+    let (mut refusal_d, mut kl_d) = (Vec::new(), Vec::new());
+    let mut replicates = Vec::new();
+    let (mut rep_refusals, mut rep_kl) = (Vec::new(), Vec::new());
+    for (rep, (_, oa)) in &a.outcomes {
+        let Some((_, ob)) = b.outcomes.get(rep) else {
+            continue;
+        };
+        let draw = replicates.len();
+        replicates.push(*rep);
+        let mc = McNemar::new(&oa.refused, &ob.refused);
+        rep_refusals.push(mc.estimate());
+        parts.push(mc);
+        for (i, (x, y)) in oa.refused.iter().zip(&ob.refused).enumerate() {
+            let d = *x as i32 as f64 - *y as i32 as f64;
+            refusal_d.push((units.id(Side::Bad, *rep, i), draw, d));
+        }
+        let here: Vec<f64> = oa.kl.iter().zip(&ob.kl).map(|(x, y)| x - y).collect();
+        rep_kl.push(here.iter().sum::<f64>() / here.len().max(1) as f64);
+        for (i, d) in here.into_iter().enumerate() {
+            kl_d.push((units.id(Side::Good, *rep, i), draw, d));
+        }
+    }
+    let draws = replicates.len();
+    let refusal_units = cluster(&refusal_d, draws);
+    let kl_units = cluster(&kl_d, draws);
+    let mc = McNemar::pooled(&parts);
+    let seed = seed_of(a, b);
+    // McNemar is the exact test when every pair is a prompt of its own; repeated prompts make
+    // the pairs dependent, and the test runs over per-prompt means instead.
+    let refusal_test = if refusal_units.repeated {
+        Test::Flip(SignFlip::new(
+            &refusal_units.units,
+            reps,
+            seed ^ 0x7265_6675_7361_6c73,
+        ))
+    } else {
+        Test::Exact(mc)
+    };
+    let flip = SignFlip::new(&kl_units.units, reps, seed);
+    Raw {
+        pair,
+        replicates,
+        mc,
+        rep_refusals,
+        refusal_units,
+        refusal_test,
+        kl_units,
+        flip,
+        rep_kl,
+    }
+}
+
+/// Builds and decides the family over `arms`, `units` saying which outcomes are the same prompt.
+pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings, units: &Units) -> Family<'a> {
     // `arms` puts a reference's name first in its arm; the others share its score.
     let identical = arms
         .iter()
@@ -281,112 +477,149 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings) -> Family<'a> {
         .collect();
     let tests = 2 * pairs.len();
     let reps = reps_for(tests, settings.alpha);
-    struct Raw {
-        pair: (usize, usize),
-        replicates: Vec<u64>,
-        mc: McNemar,
-        rep_refusals: Vec<f64>,
-        flip: SignFlip,
-        rep_kl: Vec<f64>,
-        n_good: usize,
-    }
     let raws: Vec<Raw> = pairs
         .iter()
-        .map(|&(i, j)| {
-            let (a, b) = (&arms[i], &arms[j]);
-            let mut parts = Vec::new();
-            let mut d = Vec::new();
-            let mut replicates = Vec::new();
-            let (mut rep_refusals, mut rep_kl) = (Vec::new(), Vec::new());
-            for (rep, (_, oa)) in &a.outcomes {
-                let Some((_, ob)) = b.outcomes.get(rep) else {
-                    continue;
-                };
-                replicates.push(*rep);
-                let mc = McNemar::new(&oa.refused, &ob.refused);
-                rep_refusals.push(mc.estimate());
-                parts.push(mc);
-                let here: Vec<f64> = oa.kl.iter().zip(&ob.kl).map(|(x, y)| x - y).collect();
-                rep_kl.push(here.iter().sum::<f64>() / here.len().max(1) as f64);
-                d.extend(here);
-            }
-            let n_good = d.len();
-            Raw {
-                pair: (i, j),
-                replicates,
-                mc: McNemar::pooled(&parts),
-                rep_refusals,
-                flip: SignFlip::new(&d, reps, seed_of(a, b)),
-                rep_kl,
-                n_good,
-            }
-        })
+        .map(|&(i, j)| gather((i, j), &arms[i], &arms[j], units, reps))
         .collect();
-    let ps: Vec<f64> = raws.iter().flat_map(|r| [r.mc.p(), r.flip.p()]).collect();
+    let ps: Vec<f64> = raws
+        .iter()
+        .flat_map(|r| [r.refusal_test.p(), r.flip.p()])
+        .collect();
     let decisions = decide(&ps, settings.correction, settings.alpha);
-    let margin_r = settings.margins.refusals / 100.0;
-    let comparisons = raws
-        .into_iter()
-        .enumerate()
-        .map(|(k, r)| {
-            let (dr, dk) = (decisions[2 * k], decisions[2 * k + 1]);
-            let (lo, hi) = r.mc.interval(dr.level);
-            let est = r.mc.estimate();
-            let pi = r.mc.discordance();
-            let n = r.mc.n as f64;
-            let refusals = MetricTest {
-                estimate: est,
-                p: dr.p,
-                p_adjusted: dr.p_adjusted,
-                level: dr.level,
-                lo,
-                hi,
-                verdict: Verdict::from_interval(dr.rejected, lo, hi, margin_r),
-                mdd: power::mcnemar_mdd(pi, n, dr.level, settings.power),
-                prompts_needed: power::mcnemar_prompts_needed(est, pi, dr.level, settings.power),
-                per_replicate: r.rep_refusals,
-                n: r.mc.n,
-                discordance: Some(pi),
-            };
-            let (lo, hi) = r.flip.interval(dk.level);
-            let kl = MetricTest {
-                estimate: r.flip.estimate,
-                p: dk.p,
-                p_adjusted: dk.p_adjusted,
-                level: dk.level,
-                lo,
-                hi,
-                verdict: Verdict::from_interval(dk.rejected, lo, hi, settings.margins.kl),
-                mdd: (r.flip.sd > 0.0)
-                    .then(|| power::mean_mdd(r.flip.sd, r.n_good as f64, dk.level, settings.power)),
-                prompts_needed: power::mean_prompts_needed(
-                    r.flip.estimate,
-                    r.flip.sd,
-                    dk.level,
-                    settings.power,
-                ),
-                per_replicate: r.rep_kl,
-                n: r.n_good,
-                discordance: None,
-            };
-            Comparison {
-                variant: r.pair.0,
-                reference: r.pair.1,
-                replicates: r.replicates,
-                mcnemar: r.mc,
-                refusals,
-                kl_sd: r.flip.sd,
-                kl,
-            }
+    // The draw-level family: the readings of comparisons over two or more draws.
+    let readings: Vec<[Option<DrawReading>; 2]> = raws
+        .iter()
+        .map(|r| {
+            [
+                DrawReading::new(&r.refusal_units),
+                DrawReading::new(&r.kl_units),
+            ]
         })
         .collect();
+    let draw_ps: Vec<f64> = readings.iter().flatten().flatten().map(|w| w.p()).collect();
+    let draw_decisions = decide(&draw_ps, settings.correction, settings.alpha);
+    let mut next_draw = draw_decisions.iter();
+    let margin_r = settings.margins.refusals / 100.0;
+    let mut over_draws = |w: Option<DrawReading>, margin: f64| {
+        let w = w?;
+        let d = next_draw.next().expect("one decision per reading");
+        let (lo, hi) = w.interval(d.level);
+        Some(DrawTest {
+            reading: w,
+            p: d.p,
+            p_adjusted: d.p_adjusted,
+            level: d.level,
+            lo,
+            hi,
+            verdict: Verdict::from_interval(d.rejected, lo, hi, margin),
+            draws_needed: w.draws_needed(w.estimate, d.level, settings.power),
+        })
+    };
+    let mut comparisons = Vec::with_capacity(raws.len());
+    for (k, (r, [wr, wk])) in raws.into_iter().zip(readings).enumerate() {
+        let (dr, dk) = (decisions[2 * k], decisions[2 * k + 1]);
+        let pi = r.mc.discordance();
+        let refusals = match &r.refusal_test {
+            Test::Exact(mc) => {
+                let (lo, hi) = mc.interval(dr.level);
+                let est = mc.estimate();
+                let n = mc.n as f64;
+                MetricTest {
+                    estimate: est,
+                    p: dr.p,
+                    p_adjusted: dr.p_adjusted,
+                    level: dr.level,
+                    lo,
+                    hi,
+                    verdict: Verdict::from_interval(dr.rejected, lo, hi, margin_r),
+                    mdd: power::mcnemar_mdd(pi, n, dr.level, settings.power),
+                    prompts_needed: power::mcnemar_prompts_needed(
+                        est,
+                        pi,
+                        dr.level,
+                        settings.power,
+                    ),
+                    per_replicate: r.rep_refusals,
+                    n: mc.n,
+                    prompts: r.refusal_units.units.len(),
+                    test: "mcnemar".into(),
+                    unit_sd: None,
+                    discordance: Some(pi),
+                    over_draws: over_draws(wr, margin_r),
+                }
+            }
+            Test::Flip(f) => flip_test(
+                f,
+                dr,
+                margin_r,
+                settings.power,
+                r.rep_refusals,
+                r.refusal_units.pairs,
+                Some(pi),
+                over_draws(wr, margin_r),
+            ),
+        };
+        let kl = flip_test(
+            &r.flip,
+            dk,
+            settings.margins.kl,
+            settings.power,
+            r.rep_kl,
+            r.kl_units.pairs,
+            None,
+            over_draws(wk, settings.margins.kl),
+        );
+        comparisons.push(Comparison {
+            variant: r.pair.0,
+            reference: r.pair.1,
+            replicates: r.replicates,
+            mcnemar: r.mc,
+            refusals,
+            kl_sd: r.flip.sd,
+            kl,
+        });
+    }
     Family {
         settings: settings.clone(),
         arms,
         comparisons,
         identical,
         tests,
+        draw_tests: draw_ps.len(),
         reps,
+    }
+}
+
+/// A decided sign-flip test over per-prompt values.
+#[allow(clippy::too_many_arguments)]
+fn flip_test(
+    f: &SignFlip,
+    d: crate::stats::family::Decision,
+    margin: f64,
+    power_: f64,
+    per_replicate: Vec<f64>,
+    pairs: usize,
+    discordance: Option<f64>,
+    over_draws: Option<DrawTest>,
+) -> MetricTest {
+    let (lo, hi) = f.interval(d.level);
+    MetricTest {
+        estimate: f.estimate,
+        p: d.p,
+        p_adjusted: d.p_adjusted,
+        level: d.level,
+        lo,
+        hi,
+        verdict: Verdict::from_interval(d.rejected, lo, hi, margin),
+        mdd: (f.sd > 0.0).then(|| power::mean_mdd(f.sd, f.n as f64, d.level, power_)),
+        prompts_needed: power::mean_prompts_needed(f.estimate, f.sd, d.level, power_),
+        per_replicate,
+        n: pairs,
+        prompts: f.n,
+        test: "sign-flip".into(),
+        unit_sd: Some(f.sd),
+        discordance,
+        over_draws,
     }
 }
 

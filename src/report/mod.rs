@@ -3,6 +3,7 @@
 //! with its test and Holm-corrected verdict; figures as PNG and SVG; the same content as a
 //! self-contained HTML page with the images beside it.
 
+pub mod answer;
 pub mod plots;
 pub mod validation;
 
@@ -147,7 +148,25 @@ fn family_from<'a>(
             Some((x.name, x.handlings, x.replicate, x.key, o))
         })
         .collect();
-    compare::family(compare::arms(&items, st), st)
+    compare::family(compare::arms(&items, st), st, &units_of(r))
+}
+
+/// Which stored outcomes are the same prompt: each replicate's recorded evaluation prompts
+/// when every replicate has them; otherwise what the plan implies (one evaluation split for
+/// every replicate under `redraw: direction`, a split of its own per replicate under `all`).
+pub fn units_of(r: &RunResults) -> compare::Units {
+    let reps: std::collections::BTreeSet<u64> = r.scores.keys().map(|(rep, _)| *rep).collect();
+    if !reps.is_empty() && reps.iter().all(|rep| r.prompts.contains_key(rep)) {
+        return compare::Units::from_texts(
+            r.prompts
+                .iter()
+                .map(|(rep, p)| (*rep, p.good.as_slice(), p.bad.as_slice())),
+        );
+    }
+    match r.plan.redraw {
+        crate::study::spec::Redraw::Direction => compare::Units::SharedByPosition,
+        crate::study::spec::Redraw::All => compare::Units::Distinct,
+    }
 }
 
 /// A signed bound with enough digits that it never prints as a zero of the wrong side.
@@ -159,7 +178,12 @@ fn bound(x: f64, scale: f64, decimals: usize) -> String {
             "-∞".into()
         };
     }
-    let v = x * scale;
+    // Means of per-prompt means can leave a zero difference as ±1e-17.
+    let v = if (x * scale).abs() < 1e-12 {
+        0.0
+    } else {
+        x * scale
+    };
     let mut d = decimals;
     while d < 8
         && v != 0.0
@@ -228,15 +252,21 @@ fn power_cell(t: &MetricTest, scale: f64, unit: &str, decimals: usize) -> String
 fn family_header(md: &mut String, f: &Family, reps: usize) -> Result<()> {
     let st = &f.settings;
     let ids: usize = f.identical.len();
+    let repeat = f.prompts_repeat();
     writeln!(
         md,
         "**Family.** {} distinct comparisons between {} distinct scores (arms), each tested twice \
-         (refusals: exact McNemar; KL: sign-flip permutation test, {} resamples, smallest attainable \
+         (refusals: {}; KL: sign-flip permutation test over prompts, {} resamples, smallest attainable \
          p {:.1e}) = **{} tests**, corrected together with **{}** at **α = {}**. A comparison pairs two distinct \
          scores on the same prompts, one of them a reference ({}); variants that share a score share its \
-         comparisons{}. Replicates are pooled into each comparison as strata ({} replicate(s)).\n",
+         comparisons{}.\n",
         f.comparisons.len(),
         f.arms.len(),
+        if repeat {
+            "sign-flip permutation test over prompts, each prompt's difference averaged over the draws it was scored in"
+        } else {
+            "exact McNemar"
+        },
         f.reps,
         1.0 / (f.reps + 1) as f64,
         f.tests,
@@ -248,21 +278,47 @@ fn family_header(md: &mut String, f: &Family, reps: usize) -> Result<()> {
         } else {
             String::new()
         },
-        reps
     )?;
+    if reps > 1 {
+        writeln!(
+            md,
+            "**The prompt is the unit.** {} replicates redraw the direction{}. {} The headline verdict reads \
+             *over prompts*: it generalises to other prompts like these, for the direction draws this study made. \
+             The *over draws* reading treats the draws as a random factor too (a t interval on the mean, its variance \
+             the prompt part plus the between-draw part, Welch–Satterthwaite df; conservative), corrected as a family \
+             of its own ({} tests): it says whether the *procedure* helps whatever the draw. With few draws it is \
+             often *cannot tell*; its *draws needed* is the number of draws (with these prompts) that would give the \
+             study's power at the observed difference.\n",
+            reps,
+            if repeat { " and score the same evaluation prompts" } else { "; each replicate has evaluation prompts of its own" },
+            if repeat {
+                "Scoring a prompt under several draws is not new evidence about prompts: each prompt counts once, \
+                 with its difference averaged over the draws (pairs are counted, prompts are the units)."
+            } else {
+                "Every (prompt, replicate) pair is a prompt of its own, so McNemar runs over the pooled pairs."
+            },
+            f.draw_tests
+        )?;
+    }
     writeln!(
         md,
         "**Intervals beside verdicts are adjusted**: each is printed at the confidence the correction held its \
          test to (the *CI level* column; {}), and it inverts that same test, so an interval excludes 0 exactly when \
-         the verdict is *better* or *worse*. Refusal intervals are exact (Clopper–Pearson on the discordant split, \
-         widened by the bound on the discordance rate); KL intervals invert the sign-flip test. *equivalent* = \
-         not different and the adjusted interval within ±{} refusal points / ±{} KL; *cannot tell* = neither, \
+         the verdict is *better*, *worse* or *negligible*. {} KL intervals invert the sign-flip test. *negligible* = \
+         the difference is real (the interval excludes 0) but the whole interval lies within ±{} refusal points / \
+         ±{} KL; *equivalent* = not different and the interval within those margins; *cannot tell* = neither, \
          with the minimum detectable difference (MDD) at {:.0}% power and the prompts the observed difference would \
          need. Per-variant intervals in the replicate tables are 95% and unadjusted (descriptive).\n",
         match st.correction {
             Correction::Holm => "Holm: α/(m − j) at step j for rejected tests, the first failing step's level for the rest",
             Correction::Bh => "Benjamini–Hochberg: max(R, 1)·α/m for every test, R the number rejected (false-coverage-rate intervals)",
             Correction::None => "no correction: α",
+        },
+        if repeat {
+            "Refusal intervals invert the sign-flip test on the per-prompt mean differences."
+        } else {
+            "Refusal intervals are exact (Clopper–Pearson on the discordant split, widened by the bound on the \
+             discordance rate)."
         },
         st.margins.refusals,
         st.margins.kl,
@@ -271,23 +327,76 @@ fn family_header(md: &mut String, f: &Family, reps: usize) -> Result<()> {
     Ok(())
 }
 
-fn verdict_counts(f: &Family) -> String {
-    let mut c: BTreeMap<&str, usize> = BTreeMap::new();
-    for x in &f.comparisons {
-        *c.entry(x.refusals.verdict.label()).or_default() += 1;
-        *c.entry(x.kl.verdict.label()).or_default() += 1;
+/// Verdict counts over the family's tests, in `Verdict::ALL`'s order.
+pub fn verdict_counts_of(verdicts: impl Iterator<Item = Verdict>) -> String {
+    let mut c: BTreeMap<Verdict, usize> = BTreeMap::new();
+    for v in verdicts {
+        *c.entry(v).or_default() += 1;
     }
-    ["better", "worse", "equivalent", "cannot tell"]
+    Verdict::ALL
         .iter()
-        .map(|k| format!("{} {k}", c.get(k).copied().unwrap_or(0)))
+        .map(|k| format!("{} {}", c.get(k).copied().unwrap_or(0), k.label()))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn verdict_counts(f: &Family) -> String {
+    verdict_counts_of(
+        f.comparisons
+            .iter()
+            .flat_map(|x| [x.refusals.verdict, x.kl.verdict]),
+    )
+}
+
+fn draw_counts(f: &Family) -> Option<String> {
+    (f.draw_tests > 0).then(|| {
+        verdict_counts_of(
+            f.comparisons
+                .iter()
+                .flat_map(|x| [&x.refusals.over_draws, &x.kl.over_draws])
+                .flatten()
+                .map(|w| w.verdict),
+        )
+    })
+}
+
+/// The metric's scale, unit and decimals as reports print them.
+pub const REFUSAL_FMT: (f64, &str, usize) = (100.0, " pts", 1);
+pub const KL_FMT: (f64, &str, usize) = (1.0, "", 4);
+
+/// The over-draws cells: per-draw estimates; [adjusted CI] verdict (draws needed).
+fn draw_cells(t: &MetricTest, (scale, _, d): (f64, &str, usize)) -> String {
+    let per = t
+        .per_replicate
+        .iter()
+        .map(|x| bound(*x, scale, d))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match &t.over_draws {
+        None => format!("{per} | – | –"),
+        Some(w) => format!(
+            "{per} (sd {}) | [{}, {}] **{}** | {}",
+            format_args!("{:.*}", d, w.reading.spread * scale),
+            bound(w.lo, scale, d),
+            bound(w.hi, scale, d),
+            w.verdict.label(),
+            match w.draws_needed {
+                _ if w.verdict != Verdict::CannotTell => "–".into(),
+                Some(n) => n.to_string(),
+                None if w.estimate_is_zero() => "– (no difference)".into(),
+                None => "– (more prompts first)".into(),
+            }
+        ),
+    }
 }
 
 fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()> {
     writeln!(md, "## Verdicts\n")?;
     family_header(md, f, replicates)?;
     writeln!(md, "Verdicts: {} ({} tests).\n", verdict_counts(f), f.tests)?;
+    if let Some(d) = draw_counts(f) {
+        writeln!(md, "Over draws: {d} ({} tests).\n", f.draw_tests)?;
+    }
     if !f.identical.is_empty() {
         writeln!(
             md,
@@ -300,52 +409,56 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
         )?;
     }
     let multi = replicates > 1;
-    writeln!(
-        md,
-        "| variant (arm) | reference | refusals Δ pts [adjusted CI] | p adj. | CI level | verdict | KL Δ [adjusted CI] | p adj. | CI level | verdict | power (for *cannot tell*) |{}",
-        if multi { " per-replicate Δ (refusal pts; KL) |" } else { "" }
-    )?;
-    writeln!(
-        md,
-        "|---|---|---|---|---|---|---|---|---|---|---|{}",
-        if multi { "---|" } else { "" }
-    )?;
-    for c in &f.comparisons {
-        let (r, k) = (&c.refusals, &c.kl);
-        let power = [power_cell(r, 100.0, " pts", 1), power_cell(k, 1.0, "", 4)];
-        let power: Vec<String> = ["refusals", "KL"]
-            .iter()
-            .zip(power)
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(m, p)| format!("{m}: {p}"))
-            .collect();
-        let spread = |v: &[f64], s: f64, d: usize| -> String {
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            format!("{} … {}", bound(lo, s, d), bound(hi, s, d))
-        };
+    for (title, fmt, pick) in [
+        (
+            "Refusals",
+            REFUSAL_FMT,
+            (|c: &compare::Comparison| &c.refusals) as fn(&compare::Comparison) -> &MetricTest,
+        ),
+        ("KL", KL_FMT, |c: &compare::Comparison| &c.kl),
+    ] {
+        writeln!(md, "### {title}\n")?;
         writeln!(
             md,
-            "| A{}: {} | A{}: {} | {} | {} | {} |{}",
-            c.variant + 1,
-            escape_cell(&f.arms[c.variant].label()),
-            c.reference + 1,
-            escape_cell(&f.arms[c.reference].label()),
-            metric_cells(r, 100.0, 1),
-            metric_cells(k, 1.0, 4),
-            power.join("<br>"),
+            "| variant (arm) | reference | Δ{} [adjusted CI] | p adj. | CI level | verdict | prompts{} | power (for *cannot tell*) |{}",
+            fmt.1,
+            if multi { " × draws" } else { "" },
             if multi {
-                format!(
-                    " {}; {} |",
-                    spread(&r.per_replicate, 100.0, 1),
-                    spread(&k.per_replicate, 1.0, 4)
-                )
+                " over draws: Δ per draw | over draws: [adjusted CI] verdict | draws needed |"
             } else {
-                String::new()
+                ""
             }
         )?;
+        writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|{}",
+            if multi { "---|---|---|" } else { "" }
+        )?;
+        for c in &f.comparisons {
+            let t = pick(c);
+            writeln!(
+                md,
+                "| A{}: {} | A{}: {} | {} | {} | {} |{}",
+                c.variant + 1,
+                escape_cell(&f.arms[c.variant].label()),
+                c.reference + 1,
+                escape_cell(&f.arms[c.reference].label()),
+                metric_cells(t, fmt.0, fmt.2),
+                if multi {
+                    format!("{} × {}", t.prompts, c.replicates.len())
+                } else {
+                    t.prompts.to_string()
+                },
+                power_cell(t, fmt.0, fmt.1, fmt.2),
+                if multi {
+                    format!(" {} |", draw_cells(t, fmt))
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        writeln!(md)?;
     }
-    writeln!(md)?;
     Ok(())
 }
 
@@ -372,7 +485,6 @@ fn escape_cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
-/// Renders `report.md` for the run in `dir` into `out`; returns its path.
 /// What a reader checks first against heretic and the PR: the edit's row normalisation, the
 /// marker list, and how the detection's scan was made.
 fn setup_line(r: &RunResults) -> String {
@@ -437,6 +549,9 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
     let rows = rows(&r);
     let outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &outs);
+    if r.references.len() > 1 {
+        return draws_summary(&r, &fam, &rows);
+    }
     let arm_of = |name: &str| {
         fam.arms
             .iter()
@@ -531,6 +646,138 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
     Ok(md)
 }
 
+/// `report --summary` of a run over several direction draws: the answer's short form, the
+/// verdict counts, and each arm's score per draw (the between-draw spread).
+fn draws_summary(r: &RunResults, fam: &Family, rows: &[Row]) -> Result<String> {
+    let mut md = String::new();
+    writeln!(
+        md,
+        "{} variants, {} distinct scores over {} direction draws; {} tests ({} at α = {}): {}; over draws ({} tests): {}.\n",
+        r.plan.variants.len(),
+        fam.arms.len(),
+        r.references.len(),
+        fam.tests,
+        fam.settings.correction.describe(),
+        fam.settings.alpha,
+        verdict_counts(fam),
+        fam.draw_tests,
+        draw_counts(fam).unwrap_or_default()
+    )?;
+    md.push_str(&answer::answer(fam, false));
+    writeln!(
+        md,
+        "| arm | dims per draw | refusals per draw | KL per draw (mean) | KL sd between draws |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    let unedited: Vec<String> = r
+        .references
+        .values()
+        .map(|o| {
+            let k = o.refused.iter().filter(|x| **x).count();
+            format!("{k}/{}", o.refused.len())
+        })
+        .collect();
+    writeln!(md, "| unedited | – | {} | 0 | – |", unedited.join(", "))?;
+    for a in &fam.arms {
+        let mut dims = Vec::new();
+        let mut refusals = Vec::new();
+        let mut kls = Vec::new();
+        for (rep, (key, o)) in &a.outcomes {
+            let row = rows.iter().find(|x| x.replicate == *rep && &x.key == key);
+            let hidden = r.detections.get(rep).map(|d| d.hidden_size);
+            // A random-dims control zeroes other dims than those detected: show which.
+            dims.push(row.map_or("?".into(), |x| {
+                let random = x.handlings.iter().find_map(|h| match (h, hidden) {
+                    (crate::direction::Handling::RandomDims { .. }, Some(d)) => {
+                        Some(h.zeroed_dims(&x.dims, d))
+                    }
+                    _ => None,
+                });
+                match random {
+                    Some(z) => format!("random {}", dims_cell(&z)),
+                    None => dims_cell(&x.dims),
+                }
+            }));
+            let k = o.refused.iter().filter(|x| **x).count();
+            refusals.push(format!("{k}/{}", o.refused.len()));
+            kls.push(o.kl.iter().sum::<f64>() / o.kl.len().max(1) as f64);
+        }
+        let m = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
+        let sd = if kls.len() > 1 {
+            (kls.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (kls.len() - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.4} |",
+            escape_cell(&a.label()),
+            dims.join(", "),
+            refusals.join(", "),
+            kls.iter()
+                .map(|x| format!("{x:.4}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sd
+        )?;
+    }
+    Ok(md)
+}
+
+/// The headline family of a stored run, with how it was decided.
+fn decided_family<'a>(
+    r: &'a RunResults,
+    dir: &Path,
+    overrides: &Overrides,
+    outs: &'a mut BTreeMap<(u64, String), Outcome>,
+) -> Result<(Decided, Family<'a>)> {
+    let d = settings(dir, overrides)?;
+    *outs = outcomes_under(r, &d.headline);
+    let fam = family_of(r, &d.stats, outs);
+    Ok((d, fam))
+}
+
+/// `report --comment`: a Markdown summary of at most 60 lines for a pull-request comment.
+pub fn comment(dir: &Path, overrides: &Overrides) -> Result<String> {
+    let r = read_results(dir)?;
+    let mut outs = BTreeMap::new();
+    let (d, fam) = decided_family(&r, dir, overrides, &mut outs)?;
+    if fam.comparisons.is_empty() {
+        anyhow::bail!(
+            "{}: no comparisons to summarise (no scores yet, or every variant is identical to a reference)",
+            dir.display()
+        );
+    }
+    let file =
+        crate::study::spec::parse_stored(&d.study, &dir.join("study.yaml").display().to_string())
+            .ok();
+    let bad = fam.comparisons[0].refusals.prompts;
+    let good = fam.comparisons[0].kl.prompts;
+    let setup = format!(
+        "`{}`{}, {} harmful + {} harmless held-out prompts, {} direction draw(s), {} distinct scores. {}",
+        file.as_ref().map_or("?", |f| f.model.as_str()),
+        format!(" in {:?}", r.plan.precision).to_lowercase(),
+        bad,
+        good,
+        r.references.len(),
+        r.scores.len(),
+        setup_line(&r).trim_start_matches("Setup: ")
+    );
+    let run = dir.display().to_string();
+    // The study file as it ran, stored beside its results.
+    let study_path = format!("{run}/study.yaml");
+    Ok(answer::comment(&fam, &d, &setup, &run, &study_path))
+}
+
+/// `report --csv`: every comparison of the headline family, one row per metric.
+pub fn comparisons_csv(dir: &Path, overrides: &Overrides) -> Result<String> {
+    let r = read_results(dir)?;
+    let mut outs = BTreeMap::new();
+    let (d, fam) = decided_family(&r, dir, overrides, &mut outs)?;
+    Ok(answer::csv(&fam, &d.headline))
+}
+
+/// Renders `report.md` for the run in `dir` into `out`; returns its path.
 pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
     render_with(dir, out, &Overrides::default())
 }
@@ -593,6 +840,20 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.alpha
     )?;
     writeln!(md, "{}\n", setup_line(&r))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if !fam.comparisons.is_empty() {
+        writeln!(md, "## Answer\n")?;
+        md.push_str(&answer::answer(&fam, true));
+        let (fr, fk) = answer::forest_rows(&fam);
+        let (stem, title) = plots::draw_forest(out, fr, fk, (st.margins.refusals, st.margins.kl))?;
+        writeln!(md, "![{title}]({stem}.png)\n")?;
+        writeln!(
+            md,
+            "*{title}* ([SVG]({stem}.svg)): each comparison's estimate with its adjusted interval over prompts \
+             (green *better*, red *worse*, purple *negligible*, blue otherwise){}; the shaded band is ±margin.\n",
+            if fam.draw_tests > 0 { ", and in grey the interval over draws" } else { "" }
+        )?;
+    }
     for (&seed, base) in &r.references {
         let here: Vec<&Row> = rows.iter().filter(|x| x.replicate == seed).collect();
         writeln!(md, "## Replicate {seed}\n")?;
@@ -663,7 +924,6 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     criteria_section(&mut md, &r)?;
     tuning_section(&mut md, &r, &rows)?;
     search_section(&mut md, &r)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tunes: Vec<&crate::study::rundir::TuneResult> = r.tunes.iter().collect();
     let mut figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
     if let Some(v) = &validation {
@@ -685,13 +945,17 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     writeln!(
         md,
         "Each verdict answers one question about two distinct scores on the same prompts. *better* / *worse*: the \
-         difference survives the family's correction ({}) — its adjusted interval excludes 0. *equivalent*: it does \
-         not, and the adjusted interval lies within the margins (±{} refusal points, ±{} KL), so any difference is \
-         smaller than what the study calls negligible. *cannot tell*: neither — the data do not separate the two \
-         *and* do not show them close; the power column says the smallest difference this comparison could have \
-         detected and how many prompts the observed difference would need. *identical*: the variant's edit gave the \
-         reference's own score (e.g. a detector that found no dims), so there is nothing to test. A variant that is \
-         *better* on refusals and *worse* on KL moved along the trade-off rather than past it.\n",
+         difference survives the family's correction ({}) — its adjusted interval excludes 0 — and the interval \
+         reaches past the margin (±{} refusal points, ±{} KL). *negligible*: the difference is real, but the whole \
+         adjusted interval lies within the margin — smaller than what the study calls a difference worth having. \
+         *equivalent*: not different, and the adjusted interval lies within the margin. *cannot tell*: neither — \
+         the data do not separate the two *and* do not show them close; the power column says the smallest \
+         difference this comparison could have detected and how many prompts the observed difference would need. \
+         *identical*: the variant's edit gave the reference's own score (e.g. a detector that found no dims), so \
+         there is nothing to test. With several direction draws, the *over draws* columns ask the same question \
+         with the draw as a second source of variance: a procedure that is *better* over prompts but *cannot tell* \
+         over draws helped with these directions and may not with another. A variant that is *better* on refusals \
+         and *worse* on KL moved along the trade-off rather than past it.\n",
         st.correction.describe(),
         st.margins.refusals,
         st.margins.kl
@@ -1132,7 +1396,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         .variants
         .iter()
         .filter(|v| {
-            v.variant.needs_dims() && v.variant.tune.is_none() && v.variant.detect.is_some()
+            v.variant.needs_detection() && v.variant.tune.is_none() && v.variant.detect.is_some()
         })
         .collect();
     let outcome = |id: &str, rep: u64| -> Option<&Outcome> {

@@ -717,6 +717,133 @@ where
     Ok(())
 }
 
+/// One row of the forest plot: a comparison's difference on one metric, with its adjusted
+/// interval over prompts and, with several draws, over draws.
+#[derive(Debug, Clone)]
+pub struct ForestRow {
+    pub label: String,
+    pub estimate: f64,
+    pub lo: f64,
+    pub hi: f64,
+    pub draws: Option<(f64, f64)>,
+    pub verdict: String,
+}
+
+const DRAWS: RGBColor = RGBColor(150, 150, 150);
+const NEGLIGIBLE: RGBColor = RGBColor(148, 103, 189);
+
+/// Paired differences with their adjusted intervals, refusals left and KL right, the margin as
+/// a shaded band around 0: the figure that says at a glance what is better, what is inside the
+/// margin and what cannot be told.
+fn forest<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[(String, f64, Vec<ForestRow>); 2],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(root.dim_in_pixel().0 * 56 / 100);
+    for (area, (title, margin, rows)) in [(left, &panels[0]), (right, &panels[1])] {
+        let first = std::ptr::eq(rows, &panels[0].2);
+        let n = rows.len();
+        // The axis is set by the prompt-level intervals and the margin; wider draw-level
+        // intervals run off its edges.
+        let finite = |x: f64| x.is_finite().then_some(x.abs());
+        let reach = rows
+            .iter()
+            .flat_map(|r| [finite(r.lo), finite(r.hi), finite(r.estimate)])
+            .flatten()
+            .fold(*margin, f64::max)
+            * 1.25;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title.as_str(), font(17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(if first { 260 } else { 12 })
+            .build_cartesian_2d(-reach..reach, -0.5..(n.max(1) as f64 - 0.5))?;
+        let labels: Vec<String> = rows.iter().map(|r| trunc(&r.label, 40)).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n.max(1))
+            .y_label_formatter(&|y| {
+                let i = y.round();
+                if !first || (y - i).abs() > 1e-6 || i < 0.0 || i as usize >= labels.len() {
+                    String::new()
+                } else {
+                    labels[labels.len() - 1 - i as usize].clone()
+                }
+            })
+            .x_desc("variant − reference (lower is better)")
+            .label_style(font(13))
+            .axis_desc_style(font(14))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(-margin, -0.5), (*margin, n as f64 - 0.5)],
+            FRONT.mix(0.15).filled(),
+        )))?;
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(0.0, -0.5), (0.0, n as f64 - 0.5)],
+            BLACK.stroke_width(1),
+        )))?;
+        let clip = |x: f64| x.clamp(-reach, reach);
+        for (i, r) in rows.iter().enumerate() {
+            let y = (n - 1 - i) as f64;
+            if let Some((lo, hi)) = r.draws {
+                chart.draw_series(std::iter::once(PathElement::new(
+                    vec![(clip(lo), y - 0.22), (clip(hi), y - 0.22)],
+                    DRAWS.stroke_width(3),
+                )))?;
+            }
+            let c = match r.verdict.as_str() {
+                "better" => FRONT,
+                "worse" => BASE,
+                "negligible" => NEGLIGIBLE,
+                _ => POINT,
+            };
+            chart.draw_series(std::iter::once(ErrorBar::new_horizontal(
+                y,
+                clip(r.lo),
+                r.estimate,
+                clip(r.hi),
+                c.stroke_width(2),
+                8,
+            )))?;
+            chart.draw_series(std::iter::once(Circle::new((r.estimate, y), 4, c.filled())))?;
+        }
+    }
+    Ok(())
+}
+
+/// The forest plot of a report's comparisons (see [`ForestRow`]); returns its (stem, title).
+pub fn draw_forest(
+    dir: &Path,
+    refusals: Vec<ForestRow>,
+    kl: Vec<ForestRow>,
+    margins: (f64, f64),
+) -> Result<(String, String)> {
+    let h = (150 + 30 * refusals.len() as u32).clamp(320, 2400);
+    let panels = [
+        (
+            "Refusals (points), adjusted CI; band = ±margin".to_string(),
+            margins.0,
+            refusals,
+        ),
+        (
+            "KL, adjusted CI; grey = over draws".to_string(),
+            margins.1,
+            kl,
+        ),
+    ];
+    both!(dir, "forest", (1200, h), forest, &panels)?;
+    Ok((
+        "forest".into(),
+        "Forest plot: paired differences with adjusted intervals".into(),
+    ))
+}
+
 /// Draws every figure the data allow into `dir`; returns (file stem, title) of each.
 pub fn draw_all(
     dir: &Path,

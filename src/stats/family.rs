@@ -121,12 +121,15 @@ pub fn decide(ps: &[f64], correction: Correction, alpha: f64) -> Vec<Decision> {
 /// What a comparison of a variant with a reference concludes. Lower is better for refusals
 /// and KL alike. (A variant whose score *is* the reference's is not compared at all: see
 /// `evaluate::compare::Identity`.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
-    /// Significantly lower after the family's correction.
+    /// Significantly lower after the family's correction, by more than the margin could hide:
+    /// the adjusted interval excludes 0 and reaches past −margin.
     Better,
     Worse,
+    /// Real but small: the adjusted interval excludes 0 and lies within ± the margin.
+    Negligible,
     /// Not different, and the adjusted interval lies within ± the margin.
     Equivalent,
     /// Neither: the data do not separate the two, nor show them within the margin.
@@ -134,18 +137,25 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// From a decided test and its interval at the decision's level.
+    /// From a decided test and its interval at the decision's level; `margin` ≤ 0 or not finite
+    /// means none is set (no difference is then *negligible* or *equivalent*).
     pub fn from_interval(rejected: bool, lo: f64, hi: f64, margin: f64) -> Verdict {
+        let inside = margin > 0.0 && margin.is_finite() && -margin <= lo && hi <= margin;
         if rejected {
-            if hi < 0.0 {
-                return Verdict::Better;
+            assert!(
+                hi < 0.0 || lo > 0.0,
+                "a rejected test's interval excludes 0 ([{lo}, {hi}])"
+            );
+            if inside {
+                return Verdict::Negligible;
             }
-            if lo > 0.0 {
-                return Verdict::Worse;
-            }
-            unreachable!("a rejected test's interval excludes 0 ([{lo}, {hi}])");
+            return if hi < 0.0 {
+                Verdict::Better
+            } else {
+                Verdict::Worse
+            };
         }
-        if -margin <= lo && hi <= margin {
+        if inside {
             Verdict::Equivalent
         } else {
             Verdict::CannotTell
@@ -156,9 +166,24 @@ impl Verdict {
         match self {
             Verdict::Better => "better",
             Verdict::Worse => "worse",
+            Verdict::Negligible => "negligible",
             Verdict::Equivalent => "equivalent",
             Verdict::CannotTell => "cannot tell",
         }
+    }
+
+    /// Every verdict, in the order reports count them.
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Better,
+        Verdict::Worse,
+        Verdict::Negligible,
+        Verdict::Equivalent,
+        Verdict::CannotTell,
+    ];
+
+    /// Whether the test rejected (the interval excludes 0).
+    pub fn decided(self) -> bool {
+        matches!(self, Verdict::Better | Verdict::Worse | Verdict::Negligible)
     }
 }
 
@@ -226,6 +251,33 @@ mod tests {
         );
         assert_eq!(
             Verdict::from_interval(false, -0.1, 0.03, 0.05),
+            Verdict::CannotTell
+        );
+        // Real but inside the margin: the example, KL −0.0007 [−0.0012, −0.0001] at ±0.01.
+        assert_eq!(
+            Verdict::from_interval(true, -0.0012, -0.0001, 0.01),
+            Verdict::Negligible
+        );
+        assert_eq!(
+            Verdict::from_interval(true, 0.0001, 0.0012, 0.01),
+            Verdict::Negligible
+        );
+        // Reaching past the margin on one side is enough to be better / worse.
+        assert_eq!(
+            Verdict::from_interval(true, -0.02, -0.001, 0.01),
+            Verdict::Better
+        );
+        assert_eq!(
+            Verdict::from_interval(true, 0.001, 0.011, 0.01),
+            Verdict::Worse
+        );
+        // No margin set: never negligible nor equivalent.
+        assert_eq!(
+            Verdict::from_interval(true, -0.0012, -0.0001, 0.0),
+            Verdict::Better
+        );
+        assert_eq!(
+            Verdict::from_interval(false, -0.001, 0.001, f64::NAN),
             Verdict::CannotTell
         );
     }

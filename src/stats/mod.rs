@@ -7,12 +7,16 @@
 //! - [`family`]: multiplicity (Holm, Benjamini–Hochberg or none) over the distinct comparisons of a
 //!   table, the per-test level each correction applies, and the verdicts (better, worse,
 //!   equivalent within a margin, cannot tell);
+//! - [`clustered`]: the same prompts under several direction draws — one unit per prompt, and
+//!   the draw-level reading that treats the draws as a random factor ([`student`]'s t);
 //! - [`power`]: minimum detectable differences and the prompts a difference would need;
 //! - a seeded generator and a descriptive paired bootstrap.
 
+pub mod clustered;
 pub mod family;
 pub mod paired;
 pub mod power;
+pub mod student;
 
 use serde::{Deserialize, Serialize};
 

@@ -49,6 +49,20 @@ impl Plan {
         };
         canon(self).is_some() && canon(self) == canon(other)
     }
+
+    /// How many variants `other` adds to `self` when it keeps every one of them and changes
+    /// nothing else a score depends on (None otherwise): a study that gained arms resumes, its
+    /// stored scores kept, its new arms scored.
+    pub fn added_by(&self, other: &Plan) -> Option<usize> {
+        let kept = self
+            .variants
+            .iter()
+            .all(|v| other.variants.iter().any(|w| w.id == v.id));
+        let added = other.variants.len().checked_sub(self.variants.len())?;
+        let mut rest = other.clone();
+        rest.variants = self.variants.clone();
+        (kept && added > 0 && self.same_scores(&rest)).then_some(added)
+    }
 }
 
 fn is_all(r: &super::spec::Redraw) -> bool {
@@ -113,6 +127,7 @@ fn expand_sweep(
             orthogonalize: orth,
             search: None,
             tune: None,
+            dims: None,
         });
     }
     let detection_sweep =
@@ -187,6 +202,7 @@ fn expand_sweep(
                     orthogonalize: orth,
                     search: None,
                     tune: None,
+                    dims: None,
                 });
             }
         }
@@ -210,11 +226,13 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
         variants.push(Variant {
             name: v.name.clone(),
             handlings,
-            detect: Some(detect),
+            // Named dims need no detection.
+            detect: v.dims.is_none().then_some(detect),
             ablation: ablation.clone(),
             orthogonalize: orth,
             search: None,
             tune: None,
+            dims: v.dims.clone(),
         });
     }
     for sw in &f.sweeps {
@@ -233,6 +251,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
             orthogonalize: orth,
             search: None,
             tune: Some(t.clone()),
+            dims: None,
         });
     }
     for v in &mut variants {
@@ -255,7 +274,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
     for pv in &planned {
         check_layers(&pv.variant.ablation, layers)
             .map_err(|e| anyhow::anyhow!("{}: variant '{}': {e}", study.path, pv.variant.name))?;
-        if pv.variant.needs_dims() {
+        if pv.variant.needs_detection() {
             if let Some(c) = &pv.variant.detect {
                 check_shares_scan(&base, c).map_err(|e| {
                     anyhow::anyhow!("{}: variant '{}': {e}", study.path, pv.variant.name)

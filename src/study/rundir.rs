@@ -275,6 +275,19 @@ pub fn write_or_check_plan(out: &Path, plan: &Plan) -> Result<()> {
         Ok(old) if old != plan_json => {
             // Only the refusal classifiers changed: every stored score stays valid (the runner
             // completes cut replies and adds the new labels).
+            let parsed = (
+                serde_json::from_slice::<Plan>(&old),
+                serde_json::from_slice::<Plan>(&plan_json),
+            );
+            if let (Ok(a), Ok(b)) = &parsed {
+                if let Some(n) = a.added_by(b) {
+                    eprintln!(
+                        "{}: the study added {n} variant(s); stored scores are kept and the new variants are scored",
+                        out.display()
+                    );
+                    return write_atomic(&plan_path, &plan_json);
+                }
+            }
             if !plans_share_scores(&old, &plan_json) {
                 bail!(
                     "{} holds the results of a different plan (the study changed); use another output folder or delete it",
@@ -657,6 +670,27 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
                 }
             }
         }
+    }
+    if assignments.is_empty() {
+        // A run folder copied without its assignments (as the decisive study's was committed)
+        // still says which variants each score is for: the score records name them.
+        for s in scores.values() {
+            for id in &s.variant_ids {
+                assignments.push(Assignment {
+                    replicate: s.replicate,
+                    variant_id: id.clone(),
+                    key: s.key.clone(),
+                    dims: s.dims.clone(),
+                });
+            }
+        }
+        let order: BTreeMap<&str, usize> = plan
+            .variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.id.as_str(), i))
+            .collect();
+        assignments.sort_by_key(|a| (a.replicate, order.get(a.variant_id.as_str()).copied()));
     }
     Ok(RunResults {
         plan,

@@ -82,10 +82,10 @@ fn prepare_replicate(
 
     // One scan serves every detection of this replicate: the plan has checked that they share
     // the base detection's trigger, median kind and pad rows; the floor is the loosest needed.
-    let needs_scan = plan.variants.iter().any(|v| v.variant.needs_dims());
+    let needs_scan = plan.variants.iter().any(|v| v.variant.needs_detection());
     let base_cfg = f.detection.resolve()?;
     let mut floor = detect::Floor::default();
-    for v in plan.variants.iter().filter(|v| v.variant.needs_dims()) {
+    for v in plan.variants.iter().filter(|v| v.variant.needs_detection()) {
         if let Some(c) = &v.variant.loosest_detect()? {
             let fl = detect::floor_for(c);
             floor.min_ratio = floor.min_ratio.min(fl.min_ratio);
@@ -111,7 +111,7 @@ fn prepare_replicate(
     let configs: BTreeMap<String, detect::DetectConfig> = plan
         .variants
         .iter()
-        .filter(|v| v.variant.needs_dims() && v.variant.tune.is_none())
+        .filter(|v| v.variant.needs_detection() && v.variant.tune.is_none())
         .filter_map(|v| v.variant.detect.clone())
         .map(|c| (hash_json(&c), c))
         .collect();
@@ -263,8 +263,10 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
     let mut canon = v.clone();
     canon.name = String::new();
     canon.detect = None;
-    // A tuned variant's edit depends on the dims it ended with, not on how they were found.
+    // A tuned variant's edit depends on the dims it ended with, not on how they were found;
+    // named dims are the same dims as detected ones.
     canon.tune = None;
+    canon.dims = None;
     if dims.is_empty() {
         // With nothing detected, zeroing or protecting dims is exactly `none` (tested), so such
         // variants share `none`'s score.
@@ -515,6 +517,12 @@ fn group_by_score<'a>(
     let mut groups: Groups = BTreeMap::new();
     for pv in &plan.variants {
         let dims = match (&pv.variant.detect, pv.variant.needs_dims()) {
+            (_, true) if pv.variant.dims.is_some() => {
+                let mut d = pv.variant.dims.clone().unwrap_or_default();
+                d.sort_unstable();
+                d.dedup();
+                d
+            }
             (_, true) if pv.variant.tune.is_some() => tuned[&pv.id].dims.clone(),
             (Some(c), true) => rep
                 .dims

@@ -515,6 +515,10 @@ pub struct VariantSpec {
     /// Detection for this variant (default: the study's).
     #[serde(default)]
     pub detection: Option<DetectionSpec>,
+    /// The dims the handling acts on, named instead of detected (e.g. `[62]`): tells which
+    /// dims carry an effect. Only with a handling that uses dims.
+    #[serde(default)]
+    pub dims: Option<Vec<u32>>,
 }
 
 fn d_handling_none() -> String {
@@ -646,6 +650,7 @@ const KEYS: &[&str] = &[
     "seed",
     "datasets",
     "detection",
+    "dims",
     "ablation",
     "evaluation",
     "variants",
@@ -1042,6 +1047,33 @@ fn check(s: &Study, text: &str) -> Result<()> {
                     format!("{e:#}"),
                 )
             })?;
+        }
+        if let Some(dims) = &v.dims {
+            let uses = Handling::parse_list(&v.handling)
+                .map(|hs| hs.iter().any(Handling::uses_dims))
+                .unwrap_or(false);
+            let problem = if !uses {
+                Some(format!(
+                    "variant '{}' names dims but its handling '{}' does not act on dims; use \
+                     zero-residual-dims (pr154-text), protect-output-rows (pr154-code) or random-dims",
+                    v.name, v.handling
+                ))
+            } else if dims.is_empty() {
+                Some(format!(
+                    "variant '{}' names no dims (dims: []); that is `none` — leave the key out to detect them",
+                    v.name
+                ))
+            } else if v.detection.is_some() {
+                Some(format!(
+                    "variant '{}' names its dims and a detection; one says which dims, drop the other",
+                    v.name
+                ))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Err(at_key(s, text, &format!("variants[{i}].dims"), p));
+            }
         }
     }
     let mut names = std::collections::HashSet::new();
