@@ -521,6 +521,23 @@ fn the_draw_level_reading_holds_under_a_draw_interaction() {
     );
     assert!(fd <= 0.05 + 3.0 * se(0.05, sims), "draw-level FWER {fd}");
     assert!(fp > 0.05 + 3.0 * se(0.05, sims), "prompt-level FWER {fp}");
+    // Not a reading that never decides: a KL effect well beyond the draw spread is found.
+    let (mut found, tries) = (0usize, 100);
+    let design = Design {
+        shift: -0.15,
+        ..design
+    };
+    for _ in 0..tries {
+        let outs = design.simulate(&mut rng);
+        let fam = replicated_family(&outs, &st);
+        let w = fam.comparisons[0].kl.over_draws.as_ref().unwrap();
+        found += (w.verdict == Verdict::Better) as usize;
+    }
+    eprintln!("draw-level power at a KL shift of -0.15: {found}/{tries}");
+    assert!(
+        found * 2 > tries,
+        "draw-level reading found {found}/{tries}"
+    );
 }
 
 /// Power of the prompt-clustered tests on the replicated design: a KL shift planted at the

@@ -250,7 +250,14 @@ pub const COMMENT_LINES: usize = 60;
 /// A Markdown summary to paste into a pull-request comment: question, setup, the answer table,
 /// caveats, how to reproduce; at most [`COMMENT_LINES`] lines (comparisons beyond what fits are
 /// counted and left to the report).
-pub fn comment(f: &Family, d: &Decided, setup: &str, run: &str, study_path: &str) -> String {
+pub fn comment(
+    f: &Family,
+    d: &Decided,
+    setup: &str,
+    name: &str,
+    run: &str,
+    study_path: &str,
+) -> String {
     let mut head = Vec::new();
     let draws = f
         .comparisons
@@ -258,7 +265,7 @@ pub fn comment(f: &Family, d: &Decided, setup: &str, run: &str, study_path: &str
         .map(|c| c.replicates.len())
         .max()
         .unwrap_or(0);
-    head.push(format!("### outlierlab: {run}"));
+    head.push(format!("### outlierlab: {name}"));
     head.push(String::new());
     head.push(
         "**Question.** Does a way of detecting and handling massive activations beat the references \

@@ -285,7 +285,7 @@ fn family_header(md: &mut String, f: &Family, reps: usize) -> Result<()> {
             "**The prompt is the unit.** {} replicates redraw the direction{}. {} The headline verdict reads \
              *over prompts*: it generalises to other prompts like these, for the direction draws this study made. \
              The *over draws* reading treats the draws as a random factor too (a t interval on the mean, its variance \
-             the prompt part plus the between-draw part, Welch–Satterthwaite df; conservative), corrected as a family \
+             the prompt part plus the between-draw part, on the draws' R − 1 degrees of freedom; conservative), corrected as a family \
              of its own ({} tests): it says whether the *procedure* helps whatever the draw. With few draws it is \
              often *cannot tell*; its *draws needed* is the number of draws (with these prompts) that would give the \
              study's power at the observed difference.\n",
@@ -724,6 +724,18 @@ fn draws_summary(r: &RunResults, fam: &Family, rows: &[Row]) -> Result<String> {
     Ok(md)
 }
 
+/// What a report calls its run: the study's `name:`, else the run folder's name.
+fn run_name(dir: &Path, study: &str) -> String {
+    crate::study::spec::parse_stored(study, "study.yaml")
+        .ok()
+        .and_then(|f| f.name)
+        .unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "run".into())
+        })
+}
+
 /// The headline family of a stored run, with how it was decided.
 fn decided_family<'a>(
     r: &'a RunResults,
@@ -766,7 +778,14 @@ pub fn comment(dir: &Path, overrides: &Overrides) -> Result<String> {
     let run = dir.display().to_string();
     // The study file as it ran, stored beside its results.
     let study_path = format!("{run}/study.yaml");
-    Ok(answer::comment(&fam, &d, &setup, &run, &study_path))
+    Ok(answer::comment(
+        &fam,
+        &d,
+        &setup,
+        &run_name(dir, &d.study),
+        &run,
+        &study_path,
+    ))
 }
 
 /// `report --csv`: every comparison of the headline family, one row per metric.
@@ -796,10 +815,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         headline,
         study,
     } = settings(dir, overrides)?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = run_name(dir, &study);
     let rows = rows(&r);
     let headline_outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &headline_outs);

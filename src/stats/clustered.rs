@@ -66,9 +66,9 @@ fn mean_var(x: &[f64]) -> (f64, f64) {
 /// Under a crossed model d[p, r] = μ + a[p] + b[r] + e[p, r] (prompt p, draw r), the grand
 /// mean's variance is σa²/P + σb²/R + σe²/(PR). When the prompts are shared by the draws, the
 /// prompt means estimate σa²/P + σe²/(PR) and the draw means σb²/R + σe²/(PR); their sum
-/// overstates the variance by σe²/(PR), so this reading is conservative. Its degrees of freedom
-/// are Welch–Satterthwaite's. When every draw has prompts of its own, the draw means are
-/// independent estimates of μ and the draw means alone carry the variance (R − 1 df).
+/// overstates the variance by σe²/(PR), so this reading is conservative; the t reference has
+/// the draw part's R − 1 degrees of freedom. When every draw has prompts of its own, the draw
+/// means are independent estimates of μ and carry the variance alone (a t test on R means).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DrawReading {
     pub estimate: f64,
@@ -76,6 +76,7 @@ pub struct DrawReading {
     pub spread: f64,
     pub draws: usize,
     pub se: f64,
+    /// Degrees of freedom of the t reference (R − 1).
     pub df: f64,
     /// The prompt part of the variance (shared prompts only; 0 otherwise).
     pub prompt_var: f64,
@@ -92,18 +93,16 @@ impl DrawReading {
         let (estimate, vu) = mean_var(&c.units);
         let p = c.units.len();
         let draw_part = vd / r as f64;
-        let (prompt_var, df) = if c.repeated && p >= 2 {
-            let vp = vu / p as f64;
-            let denom = vp * vp / (p - 1) as f64 + draw_part * draw_part / (r - 1) as f64;
-            let df = if denom > 0.0 {
-                (vp + draw_part).powi(2) / denom
-            } else {
-                (r - 1) as f64
-            };
-            (vp, df)
+        // R − 1 degrees of freedom, those of the draw part, whatever the prompt part's share:
+        // with a few draws their variance is itself barely estimated, and Welch–Satterthwaite's
+        // df, read off that estimate, runs liberal exactly when the draws happen to agree
+        // (simulated in tests/calibration.rs).
+        let prompt_var = if c.repeated && p >= 2 {
+            vu / p as f64
         } else {
-            (0.0, (r - 1) as f64)
+            0.0
         };
+        let df = (r - 1) as f64;
         Some(DrawReading {
             estimate: if c.repeated {
                 estimate
@@ -133,20 +132,38 @@ impl DrawReading {
     }
 
     /// Draws (with these prompts) for `power` to detect `delta` at level `a`: the smallest R'
-    /// with (z₁₋ₐ/₂ + z_power)·√(prompt part + spread²/R') ≤ |delta| (normal approximation,
-    /// so optimistic for few draws). None when the prompt part alone is too wide, or nothing
-    /// was observed.
+    /// with (t₁₋ₐ/₂(R' − 1) + z_power)·√(prompt part + spread²/R') ≤ |delta|. None when the
+    /// prompt part alone is too wide (more prompts first), or nothing was observed.
     pub fn draws_needed(&self, delta: f64, a: f64, power: f64) -> Option<usize> {
         if delta == 0.0 {
             return None;
         }
-        let z = super::normal_quantile(1.0 - a / 2.0) + super::normal_quantile(power);
-        let room = (delta.abs() / z).powi(2) - self.prompt_var;
-        if room <= 0.0 {
+        let zp = super::normal_quantile(power);
+        if (super::normal_quantile(1.0 - a / 2.0) + zp).powi(2) * self.prompt_var >= delta * delta {
             return None;
         }
-        let need = (self.spread * self.spread / room).ceil().max(2.0);
-        (need < 1e9).then_some(need as usize)
+        let enough = |r: usize| {
+            let q = t_quantile(1.0 - a / 2.0, (r - 1) as f64) + zp;
+            q * (self.prompt_var + self.spread * self.spread / r as f64).sqrt() <= delta.abs()
+        };
+        // Doubling, then bisection: `enough` holds from some R' on.
+        let mut hi = 2usize;
+        while !enough(hi) {
+            hi *= 2;
+            if hi > 1 << 24 {
+                return None;
+            }
+        }
+        let mut lo = hi / 2;
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if mid >= 2 && enough(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
     }
 }
 
@@ -214,16 +231,18 @@ mod tests {
             df: 2.0,
             prompt_var: 0.0,
         };
-        let z: f64 = 1.959_964 + 0.841_621;
-        // spread²/R ≤ (δ/z)²  ⇒  R ≥ z² = 7.84.
-        assert_eq!(
-            w.draws_needed(0.01, 0.05, 0.8),
-            Some((z * z).ceil() as usize)
-        );
+        let need = w.draws_needed(0.01, 0.05, 0.8).unwrap();
+        // (t(0.975; R − 1) + 0.8416) / √R ≤ 1: R = 10 (t 2.262 → 0.981), R = 9 fails (2.306 → 1.049).
+        assert_eq!(need, 10);
+        let ok = |r: usize| {
+            (super::t_quantile(0.975, (r - 1) as f64) + 0.841_621) / (r as f64).sqrt() <= 1.0
+        };
+        assert!(ok(need) && !ok(need - 1));
         let tight = DrawReading {
             prompt_var: 1.0,
             ..w
         };
         assert_eq!(tight.draws_needed(0.01, 0.05, 0.8), None);
+        assert_eq!(w.draws_needed(0.0, 0.05, 0.8), None);
     }
 }

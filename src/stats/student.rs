@@ -82,7 +82,7 @@ fn incomplete_beta(a: f64, b: f64, x: f64) -> f64 {
     }
 }
 
-/// P(T ≤ t) for T ~ t(df), df > 0 (not necessarily whole: Satterthwaite's df is not).
+/// P(T ≤ t) for T ~ t(df), df > 0 (not necessarily whole).
 pub fn t_cdf(t: f64, df: f64) -> f64 {
     if t.is_infinite() {
         return if t > 0.0 { 1.0 } else { 0.0 };
