@@ -172,7 +172,10 @@ enum Command {
         shards: Vec<std::path::PathBuf>,
     },
     /// Render the report of a run directory (no model needed): report.md, report.html and the
-    /// figures (PNG and SVG) — per-variant table with intervals and Holm-corrected verdicts,
+    /// figures (PNG and SVG) — the answer first (each variant's verdicts against each reference,
+    /// with a forest plot of the adjusted intervals), per-variant table with intervals, the
+    /// verdicts over prompts (each prompt counted once however many direction draws scored it)
+    /// and over draws,
     /// criteria ablation and importance, tuning, searched kernels; refusal vs KL with the Pareto
     /// front, per-variant bars, detection heatmap, per-layer peaks against the thresholds,
     /// criteria overlap, threshold sweeps, tuning trace. Rendering the same run again gives the
@@ -189,7 +192,8 @@ enum Command {
         /// (false-discovery rate) or none.
         #[arg(long, value_parser = ["holm", "bh", "none"])]
         correction: Option<String>,
-        /// Print the compact variant table (the one the README quotes) instead of rendering.
+        /// Print what README quotes instead of rendering: the compact variant table for one
+        /// replicate; the answer, verdict counts and each arm's score per draw for several.
         #[arg(long)]
         summary: bool,
         /// Print a Markdown summary of at most 60 lines to paste into a pull-request comment

@@ -336,6 +336,15 @@ pub struct Family<'a> {
 }
 
 impl Family<'_> {
+    /// The most direction draws any comparison ran over (1 for a single replicate).
+    pub fn draws(&self) -> usize {
+        self.comparisons
+            .iter()
+            .map(|c| c.replicates.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether some prompt was scored in more than one replicate of some comparison.
     pub fn prompts_repeat(&self) -> bool {
         self.comparisons

@@ -52,12 +52,7 @@ fn over_draws(c: &Comparison) -> Option<String> {
 /// they generalise over, and the draw-level reading where there is one.
 pub fn answer(f: &Family, details: bool) -> String {
     let mut md = String::new();
-    let draws = f
-        .comparisons
-        .iter()
-        .map(|c| c.replicates.len())
-        .max()
-        .unwrap_or(0);
+    let draws = f.draws();
     let _ = writeln!(
         md,
         "Each line: variant − reference, refusals in rate points and KL, with the interval adjusted for all {} \
@@ -259,12 +254,7 @@ pub fn comment(
     study_path: &str,
 ) -> String {
     let mut head = Vec::new();
-    let draws = f
-        .comparisons
-        .iter()
-        .map(|c| c.replicates.len())
-        .max()
-        .unwrap_or(0);
+    let draws = f.draws();
     head.push(format!("### outlierlab: {name}"));
     head.push(String::new());
     head.push(
@@ -338,7 +328,7 @@ pub fn comment(
         rows.push(format!(
             "| {} | {} | {} | {} |{draws_cell}",
             escape_cell(&f.arms[c.variant].label()),
-            escape_cell(&f.arms[c.reference].label()),
+            escape_cell(&f.arms[c.reference].names[0]),
             short(&c.refusals, (100.0, "", 1)),
             short(&c.kl, (1.0, "", 4)),
         ));

@@ -766,7 +766,7 @@ pub fn comment(dir: &Path, overrides: &Overrides) -> Result<String> {
     let bad = fam.comparisons[0].refusals.prompts;
     let good = fam.comparisons[0].kl.prompts;
     let setup = format!(
-        "`{}`{}, {} harmful + {} harmless held-out prompts, {} direction draw(s), {} distinct scores. {}",
+        "`{}`{}, {} harmful + {} harmless held-out prompts, {} direction draw(s), {} distinct scores; {}",
         file.as_ref().map_or("?", |f| f.model.as_str()),
         format!(" in {:?}", r.plan.precision).to_lowercase(),
         bad,
