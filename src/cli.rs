@@ -381,6 +381,7 @@ impl VariantArgs {
             search: None,
             tune: None,
             dims: None,
+            null_draw_of: None,
         })
     }
 }

@@ -27,11 +27,20 @@ pub struct Variant {
     /// study can tell which dims carry an effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dims: Option<Vec<u32>>,
+    /// One draw of a random control's null distribution (`draws: K` in a study): scored on the
+    /// harmless prompts' KL alone, which needs no decoding. Names the control it is a draw of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub null_draw_of: Option<String>,
 }
 
 impl Variant {
     pub fn needs_dims(&self) -> bool {
         self.handlings.iter().any(Handling::uses_dims)
+    }
+
+    /// Scored on KL alone (a null draw).
+    pub fn kl_only(&self) -> bool {
+        self.null_draw_of.is_some()
     }
 
     /// Whether the dims come from a detection (a handling uses dims and none are named).
@@ -198,7 +207,11 @@ pub fn score(
     let tok = &lm.tokenizer;
     let model = &mut lm.model;
     ablate::with_edit(model, &p.directions, &v.ablation, &p.protect, |m| {
-        ev.score(m, tok, progress)
+        if v.kl_only() {
+            ev.score_kl(m, progress)
+        } else {
+            ev.score(m, tok, progress)
+        }
     })
 }
 

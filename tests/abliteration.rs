@@ -153,6 +153,7 @@ fn empty_dims_make_dim_handlings_identical_to_none() {
         search: None,
         tune: None,
         dims: None,
+        null_draw_of: None,
     };
     let edited = |lm: &mut model::LoadedModel, v: &outlierlab::pipeline::Variant, dims: &[u32]| {
         let snap = lm.model.snapshot_writers();

@@ -1090,3 +1090,91 @@ fn named_dims_and_plans_that_add_variants() {
         assert!(e.starts_with("s.yaml:"), "{e}");
     }
 }
+
+/// A random control with `draws: K` becomes K null draws beside it, each with its own seed,
+/// scored on KL alone; they are not arms (no verdict, no row in the replicate tables), and the
+/// report places the arms that act on dims within their distribution.
+#[test]
+fn random_controls_with_draws_give_a_null_distribution() {
+    // The plan: the control, then its draws; ill-formed draws refused at their key.
+    let s = spec::parse(
+        &format!("{GOOD}  - {{name: rd, handling: 'random-dims:5', draws: 3}}\n"),
+        "s.yaml",
+    )
+    .unwrap();
+    let p = plan::plan(&s, 24).unwrap();
+    let names: Vec<&str> = p.variants.iter().map(|v| v.variant.name.as_str()).collect();
+    assert_eq!(names, ["none", "rd", "rd~1", "rd~2", "rd~3"]);
+    for (j, v) in p.variants[2..].iter().enumerate() {
+        assert!(v.variant.kl_only() && v.variant.null_draw_of.as_deref() == Some("rd"));
+        assert_eq!(
+            v.variant.handlings,
+            [outlierlab::direction::Handling::RandomDims { seed: 6 + j as u64 }]
+        );
+    }
+    assert!(!p.variants[1].variant.kl_only());
+    for (yaml, needle) in [
+        (
+            "  - {name: d, handling: pr154-text, draws: 3}\n",
+            "not a random control",
+        ),
+        (
+            "  - {name: d, handling: random-dims, draws: 1}\n",
+            "2..=1000",
+        ),
+    ] {
+        let e = err_of(&format!("{GOOD}{yaml}"));
+        assert!(
+            e.contains(needle) && e.contains("`variants[1].draws`"),
+            "{e}"
+        );
+    }
+    // A run: two draws of the control, KL only, and the report's null distribution.
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("null.yaml");
+    std::fs::write(
+        &study,
+        RUN.replace(
+            "  - {name: protect, handling: protect-output-rows}\n",
+            "  - {name: rd, handling: random-dims, draws: 2}\n",
+        )
+        .replace(
+            "sweeps:\n  - name: ratio\n    thresholds: {median_ratio: [300, 400, 450]}\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let o = run_cli(&study, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = rundir::read_results(&out).unwrap();
+    let draws: Vec<_> = r
+        .scores
+        .values()
+        .filter(|s| s.outcome.refused.is_empty())
+        .collect();
+    assert_eq!(draws.len(), 2, "two KL-only scores");
+    for s in &draws {
+        assert_eq!(s.outcome.kl.len(), 4);
+        assert!(s.outcome.replies.is_empty() && s.outcome.over_refused.is_empty());
+    }
+    // The two draws zero other dims than the control (seed 0) does, so their KL differs.
+    assert_ne!(draws[0].outcome.kl, draws[1].outcome.kl);
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(
+        md.contains("## Null distributions") && md.contains("### `rd`: 2 draws"),
+        "{md}"
+    );
+    let null = md.split("## Null distributions").nth(1).unwrap();
+    let null = null.split("\n## ").next().unwrap();
+    let row = null
+        .lines()
+        .find(|l| l.starts_with("| zero | "))
+        .unwrap_or_else(|| panic!("the arm acting on dims is placed in the null:\n{null}"));
+    assert!(row.contains(" | ") && row.contains("/2 | "), "{row}");
+    assert!(
+        !null.contains("| winsorize | "),
+        "winsorisation acts on no dims:\n{null}"
+    );
+    assert!(!md.contains("rd~1"), "a null draw is not an arm:\n{md}");
+}

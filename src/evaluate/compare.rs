@@ -244,6 +244,29 @@ impl Units {
     }
 }
 
+/// The KL difference `variant` − `reference` as a comparison estimates it: each prompt's
+/// difference averaged over the replicates both scored, then averaged over prompts. None when
+/// they share no replicate.
+pub fn kl_estimate(
+    variant: &BTreeMap<u64, &Outcome>,
+    reference: &BTreeMap<u64, &Outcome>,
+    units: &Units,
+) -> Option<f64> {
+    let mut d = Vec::new();
+    let mut draws = 0;
+    for (rep, a) in variant {
+        let Some(b) = reference.get(rep) else {
+            continue;
+        };
+        for (i, (x, y)) in a.kl.iter().zip(&b.kl).enumerate() {
+            d.push((units.id(Side::Good, *rep, i), draws, x - y));
+        }
+        draws += 1;
+    }
+    let c = cluster(&d, draws);
+    (!c.units.is_empty()).then(|| c.units.iter().sum::<f64>() / c.units.len() as f64)
+}
+
 /// A comparison's draw-level reading of one metric: the draws as a random factor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrawTest {

@@ -349,15 +349,7 @@ impl Evaluator {
             };
             (lps, over)
         };
-        let mut kl = Vec::with_capacity(self.good.len());
-        for (base, now) in self.base_logprobs.iter().zip(&lps) {
-            // KL(base ‖ now) = Σ p_base (log p_base − log p_now), averaged over the k positions:
-            // torch's kl_div(now, base, log_target=True, reduction="batchmean").
-            let p = base.exp()?;
-            let v =
-                (p * (base - now)?)?.sum_all()?.to_scalar::<f32>()? as f64 / base.dim(0)? as f64;
-            kl.push(v.max(0.0));
-        }
+        let kl = self.kl_to_base(&lps)?;
         let (replies, reply_tokens) = self.replies(
             model,
             tok,
@@ -382,6 +374,43 @@ impl Evaluator {
             judge_scores: BTreeMap::new(),
             stopped_at_marker: self.options.early_stop,
         })
+    }
+
+    /// KL(unedited ‖ edited) per harmless prompt from the edited model's log-probabilities.
+    fn kl_to_base(&self, lps: &[Tensor]) -> Result<Vec<f64>> {
+        let mut kl = Vec::with_capacity(self.good.len());
+        for (base, now) in self.base_logprobs.iter().zip(lps) {
+            // KL(base ‖ now) = Σ p_base (log p_base − log p_now), averaged over the k positions:
+            // torch's kl_div(now, base, log_target=True, reduction="batchmean").
+            let p = base.exp()?;
+            let v =
+                (p * (base - now)?)?.sum_all()?.to_scalar::<f32>()? as f64 / base.dim(0)? as f64;
+            kl.push(v.max(0.0));
+        }
+        Ok(kl)
+    }
+
+    /// The score of a null draw: the harmless prompts' KL alone (one prefill, no decoding);
+    /// no reply, so no refusal or over-refusal outcome.
+    pub fn score_kl(
+        &self,
+        model: &Model,
+        mut progress: impl FnMut(&str, usize),
+    ) -> Result<Outcome> {
+        let t0 = std::time::Instant::now();
+        let lps = self.logprobs(model)?;
+        progress("kl", self.good.len());
+        Ok(Outcome {
+            kl: self.kl_to_base(&lps)?,
+            seconds: t0.elapsed().as_secs_f64(),
+            stopped_at_marker: false,
+            ..Default::default()
+        })
+    }
+
+    /// The work [`Evaluator::score_kl`] reports through its progress callback.
+    pub fn kl_work(&self) -> u64 {
+        self.good.len() as u64
     }
 
     /// The harmful prompts whose replies in `o` [`Evaluator::complete`] would generate again —

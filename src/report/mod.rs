@@ -47,7 +47,8 @@ struct Row<'a> {
 
 fn rows(r: &RunResults) -> Vec<Row<'_>> {
     let mut out = Vec::new();
-    for pv in &r.plan.variants {
+    // A null draw is not an arm: its KL alone places the arms in the null distribution.
+    for pv in r.plan.variants.iter().filter(|v| !v.variant.kl_only()) {
         for a in r.assignments.iter().filter(|a| a.variant_id == pv.id) {
             if let Some(s) = r.scores.get(&(a.replicate, a.key.clone())) {
                 out.push(Row {
@@ -455,6 +456,132 @@ fn verdict_section(md: &mut String, f: &Family, replicates: usize) -> Result<()>
                 } else {
                     String::new()
                 }
+            )?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
+}
+
+/// Each random control run with `draws: K`: its K null draws' KL difference from the first
+/// reference, and every arm that acts on dims placed in that distribution.
+fn null_section(md: &mut String, r: &RunResults, fam: &Family) -> Result<()> {
+    let mut controls: Vec<&str> = Vec::new();
+    for v in &r.plan.variants {
+        if let Some(c) = &v.variant.null_draw_of {
+            if !controls.contains(&c.as_str()) {
+                controls.push(c);
+            }
+        }
+    }
+    let Some(reference) = fam
+        .arms
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.reference_rank.map(|k| (k, i)))
+        .min()
+        .map(|(_, i)| i)
+    else {
+        return Ok(());
+    };
+    if controls.is_empty() {
+        return Ok(());
+    }
+    let units = units_of(r);
+    let ref_outcomes: BTreeMap<u64, &Outcome> = fam.arms[reference]
+        .outcomes
+        .iter()
+        .map(|(rep, (_, o))| (*rep, *o))
+        .collect();
+    let ref_name = &fam.arms[reference].names[0];
+    writeln!(
+        md,
+        "## Null distributions
+"
+    )?;
+    for control in controls {
+        let mut null = Vec::new();
+        for pv in r
+            .plan
+            .variants
+            .iter()
+            .filter(|v| v.variant.null_draw_of.as_deref() == Some(control))
+        {
+            let outs: BTreeMap<u64, &Outcome> = r
+                .assignments
+                .iter()
+                .filter(|a| a.variant_id == pv.id)
+                .filter_map(|a| {
+                    r.scores
+                        .get(&(a.replicate, a.key.clone()))
+                        .map(|s| (a.replicate, &s.outcome))
+                })
+                .collect();
+            if let Some(d) = compare::kl_estimate(&outs, &ref_outcomes, &units) {
+                null.push(d);
+            }
+        }
+        let planned = r
+            .plan
+            .variants
+            .iter()
+            .filter(|v| v.variant.null_draw_of.as_deref() == Some(control))
+            .count();
+        let mut sorted = null.clone();
+        sorted.sort_by(f64::total_cmp);
+        writeln!(
+            md,
+            "### `{control}`: {} draws{}\n",
+            null.len(),
+            if null.len() < planned {
+                format!(" of {planned} planned")
+            } else {
+                String::new()
+            }
+        )?;
+        if sorted.is_empty() {
+            writeln!(md, "No draw is scored yet.\n")?;
+            continue;
+        }
+        writeln!(
+            md,
+            "Each draw zeroes as many random dims as the control's detector finds (never the detected ones), \
+             with a seed of its own, and is scored on the harmless prompts' KL alone. Its difference from \
+             `{ref_name}` (each prompt averaged over the replicates, as the verdicts are): median {}, 5–95% \
+             {} … {}, range {} … {}. Each arm that acts on dims, placed in it — *as low*: the share of \
+             draws at or below its difference, (1 + k)/(K + 1); *as far from 0*: the share at least as \
+             far from 0 either way. Descriptive: not corrected with the family.\n",
+            bound(stats::quantile_sorted(&sorted, 0.5), 1.0, 4),
+            bound(stats::quantile_sorted(&sorted, 0.05), 1.0, 4),
+            bound(stats::quantile_sorted(&sorted, 0.95), 1.0, 4),
+            bound(sorted[0], 1.0, 4),
+            bound(sorted[sorted.len() - 1], 1.0, 4),
+        )?;
+        writeln!(
+            md,
+            "| arm | KL Δ vs `{ref_name}` | draws at or below | as low (p) | as far from 0 (p) |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for c in fam.comparisons.iter().filter(|c| c.reference == reference) {
+            let arm = &fam.arms[c.variant];
+            let acts_on_dims = r.plan.variants.iter().any(|v| {
+                arm.names.contains(&v.variant.name)
+                    && !v.variant.kl_only()
+                    && v.variant.needs_dims()
+            });
+            if !acts_on_dims {
+                continue;
+            }
+            let pos = crate::stats::clustered::null_position(&null, c.kl.estimate);
+            writeln!(
+                md,
+                "| {} | {} | {}/{} | {:.3} | {:.3} |",
+                escape_cell(&arm.label()),
+                bound(c.kl.estimate, 1.0, 4),
+                pos.at_or_below,
+                null.len(),
+                pos.low,
+                pos.two_sided
             )?;
         }
         writeln!(md)?;
@@ -928,6 +1055,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         by_source(&mut md, base, &here, r.prompts.get(&seed))?;
     }
     verdict_section(&mut md, &fam, r.references.len())?;
+    null_section(&mut md, &r, &fam)?;
     if headline != "heretic" {
         writeln!(
             md,
@@ -1265,7 +1393,7 @@ fn pooled_points(r: &RunResults) -> Vec<plots::Point> {
     // any of them is a baseline.
     type Group = (Vec<(u64, String)>, Vec<String>, bool);
     let mut groups: Vec<Group> = Vec::new();
-    for pv in &r.plan.variants {
+    for pv in r.plan.variants.iter().filter(|v| !v.variant.kl_only()) {
         let mut keys: Vec<(u64, String)> = r
             .assignments
             .iter()

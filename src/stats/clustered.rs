@@ -167,8 +167,41 @@ impl DrawReading {
     }
 }
 
+/// Where `x` falls in a null distribution of `null` draws (K of them), as empirical p-values
+/// with the +1 that keeps them valid: `low` = (1 + #{draws ≤ x})/(K + 1), the chance of a draw
+/// as low as x; `two_sided` = (1 + #{|draw| ≥ |x|})/(K + 1), as far from 0.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NullPosition {
+    pub at_or_below: usize,
+    pub low: f64,
+    pub two_sided: f64,
+}
+
+pub fn null_position(null: &[f64], x: f64) -> NullPosition {
+    let k = null.len() as f64;
+    let at_or_below = null.iter().filter(|d| **d <= x).count();
+    let far = null.iter().filter(|d| d.abs() >= x.abs()).count();
+    NullPosition {
+        at_or_below,
+        low: (1.0 + at_or_below as f64) / (k + 1.0),
+        two_sided: (1.0 + far as f64) / (k + 1.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn null_positions_count_the_draws_as_extreme() {
+        let null = [-0.002, -0.001, 0.0, 0.001, 0.003];
+        let p = super::null_position(&null, -0.0015);
+        assert_eq!(p.at_or_below, 1);
+        assert!((p.low - 2.0 / 6.0).abs() < 1e-12);
+        // |d| ≥ 0.0015: −0.002 and 0.003.
+        assert!((p.two_sided - 3.0 / 6.0).abs() < 1e-12);
+        let beyond = super::null_position(&null, -0.01);
+        assert_eq!((beyond.at_or_below, beyond.low), (0, 1.0 / 6.0));
+    }
+
     use super::*;
 
     #[test]

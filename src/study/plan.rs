@@ -80,6 +80,10 @@ pub fn variant_id(v: &Variant) -> String {
         // Detection settings that no handling uses do not change the result.
         canon.detect = None;
     }
+    // The control a null draw belongs to is a name, not a setting.
+    if canon.kl_only() {
+        canon.null_draw_of = Some(String::new());
+    }
     let json = serde_json::to_string(&canon).expect("variants serialise");
     let h = Sha256::digest(json.as_bytes());
     h.iter().take(6).map(|b| format!("{b:02x}")).collect()
@@ -128,6 +132,7 @@ fn expand_sweep(
             search: None,
             tune: None,
             dims: None,
+            null_draw_of: None,
         });
     }
     let detection_sweep =
@@ -203,6 +208,7 @@ fn expand_sweep(
                     search: None,
                     tune: None,
                     dims: None,
+                    null_draw_of: None,
                 });
             }
         }
@@ -233,7 +239,21 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
             search: None,
             tune: None,
             dims: v.dims.clone(),
+            null_draw_of: None,
         });
+        // The control's null distribution: the same edit with the next K seeds, KL alone.
+        let base = variants.last().expect("just pushed").clone();
+        if let (Some(k), [Handling::RandomDims { seed }]) = (v.draws, base.handlings.as_slice()) {
+            let seed = *seed;
+            for j in 1..=k as u64 {
+                variants.push(Variant {
+                    name: format!("{}~{j}", v.name),
+                    handlings: vec![Handling::RandomDims { seed: seed + j }],
+                    null_draw_of: Some(v.name.clone()),
+                    ..base.clone()
+                });
+            }
+        }
     }
     for sw in &f.sweeps {
         variants.extend(expand_sweep(sw, &base, &ablation, orth)?);
@@ -252,6 +272,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
             search: None,
             tune: Some(t.clone()),
             dims: None,
+            null_draw_of: None,
         });
     }
     for v in &mut variants {

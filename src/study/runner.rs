@@ -267,6 +267,10 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
     // named dims are the same dims as detected ones.
     canon.tune = None;
     canon.dims = None;
+    // A null draw's edit is its control's with another seed; only KL-only scoring sets it
+    // apart, and that stays in the key.
+    let kl_only = canon.kl_only();
+    canon.null_draw_of = kl_only.then(String::new);
     if dims.is_empty() {
         // With nothing detected, zeroing or protecting dims is exactly `none` (tested), so such
         // variants share `none`'s score.
@@ -557,6 +561,10 @@ fn update_stored(
     let Some(mut rec) = read_record::<ScoreRecord>(&path)? else {
         return Ok(());
     };
+    // A null draw has no replies to complete or label.
+    if members.iter().all(|m| m.variant.kl_only()) {
+        return Ok(());
+    }
     let cut = rep.evaluator.cut_replies(&rec.outcome).map(|c| c.len());
     let unlabelled = refusal.classifiers.iter().any(|c| {
         *c != classify::Classifier::Heretic && !rec.outcome.labels.contains_key(&c.name())
@@ -636,13 +644,17 @@ fn score_group(
     if let Some(p) = &searched {
         v.ablation = p.clone();
     }
-    let pb = progress_bar(
-        rep.evaluator.work(),
-        &format!("r{seed} {}", trunc(&v.name, 34)),
-    );
+    let work = if v.kl_only() {
+        rep.evaluator.kl_work()
+    } else {
+        rep.evaluator.work()
+    };
+    let pb = progress_bar(work, &format!("r{seed} {}", trunc(&v.name, 34)));
     let mut outcome = variant::score(lm, &rep.evaluator, &v, &data, |_, n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    refusal.label(&mut outcome, &rep.evaluator.bad_text)?;
+    if !v.kl_only() {
+        refusal.label(&mut outcome, &rep.evaluator.bad_text)?;
+    }
     let rec = ScoreRecord {
         key: key.to_string(),
         replicate: seed,
@@ -653,13 +665,20 @@ fn score_group(
     };
     write_atomic(&result_path(out, seed, key), &serde_json::to_vec(&rec)?)?;
     let names: Vec<&str> = members.iter().map(|m| m.variant.name.as_str()).collect();
+    let refusals = if v.kl_only() {
+        "(KL only)".to_string()
+    } else {
+        format!(
+            "{:>3}/{:<3}",
+            rec.outcome.refused.iter().filter(|x| **x).count(),
+            rec.outcome.refused.len()
+        )
+    };
     eprintln!(
-        "[{}/{}] r{seed} {:<40} refusals {:>3}/{:<3} KL {:.4} dims {} ({:.0} s{})",
+        "[{}/{}] r{seed} {:<40} refusals {refusals} KL {:.4} dims {} ({:.0} s{})",
         i + 1,
         total,
         trunc(&names.join(" | "), 40),
-        rec.outcome.refused.iter().filter(|x| **x).count(),
-        rec.outcome.refused.len(),
         rec.outcome.kl_mean(),
         dims_summary(dims),
         t.elapsed().as_secs_f64(),

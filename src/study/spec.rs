@@ -519,6 +519,11 @@ pub struct VariantSpec {
     /// dims carry an effect. Only with a handling that uses dims.
     #[serde(default)]
     pub dims: Option<Vec<u32>>,
+    /// A random control (`random-dims`) as a null distribution: K further draws of it, each
+    /// with its own seed, scored on KL alone (no decoding); the control itself is scored in
+    /// full. The report places the arms that act on dims within that distribution.
+    #[serde(default)]
+    pub draws: Option<usize>,
 }
 
 fn d_handling_none() -> String {
@@ -651,6 +656,7 @@ const KEYS: &[&str] = &[
     "datasets",
     "detection",
     "dims",
+    "draws",
     "ablation",
     "evaluation",
     "variants",
@@ -1047,6 +1053,29 @@ fn check(s: &Study, text: &str) -> Result<()> {
                     format!("{e:#}"),
                 )
             })?;
+        }
+        if let Some(k) = v.draws {
+            let control = matches!(
+                Handling::parse_list(&v.handling).as_deref(),
+                Ok([Handling::RandomDims { .. }])
+            );
+            let problem = if !control {
+                Some(format!(
+                    "variant '{}' asks for draws but its handling '{}' is not a random control; \
+                     draws are for `random-dims` (alone)",
+                    v.name, v.handling
+                ))
+            } else if !(2..=1000).contains(&k) {
+                Some(format!(
+                    "variant '{}': draws must lie in 2..=1000 (a null distribution of {k} draws says nothing)",
+                    v.name
+                ))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Err(at_key(s, text, &format!("variants[{i}].draws"), p));
+            }
         }
         if let Some(dims) = &v.dims {
             let uses = Handling::parse_list(&v.handling)
