@@ -404,21 +404,6 @@ pub fn comparison_pairs(ranks: &[Option<usize>]) -> Vec<(usize, usize)> {
     pairs
 }
 
-/// The prompt-level test of one metric, before correction.
-enum Test {
-    Exact(McNemar),
-    Flip(SignFlip),
-}
-
-impl Test {
-    fn p(&self) -> f64 {
-        match self {
-            Test::Exact(m) => m.p(),
-            Test::Flip(f) => f.p(),
-        }
-    }
-}
-
 /// One comparison's data, gathered before the family is decided.
 struct Raw {
     pair: (usize, usize),
@@ -426,7 +411,9 @@ struct Raw {
     mc: McNemar,
     rep_refusals: Vec<f64>,
     refusal_units: Clustered,
-    refusal_test: Test,
+    /// Some when prompts repeat over draws: the refusal test over per-prompt means; None: exact
+    /// McNemar on `mc`.
+    refusal_flip: Option<SignFlip>,
     kl_units: Clustered,
     flip: SignFlip,
     rep_kl: Vec<f64>,
@@ -463,15 +450,9 @@ fn gather(pair: (usize, usize), a: &Arm, b: &Arm, units: &Units, reps: usize) ->
     let seed = seed_of(a, b);
     // McNemar is the exact test when every pair is a prompt of its own; repeated prompts make
     // the pairs dependent, and the test runs over per-prompt means instead.
-    let refusal_test = if refusal_units.repeated {
-        Test::Flip(SignFlip::new(
-            &refusal_units.units,
-            reps,
-            seed ^ 0x7265_6675_7361_6c73,
-        ))
-    } else {
-        Test::Exact(mc)
-    };
+    let refusal_flip = refusal_units
+        .repeated
+        .then(|| SignFlip::new(&refusal_units.units, reps, seed ^ 0x7265_6675_7361_6c73));
     let flip = SignFlip::new(&kl_units.units, reps, seed);
     Raw {
         pair,
@@ -479,7 +460,7 @@ fn gather(pair: (usize, usize), a: &Arm, b: &Arm, units: &Units, reps: usize) ->
         mc,
         rep_refusals,
         refusal_units,
-        refusal_test,
+        refusal_flip,
         kl_units,
         flip,
         rep_kl,
@@ -515,7 +496,12 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings, units: &Units) -
         .collect();
     let ps: Vec<f64> = raws
         .iter()
-        .flat_map(|r| [r.refusal_test.p(), r.flip.p()])
+        .flat_map(|r| {
+            [
+                r.refusal_flip.as_ref().map_or(r.mc.p(), SignFlip::p),
+                r.flip.p(),
+            ]
+        })
         .collect();
     let decisions = decide(&ps, settings.correction, settings.alpha);
     // The draw-level family: the readings of comparisons over two or more draws.
@@ -551,8 +537,9 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings, units: &Units) -
     for (k, (r, [wr, wk])) in raws.into_iter().zip(readings).enumerate() {
         let (dr, dk) = (decisions[2 * k], decisions[2 * k + 1]);
         let pi = r.mc.discordance();
-        let refusals = match &r.refusal_test {
-            Test::Exact(mc) => {
+        let refusals = match &r.refusal_flip {
+            None => {
+                let mc = &r.mc;
                 let (lo, hi) = mc.interval(dr.level);
                 let est = mc.estimate();
                 let n = mc.n as f64;
@@ -580,7 +567,7 @@ pub fn family<'a>(arms: Vec<Arm<'a>>, settings: &StatsSettings, units: &Units) -
                     over_draws: over_draws(wr, margin_r),
                 }
             }
-            Test::Flip(f) => flip_test(
+            Some(f) => flip_test(
                 f,
                 dr,
                 margin_r,
