@@ -7,11 +7,12 @@
 pub mod ablate;
 pub mod assets;
 pub mod bench;
-pub mod cli;
+pub mod commands;
 pub mod datasets;
 pub mod detect;
 pub mod direction;
 pub mod evaluate;
+pub mod fs;
 pub mod model;
 pub mod pipeline;
 pub mod report;

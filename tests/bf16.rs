@@ -85,8 +85,7 @@ fn trigger_dims(alias: &str, precision: Precision, f: &str) -> Vec<u32> {
 }
 
 fn agrees(alias: &str, f: &str, want: &[u32]) {
-    if !bf16::available() {
-        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+    if !outlierlab::model::cpu::test_runs(outlierlab::model::cpu::Isa::Avx2Fma) {
         return;
     }
     let (first, all, kl, _) = compare(alias, 16);
@@ -131,8 +130,7 @@ fn bf16_agrees_with_f32_qwen05() {
 /// rounded once, and a snapshot restores the model bit for bit.
 #[test]
 fn bf16_writers_read_rounded_and_restore_exactly() {
-    if !bf16::available() {
-        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+    if !outlierlab::model::cpu::test_runs(outlierlab::model::cpu::Isa::Avx2Fma) {
         return;
     }
     use outlierlab::model::Writer;
@@ -174,8 +172,7 @@ fn bf16_writers_read_rounded_and_restore_exactly() {
 /// change with the screen.
 #[test]
 fn bf16_fused_argmax_is_the_argmax_of_the_logits() {
-    if !bf16::available() {
-        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+    if !outlierlab::model::cpu::test_runs(outlierlab::model::cpu::Isa::Avx2Fma) {
         return;
     }
     for alias in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {

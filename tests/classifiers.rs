@@ -45,7 +45,13 @@ fn judge_plumbing_on_both_tokenizers() {
     for alias in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
         let tmp = tempfile::tempdir().unwrap();
         let cache = tmp.path().join("judge.json");
-        let mut j = Judge::load(alias, 0.5, Some(cache.clone())).unwrap();
+        let mut j = Judge::load(
+            alias,
+            outlierlab::model::Precision::F32,
+            0.5,
+            Some(cache.clone()),
+        )
+        .unwrap();
         let (yes, no) = j.answer_tokens();
         assert!(!yes.is_empty() && !no.is_empty(), "{alias}");
         assert!(
@@ -94,7 +100,8 @@ fn judge_plumbing_on_both_tokenizers() {
         assert_eq!(j.judged, 2);
         assert_eq!(j.scores(&pairs, 4).unwrap(), s);
         assert_eq!(j.judged, 2, "the second call is answered from the cache");
-        let mut again = Judge::load(alias, 0.5, Some(cache)).unwrap();
+        let mut again =
+            Judge::load(alias, outlierlab::model::Precision::F32, 0.5, Some(cache)).unwrap();
         assert_eq!(again.scores(&pairs, 4).unwrap(), s);
         assert_eq!(again.judged, 0, "the cache persists");
     }

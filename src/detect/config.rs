@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The trigger prompt of PR #154.
 pub const PR154_TRIGGER: &str =
@@ -407,5 +408,39 @@ impl DetectConfig {
             floor: None,
             ..self.clone()
         }
+    }
+}
+
+/// A detection as a study file names it: a preset and overrides of its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionSettings {
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Overrides, as `outlierlab detect --set key=value`; `null` switches a criterion off.
+    #[serde(default)]
+    pub set: BTreeMap<String, serde_yaml::Value>,
+}
+
+fn default_preset() -> String {
+    "pr154".into()
+}
+
+impl Default for DetectionSettings {
+    fn default() -> Self {
+        DetectionSettings {
+            preset: default_preset(),
+            set: BTreeMap::new(),
+        }
+    }
+}
+
+impl DetectionSettings {
+    pub fn resolve(&self) -> Result<DetectConfig> {
+        let mut c = super::preset(&self.preset)?;
+        for (k, v) in &self.set {
+            c.set(&format!("{k}={}", crate::util::yaml_scalar(v)))?;
+        }
+        Ok(c)
     }
 }

@@ -12,7 +12,7 @@ pub mod table;
 pub mod validate;
 
 pub use apply::{apply, Detection};
-pub use config::{preset, DetectConfig};
+pub use config::{preset, DetectConfig, DetectionSettings};
 pub use scan::{scan, Floor, PromptStates, Scan, Source};
 
 use crate::model::{Batch, HiddenConvention, LoadedModel, Logits};

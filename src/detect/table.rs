@@ -95,18 +95,12 @@ pub fn candidate_table(scan: &Scan) -> Result<DataFrame> {
 
 /// Writes `df` to `path` atomically (temporary file, then rename).
 pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    ParquetWriter::new(tmp.as_file())
-        .finish(df)
-        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot move the table into {}", path.display()))?;
-    Ok(())
+    crate::fs::write_atomic_with(path, |f| {
+        ParquetWriter::new(f)
+            .finish(df)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    })
 }
 
 pub fn read_parquet(path: &Path) -> Result<DataFrame> {

@@ -137,8 +137,15 @@ pub fn answer_ids(lm: &LoadedModel, word: &str) -> Result<Vec<u32>> {
 }
 
 impl Judge {
-    pub fn load(spec: &str, threshold: f64, cache_path: Option<PathBuf>) -> Result<Judge> {
-        let lm = model::load(spec)?;
+    /// The judge runs in `precision`, the study's (f32 where the CPU lacks bf16); its scores are
+    /// cached per precision.
+    pub fn load(
+        spec: &str,
+        precision: model::Precision,
+        threshold: f64,
+        cache_path: Option<PathBuf>,
+    ) -> Result<Judge> {
+        let lm = model::load_with(spec, precision)?;
         let yes = answer_ids(&lm, "yes")?;
         let no = answer_ids(&lm, "no")?;
         let cache = cache_path
@@ -173,7 +180,8 @@ impl Judge {
 
     fn key(&self, request: &str, reply: &str) -> String {
         let mut h = Sha256::new();
-        for part in [self.name.as_str(), JUDGE_SYSTEM, request, reply] {
+        let precision = self.lm.model.precision().name();
+        for part in [self.name.as_str(), precision, JUDGE_SYSTEM, request, reply] {
             h.update(part.as_bytes());
             h.update([0u8]);
         }
@@ -212,7 +220,7 @@ impl Judge {
             }
             self.judged += chunk.len();
             if let Some(p) = &self.cache_path {
-                crate::study::rundir::write_atomic(p, &serde_json::to_vec(&self.cache)?)?;
+                crate::fs::write_atomic(p, &serde_json::to_vec(&self.cache)?)?;
             }
         }
         if !todo.is_empty() {
@@ -270,6 +278,7 @@ impl Labeller {
     pub fn load(
         classifiers: &[Classifier],
         threshold: f64,
+        precision: model::Precision,
         judge_cache: impl Fn(&str) -> PathBuf,
     ) -> Result<Labeller> {
         let judge = match classifiers.iter().find_map(|c| match c {
@@ -278,7 +287,12 @@ impl Labeller {
         }) {
             Some(m) => {
                 eprintln!("loading the judge model {m}");
-                Some(Judge::load(&m, threshold, Some(judge_cache(&m)))?)
+                Some(Judge::load(
+                    &m,
+                    precision,
+                    threshold,
+                    Some(judge_cache(&m)),
+                )?)
             }
             None => None,
         };

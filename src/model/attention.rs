@@ -503,17 +503,18 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_vector_dot_products_are_the_portable_one() {
-        let f = crate::model::cpu::features();
+        use crate::model::cpu::{test_runs, Isa};
+        let (avx512f, avx2) = (test_runs(Isa::Avx512f), test_runs(Isa::Avx2));
         for len in [1, 15, 16, 20, 64, 100, 256] {
             let a = random(&[len], len as u64).to_vec1::<f32>().unwrap();
             let b = random(&[len], 1000 + len as u64).to_vec1::<f32>().unwrap();
             let want = dot_lanes(&a, &b).to_bits();
-            if f.avx512f {
+            if avx512f {
                 // SAFETY: the feature was checked.
                 let wide = unsafe { dot_avx512(&a, &b) };
                 assert_eq!(wide.to_bits(), want, "512-bit, length {len}");
             }
-            if f.avx2 {
+            if avx2 {
                 // SAFETY: as above.
                 let half = unsafe { dot_avx2(&a, &b) };
                 assert_eq!(half.to_bits(), want, "256-bit, length {len}");

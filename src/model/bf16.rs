@@ -35,7 +35,7 @@
 //! by [`round_bits`], bit for bit what `vcvtneps2bf16` does, so a bf16 result does not depend on
 //! which of the three ran.
 
-use super::cpu::features;
+use super::cpu::{features, Isa};
 use super::pool;
 use half::bf16;
 
@@ -156,11 +156,22 @@ impl Kernel {
         }
     }
 
-    /// Every kernel this CPU can run (tests compare them bit for bit).
+    /// The instruction-set path the kernel needs.
+    pub fn isa(self) -> Isa {
+        match self {
+            Kernel::Dot => Isa::Avx512Bf16,
+            Kernel::Widen => Isa::Avx512,
+            Kernel::Widen8 => Isa::Avx2Fma,
+        }
+    }
+
+    /// Every kernel this CPU can run, for the tests that compare them bit for bit; a kernel
+    /// whose path `OUTLIERLAB_REQUIRE_ISA` requires and this CPU lacks fails instead
+    /// ([`super::cpu::test_runs`]).
     pub fn all_here() -> Vec<Kernel> {
         [Kernel::Dot, Kernel::Widen, Kernel::Widen8]
             .into_iter()
-            .filter(|k| k.runs_here())
+            .filter(|k| super::cpu::test_runs(k.isa()))
             .collect()
     }
 }
@@ -1088,6 +1099,7 @@ unsafe fn store_tile<const R: usize, const NV: usize, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu::test_runs;
     use crate::util::noise;
 
     #[test]
@@ -1155,8 +1167,7 @@ mod tests {
     /// of MC rows).
     #[test]
     fn agrees_with_the_exact_product_of_the_rounded_operands() {
-        if !available() {
-            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
         let kernels = Kernel::all_here();
@@ -1213,8 +1224,7 @@ mod tests {
     /// (what `vdpbf16ps` does with them), and every other input is rounded to nearest even.
     #[test]
     fn subnormal_inputs_are_zero_in_every_kernel() {
-        if !available() {
-            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
         let (m, k, n) = (3, 19, 40);
@@ -1254,8 +1264,7 @@ mod tests {
     /// split unevenly across the tasks (k across k-blocks, n not a multiple of 32, one panel).
     #[test]
     fn products_of_one_input_together_equal_each_alone() {
-        if !available() {
-            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
         for (m, k, ns) in [
@@ -1289,8 +1298,7 @@ mod tests {
     /// the first wins), a maximum in column 0, and a NaN row.
     #[test]
     fn fused_argmax_equals_argmax_of_the_product() {
-        if !available() {
-            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 with FMA");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
         let argmax = |y: Vec<f32>, m: usize, n: usize| -> Vec<u32> {

@@ -52,3 +52,90 @@ pub fn features() -> Features {
         }
     }
 }
+
+/// An instruction-set path the vector code dispatches to, by the name `OUTLIERLAB_REQUIRE_ISA`
+/// and `.ci/run` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Avx2Fma,
+    Avx512f,
+    Avx512,
+    Avx512Bf16,
+    Vnni,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 6] = [
+        Isa::Avx2,
+        Isa::Avx2Fma,
+        Isa::Avx512f,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Vnni,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "avx2",
+            Isa::Avx2Fma => "avx2_fma",
+            Isa::Avx512f => "avx512f",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Vnni => "vnni",
+        }
+    }
+
+    /// Whether this CPU runs the path.
+    pub fn here(self) -> bool {
+        let f = features();
+        match self {
+            Isa::Avx2 => f.avx2,
+            Isa::Avx2Fma => f.avx2_fma,
+            Isa::Avx512f => f.avx512f,
+            Isa::Avx512 => f.avx512,
+            Isa::Avx512Bf16 => f.avx512bf16,
+            Isa::Vnni => f.vnni,
+        }
+    }
+}
+
+/// The paths `OUTLIERLAB_REQUIRE_ISA` names (comma-separated, e.g. `avx2,avx2_fma,avx512`).
+pub fn required() -> Vec<Isa> {
+    let Ok(list) = std::env::var("OUTLIERLAB_REQUIRE_ISA") else {
+        return Vec::new();
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Isa::ALL
+                .into_iter()
+                .find(|i| i.name() == s)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "OUTLIERLAB_REQUIRE_ISA names '{s}'; known: {}",
+                        Isa::ALL.map(Isa::name).join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+/// For the tests of vector code: whether the code for `isa` can run here. Where it cannot the
+/// test skips it — unless `OUTLIERLAB_REQUIRE_ISA` names `isa`, and then this panics, so that a
+/// machine whose CPU has the instructions (`.ci/run` reads them from /proc/cpuinfo) cannot pass
+/// a kernel test by running no kernel.
+pub fn test_runs(isa: Isa) -> bool {
+    if isa.here() {
+        return true;
+    }
+    if required().contains(&isa) {
+        panic!(
+            "OUTLIERLAB_REQUIRE_ISA requires the {} path, but outlierlab does not detect it on this CPU",
+            isa.name()
+        );
+    }
+    eprintln!("skipped: this CPU has no {} path", isa.name());
+    false
+}

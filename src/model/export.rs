@@ -14,10 +14,9 @@ pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
         .into_iter()
         .map(|(k, t)| Ok((k, t.contiguous()?)))
         .collect::<Result<_>>()?;
-    // Write to a temporary name first so an interrupted export never looks complete.
-    let tmp = out.join("model.safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+    crate::fs::write_atomic_at(&out.join("model.safetensors"), |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })?;
     let tok = &lm.tokenizer;
     let id = |t: &Option<String>| t.as_deref().and_then(|s| tok.inner.token_to_id(s));
     let eos = tok.stop_ids.first().copied().or(id(&tok.eos_token));

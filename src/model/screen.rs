@@ -683,6 +683,7 @@ unsafe fn tile_int8<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu::{test_runs, Isa};
 
     const FLAVOURS: [Flavour; 2] = [Flavour::Int16, Flavour::Int8];
 
@@ -724,10 +725,11 @@ mod tests {
     /// negative.
     #[test]
     fn gives_the_full_heads_argmax() {
-        if !bf16::available() {
-            eprintln!("skipped: this CPU has no bf16 kernel");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
+        // The tiles fall back to portable code without these; where they are required they must run.
+        let _ = (test_runs(Isa::Avx2), test_runs(Isa::Vnni));
         for f in FLAVOURS {
             for (m, k, n, seed) in [
                 (1, 1, 1, 1),
@@ -789,10 +791,11 @@ mod tests {
     /// on random data few others do.
     #[test]
     fn leaves_few_rows_and_always_the_argmax() {
-        if !bf16::available() {
-            eprintln!("skipped: this CPU has no bf16 kernel");
+        if !test_runs(Isa::Avx2Fma) {
             return;
         }
+        // The tiles fall back to portable code without these; where they are required they must run.
+        let _ = (test_runs(Isa::Avx2), test_runs(Isa::Vnni));
         let (m, k, n) = (20, 896, 4096);
         let head = Packed::new(&noise(n * k, 7), n, k);
         let x = noise(m * k, 8);

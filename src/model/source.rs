@@ -72,20 +72,9 @@ pub struct LoadedModel {
     pub load_seconds: f64,
 }
 
-/// The precision `load` gives the models of this process (the `--precision` flag); a study
-/// names its own and loads with [`load_with`].
-static DEFAULT_PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
-
-pub fn set_default_precision(p: Precision) {
-    let _ = DEFAULT_PRECISION.set(p);
-}
-
-pub fn default_precision() -> Precision {
-    DEFAULT_PRECISION.get().copied().unwrap_or_default()
-}
-
+/// Loads a model in f32, the reference precision (what the transformers tests compare with).
 pub fn load(spec: &str) -> Result<LoadedModel> {
-    load_with(spec, default_precision())
+    load_with(spec, Precision::F32)
 }
 
 /// Loads a model and stores its matrices in `precision` (f32 where the CPU lacks bf16; the

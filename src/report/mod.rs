@@ -1157,8 +1157,8 @@ fn by_source(
 fn finish(mut md: String, out: &Path, name: &str, study: &str) -> Result<PathBuf> {
     writeln!(md, "## Study file\n\n```yaml\n{}\n```", study.trim_end())?;
     let path = out.join("report.md");
-    crate::study::rundir::write_atomic(&path, md.as_bytes())?;
-    crate::study::rundir::write_atomic(&out.join("report.html"), html(name, &md).as_bytes())?;
+    crate::fs::write_atomic(&path, md.as_bytes())?;
+    crate::fs::write_atomic(&out.join("report.html"), html(name, &md).as_bytes())?;
     Ok(path)
 }
 

@@ -6,11 +6,11 @@
 use super::rundir::{
     best, read_record, write_record, Memo, Scored, SearchResult, Trial, TuneResult,
 };
-use super::spec::{Sampler, SearchObjective, SearchSpec, TuneSpec};
 use crate::ablate::{AblationParams, Kernel};
 use crate::detect::{self, Scan};
 use crate::evaluate::{Evaluator, Outcome};
 use crate::model::LoadedModel;
+use crate::pipeline::settings::{Sampler, SearchObjective, SearchSettings, TuneSettings};
 use crate::pipeline::{self as variant, DirectionData, Variant};
 use crate::util::progress_bar;
 use anyhow::Result;
@@ -156,7 +156,7 @@ pub fn search_edit(
     sel: &Selection,
     v: &Variant,
     prepared: &variant::Prepared,
-    spec: &SearchSpec,
+    spec: &SearchSettings,
     label: &str,
     memo: &mut Memo,
 ) -> Result<(AblationParams, f64, usize, Vec<Trial>, usize)> {
@@ -268,7 +268,7 @@ pub fn pareto_choice(trials: &[Trial], max_kl: f64) -> Option<&Trial> {
 }
 
 /// The rule a search chose by, in words, for reports.
-pub fn rule(spec: &SearchSpec) -> String {
+pub fn rule(spec: &SearchSettings) -> String {
     match spec.objective {
         SearchObjective::Pareto => format!(
             "heretic's two objectives (refusals, KL) on the selection split; from their Pareto front, the fewest refusals with KL ≤ {} (then the lowest KL; if none is under the bound, the lowest KL); {:?} sampling",
@@ -294,7 +294,7 @@ pub fn tune_thresholds(
     replicate: u64,
     scan: &Scan,
     data: &DirectionData,
-    spec: &TuneSpec,
+    spec: &TuneSettings,
     memo: &mut Memo,
 ) -> Result<TuneResult> {
     let t0 = Instant::now();
@@ -458,7 +458,7 @@ pub fn stored_or_searched(
     sel: Option<&Selection>,
     v: &Variant,
     prepared: &variant::Prepared,
-    spec: &SearchSpec,
+    spec: &SearchSettings,
     path: &std::path::Path,
     (key, replicate, variant_ids): (&str, u64, Vec<String>),
 ) -> Result<SearchResult> {

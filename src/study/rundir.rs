@@ -47,13 +47,13 @@ use crate::ablate::AblationParams;
 use crate::detect;
 use crate::direction::Residuals;
 use crate::evaluate::Outcome;
+use crate::fs::write_atomic;
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub fn sha_hex(bytes: &[u8]) -> String {
@@ -65,19 +65,6 @@ pub fn sha_hex(bytes: &[u8]) -> String {
 
 pub fn hash_json<T: Serialize>(v: &T) -> String {
     sha_hex(serde_json::to_string(v).expect("serialisable").as_bytes())[..16].to_string()
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename: a reader never sees half a
-/// file, and a killed run leaves no partial result behind.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 /// Holds the run directory for this process; dropped, the lock goes with it.

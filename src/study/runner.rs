@@ -7,14 +7,14 @@ use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
 use super::rundir::{
     assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
     provenance_path, read_record, reference_cache_path, replicate_dir, result_path, search_path,
-    tune_path, validation_path, write_atomic, write_or_check_plan, write_record, write_tables,
-    write_validation, Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance,
-    ScoreRecord, TuneResult,
+    tune_path, validation_path, write_or_check_plan, write_record, write_tables, write_validation,
+    Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, TuneResult,
 };
 use super::spec::Study;
 use crate::detect;
 use crate::evaluate::classify::{self, Labeller};
 use crate::evaluate::{Evaluator, Outcome};
+use crate::fs::write_atomic;
 use crate::model::{self, HiddenConvention, LoadedModel};
 use crate::pipeline::{self as variant, DirectionData, Variant};
 use crate::util::{dims_summary, progress_bar, trunc};
@@ -300,6 +300,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let mut refusal = Labeller::load(
         &study.file.evaluation.classifiers()?,
         study.file.evaluation.judge_threshold,
+        study.file.precision,
         |m| judge_cache_path(&cache, m),
     )?;
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();

@@ -2,10 +2,11 @@
 //! line and column, the field path, what was expected, and a did-you-mean for unknown keys.
 
 use crate::ablate::{AblationParams, Kernel, RowNorm};
-use crate::detect::{self, DetectConfig};
+use crate::detect::{self, DetectionSettings};
 use crate::direction::Handling;
 use crate::evaluate::compare::{is_handling_selector, StatsSettings};
 use crate::evaluate::EvalOptions;
+use crate::pipeline::settings::{Sampler, SearchSettings, TuneSettings, MIN_SWARM_TRIALS};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,7 +39,7 @@ pub struct StudyFile {
     #[serde(default)]
     pub detection_validation: Option<crate::detect::validate::ValidationSpec>,
     #[serde(default)]
-    pub detection: DetectionSpec,
+    pub detection: DetectionSettings,
     #[serde(default)]
     pub ablation: AblationSpec,
     #[serde(default)]
@@ -58,7 +59,7 @@ pub struct StudyFile {
     /// Detection thresholds optimised on the selection split, then scored once on the
     /// evaluation prompts (fit / select / report).
     #[serde(default)]
-    pub tune: Vec<TuneSpec>,
+    pub tune: Vec<TuneSettings>,
     /// How comparisons are decided: α, the multiplicity correction, which variants are
     /// references, equivalence margins, power for minimum detectable differences.
     #[serde(default)]
@@ -178,52 +179,6 @@ pub struct SetSpec {
     pub sample: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DetectionSpec {
-    #[serde(default = "default_preset")]
-    pub preset: String,
-    /// Overrides, as `outlierlab detect --set key=value`; `null` switches a criterion off.
-    #[serde(default)]
-    pub set: BTreeMap<String, serde_yaml::Value>,
-}
-
-fn default_preset() -> String {
-    "pr154".into()
-}
-
-impl Default for DetectionSpec {
-    fn default() -> Self {
-        DetectionSpec {
-            preset: default_preset(),
-            set: BTreeMap::new(),
-        }
-    }
-}
-
-fn yaml_scalar(v: &serde_yaml::Value) -> String {
-    match v {
-        serde_yaml::Value::Null => "none".into(),
-        serde_yaml::Value::Bool(b) => b.to_string(),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-    }
-}
-
-impl DetectionSpec {
-    pub fn resolve(&self) -> Result<DetectConfig> {
-        let mut c = detect::preset(&self.preset)?;
-        for (k, v) in &self.set {
-            c.set(&format!("{k}={}", yaml_scalar(v)))?;
-        }
-        Ok(c)
-    }
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AblationSpec {
@@ -240,60 +195,7 @@ pub struct AblationSpec {
     pub orthogonalize: Option<bool>,
     /// Search the edit per variant (the fixed values above are ignored where searched).
     #[serde(default)]
-    pub search: Option<SearchSpec>,
-}
-
-/// How the searched kernels are compared on the selection split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SearchObjective {
-    /// heretic's form: two objectives (refusals, KL), the Pareto front of the trials, and one
-    /// kernel chosen from it by a stated rule (fewest refusals with KL ≤ `max_kl`).
-    #[default]
-    Pareto,
-    /// One number: KL (or, below `kl_target`, the refusal ratio scaled to the target) plus
-    /// refusals / refusals of the unedited model — heretic 1.x's two objectives added up.
-    Sum,
-}
-
-/// How the trials' kernels are drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Sampler {
-    /// Uniform over heretic's ranges, seeded: what heretic's TPE sampler does for its first
-    /// `n_startup_trials` (60) trials. (heretic then switches to multivariate TPE, which this
-    /// tool does not implement.)
-    Random,
-    /// argmin's particle swarm on the summed objective, 8 particles per generation.
-    Swarm,
-}
-
-/// Fewer trials than this and the swarm runs a single generation: 8 random kernels, no search.
-pub const MIN_SWARM_TRIALS: usize = 16;
-/// A random search of n trials lands one in the best 10% of the space with probability
-/// 1 − 0.9ⁿ; 22 trials make that 90%.
-pub const MIN_RANDOM_TRIALS: usize = 22;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchSpec {
-    /// Objective evaluations (each one scores the selection prompts).
-    pub trials: usize,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "d_kl_target")]
-    pub kl_target: f64,
-    #[serde(default = "d_kl_scale")]
-    pub kl_scale: f64,
-    #[serde(default)]
-    pub objective: SearchObjective,
-    /// Default: `random` for `pareto`, `swarm` for `sum`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sampler: Option<Sampler>,
-    /// The Pareto rule's KL bound on the selection split. heretic warns that KL above 0.5
-    /// "usually indicates significant damage".
-    #[serde(default = "d_max_kl")]
-    pub max_kl: f64,
+    pub search: Option<SearchSettings>,
 }
 
 /// Budgets too small to search: the study still runs, but says so (validate and run print these).
@@ -330,60 +232,6 @@ fn default_chat() -> bool {
     true
 }
 
-fn d_max_kl() -> f64 {
-    0.5
-}
-
-impl SearchSpec {
-    pub fn sampler(&self) -> Sampler {
-        self.sampler.unwrap_or(match self.objective {
-            SearchObjective::Pareto => Sampler::Random,
-            SearchObjective::Sum => Sampler::Swarm,
-        })
-    }
-
-    /// The smallest budget that searches at all with this sampler.
-    pub fn min_trials(&self) -> usize {
-        match self.sampler() {
-            Sampler::Random => MIN_RANDOM_TRIALS,
-            Sampler::Swarm => MIN_SWARM_TRIALS,
-        }
-    }
-}
-
-fn d_kl_target() -> f64 {
-    0.01
-}
-fn d_kl_scale() -> f64 {
-    1.0
-}
-fn d_tune_trials() -> usize {
-    24
-}
-
-/// Thresholds to optimise in log space within `[low, high]` bounds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TuneSpec {
-    pub name: String,
-    #[serde(default = "d_handling_zero")]
-    pub handling: String,
-    /// Detection whose thresholds are tuned (default: the study's).
-    #[serde(default)]
-    pub detection: Option<DetectionSpec>,
-    /// Setting name -> [low, high].
-    pub thresholds: BTreeMap<String, (f64, f64)>,
-    /// Threshold sets tried; only the distinct dim sets among them are scored.
-    #[serde(default = "d_tune_trials")]
-    pub trials: usize,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "d_kl_target")]
-    pub kl_target: f64,
-    #[serde(default = "d_kl_scale")]
-    pub kl_scale: f64,
-}
-
 impl AblationSpec {
     pub fn resolve(&self, layers: usize) -> Result<(AblationParams, bool)> {
         let mut p = AblationParams::default_for(layers);
@@ -393,7 +241,7 @@ impl AblationSpec {
             Some(serde_yaml::Value::Number(n)) => p.direction_index = n.as_f64(),
             Some(other) => bail!(
                 "ablation.direction_index: expected a number or \"per-layer\", got {}",
-                yaml_scalar(other)
+                crate::util::yaml_scalar(other)
             ),
         }
         if let Some(k) = self.attn {
@@ -514,7 +362,7 @@ pub struct VariantSpec {
     pub handling: String,
     /// Detection for this variant (default: the study's).
     #[serde(default)]
-    pub detection: Option<DetectionSpec>,
+    pub detection: Option<DetectionSettings>,
     /// The dims the handling acts on, named instead of detected (e.g. `[62]`): tells which
     /// dims carry an effect. Only with a handling that uses dims.
     #[serde(default)]
@@ -585,7 +433,7 @@ pub struct SweepSpec {
     pub handling: String,
     /// Base detection of the sweep (default: the study's).
     #[serde(default)]
-    pub detection: Option<DetectionSpec>,
+    pub detection: Option<DetectionSettings>,
     #[serde(default)]
     pub criteria_subsets: Option<Subsets>,
     #[serde(default)]

@@ -1,13 +1,15 @@
 //! One variant from prompts to score: detect → handle → direction → abliterate → evaluate.
 
+pub mod settings;
+
 use crate::ablate::{self, AblationParams};
 use crate::detect::{self, DetectConfig, Scan, Source};
 use crate::direction::{self, Directions, Handling, Residuals};
 use crate::evaluate::{Evaluator, Outcome};
 use crate::model::{HiddenConvention, LoadedModel};
-use crate::study::spec::{SearchSpec, TuneSpec};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+pub use settings::{SearchSettings, TuneSettings};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Variant {
@@ -19,10 +21,10 @@ pub struct Variant {
     pub orthogonalize: bool,
     /// The edit is searched on the selection split, starting from `ablation`'s ranges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub search: Option<SearchSpec>,
+    pub search: Option<SearchSettings>,
     /// The detection thresholds are tuned on the selection split; `detect` holds the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tune: Option<TuneSpec>,
+    pub tune: Option<TuneSettings>,
     /// The dims the handling acts on, named instead of detected (a study's `dims: [62]`), so a
     /// study can tell which dims carry an effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
