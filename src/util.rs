@@ -162,6 +162,20 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A YAML scalar as a `key=value` setting spells it (`null` is `none`).
+pub fn yaml_scalar(v: &serde_yaml::Value) -> String {
+    match v {
+        serde_yaml::Value::Null => "none".into(),
+        serde_yaml::Value::Bool(b) => b.to_string(),
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,19 +188,5 @@ mod tests {
         );
         assert_eq!(did_you_mean("zzzzzz", &["median_ratio", "mad_ratio"]), None);
         assert_eq!(levenshtein("kitten", "sitting"), 3);
-    }
-}
-
-/// A YAML scalar as a `key=value` setting spells it (`null` is `none`).
-pub fn yaml_scalar(v: &serde_yaml::Value) -> String {
-    match v {
-        serde_yaml::Value::Null => "none".into(),
-        serde_yaml::Value::Bool(b) => b.to_string(),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
     }
 }

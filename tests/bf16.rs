@@ -10,7 +10,7 @@ use candle_core::D;
 use common::*;
 use outlierlab::detect::{self, config::PR154_TRIGGER, preset, Source};
 use outlierlab::model::generate::{self, GenerateOptions};
-use outlierlab::model::{self, bf16, screen::Flavour, HiddenConvention, Logits, Precision};
+use outlierlab::model::{self, screen::Flavour, HiddenConvention, Logits, Precision};
 
 const SYSTEM: &str = "You are a helpful assistant.";
 
