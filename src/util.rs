@@ -122,8 +122,8 @@ pub fn trunc(s: &str, n: usize) -> String {
 
 /// Asks glibc's allocator to keep freed memory for reuse. Every tensor of a forward pass is a
 /// fresh allocation of the same few sizes; by default glibc maps the large ones anew and returns
-/// heap tops to the kernel, so each is faulted in page by page again — measured as 9 million
-/// page faults and 24.6 s of system time beside 134.5 s of user time in a batch-100 bench.
+/// heap tops to the kernel, so each is faulted in page by page again (millions of page faults in
+/// a batch-100 bench).
 /// Called once by `main`, before any thread starts.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -26,10 +26,9 @@
 //! mask) and uses two `vfmadd231ps`, odd input first, which is exactly how `vdpbf16ps` is
 //! specified (two fused f32 multiply-adds of exact bf16 products, odd element first) — except with subnormal operands or sums, which
 //! `vdpbf16ps` flushes to zero and the widening kernel keeps (inputs are rounded by
-//! `vcvtneps2bf16`, which flushes them too). Which is faster depends on the CPU: on the Intel
-//! Xeon these numbers were taken on, one core retires vdpbf16ps at 41 G multiply-adds/s and
-//! vfmadd231ps at 83–86 G (`cargo run --release --example peak`), so widening wins; [`kernel`]
-//! times both once and keeps the faster. `Kernel::Widen8` is the widening kernel in AVX2's
+//! `vcvtneps2bf16`, which flushes them too). Which is faster depends on the CPU: where a core
+//! retires f32 fused multiply-adds at twice `vdpbf16ps`'s rate (`cargo run --release --example
+//! peak` tells), widening wins; [`kernel`] times both once and keeps the faster. `Kernel::Widen8` is the widening kernel in AVX2's
 //! 8-lane registers, for CPUs without AVX-512 (AMD before Zen 4, Intel client cores): each
 //! output lane sees the same fused multiply-adds in the same order, and the inputs are rounded
 //! by [`round_bits`], bit for bit what `vcvtneps2bf16` does, so a bf16 result does not depend on
@@ -65,8 +64,7 @@ pub enum Kernel {
 ///
 /// The timing runs on one thread, each kernel warmed up first and the two alternated, best of
 /// five: timed once each on the thread pool, the first-timed kernel paid the pool's wake-up and
-/// its buffers' first touch, and one start-up in six picked `vdpbf16ps` on a CPU where it decodes
-/// 1.45× slower (measured here: 0.70–1.69 ms against 0.85–1.61 ms for the same product).
+/// its buffers' first touch, and start-ups picked the slower kernel now and then.
 pub fn kernel() -> Kernel {
     use std::sync::OnceLock;
     static CHOSEN: OnceLock<Kernel> = OnceLock::new();
@@ -181,8 +179,8 @@ pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
-/// Weight rows per panel (two vectors of 16 lanes). 4 × 64 and 6 × 64 tiles (fewer broadcasts
-/// per product) were measured on this kernel's benchmark shapes: within run-to-run noise (±10%).
+/// Weight rows per panel (two vectors of 16 lanes). Wider tiles (fewer broadcasts per product)
+/// did not pay on the benchmark shapes (CHANGELOG.md, Performance).
 const NR: usize = 32;
 /// The most input rows per block of the AVX-512 micro-kernels (16 accumulators of 16 lanes).
 const MR: usize = 8;
@@ -190,17 +188,14 @@ const MR: usize = 8;
 const MR8: usize = 5;
 /// Inputs (k) per block: a panel's slice is KC × 32 × 2 bytes = 16 KB. A k of at most
 /// `WHOLE_K` is done in one block instead: the output is then written once, which matters for
-/// the head (151,936 columns); measured on this kernel's benchmark shapes, KC for k = 4,864 and
-/// one block for k = 896 were each the faster.
+/// the head (151,936 columns); on the benchmark shapes blocks of KC won for the MLP's long k and
+/// one block for the model width.
 const KC: usize = 256;
 const WHOLE_K: usize = 1024;
 /// The 8-lane kernel's k-block. Its tiles stream their half of the panel's slice from L1 or L2,
 /// so a longer block costs little there, and the output is read and written 5 times instead of
-/// 19 for k = 4,864 (1.8 MB at 512 rows, beyond L2). Measured on the Zen 3 machine
-/// (`examples/bf16_kernel`, two runs, 512/100/16 × 4,864 × 896, with the kernel's 4-row tiles of
-/// then): KC = 256 137–147 / 144–150 / 142 GFLOP/s, 1,024 158 / 152–157 / 156–157, 512 and one
-/// whole block in between, 128 slower; end to end within noise (`bench --batch 100` decode,
-/// alternated: 152, 151 → 156, 156 and 146, 153 → 154, 150 tokens/s).
+/// 19 for the MLP's k (beyond L2 at 512 rows). `examples/bf16_kernel` chose it on an AVX2-only
+/// core (CHANGELOG.md, Performance).
 const KC8: usize = 1024;
 /// Input rows per pass over the panels: 256 rows of a whole k = 896 are 917 KB of rounded
 /// inputs, which stay in L2 while every panel passes over them; a prefill pass of 1,617 rows

@@ -173,9 +173,8 @@ const PREFILL_BYTES: usize = 30 << 20;
 const MIN_PREFILL_POSITIONS: usize = 256;
 
 /// What one more prefill pass costs beyond its positions, in positions (its hand-offs to the
-/// threads, its copy of the shared prefix, its reading of every weight once). Measured on 100
-/// AdvBench and 100 harmless prompts' prefill (Qwen 0.5B, bf16, Zen 3): 2 (no padding at all, 16
-/// and 10 passes) 10.6 and 8.6 s, 16 10.2 and 8.2 s, 64 11.2 and 9.0 s, 200 12.8 and 9.2 s.
+/// threads, its copy of the shared prefix, its reading of every weight once); chosen on a score's
+/// prefill against smaller and larger costs (CHANGELOG.md, Performance).
 const PASS_COST_POSITIONS: usize = 16;
 
 /// Prompts shorter than this share nothing worth a separate pass.

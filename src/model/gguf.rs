@@ -1,8 +1,8 @@
 //! GGUF checkpoints: metadata → `Config`, tensors dequantised to f32 under Hugging Face names,
 //! and the vocabulary and chat template the file carries.
 //!
-//! Dequantising once at load is deliberate: f32 matmuls measured ~10× faster than quantised ones
-//! on these CPUs, and abliteration rewrites the weights anyway.
+//! Dequantising once at load is deliberate: f32 matmuls run far faster than quantised ones on a
+//! CPU, and abliteration rewrites the weights anyway.
 
 use super::{Config, Family, Weights};
 use anyhow::{bail, Context, Result};

@@ -64,10 +64,10 @@ impl Weights {
 }
 
 /// `y = x Wᵀ + b`, like `torch.nn.Linear`, with `W` stored as `[out, in]`. (Storing `Wᵀ`
-/// contiguous instead was measured: no faster for decoding here, and loading took 3x longer.)
+/// contiguous instead decoded no faster and made loading slower.)
 /// Under [`Precision::Bf16`] the weight is only held packed for the bf16 kernel: an edit reads
 /// it widened to f32, is computed in f32 and rounded back when set — as heretic edits a model
-/// loaded in bf16. (Keeping the writers' f32 originals as well was measured: a third more memory.)
+/// loaded in bf16. (Keeping the writers' f32 originals as well would cost a third more memory.)
 #[derive(Clone)]
 pub struct Linear {
     /// The f32 weight, under f32.

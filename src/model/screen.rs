@@ -173,8 +173,8 @@ pub fn chosen() -> Option<Flavour> {
 /// against 32 states with one large dimension, each warmed up, the two alternated, best of
 /// five; `None` where no flavour runs. Where 16-lane f32 fused multiply-adds retire as many
 /// multiply-adds as 8-lane `vpmaddwd` (Intel's server cores with two AVX-512 units) int16 cannot
-/// pay; on an AVX2-only core (Zen 3) it took 0.65–0.82× the fused argmax's time at batch 100 and
-/// 0.60–0.73× at batch 16 in most runs of `examples/head_screen` (README, Performance).
+/// pay; on an AVX2-only core it takes well under the fused argmax's time (`examples/head_screen`;
+/// CHANGELOG.md, Performance).
 pub fn timed() -> Option<(Flavour, f64)> {
     use std::sync::OnceLock;
     static TIMED: OnceLock<Option<(Flavour, f64)>> = OnceLock::new();

@@ -1128,3 +1128,26 @@ fn check_statistics(s: &Study, text: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/study-file.md is the study file's manual: it names every key the parser knows, and
+    /// its complete example is a study this parser accepts.
+    #[test]
+    fn the_manual_names_every_key_and_its_example_parses() {
+        let doc = include_str!("../../docs/study-file.md");
+        for k in KEYS {
+            assert!(
+                doc.contains(&format!("`{k}`")) || doc.contains(&format!("{{{k}:")),
+                "docs/study-file.md does not name `{k}`"
+            );
+        }
+        let start = doc.find("```yaml\n").expect("an example") + "```yaml\n".len();
+        let end = start + doc[start..].find("```").expect("the example ends");
+        let study = parse(&doc[start..end], "docs/study-file.md").unwrap();
+        assert_eq!(study.name, "my-study");
+        assert_eq!(study.file.replicates, vec![0, 1, 2]);
+    }
+}
