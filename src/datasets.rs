@@ -119,6 +119,43 @@ pub fn names() -> Vec<String> {
     manifests().into_iter().map(|m| m.name).collect()
 }
 
+/// The two sides of a prompt split: harmless (`good`) and harmful (`bad`) prompts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pair<T> {
+    pub good: T,
+    pub bad: T,
+}
+
+impl<T> Pair<T> {
+    pub fn new(good: T, bad: T) -> Pair<T> {
+        Pair { good, bad }
+    }
+
+    pub fn as_ref(&self) -> Pair<&T> {
+        Pair::new(&self.good, &self.bad)
+    }
+
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> Pair<U> {
+        Pair::new(f(self.good), f(self.bad))
+    }
+
+    /// The two sides as a tuple, the form the content hashes of cached results take.
+    pub fn tuple(&self) -> (&T, &T) {
+        (&self.good, &self.bad)
+    }
+}
+
+impl Pair<Vec<String>> {
+    /// Prompts on both sides.
+    pub fn len(&self) -> usize {
+        self.good.len() + self.bad.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.good.is_empty() && self.bad.is_empty()
+    }
+}
+
 /// All prompts of a built-in set or a file, in file order.
 pub fn load(spec: &str) -> Result<Vec<String>> {
     if let Some(m) = manifest(spec) {

@@ -1,6 +1,7 @@
 //! `outlierlab abliterate`: one handling, one edit, scored against the unedited model and the
 //! same edit without handling. Also the arguments `export` shares.
 
+use crate::datasets::Pair;
 use crate::detect;
 use crate::model::chat::DEFAULT_SYSTEM_PROMPT;
 use crate::model::{self, HiddenConvention, Precision};
@@ -160,10 +161,8 @@ impl VariantArgs {
 
 /// Direction and evaluation prompts, disjoint by construction and checked.
 pub struct PromptSplit {
-    pub good_dir: Vec<String>,
-    pub bad_dir: Vec<String>,
-    pub good_eval: Vec<String>,
-    pub bad_eval: Vec<String>,
+    pub dir: Pair<Vec<String>>,
+    pub eval: Pair<Vec<String>>,
 }
 
 pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Result<PromptSplit> {
@@ -173,14 +172,18 @@ pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Resu
         crate::datasets::take(v, n, off, None).with_context(|| format!("{what} prompts"))
     };
     let s = PromptSplit {
-        good_dir: take(&g, n_dir, 0, "harmless direction")?,
-        bad_dir: take(&b, n_dir, 0, "harmful direction")?,
-        good_eval: take(&g, n_eval, n_dir, "harmless evaluation")?,
-        bad_eval: take(&b, n_eval, n_dir, "harmful evaluation")?,
+        dir: Pair::new(
+            take(&g, n_dir, 0, "harmless direction")?,
+            take(&b, n_dir, 0, "harmful direction")?,
+        ),
+        eval: Pair::new(
+            take(&g, n_eval, n_dir, "harmless evaluation")?,
+            take(&b, n_eval, n_dir, "harmful evaluation")?,
+        ),
     };
     for (dir, eval, what) in [
-        (&s.good_dir, &s.good_eval, "harmless"),
-        (&s.bad_dir, &s.bad_eval, "harmful"),
+        (&s.dir.good, &s.eval.good, "harmless"),
+        (&s.dir.bad, &s.eval.bad, "harmful"),
     ] {
         let set: std::collections::HashSet<&String> = dir.iter().collect();
         if let Some(p) = eval.iter().find(|p| set.contains(p)) {
@@ -215,12 +218,12 @@ pub(super) fn direction_pass(
         .needs_dims()
         .then(|| detect::ScanSettings::for_config(&cfg));
     let trigger = cfg.sources.trigger.clone().filter(|_| scan.is_some());
-    let n = split.good_dir.len() + split.bad_dir.len() + usize::from(trigger.is_some());
+    let n = split.dir.len() + usize::from(trigger.is_some());
     let pb = bar(n as u64, "direction prompts");
     let data = crate::pipeline::direction_data(
         lm,
-        &split.good_dir,
-        &split.bad_dir,
+        &split.dir.good,
+        &split.dir.bad,
         trigger.as_deref(),
         system,
         HiddenConvention::Transformers,
@@ -253,8 +256,8 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
         ..EvalOptions::default()
     };
 
-    let pb = bar((split.good_eval.len()) as u64, "reference (unedited)");
-    let ev = Evaluator::new(&lm, &split.good_eval, &split.bad_eval, system, opts)?;
+    let pb = bar((split.eval.good.len()) as u64, "reference (unedited)");
+    let ev = Evaluator::new(&lm, &split.eval.good, &split.eval.bad, system, opts)?;
     pb.finish_and_clear();
     let score_bar = |name: &str, ev: &Evaluator| bar(ev.work(), name);
     let pb = score_bar("scoring unedited", &ev);
@@ -334,8 +337,8 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
     println!(
         "model {} | {} direction + {} evaluation prompts per side | direction index {:?}",
         a.model,
-        split.good_dir.len(),
-        split.good_eval.len(),
+        split.dir.good.len(),
+        split.eval.good.len(),
         v.ablation.direction_index
     );
     println!(

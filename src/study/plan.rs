@@ -1,6 +1,7 @@
 //! From a study file to concrete variants with stable ids: sweeps expanded, settings resolved.
 
 use super::spec::{Study, Subsets, SweepSpec, CRITERIA};
+use crate::datasets::Pair;
 use crate::detect::config::MedianScope;
 use crate::detect::DetectConfig;
 use crate::direction::{self, Handling};
@@ -370,16 +371,12 @@ pub fn handling_label(v: &Variant) -> String {
 
 /// One replicate's prompts, drawn from the loaded sets with its seed.
 pub struct Splits {
-    pub good_dir: Vec<String>,
-    pub bad_dir: Vec<String>,
-    pub good_eval: Vec<String>,
-    pub bad_eval: Vec<String>,
+    pub dir: Pair<Vec<String>>,
+    pub eval: Pair<Vec<String>>,
     /// The prompt set each evaluation prompt was drawn from.
-    pub good_eval_sources: Vec<String>,
-    pub bad_eval_sources: Vec<String>,
+    pub eval_sources: Pair<Vec<String>>,
     /// Empty without a selection split.
-    pub good_sel: Vec<String>,
-    pub bad_sel: Vec<String>,
+    pub sel: Pair<Vec<String>>,
 }
 
 /// Draws every split for replicate `seed`, and checks on the drawn prompts what the study file
@@ -438,30 +435,26 @@ pub fn draw_splits(
         None => (Vec::new(), Vec::new()),
     };
     let s = Splits {
-        good_dir: rest(&d.direction.good)?,
-        bad_dir: rest(&d.direction.bad)?,
-        good_eval,
-        bad_eval,
-        good_eval_sources,
-        bad_eval_sources,
-        good_sel,
-        bad_sel,
+        dir: Pair::new(rest(&d.direction.good)?, rest(&d.direction.bad)?),
+        eval: Pair::new(good_eval, bad_eval),
+        eval_sources: Pair::new(good_eval_sources, bad_eval_sources),
+        sel: Pair::new(good_sel, bad_sel),
     };
     for (a, b, what) in [
         (
-            &s.good_dir,
-            &s.good_eval,
+            &s.dir.good,
+            &s.eval.good,
             "harmless direction and evaluation",
         ),
-        (&s.bad_dir, &s.bad_eval, "harmful direction and evaluation"),
+        (&s.dir.bad, &s.eval.bad, "harmful direction and evaluation"),
         (
-            &s.good_sel,
-            &s.good_eval,
+            &s.sel.good,
+            &s.eval.good,
             "harmless selection and evaluation",
         ),
-        (&s.bad_sel, &s.bad_eval, "harmful selection and evaluation"),
-        (&s.good_sel, &s.good_dir, "harmless selection and direction"),
-        (&s.bad_sel, &s.bad_dir, "harmful selection and direction"),
+        (&s.sel.bad, &s.eval.bad, "harmful selection and evaluation"),
+        (&s.sel.good, &s.dir.good, "harmless selection and direction"),
+        (&s.sel.bad, &s.dir.bad, "harmful selection and direction"),
     ] {
         let set: std::collections::HashSet<&String> = a.iter().collect();
         if let Some(p) = b.iter().find(|p| set.contains(p)) {

@@ -60,14 +60,10 @@ fn prepare_replicate(
         anyhow::bail!("the study has no `datasets:` block, so it has no variants to score");
     };
     let Splits {
-        good_dir,
-        bad_dir,
-        good_eval,
-        bad_eval,
-        good_eval_sources,
-        bad_eval_sources,
-        good_sel,
-        bad_sel,
+        dir,
+        eval,
+        eval_sources,
+        sel,
     } = draw_splits(d, sets, seed, f.seed, f.redraw)?;
     let system = (!f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
     // Cached reference scores depend on the precision too (f32 keys are as before it existed).
@@ -96,8 +92,8 @@ fn prepare_replicate(
     }
     let dir_key = hash_json(&(
         &model_key,
-        &good_dir,
-        &bad_dir,
+        &dir.good,
+        &dir.bad,
         system,
         needs_scan,
         &base_cfg.sources.trigger,
@@ -129,13 +125,13 @@ fn prepare_replicate(
         // The scan runs the trigger prompt too.
         let trigger = usize::from(needs_scan && base_cfg.sources.trigger.is_some());
         let pb = progress_bar(
-            (good_dir.len() + bad_dir.len() + trigger) as u64,
+            (dir.len() + trigger) as u64,
             &format!("replicate {seed}: direction prompts"),
         );
         let mut data = variant::direction_data(
             lm,
-            &good_dir,
-            &bad_dir,
+            &dir.good,
+            &dir.bad,
             base_cfg.sources.trigger.as_deref(),
             system,
             HiddenConvention::Transformers,
@@ -168,34 +164,31 @@ fn prepare_replicate(
     };
     // The report reads the detection summary from the results, not from the cache.
     dcache.publish_summary(&replicate_dir(out_dir, seed))?;
-    provenance.datasets.insert(
-        format!("r{seed}:direction"),
-        hash_json(&(&good_dir, &bad_dir)),
-    );
-    provenance.datasets.insert(
-        format!("r{seed}:evaluation"),
-        hash_json(&(&good_eval, &bad_eval)),
-    );
+    provenance
+        .datasets
+        .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
+    provenance
+        .datasets
+        .insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
 
     let opts = f.evaluation.options()?;
     let (evaluator, base) = scored_reference(
         lm,
-        (&good_eval, &bad_eval),
+        (&eval.good, &eval.bad),
         system,
         &opts,
         (&model_key, cache),
         &format!("replicate {seed}: unedited model"),
     )?;
-    let selection = if good_sel.is_empty() {
+    let selection = if sel.good.is_empty() {
         None
     } else {
-        provenance.datasets.insert(
-            format!("r{seed}:selection"),
-            hash_json(&(&good_sel, &bad_sel)),
-        );
+        provenance
+            .datasets
+            .insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
         let (evaluator, base) = scored_reference(
             lm,
-            (&good_sel, &bad_sel),
+            (&sel.good, &sel.bad),
             system,
             &opts,
             (&model_key, cache),
@@ -210,7 +203,7 @@ fn prepare_replicate(
         evaluator,
         base,
         selection,
-        sources: (good_eval_sources, bad_eval_sources),
+        sources: (eval_sources.good, eval_sources.bad),
     })
 }
 

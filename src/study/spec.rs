@@ -494,7 +494,8 @@ pub fn parse_stored(text: &str, shown: &str) -> Result<StudyFile> {
     }
 }
 
-/// Known keys of every section, for did-you-mean hints.
+/// Known keys of every section, for did-you-mean hints where serde names no expected fields (an
+/// unknown key inside an untagged or flattened value); serde's own list comes first.
 const KEYS: &[&str] = &[
     "name",
     "model",
@@ -538,7 +539,6 @@ const KEYS: &[&str] = &[
     "thresholds",
     "winsorize",
     "log",
-    "evaluation",
     "tune",
     "search",
     "trials",
@@ -546,7 +546,6 @@ const KEYS: &[&str] = &[
     "sampler",
     "max_kl",
     "selection",
-    "seed",
     "kl_target",
     "statistics",
     "refusal",
@@ -559,7 +558,6 @@ const KEYS: &[&str] = &[
     "margins",
     "power",
     "kl_scale",
-    "chat",
     "redraw",
     "precision",
     "detection_validation",
@@ -655,14 +653,35 @@ fn at_key(s: &Study, text: &str, path: &str, msg: String) -> anyhow::Error {
     anyhow::anyhow!("{}:{loc}: at `{path}`: {msg}", s.path)
 }
 
+/// Everything serde cannot check, section by section, in the order a reader meets the file; each
+/// error names the key it is about (file, line, column).
 fn check(s: &Study, text: &str) -> Result<()> {
-    let f = &s.file;
     check_statistics(s, text)?;
     check_classifiers(s, text)?;
-    crate::model::source::ModelSource::parse(&f.model)
+    crate::model::source::ModelSource::parse(&s.file.model)
         .map_err(|e| at_key(s, text, "model", e.to_string()))?;
-    let known = crate::datasets::names();
-    let runs_variants = !(f.variants.is_empty() && f.sweeps.is_empty() && f.tune.is_empty());
+    let splits = check_datasets_present(s, text)?;
+    check_detection_validation(s, text)?;
+    check_prompt_sets(s, text, &splits)?;
+    check_overlaps(s, text, &splits)?;
+    check_selection(s, text)?;
+    check_search(s, text)?;
+    check_tune(s, text)?;
+    check_detection_and_ablation(s, text)?;
+    check_variants(s, text)?;
+    check_sweeps(s, text)?;
+    check_something_to_run(s, text)
+}
+
+fn runs_variants(f: &StudyFile) -> bool {
+    !(f.variants.is_empty() && f.sweeps.is_empty() && f.tune.is_empty())
+}
+
+type Splits<'a> = Vec<(&'static str, &'a PairSpec)>;
+
+/// The study's splits, named; none only for a study of detection validation alone.
+fn check_datasets_present<'a>(s: &'a Study, text: &str) -> Result<Splits<'a>> {
+    let f = &s.file;
     let mut splits = Vec::new();
     match &f.datasets {
         Some(d) => {
@@ -672,7 +691,7 @@ fn check(s: &Study, text: &str) -> Result<()> {
                 splits.push(("selection", sel));
             }
         }
-        None if runs_variants => {
+        None if runs_variants(f) => {
             return Err(at_key(
                 s,
                 text,
@@ -684,6 +703,13 @@ fn check(s: &Study, text: &str) -> Result<()> {
         }
         None => {}
     }
+    Ok(splits)
+}
+
+/// The validation block: its settings, and that its corpus sets exist.
+fn check_detection_validation(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
+    let known = crate::datasets::names();
     if let Some(v) = &f.detection_validation {
         v.check()
             .map_err(|(k, m)| at_key(s, text, &format!("detection_validation.{k}"), m))?;
@@ -702,7 +728,13 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
-    for (side, pair) in &splits {
+    Ok(())
+}
+
+/// Every prompt set of every split exists and takes at least one prompt.
+fn check_prompt_sets(s: &Study, text: &str, splits: &Splits) -> Result<()> {
+    let known = crate::datasets::names();
+    for (side, pair) in splits {
         for (which, list) in [("good", &pair.good), ("bad", &pair.bad)] {
             if list.0.is_empty() {
                 return Err(at_key(
@@ -743,11 +775,16 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
-    // Every two sets of one side, in any splits, must be disjoint (checked again on the drawn
-    // prompts at run time).
+    Ok(())
+}
+
+/// Every two sets of one side, in any splits, are disjoint (checked again on the drawn prompts
+/// at run time).
+fn check_overlaps(s: &Study, text: &str, splits: &Splits) -> Result<()> {
+    let f = &s.file;
     for which in ["good", "bad"] {
         let mut all: Vec<(&str, String, &SetSpec)> = Vec::new();
-        for (side, pair) in &splits {
+        for (side, pair) in splits {
             let list = if which == "good" {
                 &pair.good
             } else {
@@ -791,6 +828,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Tuning and search have a selection split to optimise on.
+fn check_selection(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     let needs_selection = f.ablation.search.is_some() || !f.tune.is_empty();
     if needs_selection && f.datasets.as_ref().is_none_or(|d| d.selection.is_none()) {
         let what = if f.tune.is_empty() {
@@ -805,6 +848,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
             format!("{what} optimises on a selection split: add datasets.selection with good and bad prompts disjoint from the direction and evaluation prompts"),
         ));
     }
+    Ok(())
+}
+
+/// `ablation.search`: a budget and a bound.
+fn check_search(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     if let Some(sr) = &f.ablation.search {
         if sr.trials == 0 {
             return Err(at_key(
@@ -823,6 +872,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// `tune` entries: handling, detection, bounds, budget, a name of their own.
+fn check_tune(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     for (i, t) in f.tune.iter().enumerate() {
         let at = |k: &str| format!("tune[{i}].{k}");
         Handling::parse_list(&t.handling)
@@ -877,12 +932,24 @@ fn check(s: &Study, text: &str) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// The study's detection and edit resolve.
+fn check_detection_and_ablation(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     f.detection
         .resolve()
         .map_err(|e| at_key(s, text, "detection", format!("{e:#}")))?;
     f.ablation
         .resolve(2)
         .map_err(|e| at_key(s, text, "ablation", format!("{e:#}")))?;
+    Ok(())
+}
+
+/// `variants`: handlings, detections, draws, named dims, unique names.
+fn check_variants(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     for (i, v) in f.variants.iter().enumerate() {
         Handling::parse_list(&v.handling).map_err(|e| {
             at_key(
@@ -964,6 +1031,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// `sweeps`: handlings, criteria subsets, scopes, grids, quantiles.
+fn check_sweeps(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     for (i, sw) in f.sweeps.iter().enumerate() {
         Handling::parse_list(&sw.handling)
             .map_err(|e| at_key(s, text, &format!("sweeps[{i}].handling"), format!("{e:#}")))?;
@@ -1035,6 +1108,12 @@ fn check(s: &Study, text: &str) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// A study runs something.
+fn check_something_to_run(s: &Study, text: &str) -> Result<()> {
+    let f = &s.file;
     if f.variants.is_empty()
         && f.sweeps.is_empty()
         && f.tune.is_empty()
