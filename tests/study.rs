@@ -884,18 +884,18 @@ selection:
         .collect();
     let a = plan::draw_splits(&d, &sets, 1, 0, Redraw::Direction).unwrap();
     let b = plan::draw_splits(&d, &sets, 2, 0, Redraw::Direction).unwrap();
-    assert_eq!(a.good_eval, b.good_eval);
-    assert_eq!(a.bad_eval, b.bad_eval);
-    assert_ne!(a.good_dir, b.good_dir);
-    assert_ne!(a.bad_sel, b.bad_sel);
+    assert_eq!(a.eval.good, b.eval.good);
+    assert_eq!(a.eval.bad, b.eval.bad);
+    assert_ne!(a.dir.good, b.dir.good);
+    assert_ne!(a.sel.bad, b.sel.bad);
     // The evaluation split is the one `seed` 0 draws, and nothing else overlaps it.
     let base = outlierlab::datasets::take(&sets["harmless-outlierlab"], 100, 64, Some(0)).unwrap();
-    assert_eq!(a.good_eval, base);
+    assert_eq!(a.eval.good, base);
     for s in [&a, &b] {
-        for p in s.good_dir.iter().chain(&s.good_sel) {
-            assert!(!s.good_eval.contains(p));
+        for p in s.dir.good.iter().chain(&s.sel.good) {
+            assert!(!s.eval.good.contains(p));
         }
-        assert!(s.good_dir.iter().all(|p| !s.good_sel.contains(p)));
+        assert!(s.dir.good.iter().all(|p| !s.sel.good.contains(p)));
     }
     // Redrawing everything changes the evaluation prompts between replicates (selection left
     // out: with every split drawn from one permutation its offsets would overlap evaluation's).
@@ -903,7 +903,7 @@ selection:
     d.selection = None;
     let c1 = plan::draw_splits(&d, &sets, 1, 0, Redraw::All).unwrap();
     let c2 = plan::draw_splits(&d, &sets, 2, 0, Redraw::All).unwrap();
-    assert_ne!(c1.good_eval, c2.good_eval);
+    assert_ne!(c1.eval.good, c2.eval.good);
 }
 
 #[test]

@@ -5,25 +5,17 @@
 //! file they came from, so that GGUF and safetensors checkpoints build the same model and an
 //! edited model can be exported for transformers.
 
-pub mod attention;
+pub mod arch;
 pub mod batching;
-pub mod bf16;
-pub mod chat;
 pub mod config;
-pub mod cpu;
-pub mod export;
-pub mod gemma3;
 pub mod generate;
-pub mod gguf;
-pub mod hf;
-pub mod llama;
-pub mod norm;
-pub mod pool;
-pub mod qwen2;
-pub mod screen;
-pub mod source;
-pub mod swiglu;
-pub mod tokenizer;
+pub mod kernels;
+pub mod load;
+
+// The paths the rest of the crate (and the tests) name, whichever folder holds the file.
+pub use arch::{gemma3, llama, qwen2};
+pub use kernels::{attention, bf16, cpu, norm, pool, screen, swiglu};
+pub use load::{chat, export, gguf, hf, source, tokenizer};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};

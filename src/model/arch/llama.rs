@@ -1,7 +1,7 @@
 //! Llama decoder block (SmolLM2, Llama 2/3): pre-RMSNorm, grouped-query attention with rotary
 //! embeddings (half-rotation layout, as transformers), SwiGLU MLP.
 
-use super::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
+use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -85,7 +85,8 @@ impl LlamaLayer {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let y = super::attention::attend(&q, &k, &v, &ctx.mask, 1.0 / (hd as f64).sqrt(), None)?;
+        let y =
+            crate::model::attention::attend(&q, &k, &v, &ctx.mask, 1.0 / (hd as f64).sqrt(), None)?;
         let y = match &ctx.attends {
             Some(keep) => y.broadcast_mul(keep)?,
             None => y,
@@ -95,7 +96,8 @@ impl LlamaLayer {
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
-        self.down_proj.forward(&super::swiglu::silu_mul(&g, &u)?)
+        self.down_proj
+            .forward(&crate::model::swiglu::silu_mul(&g, &u)?)
     }
 }
 
@@ -106,9 +108,9 @@ impl DecoderLayer for LlamaLayer {
         ctx: &StepContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let h = super::norm::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let h = crate::model::norm::rms_norm(x, &self.input_layernorm, self.eps)?;
         let x = (x + self.attention(&h, ctx, cache)?)?;
-        let h = super::norm::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        let h = crate::model::norm::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         Ok((&x + self.mlp(&h)?)?)
     }
 

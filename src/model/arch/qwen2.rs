@@ -1,8 +1,8 @@
 //! Qwen2 / Qwen2.5: the Llama block with biases on the q, k and v projections and, in most
 //! sizes, an output head separate from the embeddings.
 
-use super::llama::LlamaLayer;
-use super::{Config, DecoderLayer, Weights};
+use crate::model::llama::LlamaLayer;
+use crate::model::{Config, DecoderLayer, Weights};
 use anyhow::Result;
 
 pub fn load_layer(cfg: &Config, w: &mut Weights, i: usize) -> Result<Box<dyn DecoderLayer>> {

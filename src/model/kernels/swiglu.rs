@@ -8,7 +8,7 @@
 //! compilation perform the same IEEE operations in the same order (fused multiply-adds in both),
 //! so a result does not depend on which ran.
 
-use super::pool;
+use crate::model::pool;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -21,8 +21,8 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             u.dims()
         );
     }
-    let y = super::with_rows(g, |g| {
-        super::with_rows(u, |u| {
+    let y = crate::model::with_rows(g, |g| {
+        crate::model::with_rows(u, |u| {
             let mut y = vec![0f32; g.len()];
             pool::parallel_chunks_mut(&mut y, pool::VALUES_PER_TASK, |t, dst| {
                 let a = t * pool::VALUES_PER_TASK;
@@ -37,7 +37,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 fn silu_mul_into(g: &[f32], u: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::features().avx2_fma {
+    if crate::model::cpu::features().avx2_fma {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { silu_mul_avx2(g, u, y) };
     }

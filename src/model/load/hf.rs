@@ -1,7 +1,7 @@
 //! Hugging Face folders (config.json, *.safetensors, tokenizer.json) and the Hub route
 //! `hf:ORG/NAME[@REVISION]` through hf-hub, which honours HF_ENDPOINT and HF_HOME.
 
-use super::{Config, Weights};
+use crate::model::{Config, Weights};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! Dequantising once at load is deliberate: f32 matmuls run far faster than quantised ones on a
 //! CPU, and abliteration rewrites the weights anyway.
 
-use super::{Config, Family, Weights};
+use crate::model::{Config, Family, Weights};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
@@ -187,8 +187,8 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let mut config = config;
     if family == Family::Gemma3 {
         config.sliding_window = meta_u(m, &a("attention.sliding_window")).ok();
-        config.sliding_pattern = super::config::GEMMA3_SLIDING_PATTERN;
-        config.rope_local_theta = Some(super::config::GEMMA3_LOCAL_THETA);
+        config.sliding_pattern = crate::model::config::GEMMA3_SLIDING_PATTERN;
+        config.rope_local_theta = Some(crate::model::config::GEMMA3_LOCAL_THETA);
         config.query_pre_attn_scalar = Some(config.head_dim as f64);
     }
     config.validate()?;

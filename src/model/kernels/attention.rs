@@ -10,7 +10,7 @@
 //! does not depend on how much padding its batch has. The arithmetic is in f32 in one fixed order
 //! (16 lanes, no fused multiply-adds) whatever the CPU's vector width.
 
-use super::pool;
+use crate::model::pool;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
@@ -151,7 +151,7 @@ macro_rules! by_head_dim {
 fn one_group(x: &Inputs, s: &Shapes, task: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
-        let f = super::cpu::features();
+        let f = crate::model::cpu::features();
         if f.avx512f {
             // SAFETY: the CPU has the feature the function is compiled for.
             return unsafe { one_group_avx512(x, s, task) };

@@ -1,7 +1,7 @@
 //! Text ↔ token ids. Uses tokenizer.json when the model ships one; otherwise builds the same
 //! byte-level BPE from the vocabulary, merges and token types inside the GGUF.
 
-use super::gguf::GgufVocab;
+use crate::model::gguf::GgufVocab;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! Weights are held under Hugging Face names and in its convention (norm weights centred on 0);
 //! the (1 + w) each norm multiplies by is formed once at load time.
 
-use super::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
+use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -95,7 +95,7 @@ impl Gemma3Layer {
             .iter()
             .find(|n| n.0 == which)
             .expect("every Gemma 3 norm is loaded");
-        super::norm::rms_norm(x, scale, self.eps)
+        crate::model::norm::rms_norm(x, scale, self.eps)
     }
 
     fn attention(
@@ -123,7 +123,8 @@ impl Gemma3Layer {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let y = super::attention::attend(&q, &k, &v, mask, self.query_scale, self.attn_softcap)?;
+        let y =
+            crate::model::attention::attend(&q, &k, &v, mask, self.query_scale, self.attn_softcap)?;
         let y = match &ctx.attends {
             Some(keep) => y.broadcast_mul(keep)?,
             None => y,

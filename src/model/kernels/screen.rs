@@ -21,9 +21,9 @@
 //! and of the screen's scaling. int16 states, not int8: with one scale per state set by its
 //! largest (massive) dimension, int8 states left 30 rows on average and 3,173 at most.
 
-use super::bf16::{self, Packed};
-use super::cpu::features;
-use super::pool;
+use crate::model::bf16::{self, Packed};
+use crate::model::cpu::features;
+use crate::model::pool;
 use crate::util::noise;
 
 /// Head rows per panel: one vector of 16 i32 sums (two of 8 on AVX2).

@@ -1,7 +1,7 @@
 //! Writing a (possibly edited) model as a Hugging Face folder: model.safetensors, config.json,
 //! tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json.
 
-use super::LoadedModel;
+use crate::model::LoadedModel;
 use anyhow::{anyhow, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;

@@ -34,8 +34,8 @@
 //! by [`round_bits`], bit for bit what `vcvtneps2bf16` does, so a bf16 result does not depend on
 //! which of the three ran.
 
-use super::cpu::{features, Isa};
-use super::pool;
+use crate::model::cpu::{features, Isa};
+use crate::model::pool;
 use half::bf16;
 
 /// Whether this CPU runs one of the kernels (AVX2 with FMA at least; checked once): elsewhere
@@ -165,11 +165,11 @@ impl Kernel {
 
     /// Every kernel this CPU can run, for the tests that compare them bit for bit; a kernel
     /// whose path `OUTLIERLAB_REQUIRE_ISA` requires and this CPU lacks fails instead
-    /// ([`super::cpu::test_runs`]).
+    /// ([`crate::model::cpu::test_runs`]).
     pub fn all_here() -> Vec<Kernel> {
         [Kernel::Dot, Kernel::Widen, Kernel::Widen8]
             .into_iter()
-            .filter(|k| super::cpu::test_runs(k.isa()))
+            .filter(|k| crate::model::cpu::test_runs(k.isa()))
             .collect()
     }
 }
