@@ -225,51 +225,7 @@ pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
             }
         }
     }
-    // Persistence.
-    let mut confirmed: BTreeMap<(u32, u32, u32), Vec<u32>> = BTreeMap::new();
-    match (cfg.persistence, cfg.persistence_mode) {
-        (None, _) => {
-            for (k, layers) in &cand {
-                confirmed.insert(*k, layers.iter().copied().collect());
-            }
-        }
-        (Some(f), PersistenceMode::Consecutive) => {
-            let n = (s_total as f32 * f).floor() as u32;
-            for (k, layers) in &cand {
-                let ok: Vec<u32> = layers
-                    .iter()
-                    .copied()
-                    .filter(|&l| (l..=l + n).all(|x| layers.contains(&x)))
-                    .collect();
-                if !ok.is_empty() {
-                    confirmed.insert(*k, ok);
-                }
-            }
-        }
-        (Some(f), PersistenceMode::Total) => {
-            let need = (s_total as f32 * f).ceil() as usize;
-            for (k, layers) in &cand {
-                if layers.len() >= need.max(1) {
-                    confirmed.insert(*k, layers.iter().copied().collect());
-                }
-            }
-        }
-        (Some(f), PersistenceMode::DimLayers) => {
-            let need = (s_total as f32 * f).ceil() as usize;
-            let mut per_dim: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-            for ((_, _, d), layers) in &cand {
-                per_dim
-                    .entry(*d)
-                    .or_default()
-                    .extend(layers.iter().copied());
-            }
-            for (k, layers) in &cand {
-                if per_dim[&k.2].len() >= need.max(1) {
-                    confirmed.insert(*k, layers.iter().copied().collect());
-                }
-            }
-        }
-    }
+    let mut confirmed = persistent(cfg, s_total, &cand);
     if let Some(frac) = cfg.min_position_fraction {
         let scanned: usize = scan
             .prompts
@@ -320,8 +276,87 @@ pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
             hits.push(hit(cfg, scan, e));
         }
     }
+    let reports = dim_reports(cfg, scan, &dims, &hits);
+
+    let near_misses = near_misses(cfg, scan, &dims, &cand, 5);
+    Ok(Detection {
+        n_candidate_ptd: cand.len(),
+        n_confirmed_ptd: confirmed.keys().filter(|k| dims.contains(&k.2)).count(),
+        dims: reports,
+        hits,
+        near_misses,
+        non_finite: scan.non_finite.len(),
+    })
+}
+
+/// Criterion 5: the candidates that persist over enough hidden states, with the layers at which
+/// each is confirmed.
+fn persistent(
+    cfg: &DetectConfig,
+    s_total: usize,
+    cand: &BTreeMap<(u32, u32, u32), BTreeSet<u32>>,
+) -> BTreeMap<(u32, u32, u32), Vec<u32>> {
+    let mut confirmed: BTreeMap<(u32, u32, u32), Vec<u32>> = BTreeMap::new();
+    match (cfg.persistence, cfg.persistence_mode) {
+        (None, _) => {
+            for (k, layers) in cand {
+                confirmed.insert(*k, layers.iter().copied().collect());
+            }
+        }
+        (Some(f), PersistenceMode::Consecutive) => {
+            let n = (s_total as f32 * f).floor() as u32;
+            for (k, layers) in cand {
+                let ok: Vec<u32> = layers
+                    .iter()
+                    .copied()
+                    .filter(|&l| (l..=l + n).all(|x| layers.contains(&x)))
+                    .collect();
+                if !ok.is_empty() {
+                    confirmed.insert(*k, ok);
+                }
+            }
+        }
+        (Some(f), PersistenceMode::Total) => {
+            let need = (s_total as f32 * f).ceil() as usize;
+            for (k, layers) in cand {
+                if layers.len() >= need.max(1) {
+                    confirmed.insert(*k, layers.iter().copied().collect());
+                }
+            }
+        }
+        (Some(f), PersistenceMode::DimLayers) => {
+            let need = (s_total as f32 * f).ceil() as usize;
+            let mut per_dim: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+            for ((_, _, d), layers) in cand {
+                per_dim
+                    .entry(*d)
+                    .or_default()
+                    .extend(layers.iter().copied());
+            }
+            for (k, layers) in cand {
+                if per_dim[&k.2].len() >= need.max(1) {
+                    confirmed.insert(*k, layers.iter().copied().collect());
+                }
+            }
+        }
+    }
+    confirmed
+}
+
+/// Each detected dim's report: its peak, where it fired, how many of its positions were padding;
+/// strongest first.
+fn dim_reports(
+    cfg: &DetectConfig,
+    scan: &Scan,
+    dims: &BTreeSet<u32>,
+    hits: &[Hit],
+) -> Vec<DimReport> {
+    let scoped = |e: &Entry| {
+        source_on(cfg, scan.prompts[e.prompt as usize].source)
+            && (cfg.positions == Positions::All || e.valid)
+    };
     let mut reports = Vec::new();
-    for &d in &dims {
+    for &d in dims {
         let mine: Vec<&Hit> = hits.iter().filter(|h| h.dim == d).collect();
         let peak = mine.iter().max_by(|a, b| a.abs.total_cmp(&b.abs));
         let (peak_abs, peak_layer, rp, rl) = match peak {
@@ -366,16 +401,7 @@ pub fn apply(cfg: &DetectConfig, scan: &Scan) -> Result<Detection> {
         });
     }
     reports.sort_by(|a, b| b.peak_abs.total_cmp(&a.peak_abs));
-
-    let near_misses = near_misses(cfg, scan, &dims, &cand, 5);
-    Ok(Detection {
-        n_candidate_ptd: cand.len(),
-        n_confirmed_ptd: confirmed.keys().filter(|k| dims.contains(&k.2)).count(),
-        dims: reports,
-        hits,
-        near_misses,
-        non_finite: scan.non_finite.len(),
-    })
+    reports
 }
 
 fn hit(cfg: &DetectConfig, scan: &Scan, e: &Entry) -> Hit {

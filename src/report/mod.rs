@@ -946,13 +946,56 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
     let rows = rows(&r);
     let headline_outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &headline_outs);
-    let arm_of = |name: &str| -> Option<usize> {
-        fam.arms
-            .iter()
-            .position(|a| a.names.iter().any(|n| n == name))
-    };
     let mut md = String::new();
     writeln!(md, "# {name}\n")?;
+    header(&mut md, dir, &r, &fam, &st)?;
+    writeln!(md, "{}\n", setup_line(&r))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    answer_section(&mut md, out, &fam, &st)?;
+    replicate_tables(&mut md, &r, &rows, &fam)?;
+    verdict_section(&mut md, &fam, r.references.len())?;
+    null_section(&mut md, &r, &fam)?;
+    if headline != "heretic" {
+        writeln!(
+            md,
+            "The verdicts above count refusals by `{headline}` (the study's `evaluation.headline`).\n"
+        )?;
+    }
+    classifier_section(&mut md, &r, &st, &headline)?;
+    let points = pooled_points(&r);
+    detected_dims_section(&mut md, &r)?;
+    criteria_section(&mut md, &r)?;
+    tuning_section(&mut md, &r, &rows)?;
+    search_section(&mut md, &r)?;
+    let tunes: Vec<&crate::study::rundir::TuneResult> = r.tunes.iter().collect();
+    let mut figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
+    if let Some(v) = &validation {
+        md.push_str(&validation::markdown(v, 2));
+        figures.extend(plots::draw_validation(out, v, "validation_")?);
+    }
+    if !figures.is_empty() {
+        writeln!(md, "## Figures\n")?;
+        if r.detections.len() > 1 {
+            writeln!(
+                md,
+                "Detection figures show replicate {}.\n",
+                r.detections.keys().next().unwrap_or(&0)
+            )?;
+        }
+        figures_list(&mut md, &figures)?;
+    }
+    reading_guide(&mut md, &st)?;
+    finish(md, out, &name, &study)
+}
+
+/// The report's first lines: a partial run's warning, what was rendered from what, the verdicts.
+fn header(
+    md: &mut String,
+    dir: &Path,
+    r: &RunResults,
+    fam: &Family,
+    st: &StatsSettings,
+) -> Result<()> {
     if !r.missing.is_empty() {
         writeln!(
             md,
@@ -982,8 +1025,11 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.correction.describe(),
         st.alpha
     )?;
-    writeln!(md, "{}\n", setup_line(&r))?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok(())
+}
+
+/// The answer to each reference's question, and the forest plot of every comparison.
+fn answer_section(md: &mut String, out: &Path, fam: &Family, st: &StatsSettings) -> Result<()> {
     if !fam.comparisons.is_empty() {
         writeln!(md, "## Answer\n")?;
         md.push_str(&answer::answer(&fam, true));
@@ -997,6 +1043,16 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
             if fam.draw_tests > 0 { ", and in grey the interval over draws" } else { "" }
         )?;
     }
+    Ok(())
+}
+
+/// Per replicate, the unedited model and every variant's score.
+fn replicate_tables(md: &mut String, r: &RunResults, rows: &[Row], fam: &Family) -> Result<()> {
+    let arm_of = |name: &str| -> Option<usize> {
+        fam.arms
+            .iter()
+            .position(|a| a.names.iter().any(|n| n == name))
+    };
     for (&seed, base) in &r.references {
         let here: Vec<&Row> = rows.iter().filter(|x| x.replicate == seed).collect();
         writeln!(md, "## Replicate {seed}\n")?;
@@ -1052,39 +1108,13 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
             )?;
         }
         writeln!(md)?;
-        by_source(&mut md, base, &here, r.prompts.get(&seed))?;
+        by_source(md, base, &here, r.prompts.get(&seed))?;
     }
-    verdict_section(&mut md, &fam, r.references.len())?;
-    null_section(&mut md, &r, &fam)?;
-    if headline != "heretic" {
-        writeln!(
-            md,
-            "The verdicts above count refusals by `{headline}` (the study's `evaluation.headline`).\n"
-        )?;
-    }
-    classifier_section(&mut md, &r, &st, &headline)?;
-    let points = pooled_points(&r);
-    detected_dims_section(&mut md, &r)?;
-    criteria_section(&mut md, &r)?;
-    tuning_section(&mut md, &r, &rows)?;
-    search_section(&mut md, &r)?;
-    let tunes: Vec<&crate::study::rundir::TuneResult> = r.tunes.iter().collect();
-    let mut figures = plots::draw_all(out, &points, r.detections.values().next(), &tunes)?;
-    if let Some(v) = &validation {
-        md.push_str(&validation::markdown(v, 2));
-        figures.extend(plots::draw_validation(out, v, "validation_")?);
-    }
-    if !figures.is_empty() {
-        writeln!(md, "## Figures\n")?;
-        if r.detections.len() > 1 {
-            writeln!(
-                md,
-                "Detection figures show replicate {}.\n",
-                r.detections.keys().next().unwrap_or(&0)
-            )?;
-        }
-        figures_list(&mut md, &figures)?;
-    }
+    Ok(())
+}
+
+/// How to read the verdicts, with the study's correction and margins.
+fn reading_guide(md: &mut String, st: &StatsSettings) -> Result<()> {
     writeln!(md, "## How to read the verdicts\n")?;
     writeln!(
         md,
@@ -1104,7 +1134,7 @@ pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<Path
         st.margins.refusals,
         st.margins.kl
     )?;
-    finish(md, out, &name, &study)
+    Ok(())
 }
 
 /// Refusal rates per prompt set, when the harmful split drew from several (descriptive: the
@@ -1533,6 +1563,8 @@ fn without(c: &crate::detect::DetectConfig, i: usize) -> crate::detect::DetectCo
 
 /// The criteria ablation: each subset's dims and score, and each criterion's effect when it is
 /// switched off, averaged over every pair of variants that differ only in it.
+/// The criteria ablation: each subset's detection and score, and what switching each criterion
+/// off does (computed by [`criterion_importance`] before it is rendered).
 fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     use crate::detect::summary::CRITERIA;
     let vs: Vec<&crate::study::plan::PlannedVariant> = r
@@ -1549,12 +1581,6 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             .find(|a| a.variant_id == id && a.replicate == rep)
             .and_then(|a| r.scores.get(&(rep, a.key.clone())))
             .map(|s| &s.outcome)
-    };
-    let dims_of = |id: &str| -> Option<usize> {
-        r.assignments
-            .iter()
-            .find(|a| a.variant_id == id)
-            .map(|a| a.dims.len())
     };
     // Pairs (on, off) per criterion. A pair whose one side needs the scan floor as its value
     // criterion (switching the criterion off left none) differs in the floor too, not in the one
@@ -1584,6 +1610,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     if pairs.iter().all(|p| p.is_empty()) {
         return Ok(());
     }
+    let importance = criterion_importance(r, &vs, &pairs, &floored);
     writeln!(md, "## Criteria ablation\n")?;
     writeln!(
         md,
@@ -1648,9 +1675,68 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
         "| criterion | pairs | excluded (off side only the floor) | Δ dims found (mean) | Δ refusals (pts) [95% CI] | Δ KL [95% CI] |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
+    for (k, imp) in importance.iter().enumerate() {
+        let Some((dd, (mr, lr, hr), (mk, lk, hk))) = imp.effect else {
+            writeln!(md, "| {} | 0 | {} | – | – | – |", CRITERIA[k], imp.excluded)?;
+            continue;
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {:+.1} | {:+.1} [{:+.1}, {:+.1}] | {:+.4} [{:+.4}, {:+.4}] |",
+            CRITERIA[k],
+            imp.pairs,
+            imp.excluded,
+            dd,
+            100.0 * mr,
+            100.0 * lr,
+            100.0 * hr,
+            mk,
+            lk,
+            hk
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// What switching one criterion off does, over the pairs of variants that differ only in it.
+struct Importance {
+    pairs: usize,
+    /// Pairs left out: switching the criterion off left only the scan floor.
+    excluded: usize,
+    /// Mean change in dims found; refusal and KL change (mean, 95% bootstrap interval).
+    effect: Option<(f64, (f64, f64, f64), (f64, f64, f64))>,
+}
+
+/// Per criterion, the paired effect of switching it off: per prompt, averaged over its pairs in
+/// each replicate, then over prompts (seeded bootstrap intervals, descriptive).
+fn criterion_importance(
+    r: &RunResults,
+    vs: &[&crate::study::plan::PlannedVariant],
+    pairs: &[Vec<(usize, usize)>],
+    floored: &[usize],
+) -> Vec<Importance> {
+    let outcome = |id: &str, rep: u64| -> Option<&Outcome> {
+        r.assignments
+            .iter()
+            .find(|a| a.variant_id == id && a.replicate == rep)
+            .and_then(|a| r.scores.get(&(rep, a.key.clone())))
+            .map(|s| &s.outcome)
+    };
+    let dims_of = |id: &str| -> Option<usize> {
+        r.assignments
+            .iter()
+            .find(|a| a.variant_id == id)
+            .map(|a| a.dims.len())
+    };
+    let mut out = Vec::new();
     for (k, pk) in pairs.iter().enumerate() {
         if pk.is_empty() {
-            writeln!(md, "| {} | 0 | {} | – | – | – |", CRITERIA[k], floored[k])?;
+            out.push(Importance {
+                pairs: 0,
+                excluded: floored[k],
+                effect: None,
+            });
             continue;
         }
         let (mut dr, mut dk) = (Vec::new(), Vec::new());
@@ -1685,25 +1771,17 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             dd +=
                 dims_of(&vs[off].id).unwrap_or(0) as f64 - dims_of(&vs[on].id).unwrap_or(0) as f64;
         }
-        let (mr, lr, hr) = mean_ci(&dr, 900 + k as u64);
-        let (mk, lk, hk) = mean_ci(&dk, 950 + k as u64);
-        writeln!(
-            md,
-            "| {} | {} | {} | {:+.1} | {:+.1} [{:+.1}, {:+.1}] | {:+.4} [{:+.4}, {:+.4}] |",
-            CRITERIA[k],
-            pk.len(),
-            floored[k],
-            dd / pk.len() as f64,
-            100.0 * mr,
-            100.0 * lr,
-            100.0 * hr,
-            mk,
-            lk,
-            hk
-        )?;
+        out.push(Importance {
+            pairs: pk.len(),
+            excluded: floored[k],
+            effect: Some((
+                dd / pk.len() as f64,
+                mean_ci(&dr, 900 + k as u64),
+                mean_ci(&dk, 950 + k as u64),
+            )),
+        });
     }
-    writeln!(md)?;
-    Ok(())
+    out
 }
 
 fn clip(s: &str, n: usize) -> String {
@@ -1716,6 +1794,9 @@ fn clip(s: &str, n: usize) -> String {
 
 /// Refusal rates, agreement and verdicts under each classifier, where they disagree, and how
 /// each does on the labelled replies.
+/// The refusal classifiers side by side: rates, agreement, verdicts under each, disagreements
+/// and accuracy on the labelled replies. The families and agreements are computed first; each
+/// subsection then renders them.
 fn classifier_section(
     md: &mut String,
     r: &RunResults,
@@ -1750,6 +1831,56 @@ fn classifier_section(
         names.iter().map(|n| outcomes_under(r, n)).collect();
     let fams: Vec<Family> = under.iter().map(|o| family_of(r, st, o)).collect();
     let fam = &fams[0];
+    let base: Vec<&Outcome> = r.references.values().collect();
+    let mut all_arms: Vec<(String, Vec<&Outcome>)> = vec![("unedited".into(), base.clone())];
+    for (i, arm) in fam.arms.iter().enumerate() {
+        all_arms.push((
+            format!("A{}: {}", i + 1, escape_cell(&arm.label())),
+            arm.outcomes.values().map(|(_, o)| *o).collect(),
+        ));
+    }
+    let agreements = classifier_agreements(&names, &all_arms);
+    classifier_rates(md, &names, &base, fam)?;
+    classifier_agreement_table(md, &agreements)?;
+    classifier_verdicts(md, &names, &fams, st)?;
+    classifier_disagreements(md, r, &names, &all_arms)?;
+    labelled_replies(md, r)
+}
+
+type ArmOutcomes<'a> = Vec<(String, Vec<&'a Outcome>)>;
+type Agreements = Vec<(String, String, String, crate::evaluate::classify::Agreement)>;
+
+/// Each pair of classifiers on each arm's replies: the 2×2 counts and Cohen's κ.
+fn classifier_agreements(names: &[String], all_arms: &ArmOutcomes) -> Agreements {
+    let mut out = Vec::new();
+    for (label, outs) in all_arms {
+        for a in 0..names.len() {
+            for b in a + 1..names.len() {
+                let (mut x, mut y) = (Vec::new(), Vec::new());
+                for o in outs {
+                    let (la, lb) = (o.refusals_by(&names[a]), o.refusals_by(&names[b]));
+                    if la.len() == lb.len() {
+                        x.extend_from_slice(la);
+                        y.extend_from_slice(lb);
+                    }
+                }
+                if x.is_empty() {
+                    continue;
+                }
+                let g = crate::evaluate::classify::agreement(&x, &y, 77 + (a * 7 + b) as u64);
+                out.push((label.clone(), names[a].clone(), names[b].clone(), g));
+            }
+        }
+    }
+    out
+}
+
+fn classifier_rates(
+    md: &mut String,
+    names: &[String],
+    base: &[&Outcome],
+    fam: &Family,
+) -> Result<()> {
     // Rates per arm, pooled over replicates.
     writeln!(md, "### Refusal rates by classifier\n")?;
     writeln!(md, "| arm | {} |", names.join(" | "))?;
@@ -1767,7 +1898,6 @@ fn classifier_section(
             pct(&stats::wilson(k, n))
         }
     };
-    let base: Vec<&Outcome> = r.references.values().collect();
     writeln!(
         md,
         "| unedited | {} |",
@@ -1792,6 +1922,10 @@ fn classifier_section(
         )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+fn classifier_agreement_table(md: &mut String, agreements: &Agreements) -> Result<()> {
     // Agreement.
     writeln!(md, "### Agreement between classifiers\n")?;
     writeln!(
@@ -1804,52 +1938,37 @@ fn classifier_section(
         "| arm | classifiers | both | only first | only second | neither | κ [95% CI] |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|")?;
-    let mut all_arms: Vec<(String, Vec<&Outcome>)> = vec![("unedited".into(), base.clone())];
-    for (i, arm) in fam.arms.iter().enumerate() {
-        all_arms.push((
-            format!("A{}: {}", i + 1, escape_cell(&arm.label())),
-            arm.outcomes.values().map(|(_, o)| *o).collect(),
-        ));
-    }
-    for (label, outs) in &all_arms {
-        for a in 0..names.len() {
-            for b in a + 1..names.len() {
-                let (mut x, mut y) = (Vec::new(), Vec::new());
-                for o in outs {
-                    let (la, lb) = (o.refusals_by(&names[a]), o.refusals_by(&names[b]));
-                    if la.len() == lb.len() {
-                        x.extend_from_slice(la);
-                        y.extend_from_slice(lb);
-                    }
-                }
-                if x.is_empty() {
-                    continue;
-                }
-                let g = crate::evaluate::classify::agreement(&x, &y, 77 + (a * 7 + b) as u64);
-                let kappa = |v: f64| {
-                    if v.is_finite() {
-                        format!("{v:.2}")
-                    } else {
-                        "–".into()
-                    }
-                };
-                writeln!(
-                    md,
-                    "| {label} | {} / {} | {} | {} | {} | {} | {} [{}, {}] |",
-                    names[a],
-                    names[b],
-                    g.both,
-                    g.only_a,
-                    g.only_b,
-                    g.neither,
-                    kappa(g.kappa),
-                    kappa(g.lo),
-                    kappa(g.hi)
-                )?;
-            }
+    let kappa = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.2}")
+        } else {
+            "–".into()
         }
+    };
+    for (label, a, b, g) in agreements {
+        writeln!(
+            md,
+            "| {label} | {a} / {b} | {} | {} | {} | {} | {} [{}, {}] |",
+            g.both,
+            g.only_a,
+            g.only_b,
+            g.neither,
+            kappa(g.kappa),
+            kappa(g.lo),
+            kappa(g.hi)
+        )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+fn classifier_verdicts(
+    md: &mut String,
+    names: &[String],
+    fams: &[Family],
+    st: &StatsSettings,
+) -> Result<()> {
+    let fam = &fams[0];
     // Verdicts under each classifier: a family of their own each.
     writeln!(md, "### Verdicts under each classifier\n")?;
     writeln!(
@@ -1899,6 +2018,15 @@ fn classifier_section(
         )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+fn classifier_disagreements(
+    md: &mut String,
+    r: &RunResults,
+    names: &[String],
+    all_arms: &ArmOutcomes,
+) -> Result<()> {
     // Where they disagree.
     writeln!(md, "### Where the classifiers disagree (sample)\n")?;
     writeln!(
@@ -1924,7 +2052,7 @@ fn classifier_section(
         if judge.is_some() { "---|" } else { "" }
     )?;
     let mut shown = 0;
-    for (label, outs) in &all_arms {
+    for (label, outs) in all_arms {
         let mut here = 0;
         for (rep_i, o) in outs.iter().enumerate() {
             let seed = r.references.keys().nth(rep_i).copied();
@@ -1973,6 +2101,11 @@ fn classifier_section(
         )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+/// Each classifier's accuracy on the project's labelled replies, and the judge's cost.
+fn labelled_replies(md: &mut String, r: &RunResults) -> Result<()> {
     // The labelled replies.
     if let Some(v) = &r.classifiers {
         writeln!(md, "### The classifiers on labelled replies\n")?;

@@ -139,16 +139,23 @@ pub fn markdown(v: &Validation, h: usize) -> String {
          configuration confirms at any hidden state against the instances of the massive dims. Precision is – when \
          nothing is detected, recall when nothing is massive.\n"
     );
+    scores_md(&mut md, v, &hh, massive.is_empty());
+    md
+}
+
+/// The configurations scored against the labels: presets, criteria subsets per group (with each
+/// criterion's redundancy), threshold curves and the study's own detections.
+fn scores_md(md: &mut String, v: &Validation, hh: &str, none_massive: bool) {
     let _ = writeln!(md, "{hh}# Presets at their defaults\n");
     let _ = writeln!(md, "| configuration {SCORE_HEAD}");
     let _ = writeln!(md, "|---{SCORE_RULE}");
     for s in v.scored.iter().filter(|s| s.group == "presets") {
-        score_row(&mut md, &s.name, s);
+        score_row(md, &s.name, s);
     }
     let _ = writeln!(md);
     for g in &v.groups {
         let _ = writeln!(md, "{hh}# {}\n", g.group);
-        if massive.is_empty() {
+        if none_massive {
             let _ = writeln!(md, "Nothing is massive: not scored.\n");
             continue;
         }
@@ -184,7 +191,7 @@ pub fn markdown(v: &Validation, h: usize) -> String {
         let _ = writeln!(md, "\n| criteria {SCORE_HEAD}");
         let _ = writeln!(md, "|---{SCORE_RULE}");
         for s in v.scored.iter().filter(|s| s.group == g.group) {
-            score_row(&mut md, &s.name, s);
+            score_row(md, &s.name, s);
         }
         let _ = writeln!(md);
     }
@@ -213,7 +220,7 @@ pub fn markdown(v: &Validation, h: usize) -> String {
                     c.trim_start_matches("curve "),
                     s.threshold.unwrap_or(f64::NAN)
                 );
-                score_row(&mut md, &first, s);
+                score_row(md, &first, s);
             }
         }
         let _ = writeln!(md);
@@ -230,9 +237,8 @@ pub fn markdown(v: &Validation, h: usize) -> String {
         let _ = writeln!(md, "| variant {SCORE_HEAD}");
         let _ = writeln!(md, "|---{SCORE_RULE}");
         for s in other {
-            score_row(&mut md, &s.name, s);
+            score_row(md, &s.name, s);
         }
         let _ = writeln!(md);
     }
-    md
 }

@@ -974,8 +974,60 @@ fn comparable(bytes: &[u8]) -> Option<serde_json::Value> {
 /// listing it. Returns the missing scores (`r<seed>/<key>`).
 pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec<String>> {
     let _lock = lock_run_dir(into)?;
+    let (plan, study) = one_study(into, shards)?;
+    let (files, top) = shard_files(shards)?;
+    let missing = missing_scores(&plan, &files, &top)?;
+    if !missing.is_empty() && !allow_partial {
+        bail!(
+            "{} planned score(s) are in none of the shards: {}{}; run the missing shard(s) and merge again, or pass --allow-partial to write a run marked partial",
+            missing.len(),
+            missing.iter().take(8).cloned().collect::<Vec<_>>().join(", "),
+            if missing.len() > 8 { ", …" } else { "" }
+        );
+    }
+    // Checked: write.
+    if let Some((_, p)) = &plan {
+        write_atomic(&into.join("plan.json"), p)?;
+    }
+    if let Some((_, y)) = &study {
+        write_atomic(&into.join("study.yaml"), y)?;
+    }
+    for (name, bytes) in &top {
+        write_atomic(&into.join(name), bytes)?;
+    }
+    for (rel, (_, bytes)) in &files {
+        let target = into.join(rel);
+        match fs::read(&target) {
+            Ok(b) if comparable(&b) != comparable(bytes) => bail!(
+                "{} already holds a different result than the shards' {}",
+                target.display(),
+                rel.display()
+            ),
+            Ok(_) => {}
+            Err(_) => write_atomic(&target, bytes)?,
+        }
+    }
+    let partial = into.join("partial.json");
+    if missing.is_empty() {
+        let _ = fs::remove_file(&partial);
+    } else {
+        write_record(&partial, &serde_json::json!({ "missing": missing }))?;
+    }
+    write_tables(into)?;
+    Ok(missing)
+}
+
+type Named = Option<(PathBuf, Vec<u8>)>;
+/// Result files by their place in the run (with the shard file they came from), and the
+/// top-level assignments and provenance files by name.
+type ShardFiles = (
+    BTreeMap<PathBuf, (PathBuf, Vec<u8>)>,
+    BTreeMap<String, Vec<u8>>,
+);
+
+/// The plan and study file every shard ran (and `into`'s plan, if it has one): one of each.
+fn one_study(into: &Path, shards: &[PathBuf]) -> Result<(Named, Named)> {
     let read = |p: &Path| fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    // One study, one plan.
     let mut plan: Option<(PathBuf, Vec<u8>)> = fs::read(into.join("plan.json"))
         .ok()
         .map(|b| (into.join("plan.json"), b));
@@ -1017,7 +1069,12 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             None => study = Some((sp, y)),
         }
     }
-    // Every result file, by its place in the run; copies must agree.
+    Ok((plan, study))
+}
+
+/// Every result file of the shards; two copies of one result must agree.
+fn shard_files(shards: &[PathBuf]) -> Result<ShardFiles> {
+    let read = |p: &Path| fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let mut files: BTreeMap<PathBuf, (PathBuf, Vec<u8>)> = BTreeMap::new();
     let mut top: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for s in shards {
@@ -1071,10 +1128,19 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             }
         }
     }
-    // Completeness: the assignments list every planned score of every replicate.
+    Ok((files, top))
+}
+
+/// What the assignments plan and no shard holds: every planned score of every replicate, each
+/// named by its key and the variants that needed it, and replicates no shard began.
+fn missing_scores(
+    plan: &Named,
+    files: &BTreeMap<PathBuf, (PathBuf, Vec<u8>)>,
+    top: &BTreeMap<String, Vec<u8>>,
+) -> Result<Vec<String>> {
     let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut replicates: BTreeSet<u64> = BTreeSet::new();
-    for (name, bytes) in &top {
+    for (name, bytes) in top {
         if name.starts_with("assignments") {
             let a: Vec<Assignment> = serde_json::from_slice(bytes)
                 .with_context(|| format!("{name} in a shard is unreadable"))?;
@@ -1092,7 +1158,7 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             "the shards hold no assignments: none of them finished its run; rerun them, then merge"
         );
     }
-    let planned: Option<Plan> = match &plan {
+    let planned: Option<Plan> = match plan {
         Some((_, bytes)) => Some(serde_json::from_slice(bytes).context("plan.json is unreadable")?),
         None => None,
     };
@@ -1129,43 +1195,6 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             missing.push(format!("r{r}/reference"));
         }
     }
-    if !missing.is_empty() && !allow_partial {
-        bail!(
-            "{} planned score(s) are in none of the shards: {}{}; run the missing shard(s) and merge again, or pass --allow-partial to write a run marked partial",
-            missing.len(),
-            missing.iter().take(8).cloned().collect::<Vec<_>>().join(", "),
-            if missing.len() > 8 { ", …" } else { "" }
-        );
-    }
-    // Checked: write.
-    if let Some((_, p)) = &plan {
-        write_atomic(&into.join("plan.json"), p)?;
-    }
-    if let Some((_, y)) = &study {
-        write_atomic(&into.join("study.yaml"), y)?;
-    }
-    for (name, bytes) in &top {
-        write_atomic(&into.join(name), bytes)?;
-    }
-    for (rel, (_, bytes)) in &files {
-        let target = into.join(rel);
-        match fs::read(&target) {
-            Ok(b) if comparable(&b) != comparable(bytes) => bail!(
-                "{} already holds a different result than the shards' {}",
-                target.display(),
-                rel.display()
-            ),
-            Ok(_) => {}
-            Err(_) => write_atomic(&target, bytes)?,
-        }
-    }
-    let partial = into.join("partial.json");
-    if missing.is_empty() {
-        let _ = fs::remove_file(&partial);
-    } else {
-        write_record(&partial, &serde_json::json!({ "missing": missing }))?;
-    }
-    write_tables(into)?;
     Ok(missing)
 }
 

@@ -11,6 +11,7 @@ use super::rundir::{
     Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, TuneResult,
 };
 use super::spec::Study;
+use crate::datasets::Pair;
 use crate::detect;
 use crate::evaluate::classify::{self, Labeller};
 use crate::evaluate::{Evaluator, Outcome};
@@ -76,8 +77,75 @@ fn prepare_replicate(
             model::Precision::Bf16 => "-bf16",
         };
 
-    // One scan serves every detection of this replicate: the plan has checked that they share
-    // the base detection's trigger, median kind and pad rows; the floor is the loosest needed.
+    let (data, dims) = direction_pass(
+        study,
+        lm,
+        plan,
+        (seed, cache, out_dir),
+        &dir,
+        system,
+        &model_key,
+        keep_scan,
+    )?;
+    provenance
+        .datasets
+        .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
+    provenance
+        .datasets
+        .insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
+
+    let opts = f.evaluation.options()?;
+    let (evaluator, base) = scored_reference(
+        lm,
+        (&eval.good, &eval.bad),
+        system,
+        &opts,
+        (&model_key, cache),
+        &format!("replicate {seed}: unedited model"),
+    )?;
+    let selection = if sel.good.is_empty() {
+        None
+    } else {
+        provenance
+            .datasets
+            .insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
+        let (evaluator, base) = scored_reference(
+            lm,
+            (&sel.good, &sel.bad),
+            system,
+            &opts,
+            (&model_key, cache),
+            &format!("replicate {seed}: unedited model, selection split"),
+        )?;
+        Some(Selection { evaluator, base })
+    };
+    Ok(Replicate {
+        seed,
+        data,
+        dims,
+        evaluator,
+        base,
+        selection,
+        sources: (eval_sources.good, eval_sources.bad),
+    })
+}
+
+/// One replicate's pass over its direction prompts: residuals and, where a variant needs
+/// detected dims, the one scan every detection of the replicate reads (the plan has checked that
+/// they share the base detection's trigger, median kind and pad rows; the floor is the loosest
+/// needed). Cached by content; the detection summary is published into the run directory.
+#[allow(clippy::too_many_arguments)]
+fn direction_pass(
+    study: &Study,
+    lm: &LoadedModel,
+    plan: &Plan,
+    (seed, cache, out_dir): (u64, &Path, &Path),
+    dir: &Pair<Vec<String>>,
+    system: Option<&str>,
+    model_key: &str,
+    keep_scan: bool,
+) -> Result<(DirectionData, BTreeMap<String, Vec<u32>>)> {
+    let f = &study.file;
     let needs_scan = plan.variants.iter().any(|v| v.variant.needs_detection());
     let base_cfg = f.detection.resolve()?;
     let mut floor = detect::Floor::default();
@@ -91,7 +159,7 @@ fn prepare_replicate(
         }
     }
     let dir_key = hash_json(&(
-        &model_key,
+        model_key,
         &dir.good,
         &dir.bad,
         system,
@@ -164,47 +232,7 @@ fn prepare_replicate(
     };
     // The report reads the detection summary from the results, not from the cache.
     dcache.publish_summary(&replicate_dir(out_dir, seed))?;
-    provenance
-        .datasets
-        .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
-    provenance
-        .datasets
-        .insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
-
-    let opts = f.evaluation.options()?;
-    let (evaluator, base) = scored_reference(
-        lm,
-        (&eval.good, &eval.bad),
-        system,
-        &opts,
-        (&model_key, cache),
-        &format!("replicate {seed}: unedited model"),
-    )?;
-    let selection = if sel.good.is_empty() {
-        None
-    } else {
-        provenance
-            .datasets
-            .insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
-        let (evaluator, base) = scored_reference(
-            lm,
-            (&sel.good, &sel.bad),
-            system,
-            &opts,
-            (&model_key, cache),
-            &format!("replicate {seed}: unedited model, selection split"),
-        )?;
-        Some(Selection { evaluator, base })
-    };
-    Ok(Replicate {
-        seed,
-        data,
-        dims,
-        evaluator,
-        base,
-        selection,
-        sources: (eval_sources.good, eval_sources.bad),
-    })
+    Ok((data, dims))
 }
 
 /// An evaluator for `(good, bad)` and the unedited model's score on it, cached by content.
