@@ -1575,13 +1575,7 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
             v.variant.needs_detection() && v.variant.tune.is_none() && v.variant.detect.is_some()
         })
         .collect();
-    let outcome = |id: &str, rep: u64| -> Option<&Outcome> {
-        r.assignments
-            .iter()
-            .find(|a| a.variant_id == id && a.replicate == rep)
-            .and_then(|a| r.scores.get(&(rep, a.key.clone())))
-            .map(|s| &s.outcome)
-    };
+    let outcome = |id: &str, rep: u64| variant_outcome(r, id, rep);
     // Pairs (on, off) per criterion. A pair whose one side needs the scan floor as its value
     // criterion (switching the criterion off left none) differs in the floor too, not in the one
     // criterion: it is left out and counted.
@@ -1699,6 +1693,15 @@ fn criteria_section(md: &mut String, r: &RunResults) -> Result<()> {
     Ok(())
 }
 
+/// The outcome a variant scored in a replicate (through the score it was assigned).
+fn variant_outcome<'a>(r: &'a RunResults, id: &str, rep: u64) -> Option<&'a Outcome> {
+    r.assignments
+        .iter()
+        .find(|a| a.variant_id == id && a.replicate == rep)
+        .and_then(|a| r.scores.get(&(rep, a.key.clone())))
+        .map(|s| &s.outcome)
+}
+
 /// What switching one criterion off does, over the pairs of variants that differ only in it.
 struct Importance {
     pairs: usize,
@@ -1716,13 +1719,7 @@ fn criterion_importance(
     pairs: &[Vec<(usize, usize)>],
     floored: &[usize],
 ) -> Vec<Importance> {
-    let outcome = |id: &str, rep: u64| -> Option<&Outcome> {
-        r.assignments
-            .iter()
-            .find(|a| a.variant_id == id && a.replicate == rep)
-            .and_then(|a| r.scores.get(&(rep, a.key.clone())))
-            .map(|s| &s.outcome)
-    };
+    let outcome = |id: &str, rep: u64| variant_outcome(r, id, rep);
     let dims_of = |id: &str| -> Option<usize> {
         r.assignments
             .iter()
