@@ -1020,7 +1020,7 @@ fn header(
             r.plan.replicates.len().to_string()
         },
         r.scores.len(),
-        verdict_counts(&fam),
+        verdict_counts(fam),
         fam.tests,
         st.correction.describe(),
         st.alpha
@@ -1032,8 +1032,8 @@ fn header(
 fn answer_section(md: &mut String, out: &Path, fam: &Family, st: &StatsSettings) -> Result<()> {
     if !fam.comparisons.is_empty() {
         writeln!(md, "## Answer\n")?;
-        md.push_str(&answer::answer(&fam, true));
-        let (fr, fk) = answer::forest_rows(&fam);
+        md.push_str(&answer::answer(fam, true));
+        let (fr, fk) = answer::forest_rows(fam);
         let (stem, title) = plots::draw_forest(out, fr, fk, (st.margins.refusals, st.margins.kl))?;
         writeln!(md, "![{title}]({stem}.png)\n")?;
         writeln!(
@@ -1702,13 +1702,16 @@ fn variant_outcome<'a>(r: &'a RunResults, id: &str, rep: u64) -> Option<&'a Outc
         .map(|s| &s.outcome)
 }
 
+/// A mean and its 95% interval.
+type Interval = (f64, f64, f64);
+
 /// What switching one criterion off does, over the pairs of variants that differ only in it.
 struct Importance {
     pairs: usize,
     /// Pairs left out: switching the criterion off left only the scan floor.
     excluded: usize,
     /// Mean change in dims found; refusal and KL change (mean, 95% bootstrap interval).
-    effect: Option<(f64, (f64, f64, f64), (f64, f64, f64))>,
+    effect: Option<(f64, Interval, Interval)>,
 }
 
 /// Per criterion, the paired effect of switching it off: per prompt, averaged over its pairs in
@@ -1900,7 +1903,7 @@ fn classifier_rates(
         "| unedited | {} |",
         names
             .iter()
-            .map(|n| pooled(&base, n))
+            .map(|n| pooled(base, n))
             .collect::<Vec<_>>()
             .join(" | ")
     )?;

@@ -1,0 +1,177 @@
+//! The run directory: its layout and every read and write of it. A user can read a run folder
+//! with this description and no code.
+//!
+//! ```text
+//! RUN/
+//!   study.yaml                  the study file as run (its `statistics:` block decides the report)
+//!   plan.json                   the planned variants (ids hash their settings) and replicate seeds
+//!   assignments[-shard-I-of-N].json   per replicate and variant: its dims and score key
+//!   provenance[-shard-I-of-N].json    tool version, git revision, model sha256, prompt hashes
+//!   partial.json                only after `merge --allow-partial` left scores out: which ones
+//!   results/r<seed>/
+//!     <key>.json                one distinct score: key, dims, variant ids, per-prompt outcome
+//!                               (refused, replies, reply tokens, KL, over-refused, seconds), and
+//!                               the searched edit when there was a search
+//!     reference.json            the unedited model's outcome on the evaluation prompts
+//!     prompts.json              the evaluation prompts, harmless and harmful, in scoring order,
+//!                               and each one's prompt set
+//!     detection.json            the detection summary the report's figures need
+//!   results/classifiers.json    with several refusal classifiers: each one's accuracy on the
+//!                               labelled replies (datasets/refusal-judgements.jsonl), the judge's cost
+//!   tune/r<seed>/<variant id>.json      a tuning: chosen thresholds, dims, every trial
+//!   tune/r<seed>/<variant id>.partial   while it runs: the scores so far (the memo)
+//!   search/r<seed>/<key>.json   an edit search: best kernel, every trial (.partial while it runs)
+//!   cache/ (cache-shard-I-of-N/)  content-addressed caches, safe to delete at any time:
+//!     direction-<hash>/         good.f32, bad.f32 (residuals: little-endian u64 n, states, d,
+//!                               then n·states·d f32), dims.json, candidates.parquet,
+//!                               detection.json, done
+//!     reference-<hash>.json     the unedited model's outcome on one prompt split
+//!     judge-<model>.json        a judge's P(refusal) by (judge, prompt, reply) hash
+//!   validation/                 with `detection_validation:` (run once, before the variants):
+//!     validation.json           settings, corpus, every candidate's damages and label, every
+//!                               configuration's dims and dim- / entry-level precision, recall, F1
+//!     candidates.parquet        one row per candidate (dim, damages, label, instances, tokens)
+//!     scores.parquet            one row per scored configuration
+//!   variants.parquet            one row per variant and replicate (rebuilt from results/)
+//!   outcomes.parquet            one row per prompt and score (rebuilt from results/), with the
+//!                               prompt's set as `source`; with several classifiers,
+//!                               refused_by_<name> and p_refusal_<judge>
+//!   .lock                       held while a run or a merge writes here
+//! ```
+//!
+//! Every file is written through a temporary file and a rename, so a killed run leaves whole
+//! files only; a score's file is its completion marker.
+
+mod cache;
+mod merge;
+mod read;
+mod records;
+mod tables;
+
+pub use cache::*;
+pub use merge::*;
+pub use read::*;
+pub use records::*;
+pub use tables::*;
+
+use super::plan::{Plan, PlannedVariant};
+use crate::ablate::AblationParams;
+use crate::detect;
+use crate::direction::Residuals;
+use crate::evaluate::Outcome;
+use crate::fs::write_atomic;
+use anyhow::{bail, Context, Result};
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+pub fn sha_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn hash_json<T: Serialize>(v: &T) -> String {
+    sha_hex(serde_json::to_string(v).expect("serialisable").as_bytes())[..16].to_string()
+}
+
+/// Holds the run directory for this process; dropped, the lock goes with it.
+pub struct RunLock {
+    _file: File,
+}
+
+pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(RunLock { _file: f }),
+        Err(_) => bail!(
+            "run directory {} is in use by another outlierlab run; wait for it to finish or use another output folder",
+            dir.display()
+        ),
+    }
+}
+
+pub fn cache_dir(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
+    match shard {
+        Some((i, n)) => out.join(format!("cache-shard-{i}-of-{n}")),
+        None => out.join("cache"),
+    }
+}
+
+/// Each classifier's accuracy on the labelled replies and the judge's cost.
+pub fn classifiers_path(out: &Path) -> PathBuf {
+    out.join("results").join("classifiers.json")
+}
+
+/// A judge's cache: P(refusal) by (judge, prompt, reply) hash.
+pub fn judge_cache_path(cache: &Path, judge: &str) -> PathBuf {
+    let safe: String = judge
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cache.join(format!("judge-{safe}.json"))
+}
+
+/// The cached outcome of the unedited model on one prompt split.
+pub fn reference_cache_path(cache: &Path, key: &str) -> PathBuf {
+    cache.join(format!("reference-{key}.json"))
+}
+
+pub fn result_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
+    out.join("results")
+        .join(format!("r{replicate}"))
+        .join(format!("{key}.json"))
+}
+
+pub fn tune_path(out: &Path, replicate: u64, variant_id: &str) -> PathBuf {
+    out.join("tune")
+        .join(format!("r{replicate}"))
+        .join(format!("{variant_id}.json"))
+}
+
+pub fn search_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
+    out.join("search")
+        .join(format!("r{replicate}"))
+        .join(format!("{key}.json"))
+}
+
+/// Where replicate `replicate`'s per-replicate files live.
+pub fn replicate_dir(out: &Path, replicate: u64) -> PathBuf {
+    out.join("results").join(format!("r{replicate}"))
+}
+
+pub(super) fn shard_tag(shard: Option<(usize, usize)>) -> String {
+    shard
+        .map(|(i, n)| format!("-shard-{i}-of-{n}"))
+        .unwrap_or_default()
+}
+
+pub fn assignments_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
+    out.join(format!("assignments{}.json", shard_tag(shard)))
+}
+
+pub fn provenance_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
+    out.join(format!("provenance{}.json", shard_tag(shard)))
+}
+
+/// Writes the run's provenance when it did not exist (used by tests).
+pub fn plan_of(dir: &Path) -> Result<Plan> {
+    Ok(serde_json::from_slice(&fs::read(dir.join("plan.json"))?)?)
+}
