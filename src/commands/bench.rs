@@ -41,6 +41,10 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
         lm.model.precision().name(),
         crate::bench::resident_mb().map_or("?".into(), |m| format!("{m:.0}"))
     );
+    println!(
+        "cpu                   {}",
+        model::cpu::describe(lm.model.precision() == Precision::Bf16)
+    );
     println!("f32 matmul (candle)   {:.1} GFLOP/s", r.matmul_gflops);
     if let Some(g) = r.bf16_matmul_gflops {
         println!(

@@ -650,6 +650,7 @@ impl Model {
             );
             return Ok(Precision::F32);
         }
+        eprintln!("bf16: {}", cpu::describe(true));
         for l in &mut self.layers {
             for lin in l.linears_mut() {
                 lin.to_bf16()?;

@@ -327,6 +327,9 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
     prov.markers = Some(study.file.evaluation.options()?.markers);
     prov.precision = Some(lm.model.precision());
+    prov.vector_paths = Some(crate::model::cpu::describe(
+        lm.model.precision() == model::Precision::Bf16,
+    ));
     if let Some(j) = &refusal.judge {
         prov.judge = Some(JudgeProvenance {
             model: j.name.clone(),

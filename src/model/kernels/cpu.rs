@@ -100,6 +100,29 @@ impl Isa {
     }
 }
 
+/// The vector paths this CPU runs and, for a bf16 model, the micro-kernel chosen: the one line
+/// `bench` prints, a run records in `provenance.json`, and a bf16 load reports.
+pub fn describe(bf16_model: bool) -> String {
+    let here: Vec<&str> = Isa::ALL
+        .into_iter()
+        .filter(|i| i.here())
+        .map(Isa::name)
+        .collect();
+    let paths = if here.is_empty() {
+        "none (portable code only)".to_string()
+    } else {
+        here.join(", ")
+    };
+    if bf16_model {
+        format!(
+            "vector paths {paths}; bf16 micro-kernel: {}",
+            super::bf16::kernel().name()
+        )
+    } else {
+        format!("vector paths {paths}")
+    }
+}
+
 /// The paths `OUTLIERLAB_REQUIRE_ISA` names (comma-separated, e.g. `avx2,avx2_fma,avx512`).
 pub fn required() -> Vec<Isa> {
     let Ok(list) = std::env::var("OUTLIERLAB_REQUIRE_ISA") else {

@@ -6,7 +6,8 @@
 //!   study.yaml                  the study file as run (its `statistics:` block decides the report)
 //!   plan.json                   the planned variants (ids hash their settings) and replicate seeds
 //!   assignments[-shard-I-of-N].json   per replicate and variant: its dims and score key
-//!   provenance[-shard-I-of-N].json    tool version, git revision, model sha256, prompt hashes
+//!   provenance[-shard-I-of-N].json    tool version, git revision, model sha256, prompt hashes,
+//!                               precision, the CPU's vector paths and the bf16 micro-kernel
 //!   partial.json                only after `merge --allow-partial` left scores out: which ones
 //!   results/r<seed>/
 //!     <key>.json                one distinct score: key, dims, variant ids, per-prompt outcome

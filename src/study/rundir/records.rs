@@ -106,6 +106,10 @@ pub struct Provenance {
     /// The precision the model ran in (absent: f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<crate::model::Precision>,
+    /// The CPU's vector paths and the bf16 micro-kernel the run used (absent: runs before
+    /// 2026-12-07).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_paths: Option<String>,
 }
 
 /// What a judge was asked and how its answer was read.
@@ -135,6 +139,7 @@ impl Provenance {
             judge: None,
             markers: None,
             precision: None,
+            vector_paths: None,
         }
     }
 }
