@@ -16,9 +16,8 @@ pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> Result<()>,
 ) -> Result<()> {
-    let tmp = temporary_beside(path)?;
-    let mut file = tmp.reopen()?;
-    write(&mut file).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut tmp = temporary_beside(path)?;
+    write(tmp.as_file_mut()).with_context(|| format!("cannot write {}", path.display()))?;
     finish(tmp, path)
 }
 
@@ -41,7 +40,8 @@ fn temporary_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
 }
 
 fn finish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
-    std::fs::File::open(tmp.path())?.sync_all()?;
+    // Any handle's sync flushes the file, also what a path-taking writer wrote through its own.
+    tmp.as_file().sync_all()?;
     tmp.persist(path)
         .with_context(|| format!("cannot move the new file into {}", path.display()))?;
     Ok(())

@@ -43,7 +43,8 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
     );
     println!(
         "cpu                   {}",
-        model::cpu::describe(lm.model.precision() == Precision::Bf16)
+        // The bf16 micro-kernel has its own line below.
+        model::cpu::describe(false)
     );
     println!("f32 matmul (candle)   {:.1} GFLOP/s", r.matmul_gflops);
     if let Some(g) = r.bf16_matmul_gflops {

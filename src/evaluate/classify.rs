@@ -138,7 +138,7 @@ pub fn answer_ids(lm: &LoadedModel, word: &str) -> Result<Vec<u32>> {
 
 impl Judge {
     /// The judge runs in `precision`, the study's (f32 where the CPU lacks bf16); its scores are
-    /// cached per precision.
+    /// cached per precision (f32's keys as before precision existed).
     pub fn load(
         spec: &str,
         precision: model::Precision,
@@ -180,8 +180,8 @@ impl Judge {
 
     fn key(&self, request: &str, reply: &str) -> String {
         let mut h = Sha256::new();
-        let precision = self.lm.model.precision().name();
-        for part in [self.name.as_str(), precision, JUDGE_SYSTEM, request, reply] {
+        let judge = format!("{}{}", self.name, self.lm.model.precision().cache_tag());
+        for part in [judge.as_str(), JUDGE_SYSTEM, request, reply] {
             h.update(part.as_bytes());
             h.update([0u8]);
         }

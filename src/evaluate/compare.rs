@@ -258,13 +258,29 @@ pub fn kl_estimate(
         let Some(b) = reference.get(rep) else {
             continue;
         };
-        for (i, (x, y)) in a.kl.iter().zip(&b.kl).enumerate() {
-            d.push((units.id(Side::Good, *rep, i), draws, x - y));
-        }
+        push_kl_differences(units, *rep, draws, a, b, &mut d);
         draws += 1;
     }
     let c = cluster(&d, draws);
     (!c.units.is_empty()).then(|| c.units.iter().sum::<f64>() / c.units.len() as f64)
+}
+
+/// Appends each harmless prompt's KL difference `a` − `b` in replicate `rep` (draw `draw`) as a
+/// unit's observation, and returns that draw's mean difference.
+fn push_kl_differences(
+    units: &Units,
+    rep: u64,
+    draw: usize,
+    a: &Outcome,
+    b: &Outcome,
+    out: &mut Vec<(u64, usize, f64)>,
+) -> f64 {
+    let n = out.len();
+    for (i, (x, y)) in a.kl.iter().zip(&b.kl).enumerate() {
+        out.push((units.id(Side::Good, rep, i), draw, x - y));
+    }
+    let here = &out[n..];
+    here.iter().map(|(_, _, d)| d).sum::<f64>() / here.len().max(1) as f64
 }
 
 /// A comparison's draw-level reading of one metric: the draws as a random factor.
@@ -437,11 +453,7 @@ fn gather(pair: (usize, usize), a: &Arm, b: &Arm, units: &Units, reps: usize) ->
             let d = *x as i32 as f64 - *y as i32 as f64;
             refusal_d.push((units.id(Side::Bad, *rep, i), draw, d));
         }
-        let here: Vec<f64> = oa.kl.iter().zip(&ob.kl).map(|(x, y)| x - y).collect();
-        rep_kl.push(here.iter().sum::<f64>() / here.len().max(1) as f64);
-        for (i, d) in here.into_iter().enumerate() {
-            kl_d.push((units.id(Side::Good, *rep, i), draw, d));
-        }
+        rep_kl.push(push_kl_differences(units, *rep, draw, oa, ob, &mut kl_d));
     }
     let draws = replicates.len();
     let refusal_units = cluster(&refusal_d, draws);

@@ -217,6 +217,15 @@ impl Precision {
             Precision::Bf16 => "bf16",
         }
     }
+
+    /// What cache keys append for this precision: nothing for f32, so that keys made before
+    /// precision existed stay valid.
+    pub fn cache_tag(self) -> &'static str {
+        match self {
+            Precision::F32 => "",
+            Precision::Bf16 => "-bf16",
+        }
+    }
 }
 
 impl Linear {

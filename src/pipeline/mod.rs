@@ -45,6 +45,14 @@ impl Variant {
         self.null_draw_of.is_some()
     }
 
+    /// Where settings are hashed (variant ids, score keys): the control a null draw belongs to
+    /// is a name, not a setting, so it is blanked; that the variant is KL-only stays.
+    pub fn blank_control_name(&mut self) {
+        if self.kl_only() {
+            self.null_draw_of = Some(String::new());
+        }
+    }
+
     /// Whether the dims come from a detection (a handling uses dims and none are named).
     pub fn needs_detection(&self) -> bool {
         self.needs_dims() && self.dims.is_none()

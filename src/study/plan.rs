@@ -81,10 +81,7 @@ pub fn variant_id(v: &Variant) -> String {
         // Detection settings that no handling uses do not change the result.
         canon.detect = None;
     }
-    // The control a null draw belongs to is a name, not a setting.
-    if canon.kl_only() {
-        canon.null_draw_of = Some(String::new());
-    }
+    canon.blank_control_name();
     let json = serde_json::to_string(&canon).expect("variants serialise");
     let h = Sha256::digest(json.as_bytes());
     h.iter().take(6).map(|b| format!("{b:02x}")).collect()

@@ -72,10 +72,7 @@ fn prepare_replicate(
         .sha256
         .clone()
         .unwrap_or_else(|| lm.path.display().to_string())
-        + match lm.model.precision() {
-            model::Precision::F32 => "",
-            model::Precision::Bf16 => "-bf16",
-        };
+        + lm.model.precision().cache_tag();
 
     let (data, dims) = direction_pass(
         study,
@@ -290,8 +287,7 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
     canon.dims = None;
     // A null draw's edit is its control's with another seed; only KL-only scoring sets it
     // apart, and that stays in the key.
-    let kl_only = canon.kl_only();
-    canon.null_draw_of = kl_only.then(String::new);
+    canon.blank_control_name();
     if dims.is_empty() {
         // With nothing detected, zeroing or protecting dims is exactly `none` (tested), so such
         // variants share `none`'s score.

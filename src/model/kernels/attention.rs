@@ -2,8 +2,8 @@
 //!
 //! Written out rather than built from candle's ops because a decoding step has one query per
 //! row: candle's batched matmul then calls its gemm once per (row, key head) on a 7 × 64 by
-//! 64 × L product, and the calls cost more than the arithmetic — 12% of a batch-100 decoding
-//! step on Qwen 0.5B, for 1.3 GFLOP of its 100 at 150 keys. Here one task per (row, key head) does
+//! 64 × L product, and the calls cost far more than the arithmetic they do (CHANGELOG.md,
+//! Performance). Here one task per (row, key head) does
 //! its query heads' scores, softmax and weighted sum of values in one pass over its keys.
 //!
 //! Keys the mask rules out (−∞) are skipped rather than added as zero weights, so a row's result
@@ -313,9 +313,8 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
 
 /// [`dot_lanes`] with the 16 lanes in two 8-lane registers (0–7 and 8–15): the same operations
 /// in the same order. Written out because the compiler vectorized the portable loop in 2- and
-/// 4-lane pieces: in a score's decoding (`abliterate --batch-size 100`, Qwen 0.5B, bf16, Zen 3,
-/// instrumented builds) attention took 4.2 s of 54 s; 3.7 s with the head width a constant and
-/// the weighted sum in a local, 2.7 s with this.
+/// 4-lane pieces, which a score's decoding paid for (CHANGELOG.md, Performance, "Outside the
+/// kernel").
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]

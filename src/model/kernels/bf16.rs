@@ -146,12 +146,7 @@ impl Kernel {
 
     /// Whether this CPU has the kernel's instructions.
     pub fn runs_here(self) -> bool {
-        let f = features();
-        match self {
-            Kernel::Dot => f.avx512bf16,
-            Kernel::Widen => f.avx512,
-            Kernel::Widen8 => f.avx2_fma,
-        }
+        self.isa().here()
     }
 
     /// The instruction-set path the kernel needs.
@@ -672,9 +667,9 @@ pub fn round_bits(v: f32) -> u16 {
 }
 
 /// [`round_bits`] in 8 lanes of integer arithmetic, widened back to f32 (`T` must be f32): the
-/// inputs of the 8-lane kernel. A score's decoding (Qwen 0.5B, batch 100, Zen 3, instrumented
-/// builds) spent 1.18 s of its 52 s in [`round_rows`]; 1.07 s with this, 0.57 s with each
-/// row's pairs then written step by step rather than through an offset computed per pair.
+/// inputs of the 8-lane kernel. Each row's pairs are written step by step rather than through an
+/// offset computed per pair, which halved [`round_rows`]' share of a score's decoding
+/// (CHANGELOG.md, Performance, "Outside the kernel").
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn round_row_avx2<T: Rounded>(s: &[f32], d: &mut [T]) {
@@ -962,13 +957,8 @@ unsafe fn tile_widen<const R: usize>(t: Tile<f32>) {
 /// 5 rows where they can be, which also spreads a step's 4 widening instructions over 20
 /// multiply-adds instead of 16; and the walker runs each half of a panel over every block before
 /// the other half, so that half's slice (28 KB at k = 896) stays in L1. Against blocks of 8 rows
-/// run as 4-row tiles, half by half within each block, on the Zen 3 machine (binaries
-/// alternated, two runs each; the first two figures with rows in chunks of 240, not [`MC`]'s
-/// 256): `examples/bf16_kernel` 512 and 100 rows 151–177 → 159–185
-/// GFLOP/s, 16 rows 153–177 → 141–163; `bench --precision bf16` on Qwen 0.5B, batch 100:
-/// decode 148, 152 → 169, 174 tokens/s, prefill 139, 140 → 158, 160; batch 16: decode 142,
-/// 140 → 136, 141, prefill 161, 161 → 185, 186; a score (`abliterate --over-refusal-tokens 0
-/// --batch-size 100`) 79, 78 → 70, 71 s, 12/100 refusals and KL 0.0611 in all four.
+/// run as 4-row tiles this was faster on an AVX2-only core for prefill, batch-100 decoding and a
+/// whole score, with the same refusals and KL (CHANGELOG.md, Performance, "Without AVX-512").
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]

@@ -2,8 +2,8 @@
 //!
 //! candle's op (`candle_nn::ops::rms_norm`) hands batches of more than 32 rows to rayon's pool,
 //! whose threads then wake beside candle's worker, which spins on the other core (see
-//! [`crate::model::pool`]): at batch 88, decoding Qwen 0.5B in bf16 on the Zen 3 machine, the two norms
-//! of a layer took 0.27–0.45 ms a call for 79k values, ~3% of a decoding step. Here the
+//! [`crate::model::pool`]), and a call then costs far more than its arithmetic (CHANGELOG.md,
+//! Performance, "Outside the kernel"). Here the
 //! arithmetic is candle's — each row's squares summed in order in f32, `m = √(sum / n + ε)`,
 //! then `x / m · w` per value — so the values are candle's bit for bit (tested); only the
 //! threads differ.
