@@ -53,15 +53,9 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-fn run_name(dir: &std::path::Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into())
-}
-
 /// The report folder a run directory renders into by default: reports/<run-name>.
 pub fn default_report_dir(run_dir: &std::path::Path) -> PathBuf {
-    PathBuf::from("reports").join(run_name(run_dir))
+    PathBuf::from("reports").join(crate::study::rundir::folder_name(run_dir))
 }
 
 /// `outlierlab run`: the study, then (unless sharded) its report.

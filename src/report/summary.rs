@@ -246,11 +246,7 @@ pub(super) fn run_name(dir: &Path, study: &str) -> String {
     crate::study::spec::parse_stored(study, "study.yaml")
         .ok()
         .and_then(|f| f.name)
-        .unwrap_or_else(|| {
-            dir.file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_else(|| "run".into())
-        })
+        .unwrap_or_else(|| crate::study::rundir::folder_name(dir))
 }
 
 /// `report --comment`: a Markdown summary of at most 60 lines for a pull-request comment.

@@ -706,24 +706,36 @@ fn check_datasets_present<'a>(s: &'a Study, text: &str) -> Result<Splits<'a>> {
     Ok(splits)
 }
 
+/// Why `name` is neither a built-in prompt set nor a file, with a did-you-mean; None when it is
+/// one of them.
+fn unknown_dataset(name: &str) -> Option<String> {
+    let known = crate::datasets::names();
+    if known.iter().any(|k| k == name) || Path::new(name).is_file() {
+        return None;
+    }
+    let hint =
+        crate::util::did_you_mean(name, &known.iter().map(String::as_str).collect::<Vec<_>>())
+            .map(|k| format!(" (did you mean '{k}'?)"))
+            .unwrap_or_default();
+    Some(format!(
+        "unknown dataset '{name}'{hint}; expected a built-in set ({}) or a file",
+        known.join(", ")
+    ))
+}
+
 /// The validation block: its settings, and that its corpus sets exist.
 fn check_detection_validation(s: &Study, text: &str) -> Result<()> {
     let f = &s.file;
-    let known = crate::datasets::names();
     if let Some(v) = &f.detection_validation {
         v.check()
             .map_err(|(k, m)| at_key(s, text, &format!("detection_validation.{k}"), m))?;
         for (i, c) in v.corpus.iter().enumerate() {
-            if !known.contains(&c.name) && !Path::new(&c.name).is_file() {
+            if let Some(m) = unknown_dataset(&c.name) {
                 return Err(at_key(
                     s,
                     text,
                     &format!("detection_validation.corpus[{i}].name"),
-                    format!(
-                        "unknown dataset '{}'; expected a built-in set ({}) or a file",
-                        c.name,
-                        known.join(", ")
-                    ),
+                    m,
                 ));
             }
         }
@@ -733,7 +745,6 @@ fn check_detection_validation(s: &Study, text: &str) -> Result<()> {
 
 /// Every prompt set of every split exists and takes at least one prompt.
 fn check_prompt_sets(s: &Study, text: &str, splits: &Splits) -> Result<()> {
-    let known = crate::datasets::names();
     for (side, pair) in splits {
         for (which, list) in [("good", &pair.good), ("bad", &pair.bad)] {
             if list.0.is_empty() {
@@ -746,23 +757,8 @@ fn check_prompt_sets(s: &Study, text: &str, splits: &Splits) -> Result<()> {
             }
             for (at, set) in list.located(&format!("datasets.{side}.{which}")) {
                 let path = format!("{at}.name");
-                if !known.contains(&set.name) && !Path::new(&set.name).is_file() {
-                    let hint = crate::util::did_you_mean(
-                        &set.name,
-                        &known.iter().map(String::as_str).collect::<Vec<_>>(),
-                    )
-                    .map(|k| format!(" (did you mean '{k}'?)"))
-                    .unwrap_or_default();
-                    return Err(at_key(
-                        s,
-                        text,
-                        &path,
-                        format!(
-                            "unknown dataset '{}'{hint}; expected a built-in set ({}) or a file",
-                            set.name,
-                            known.join(", ")
-                        ),
-                    ));
+                if let Some(m) = unknown_dataset(&set.name) {
+                    return Err(at_key(s, text, &path, m));
                 }
                 if set.count == 0 {
                     return Err(at_key(

@@ -172,7 +172,15 @@ pub fn provenance_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
     out.join(format!("provenance{}.json", shard_tag(shard)))
 }
 
-/// Writes the run's provenance when it did not exist (used by tests).
+/// A run directory's own name (`run` where it has none): the name its report takes when the
+/// study names none.
+pub fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// The plan a run directory holds.
 pub fn plan_of(dir: &Path) -> Result<Plan> {
     Ok(serde_json::from_slice(&fs::read(dir.join("plan.json"))?)?)
 }
