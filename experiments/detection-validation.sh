@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
-# Detection validation on every model with a reference test: which dims are massive activations
-# (by intervention) and how every preset, pr154 criteria subset (both median scopes, both
-# persistence counts) and threshold curve finds them. One study file per model in
-# experiments/detection-validation/; runs land in runs/detection-validation/<model>, reports in
-# reports/detection-validation/<model>/ (report.md, report.html, figures).
+# Detection validation on the four models: which dims and which entries are massive activations
+# (by intervention), and how every preset, pr154 criteria subset (both median scopes, both
+# persistence counts) and threshold curve finds them on held-out prompts. One study file per model
+# in experiments/detection-validation/ (bf16); SmolLM2 and Qwen2.5-Coder-0.5B run in f32 as well,
+# so that each report can say whether bf16 changes the labels. Runs land in
+# runs/detection-validation/<model> (and runs/detection-validation-f32/<model>), reports in
+# reports/detection-validation/<model>/, the cross-model summary in reports/detection-validation/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${OUTLIERLAB:-target/release/outlierlab}
-for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma3-270m qwen2.5-coder-1.5b-instruct; do
+models="smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma3-270m qwen2.5-coder-1.5b-instruct"
+f32_check="smollm2-135m-instruct qwen2.5-coder-0.5b-instruct"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for m in $models; do
   start=$(date +%s)
-  "$bin" run "experiments/detection-validation/$m.yaml" --report-dir "reports/detection-validation/$m"
-  echo "$m: $(( $(date +%s) - start )) s"
+  "$bin" run "experiments/detection-validation/$m.yaml"
+  echo "$m bf16: $(( $(date +%s) - start )) s"
+  if [[ " $f32_check " == *" $m "* ]]; then
+    sed -e 's/^precision: bf16/precision: f32/' \
+        -e "s|^output: runs/detection-validation/|output: runs/detection-validation-f32/|" \
+        -e "s/^name: \(.*\)/name: \1-f32/" \
+        "experiments/detection-validation/$m.yaml" > "$tmp/$m.yaml"
+    start=$(date +%s)
+    "$bin" run "$tmp/$m.yaml"
+    echo "$m f32: $(( $(date +%s) - start )) s"
+  fi
 done
+for m in $models; do
+  other=()
+  [[ -d "runs/detection-validation-f32/$m" ]] && other=(--compare-labels "runs/detection-validation-f32/$m")
+  "$bin" report "runs/detection-validation/$m" --out "reports/detection-validation/$m" "${other[@]}"
+done
+"$bin" report --across runs/detection-validation/* --out reports/detection-validation

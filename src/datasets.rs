@@ -65,7 +65,7 @@ pub struct Manifest {
     pub first_line: bool,
 }
 
-const BUILTIN: [(&str, &str); 9] = [
+const BUILTIN: [(&str, &str); 10] = [
     ("advbench", include_str!("../datasets/advbench.yaml")),
     ("harmbench", include_str!("../datasets/harmbench.yaml")),
     (
@@ -93,13 +93,23 @@ const BUILTIN: [(&str, &str); 9] = [
         "harmless-outlierlab",
         include_str!("../datasets/harmless-outlierlab.yaml"),
     ),
+    (
+        "plain-sentences",
+        include_str!("../datasets/plain-sentences.yaml"),
+    ),
 ];
 
 /// Project-written prompt files, compiled in so the binary works from any folder.
-const LOCAL_FILES: [(&str, &str); 1] = [(
-    "harmless-outlierlab.txt",
-    include_str!("../datasets/harmless-outlierlab.txt"),
-)];
+const LOCAL_FILES: [(&str, &str); 2] = [
+    (
+        "harmless-outlierlab.txt",
+        include_str!("../datasets/harmless-outlierlab.txt"),
+    ),
+    (
+        "plain-sentences.txt",
+        include_str!("../datasets/plain-sentences.txt"),
+    ),
+];
 
 pub fn manifests() -> Vec<Manifest> {
     BUILTIN

@@ -43,6 +43,18 @@ impl Progress {
         self.pb.set_length(len);
     }
 
+    /// A new phase of the work: its label, and (off a terminal) a line when the label changes.
+    pub fn set_message(&self, msg: &str) {
+        if let Some(Ok(mut p)) = self.plain.as_ref().map(|m| m.lock()) {
+            if p.msg == msg {
+                return;
+            }
+            p.msg = msg.to_string();
+            p.last = std::time::Instant::now() - std::time::Duration::from_secs(30);
+        }
+        self.pb.set_message(msg.to_string());
+    }
+
     pub fn set_position(&self, pos: u64) {
         self.pb.set_position(pos);
         self.log(false);

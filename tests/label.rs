@@ -100,9 +100,9 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
         );
     }
     let sc = validate::score(&[507], &cands);
-    assert_eq!((sc.true_positives, sc.precision), (1, 1.0));
+    assert_eq!((sc.true_positives, sc.precision), (1.0, 1.0));
     let sc = validate::score(&[247], &cands);
-    assert_eq!(sc.true_positives, 0);
+    assert_eq!(sc.true_positives, 0.0);
 }
 
 /// A tiny Llama with two planted values, raw text: dim 3 of `<|im_start|>`'s embedding is a
@@ -167,8 +167,12 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
         persistence_mode: vec![outlierlab::detect::config::PersistenceMode::Consecutive],
         curves: vec!["median-only".into()],
         batch_size: 4,
+        label_prompts: 16,
+        entries_per_dim: 32,
+        seed: 0,
+        bootstrap: 200,
     };
-    let v = validate::run(&lm, None, &spec, Vec::new(), |_, _, _| {}).unwrap();
+    let v = validate::run(&lm, None, &spec, Vec::new(), None, |_, _, _| {}).unwrap();
     let find = |dim| v.candidates.iter().find(|c| c.dim == dim);
     let bias = find(3).unwrap_or_else(|| panic!("dim 3 is a candidate: {:?}", v.candidates));
     assert!(
@@ -196,7 +200,7 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
     let both = validate::score(&[3, 5], &v.candidates);
     assert_eq!(
         (both.true_positives, both.precision, both.recall),
-        (1, 0.5, 1.0)
+        (1.0, 0.5, 1.0)
     );
     let sun = v
         .scored
@@ -205,7 +209,44 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
         .unwrap();
     assert_eq!(sun.dims, vec![3, 5], "{sun:?}");
     assert_eq!(sun.ptd.recall, 1.0, "{sun:?}");
-    assert!((sun.ptd.precision - 0.5).abs() < 0.2, "{sun:?}");
+    // Dim 5's entries all stand at the last position, which entry scores leave out; the dim
+    // level still counts dim 5 as a false detection.
+    assert_eq!((sun.ptd.precision, sun.ptd.detected), (1.0, 6), "{sun:?}");
+    assert_eq!(sun.dim.precision, 0.5, "{sun:?}");
+    // Entry labels: each `<|im_start|>` instance of dim 3, held alone, is massive; none is at a
+    // prompt's last position (no later position would show its damage), so `~`'s dim 5 — always
+    // last — is never labelled one by one.
+    let e3: Vec<_> = v.entries.iter().filter(|e| e.dim == 3).collect();
+    assert_eq!(e3.len(), 6, "{:?}", v.entries);
+    assert!(
+        e3.iter()
+            .all(|e| e.massive && e.weight == 1.0 && e.token == "<|im_start|>"),
+        "{e3:?}"
+    );
+    assert!(v.entries.iter().all(|e| e.dim != 5), "{:?}", v.entries);
+    assert!(v.last_position_instances >= 6);
+    let c3 = find(3).unwrap();
+    assert_eq!((c3.entries_labelled, c3.entries_massive), (6, 1.0));
+    // Held out: every prompt in exactly one half, and sun2024 finds every held-out instance.
+    let ho = v.heldout.as_ref().expect("held-out scores");
+    let mut all: Vec<u32> = ho
+        .split
+        .selection
+        .iter()
+        .chain(&ho.split.heldout)
+        .copied()
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..v.corpus.len() as u32).collect::<Vec<_>>());
+    let sun_ho = ho
+        .scores
+        .iter()
+        .find(|s| s.name == "sun2024 (defaults)")
+        .unwrap();
+    assert_eq!(sun_ho.entry_recall.point, 1.0, "{sun_ho:?}");
+    assert!(
+        sun_ho.entry_f1.lo <= sun_ho.entry_f1.point && sun_ho.entry_f1.point <= sun_ho.entry_f1.hi
+    );
     // The summary's smallest subset reaches the best F1 over the subsets.
     let g = &v.groups[0];
     let best = v

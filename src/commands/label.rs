@@ -9,8 +9,12 @@ use std::path::PathBuf;
 /// Scans the trigger prompt and a corpus, takes as candidates the dims that stand out (or
 /// that a scored configuration detects), holds each at zero and at its corpus mean from the
 /// hidden state where it first appears, and labels it massive when zeroing damages the later
-/// positions' predictions (KL) and mean-setting does not (Sun et al. 2024). Then scores the
-/// presets, every criteria subset of pr154 and a threshold sweep: precision, recall, F1.
+/// positions' predictions (KL) and mean-setting does not (Sun et al. 2024); then labels a
+/// sample of each dim's instances (prompt, position) one by one the same way. Splits the corpus
+/// by prompt, chooses thresholds and criteria subsets on one half and scores the presets, every
+/// criteria subset of pr154 and a threshold sweep on the other: precision, recall, F1 with
+/// bootstrap intervals over prompts, each criterion's redundancy, and each dim's share of the
+/// refusal direction (harmful sets count as `bad`, e.g. `--dataset advbench:50`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     #[arg(long, default_value = "smollm2-135m-instruct")]
@@ -39,6 +43,18 @@ pub struct Args {
     pub median_scope: Vec<String>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// A dim's label holds it in at most this many prompts (a seeded sample).
+    #[arg(long, default_value_t = 16)]
+    pub label_prompts: usize,
+    /// Entry labels: at most this many instances per dim, each held alone (a seeded sample).
+    #[arg(long, default_value_t = 32)]
+    pub entries_per_dim: usize,
+    /// Seeds the samples, the selection/held-out split of the corpus and the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Bootstrap draws over the held-out prompts.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
     /// Write everything (candidates, every configuration's scores) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -69,17 +85,29 @@ pub fn run(a: &Args, precision: Precision) -> Result<()> {
         persistence_mode: vec![crate::detect::config::PersistenceMode::Consecutive],
         curves: validate::CURVES.iter().map(|c| c.to_string()).collect(),
         batch_size: a.batch_size,
+        label_prompts: a.label_prompts,
+        entries_per_dim: a.entries_per_dim,
+        seed: a.seed,
+        bootstrap: a.bootstrap,
     };
     spec.check()
         .map_err(|(k, m)| anyhow::anyhow!("--{}: {m}", k.replace('_', "-")))?;
     let mut lm = model::load_with(&a.model, precision)?;
     lm.raw = a.raw;
     let system = (!a.system.is_empty()).then_some(a.system.as_str());
-    let pb = crate::util::progress_bar(0, "interventions");
-    let v = validate::run(&lm, system, &spec, Vec::new(), |_, done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
+    let pb = crate::util::progress_bar(0, "hidden states");
+    let v = validate::run(
+        &lm,
+        system,
+        &spec,
+        Vec::new(),
+        None,
+        |phase, done, total| {
+            pb.set_message(phase);
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
     pb.finish_and_clear();
     print!("{}", crate::report::validation::markdown(&v, 1));
     if let Some(path) = &a.json {

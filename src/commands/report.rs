@@ -13,7 +13,8 @@ use anyhow::Result;
 /// same bytes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    pub run_dir: std::path::PathBuf,
+    #[arg(required_unless_present = "across")]
+    pub run_dir: Option<std::path::PathBuf>,
     /// Output folder (default reports/<run-name>).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -38,10 +39,32 @@ pub struct Args {
     /// instead of rendering.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["summary", "comment"])]
     pub csv: Option<std::path::PathBuf>,
+    /// A detection validation's report also says how its labels agree with those of RUN (the
+    /// same study in another precision, e.g. f32 against bf16).
+    #[arg(long, value_name = "RUN")]
+    pub compare_labels: Option<std::path::PathBuf>,
+    /// Put several detection validations side by side (one per model) with the recommended
+    /// default, into --out (default reports/detection-validation).
+    #[arg(long, num_args = 1.., value_name = "RUN", conflicts_with_all = ["run_dir", "summary", "comment", "csv", "compare_labels"])]
+    pub across: Vec<std::path::PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let run_dir = &args.run_dir;
+    if !args.across.is_empty() {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("reports/detection-validation"));
+        println!(
+            "{}",
+            crate::report::render_across(&args.across, &out)?.display()
+        );
+        return Ok(());
+    }
+    let run_dir = args
+        .run_dir
+        .as_ref()
+        .expect("clap requires RUN_DIR without --across");
     let overrides = crate::report::Overrides {
         alpha: args.alpha,
         correction: args
@@ -67,7 +90,12 @@ pub fn run(args: &Args) -> Result<()> {
             .out
             .clone()
             .unwrap_or_else(|| super::run::default_report_dir(run_dir));
-        let p = crate::report::render_with(run_dir, &dir, &overrides)?;
+        let p = crate::report::render_compared(
+            run_dir,
+            &dir,
+            &overrides,
+            args.compare_labels.as_deref(),
+        )?;
         println!("{}", p.display());
     }
     Ok(())

@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod heldout;
 pub mod scan;
 pub mod summary;
 pub mod table;

@@ -1006,11 +1006,22 @@ impl Model {
 /// activation.
 pub struct Intervention {
     pub from_state: usize,
-    /// `[batch, seq, d_model]`: 1 at the held entries.
-    mask: Tensor,
-    /// Per hidden state from `from_state` on: `[batch, seq, d_model]` holding each entry's
-    /// value (0 elsewhere); the last one holds for any later state.
+    /// Per hidden state from `from_state` on: `[batch, seq, d_model]`, 1 at the entries held
+    /// there; the last one serves any later state.
+    masks: Vec<Tensor>,
+    /// The same states: each held entry's value (0 elsewhere).
     held: Vec<Tensor>,
+}
+
+/// One entry an [`Intervention`] holds: `values[k]` at hidden state `from_state + k`, the last
+/// value at every later state.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub row: usize,
+    pub position: usize,
+    pub dim: usize,
+    pub from_state: usize,
+    pub values: Vec<f32>,
 }
 
 impl Intervention {
@@ -1024,35 +1035,61 @@ impl Intervention {
         from_state: usize,
         values: Vec<Vec<f32>>,
     ) -> Result<Intervention> {
-        let (b, t, d) = shape;
         if values.is_empty() || values.iter().any(|v| v.len() != at.len()) {
             bail!("an intervention needs one value per held entry at every state it lists");
         }
-        let index = |r: usize, p: usize| -> Result<usize> {
-            if r >= b || p >= t || dim >= d {
+        let held: Vec<Held> = at
+            .iter()
+            .enumerate()
+            .map(|(i, &(row, position))| Held {
+                row,
+                position,
+                dim,
+                from_state,
+                values: values.iter().map(|v| v[i]).collect(),
+            })
+            .collect();
+        Intervention::held(shape, &held)
+    }
+
+    /// Holds each entry of `entries` in a `[b, t, d]` batch, each from its own first state.
+    pub fn held(shape: (usize, usize, usize), entries: &[Held]) -> Result<Intervention> {
+        let (b, t, d) = shape;
+        if entries.is_empty() || entries.iter().any(|e| e.values.is_empty()) {
+            bail!("an intervention needs at least one held entry, with a value");
+        }
+        for e in entries {
+            if e.row >= b || e.position >= t || e.dim >= d {
                 bail!(
-                    "intervention at row {r}, position {p}, dim {dim} is outside [{b}, {t}, {d}]"
+                    "intervention at row {}, position {}, dim {} is outside [{b}, {t}, {d}]",
+                    e.row,
+                    e.position,
+                    e.dim
                 );
             }
-            Ok((r * t + p) * d + dim)
-        };
-        let mut m = vec![0f32; b * t * d];
-        for &(r, p) in at {
-            m[index(r, p)?] = 1.0;
         }
-        let held = values
+        let from = entries.iter().map(|e| e.from_state).min().unwrap_or(0);
+        let states = entries
             .iter()
-            .map(|vals| {
-                let mut h = vec![0f32; b * t * d];
-                for (&(r, p), &v) in at.iter().zip(vals) {
-                    h[index(r, p)?] = v;
-                }
-                Ok(Tensor::from_vec(h, (b, t, d), &Device::Cpu)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|e| e.from_state - from + e.values.len())
+            .max()
+            .unwrap_or(1);
+        let (mut masks, mut held) = (Vec::with_capacity(states), Vec::with_capacity(states));
+        for k in 0..states {
+            let state = from + k;
+            let mut m = vec![0f32; b * t * d];
+            let mut h = vec![0f32; b * t * d];
+            for e in entries.iter().filter(|e| e.from_state <= state) {
+                let i = (e.row * t + e.position) * d + e.dim;
+                m[i] = 1.0;
+                h[i] = e.values[(state - e.from_state).min(e.values.len() - 1)];
+            }
+            masks.push(Tensor::from_vec(m, (b, t, d), &Device::Cpu)?);
+            held.push(Tensor::from_vec(h, (b, t, d), &Device::Cpu)?);
+        }
         Ok(Intervention {
-            from_state,
-            mask: Tensor::from_vec(m, (b, t, d), &Device::Cpu)?,
+            from_state: from,
+            masks,
             held,
         })
     }
@@ -1063,7 +1100,7 @@ impl Intervention {
         }
         let k = (state - self.from_state).min(self.held.len() - 1);
         // x − m·x + held: the held entries become their values, the others stay bit for bit.
-        Ok(((x - self.mask.mul(x)?)? + &self.held[k])?)
+        Ok(((x - self.masks[k].mul(x)?)? + &self.held[k])?)
     }
 }
 

@@ -35,7 +35,7 @@ use crate::evaluate::Outcome;
 use crate::stats::family::{Correction, Verdict};
 use crate::stats::{self, Rate};
 use crate::study::rundir::{read_results, RunResults};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -47,10 +47,37 @@ pub fn render(dir: &Path, out: &Path) -> Result<PathBuf> {
 
 /// As [`render`], with the study's α or correction overridden.
 pub fn render_with(dir: &Path, out: &Path, overrides: &Overrides) -> Result<PathBuf> {
+    render_compared(dir, out, overrides, None)
+}
+
+/// As [`render_with`]; a detection validation also says how its labels agree with those of the
+/// validation in `other` (the same study in another precision).
+pub fn render_compared(
+    dir: &Path,
+    out: &Path,
+    overrides: &Overrides,
+    other: Option<&Path>,
+) -> Result<PathBuf> {
     let validation = crate::study::rundir::read_validation(dir)?;
+    let agreement = match (other, &validation) {
+        (Some(o), Some(v)) => {
+            let there = crate::study::rundir::read_validation(o)?.with_context(|| {
+                format!(
+                    "{} has no detection validation (validation/validation.json) to compare labels with",
+                    o.display()
+                )
+            })?;
+            Some(crate::detect::validate::LabelAgreement::of(v, &there))
+        }
+        (Some(_), None) => bail!(
+            "--compare-labels: {} has no detection validation; it compares two validations' labels",
+            dir.display()
+        ),
+        _ => None,
+    };
     if let Some(v) = &validation {
         if crate::study::rundir::plan_of(dir)?.variants.is_empty() {
-            return validation_report(dir, out, v);
+            return validation_report(dir, out, v, agreement.as_ref());
         }
     }
     let r = read_results(dir)?;
@@ -130,6 +157,7 @@ fn validation_report(
     dir: &Path,
     out: &Path,
     v: &crate::detect::validate::Validation,
+    agreement: Option<&crate::detect::validate::LabelAgreement>,
 ) -> Result<PathBuf> {
     let name = dir
         .file_name()
@@ -145,9 +173,50 @@ fn validation_report(
         env!("CARGO_PKG_VERSION"),
         dir.display()
     )?;
-    md.push_str(&validation::markdown(v, 2));
+    md.push_str(&validation::markdown_with(v, 2, agreement));
     let figures = plots::draw_validation(out, v, "")?;
     writeln!(md, "## Figures\n")?;
     figures_list(&mut md, &figures)?;
     finish(md, out, &name, &study)
+}
+
+/// The detection validations of several models side by side, with the recommended default:
+/// `report.md` and `report.html` in `out`.
+pub fn render_across(dirs: &[PathBuf], out: &Path) -> Result<PathBuf> {
+    let mut runs = Vec::new();
+    for d in dirs {
+        let v = crate::study::rundir::read_validation(d)?.with_context(|| {
+            format!(
+                "{} has no detection validation (validation/validation.json); --across takes the run folders of detection-validation studies",
+                d.display()
+            )
+        })?;
+        if v.heldout.is_none() {
+            bail!(
+                "{} was validated before held-out scoring existed; run its study again",
+                d.display()
+            );
+        }
+        runs.push((crate::study::rundir::folder_name(d), v));
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let usable: Vec<(String, &crate::detect::heldout::HeldOut, bool)> = runs
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.heldout.as_ref().expect("checked above"),
+                v.candidates.iter().any(|c| c.massive),
+            )
+        })
+        .collect();
+    let rec = crate::detect::heldout::recommend(&usable);
+    let md = validation::across_markdown(&runs, dirs, rec.as_ref());
+    let path = out.join("report.md");
+    crate::fs::write_atomic(&path, md.as_bytes())?;
+    crate::fs::write_atomic(
+        &out.join("report.html"),
+        html("detection-validation", &md).as_bytes(),
+    )?;
+    Ok(path)
 }

@@ -470,11 +470,23 @@ fn validate_detection(
     let f = &study.file;
     let system = (f.chat && !f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
     let t0 = Instant::now();
-    let pb = progress_bar(0, "detection validation: interventions");
-    let v = detect::validate::run(lm, system, spec, extra, |_, done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
+    let pb = progress_bar(0, "detection validation: hidden states");
+    let labels = validation_path(&opts.out).with_file_name("labels.json");
+    if let Some(d) = labels.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let v = detect::validate::run(
+        lm,
+        system,
+        spec,
+        extra,
+        Some(&labels),
+        |phase, done, total| {
+            pb.set_message(&format!("detection validation: {phase}"));
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
     pb.finish_and_clear();
     write_validation(&opts.out, &v)?;
     eprintln!(

@@ -568,6 +568,10 @@ const KEYS: &[&str] = &[
     "mean_kl",
     "persistence_mode",
     "curves",
+    "label_prompts",
+    "entries_per_dim",
+    "bootstrap",
+    "side",
 ];
 
 fn describe(shown: &str, text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
