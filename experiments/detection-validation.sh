@@ -3,7 +3,7 @@
 # (by intervention), and how every preset, pr154 criteria subset (both median scopes, both
 # persistence counts) and threshold curve finds them on held-out prompts. One study file per model
 # in experiments/detection-validation/ (bf16); SmolLM2 and Qwen2.5-Coder-0.5B run in f32 as well,
-# so that each report can say whether bf16 changes the labels. Runs land in
+# so that each report can say whether bf16 changes the labels (the f32 runs stay in runs/). Runs land in
 # runs/detection-validation/<model> (and runs/detection-validation-f32/<model>), reports in
 # reports/detection-validation/<model>/, the cross-model summary in reports/detection-validation/.
 set -euo pipefail
@@ -27,9 +27,15 @@ for m in $models; do
     echo "$m f32: $(( $(date +%s) - start )) s"
   fi
 done
+# The run folders are committed beside their reports (reports/detection-validation/<model>/run),
+# so every report re-renders from what is in the repository.
 for m in $models; do
   other=()
   [[ -d "runs/detection-validation-f32/$m" ]] && other=(--compare-labels "runs/detection-validation-f32/$m")
   "$bin" report "runs/detection-validation/$m" --out "reports/detection-validation/$m" "${other[@]}"
+  rm -rf "reports/detection-validation/$m/run"
+  cp -r "runs/detection-validation/$m" "reports/detection-validation/$m/run"
 done
-"$bin" report --across runs/detection-validation/* --out reports/detection-validation
+runs=()
+for m in $models; do runs+=("reports/detection-validation/$m/run"); done
+"$bin" report --across "${runs[@]}" --out reports/detection-validation

@@ -3,17 +3,24 @@
 # the stored runs, so the README's numbers come from the runs, never from a hand edit:
 #   readme-table   the quickstart's variant table        (runs/quickstart, or $1)
 #   decisive       the decisive study's answer and spread (reports/pr154-vs-winsorization/run, or $2)
+#   criteria       the detection validations side by side  (reports/detection-validation/*/run)
 # A block whose run folder is absent is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${OUTLIERLAB:-target/release/outlierlab}
-replace() { # MARKER RUN
+replace() { # MARKER RUN [RUN...]: one run's summary, or several validations side by side
   if ! [ -d "$2" ]; then
     echo "README.md: $1 block left as it is ($2 does not exist)"
     return
   fi
-  local block
-  block=$("$bin" report "$2" --summary)
+  local block marker=$1
+  shift
+  if [ $# -gt 1 ]; then
+    block=$("$bin" report --across "$@" --summary)
+  else
+    block=$("$bin" report "$1" --summary)
+  fi
+  set -- "$marker" "$@"
   python3 - "$1" "$block" <<'PY'
 import sys
 marker, block = sys.argv[1], sys.argv[2].rstrip("\n")
@@ -29,3 +36,4 @@ PY
 }
 replace readme-table "${1:-runs/quickstart}"
 replace decisive "${2:-reports/pr154-vs-winsorization/run}"
+replace criteria reports/detection-validation/{smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,gemma3-270m,qwen2.5-coder-1.5b-instruct}/run

@@ -109,7 +109,9 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
 /// fixed bias of 1000 (the token opens every corpus prompt, so its value is the same wherever it
 /// stands), dim 5 of `~`'s embedding is 1000 too, but `~` only ever ends a prompt, so nothing after
 /// it reads it. Returns the model folder and the corpus file.
-fn planted_tiny_llama(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+fn planted_tiny_llama(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     use candle_core::{Device, Tensor};
     let folder = dir.join("planted");
     write_tiny_llama(&folder);
@@ -121,8 +123,10 @@ fn planted_tiny_llama(dir: &std::path::Path) -> (std::path::PathBuf, std::path::
     // The byte-level alphabet sorted, then the two specials: `<|im_start|>` is vocab - 2.
     let tok = outlierlab::model::tokenizer::TextTokenizer::from_hf_folder(&folder).unwrap();
     let tilde = tok.encode("~").unwrap()[0] as usize;
+    let bang = tok.encode("!").unwrap()[0] as usize;
     e[vocab - 2][3] = 1000.0;
     e[tilde][5] = 1000.0;
+    e[bang][7] = 1000.0;
     t.insert(
         "model.embed_tokens.weight".into(),
         Tensor::from_vec(e.concat(), (vocab, d), &Device::Cpu).unwrap(),
@@ -148,17 +152,35 @@ fn planted_tiny_llama(dir: &std::path::Path) -> (std::path::PathBuf, std::path::
         .concat(),
     )
     .unwrap();
-    (folder, corpus)
+    let bad = dir.join("bad.txt");
+    std::fs::write(
+        &bad,
+        [
+            "tell me a secret",
+            "break the old lock",
+            "take the last coin",
+        ]
+        .map(|s| format!("{s}!\n"))
+        .concat(),
+    )
+    .unwrap();
+    (folder, corpus, bad)
 }
 
 #[test]
 fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let (folder, corpus) = planted_tiny_llama(tmp.path());
+    let (folder, corpus, bad) = planted_tiny_llama(tmp.path());
     let mut lm = model::load(folder.to_str().unwrap()).unwrap();
     lm.raw = true;
     let spec = validate::ValidationSpec {
-        corpus: vec![validate::CorpusSet::parse(corpus.to_str().unwrap())],
+        corpus: vec![
+            validate::CorpusSet::parse(corpus.to_str().unwrap()),
+            validate::CorpusSet {
+                side: Some(Source::Bad),
+                ..validate::CorpusSet::parse(bad.to_str().unwrap())
+            },
+        ],
         candidate_ratio: 100.0,
         max_candidates: 24,
         zero_kl: 1.0,
@@ -207,12 +229,12 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
         .iter()
         .find(|s| s.name == "sun2024 (defaults)")
         .unwrap();
-    assert_eq!(sun.dims, vec![3, 5], "{sun:?}");
+    assert_eq!(sun.dims, vec![3, 5, 7], "{sun:?}");
     assert_eq!(sun.ptd.recall, 1.0, "{sun:?}");
-    // Dim 5's entries all stand at the last position, which entry scores leave out; the dim
-    // level still counts dim 5 as a false detection.
+    // Dims 5 and 7 stand only at the last position, which entry scores leave out; the dim
+    // level still counts them as false detections.
     assert_eq!((sun.ptd.precision, sun.ptd.detected), (1.0, 6), "{sun:?}");
-    assert_eq!(sun.dim.precision, 0.5, "{sun:?}");
+    assert_eq!(sun.dim.precision, 1.0 / 3.0, "{sun:?}");
     // Entry labels: each `<|im_start|>` instance of dim 3, held alone, is massive; none is at a
     // prompt's last position (no later position would show its damage), so `~`'s dim 5 — always
     // last — is never labelled one by one.
@@ -227,6 +249,19 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
     assert!(v.last_position_instances >= 6);
     let c3 = find(3).unwrap();
     assert_eq!((c3.entries_labelled, c3.entries_massive), (6, 1.0));
+    // The direction: at the last position the sides differ by 1000 in dim 7 (bad's `!`) and in
+    // dim 5 (good's `~`), so each carries half the squared norm of the difference of means; the
+    // fixed bias on `<|im_start|>` weighs nothing in it however large it is where it stands.
+    let c7 = find(7).unwrap_or_else(|| panic!("dim 7 is a candidate: {:?}", v.candidates));
+    assert!(
+        (c7.direction_share - 0.5).abs() < 0.01 && !c7.massive,
+        "{c7:?}"
+    );
+    assert!((unread.direction_share - 0.5).abs() < 0.01, "{unread:?}");
+    assert!(
+        c3.direction_share < 0.05 && c3.residual_share > 0.9,
+        "{c3:?}"
+    );
     // Held out: every prompt in exactly one half, and sun2024 finds every held-out instance.
     let ho = v.heldout.as_ref().expect("held-out scores");
     let mut all: Vec<u32> = ho
@@ -262,7 +297,7 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
 #[test]
 fn a_validation_study_runs_writes_its_tables_and_renders() {
     let tmp = tempfile::tempdir().unwrap();
-    let (folder, corpus) = planted_tiny_llama(tmp.path());
+    let (folder, corpus, _) = planted_tiny_llama(tmp.path());
     let study = tmp.path().join("validate.yaml");
     let out = tmp.path().join("run");
     let text = format!(
@@ -300,6 +335,72 @@ fn a_validation_study_runs_writes_its_tables_and_renders() {
     );
     assert!(md.contains("pr154 subsets, median per position, persistence consecutive"));
     assert!(md.contains("median per layer"), "both scopes by default");
+    for section in [
+        "The PR thread's questions, answered",
+        "**Is the median-ratio criterion alone enough?**",
+        "**Does a dim far above the median dominate the computation?**",
+        "Held-out scores",
+        "Redundancy, held out",
+        "In-sample scores (all prompts; for comparison only)",
+    ] {
+        assert!(md.contains(section), "no {section}: {md}");
+    }
+    assert!(out.join("validation/labels.json").is_file());
+    // Labels compared with another run's (here: itself), and runs side by side.
+    let o = std::process::Command::new(common::bin())
+        .args(["report", out.to_str().unwrap(), "--out"])
+        .arg(out.join("cmp"))
+        .arg("--compare-labels")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cmp = std::fs::read_to_string(out.join("cmp/report.md")).unwrap();
+    let c3 = cmp.split("dim labels agree on ").nth(1).unwrap_or("");
+    let (agree, rest) = c3.split_once(" of the ").unwrap_or(("", ""));
+    assert!(
+        !agree.is_empty() && rest.starts_with(&format!("{agree} candidates")),
+        "{cmp}"
+    );
+    let o = std::process::Command::new(common::bin())
+        .args(["report", "--across"])
+        .arg(&out)
+        .arg(&out)
+        .arg("--out")
+        .arg(out.join("across"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let across = std::fs::read_to_string(out.join("across/report.md")).unwrap();
+    assert!(
+        across.contains("## A recommended default") && across.contains("**`"),
+        "{across}"
+    );
+    // A second run of the study reuses the stored labels and says so.
+    std::fs::remove_file(out.join("validation/validation.json")).unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args([
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("validation/validation.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        v["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p[0] == "dim labels (stored)"),
+        "{}",
+        v["phases"]
+    );
     // No variant table to summarise: said, with what to do instead.
     let o = std::process::Command::new(common::bin())
         .args(["report", out.to_str().unwrap(), "--summary"])

@@ -45,11 +45,16 @@ pub struct Args {
     pub compare_labels: Option<std::path::PathBuf>,
     /// Put several detection validations side by side (one per model) with the recommended
     /// default, into --out (default reports/detection-validation).
-    #[arg(long, num_args = 1.., value_name = "RUN", conflicts_with_all = ["run_dir", "summary", "comment", "csv", "compare_labels"])]
+    /// With --summary, print what README pastes from them instead.
+    #[arg(long, num_args = 1.., value_name = "RUN", conflicts_with_all = ["run_dir", "comment", "csv", "compare_labels"])]
     pub across: Vec<std::path::PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if !args.across.is_empty() && args.summary {
+        print!("{}", crate::report::across_summary(&args.across)?);
+        return Ok(());
+    }
     if !args.across.is_empty() {
         let out = args
             .out

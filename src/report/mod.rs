@@ -183,6 +183,31 @@ fn validation_report(
 /// The detection validations of several models side by side, with the recommended default:
 /// `report.md` and `report.html` in `out`.
 pub fn render_across(dirs: &[PathBuf], out: &Path) -> Result<PathBuf> {
+    let (runs, rec) = across(dirs)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let md = validation::across_markdown(&runs, dirs, rec.as_ref());
+    let path = out.join("report.md");
+    crate::fs::write_atomic(&path, md.as_bytes())?;
+    crate::fs::write_atomic(
+        &out.join("report.html"),
+        html("detection-validation", &md).as_bytes(),
+    )?;
+    Ok(path)
+}
+
+/// What README pastes from several detection validations.
+pub fn across_summary(dirs: &[PathBuf]) -> Result<String> {
+    let (runs, rec) = across(dirs)?;
+    Ok(validation::across_summary(&runs, rec.as_ref()))
+}
+
+type Across = (
+    Vec<(String, crate::detect::validate::Validation)>,
+    Option<crate::detect::heldout::Recommendation>,
+);
+
+/// The validations of `dirs` read, and the recommendation computed from them.
+fn across(dirs: &[PathBuf]) -> Result<Across> {
     let mut runs = Vec::new();
     for d in dirs {
         let v = crate::study::rundir::read_validation(d)?.with_context(|| {
@@ -199,7 +224,6 @@ pub fn render_across(dirs: &[PathBuf], out: &Path) -> Result<PathBuf> {
         }
         runs.push((crate::study::rundir::folder_name(d), v));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let usable: Vec<(String, &crate::detect::heldout::HeldOut, bool)> = runs
         .iter()
         .map(|(n, v)| {
@@ -211,12 +235,5 @@ pub fn render_across(dirs: &[PathBuf], out: &Path) -> Result<PathBuf> {
         })
         .collect();
     let rec = crate::detect::heldout::recommend(&usable);
-    let md = validation::across_markdown(&runs, dirs, rec.as_ref());
-    let path = out.join("report.md");
-    crate::fs::write_atomic(&path, md.as_bytes())?;
-    crate::fs::write_atomic(
-        &out.join("report.html"),
-        html("detection-validation", &md).as_bytes(),
-    )?;
-    Ok(path)
+    Ok((runs, rec))
 }

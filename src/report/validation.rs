@@ -354,7 +354,7 @@ fn criteria_answer(md: &mut String, ho: &HeldOut) {
             if first.entries_with == 0 && first.dims_with.is_empty() {
                 let _ = writeln!(
                     md,
-                    "  - {thresholds}, {which}: the set detects nothing on the held-out prompts, so switching a                      criterion off is redundant only trivially."
+                    "  - {thresholds}, {which}: the set detects nothing on the held-out prompts, so switching a criterion off is redundant only trivially."
                 );
                 continue;
             }
@@ -800,6 +800,26 @@ pub fn across_markdown(
         env!("CARGO_PKG_VERSION"),
         dirs.iter().map(|d| format!("`{}`", d.display())).collect::<Vec<_>>().join(", ")
     );
+    md.push_str(&per_model_md(runs));
+    let _ = writeln!(md, "## The answers, per model\n");
+    for (name, v) in runs {
+        let Some(ho) = &v.heldout else { continue };
+        let _ = writeln!(md, "### {name}\n");
+        answers_md(&mut md, v, ho);
+    }
+    md.push_str(&recommendation_md(rec));
+    md
+}
+
+/// What README pastes from several validations: the per-model table and the recommendation.
+pub fn across_summary(runs: &[(String, Validation)], rec: Option<&Recommendation>) -> String {
+    let mut md = per_model_md(runs);
+    md.push_str(&recommendation_md(rec));
+    md
+}
+
+fn per_model_md(runs: &[(String, Validation)]) -> String {
+    let mut md = String::new();
     let _ = writeln!(md, "## Per model\n");
     let _ = writeln!(md, "| model | prompts | precision | massive dims | PR #154 (defaults) entry F1 | median-only: chosen threshold | its entry F1 | pr154 curve: chosen threshold | sun2024 (defaults) entry F1 | wall time |");
     let _ = writeln!(md, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|");
@@ -828,12 +848,11 @@ pub fn across_markdown(
         );
     }
     let _ = writeln!(md);
-    let _ = writeln!(md, "## The answers, per model\n");
-    for (name, v) in runs {
-        let Some(ho) = &v.heldout else { continue };
-        let _ = writeln!(md, "### {name}\n");
-        answers_md(&mut md, v, ho);
-    }
+    md
+}
+
+fn recommendation_md(rec: Option<&Recommendation>) -> String {
+    let mut md = String::new();
     let _ = writeln!(md, "## A recommended default\n");
     match rec {
         None => {
