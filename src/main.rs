@@ -13,12 +13,14 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// How the models' matrices are stored and multiplied: f32 (the reference, what the
-    /// transformers tests compare with) or bf16 (half the memory; kernels for AVX512_BF16,
+    /// transformers tests compare with), bf16 (half the memory; kernels for AVX512_BF16,
     /// AVX-512 and AVX2 with FMA, the same bits on each; f32 with a warning on a CPU without
-    /// them). Default f32. A study runs in the one its file names (`precision:`, f32 when
-    /// absent); `run` refuses a --precision that differs from it.
+    /// them) or auto (the default: bf16 where this CPU has those kernels, f32 elsewhere; the
+    /// choice is printed). A study runs in the one its file names (`precision:`, auto when
+    /// absent): with auto, --precision picks; otherwise `run` refuses a --precision that
+    /// differs from it.
     #[arg(long, global = true, value_enum)]
-    precision: Option<model::Precision>,
+    precision: Option<model::PrecisionSetting>,
 }
 
 fn main() {

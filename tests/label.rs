@@ -346,6 +346,17 @@ fn a_validation_study_runs_writes_its_tables_and_renders() {
         assert!(md.contains(section), "no {section}: {md}");
     }
     assert!(out.join("validation/labels.json").is_file());
+    // The study names no precision: auto, which is bf16 exactly where this CPU has the kernels.
+    let ran: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("validation/validation.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = if outlierlab::model::bf16::available() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    assert_eq!(ran["precision"], expected);
     // Labels compared with another run's (here: itself), and runs side by side.
     let o = std::process::Command::new(common::bin())
         .args(["report", out.to_str().unwrap(), "--out"])

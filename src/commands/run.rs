@@ -24,7 +24,7 @@ pub struct Args {
     pub report_dir: Option<std::path::PathBuf>,
 }
 
-pub fn run(args: Args, precision: Option<crate::model::Precision>) -> Result<()> {
+pub fn run(args: Args, precision: Option<crate::model::PrecisionSetting>) -> Result<()> {
     run_study(
         &args.file,
         args.out,
@@ -64,21 +64,26 @@ fn run_study(
     out: Option<PathBuf>,
     shard: Option<&str>,
     report_dir: Option<PathBuf>,
-    precision: Option<crate::model::Precision>,
+    precision: Option<crate::model::PrecisionSetting>,
 ) -> Result<()> {
+    use crate::model::PrecisionSetting;
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
-    let study = crate::study::spec::parse(&text, &file.display().to_string())?;
-    // The file is what the run directory keeps, so it alone says which precision ran: a flag
-    // that silently lost to it (or won over it) would leave results that say otherwise.
-    if let Some(p) = precision.filter(|&p| p != study.file.precision) {
-        bail!(
-            "{} runs in {} (its `precision:`, f32 when absent), and --precision asks for {}; add `precision: {}` to the study file (or a copy of it), or drop --precision",
+    let mut study = crate::study::spec::parse(&text, &file.display().to_string())?;
+    // A file that names its precision decides it: a flag that silently lost to it (or won over
+    // it) would leave results that say otherwise. With `auto` the flag picks, and the run
+    // records the precision used.
+    match (study.file.precision, precision) {
+        (_, None) => {}
+        (PrecisionSetting::Auto, Some(p)) => study.file.precision = p,
+        (f, Some(p)) if f != p => bail!(
+            "{} runs in {} (its `precision:`), and --precision asks for {}; set `precision: {}` (or auto) in the study file (or a copy of it), or drop --precision",
             file.display(),
-            study.file.precision.name(),
+            f.name(),
             p.name(),
             p.name()
-        );
+        ),
+        _ => {}
     }
     for w in crate::study::spec::warnings(&study) {
         eprintln!("warning: {w}");

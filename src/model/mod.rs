@@ -210,6 +210,71 @@ pub enum Precision {
     Bf16,
 }
 
+/// The precision a user asks for: `auto` (the default) is bf16 where this CPU has a bf16 kernel
+/// path (AVX512_BF16, AVX-512, or AVX2 with FMA: every CPU this project has measured scores
+/// faster in bf16 than in f32), f32 elsewhere; `f32` and `bf16` are taken as said.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl PrecisionSetting {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecisionSetting::Auto => "auto",
+            PrecisionSetting::F32 => "f32",
+            PrecisionSetting::Bf16 => "bf16",
+        }
+    }
+
+    /// The precision this setting means on this CPU.
+    pub fn on_this_cpu(self) -> Precision {
+        match self {
+            PrecisionSetting::F32 => Precision::F32,
+            PrecisionSetting::Bf16 => Precision::Bf16,
+            PrecisionSetting::Auto if bf16::available() => Precision::Bf16,
+            PrecisionSetting::Auto => Precision::F32,
+        }
+    }
+
+    /// As [`on_this_cpu`](Self::on_this_cpu); `auto` says on stderr what it chose and why.
+    pub fn resolve(self) -> Precision {
+        let p = self.on_this_cpu();
+        if self == PrecisionSetting::Auto {
+            match p {
+                Precision::Bf16 => eprintln!("precision auto: bf16 (this CPU has the bf16 kernels)"),
+                Precision::F32 => eprintln!(
+                    "precision auto: f32 (this CPU has neither AVX-512 nor AVX2 with FMA for the bf16 kernels)"
+                ),
+            }
+        }
+        p
+    }
+}
+
+impl From<Precision> for PrecisionSetting {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => PrecisionSetting::F32,
+            Precision::Bf16 => PrecisionSetting::Bf16,
+        }
+    }
+}
+
 impl Precision {
     pub fn name(self) -> &'static str {
         match self {

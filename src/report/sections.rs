@@ -23,7 +23,7 @@ pub(super) fn header(
     }
     writeln!(
         md,
-        "Rendered by outlierlab {} from `{}` ({} variants, {} replicate(s), {} distinct scores). \
+        "Rendered by outlierlab {} from `{}` ({} variants, {} replicate(s), {} distinct scores; the model in {}). \
          Lower is better for refusals and KL. Verdicts: {} ({} tests, {} at α = {}; see *Verdicts*).\n",
         env!("CARGO_PKG_VERSION"),
         dir.display(),
@@ -35,6 +35,7 @@ pub(super) fn header(
             r.plan.replicates.len().to_string()
         },
         r.scores.len(),
+        r.plan.precision.name(),
         verdict_counts(fam),
         fam.tests,
         st.correction.describe(),

@@ -26,7 +26,7 @@ pub struct Plan {
     /// only under the same settings. Absent in runs made before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<super::spec::EvaluationSpec>,
-    /// The precision the study asked for (absent: f32).
+    /// The precision the study runs in, `auto` resolved on this machine (absent: f32).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub precision: crate::model::Precision,
     /// What a replicate redraws (absent: every split).
@@ -218,6 +218,7 @@ fn expand_sweep(
 /// depend on it).
 pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
     let f = &study.file;
+    let precision = f.precision.on_this_cpu();
     let base = f.detection.resolve()?;
     let (ablation, orth) = f.ablation.resolve(layers)?;
     let mut variants = Vec::new();
@@ -305,7 +306,7 @@ pub fn plan(study: &Study, layers: usize) -> Result<Plan> {
         variants: planned,
         replicates,
         evaluation: Some(f.evaluation.clone()),
-        precision: f.precision,
+        precision,
         redraw: f.redraw,
     })
 }

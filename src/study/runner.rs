@@ -307,7 +307,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let _lock = lock_run_dir(&opts.out)?;
     let t0 = Instant::now();
     let sets = load_sets(study)?;
-    let mut lm = model::load_with(&study.file.model, study.file.precision)?;
+    let mut lm = model::load_with(&study.file.model, study.file.precision.resolve())?;
     lm.raw = !study.file.chat;
     let plan = plan(study, lm.model.num_layers())?;
     write_or_check_plan(&opts.out, &plan)?;
@@ -317,7 +317,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let mut refusal = Labeller::load(
         &study.file.evaluation.classifiers()?,
         study.file.evaluation.judge_threshold,
-        study.file.precision,
+        plan.precision,
         |m| judge_cache_path(&cache, m),
     )?;
     prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();

@@ -26,9 +26,10 @@ pub struct StudyFile {
     /// system prompt is then not used.
     #[serde(default = "default_chat")]
     pub chat: bool,
-    /// How the model's matrices are stored and multiplied: f32 (the reference) or bf16.
+    /// How the model's matrices are stored and multiplied: auto (bf16 where this CPU has the
+    /// bf16 kernels, f32 elsewhere), f32 (the reference) or bf16. The run records the one used.
     #[serde(default)]
-    pub precision: crate::model::Precision,
+    pub precision: crate::model::PrecisionSetting,
     #[serde(default)]
     pub seed: u64,
     /// The prompt splits; only a study of detection validation alone may leave them out.
