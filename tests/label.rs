@@ -396,6 +396,8 @@ fn a_validation_study_runs_writes_its_tables_and_renders() {
             "--out",
             out.to_str().unwrap(),
         ])
+        .arg("--report-dir")
+        .arg(tmp.path().join("report-again"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -412,6 +414,27 @@ fn a_validation_study_runs_writes_its_tables_and_renders() {
         "{}",
         v["phases"]
     );
+    // On an `auto` file --precision picks, and the run records it: f32 here.
+    let out32 = tmp.path().join("run-f32");
+    let o = std::process::Command::new(common::bin())
+        .args([
+            "--precision",
+            "f32",
+            "run",
+            study.to_str().unwrap(),
+            "--out",
+        ])
+        .arg(&out32)
+        .arg("--report-dir")
+        .arg(tmp.path().join("report-f32"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out32.join("validation/validation.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["precision"], "f32");
     // No variant table to summarise: said, with what to do instead.
     let o = std::process::Command::new(common::bin())
         .args(["report", out.to_str().unwrap(), "--summary"])
