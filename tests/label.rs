@@ -84,18 +84,21 @@ fn smollm2_dim_507_is_massive_and_a_large_harmless_dim_is_not() {
         .find(|c| c.dim == 507)
         .expect("507 is a candidate");
     assert!(c507.massive, "{c507:?}");
-    assert!(c507.zero_kl > 5.0 && c507.mean_kl < 0.01, "{c507:?}");
+    assert!(
+        c507.damage.zero_kl > 5.0 && c507.damage.mean_kl < 0.01,
+        "{c507:?}"
+    );
     // Dim 247 stands out (> 100x its position's median) but is no fixed bias: holding it at
     // its mean hurts as much as zeroing it, so it is not labelled massive.
     let c247 = cands
         .iter()
         .find(|c| c.dim == 247)
         .expect("247 is a candidate");
-    assert!(!c247.massive && c247.mean_kl > s.mean_kl, "{c247:?}");
+    assert!(!c247.massive && c247.damage.mean_kl > s.mean_kl, "{c247:?}");
     for c in &cands {
         assert_eq!(
             c.massive,
-            c.zero_kl >= s.zero_kl && c.mean_kl <= s.mean_kl,
+            c.damage.zero_kl >= s.zero_kl && c.damage.mean_kl <= s.mean_kl,
             "{c:?}"
         );
     }
@@ -198,13 +201,13 @@ fn a_planted_fixed_bias_is_labelled_massive_and_a_large_unread_value_is_not() {
     let find = |dim| v.candidates.iter().find(|c| c.dim == dim);
     let bias = find(3).unwrap_or_else(|| panic!("dim 3 is a candidate: {:?}", v.candidates));
     assert!(
-        bias.massive && bias.zero_kl >= 1.0 && bias.mean_kl < 0.01,
+        bias.massive && bias.damage.zero_kl >= 1.0 && bias.damage.mean_kl < 0.01,
         "zeroing the fixed bias must wreck the later positions and its mean must not: {bias:?}"
     );
     assert!(bias.tokens.iter().all(|t| t == "<|im_start|>"), "{bias:?}");
     let unread = find(5).unwrap_or_else(|| panic!("dim 5 is a candidate: {:?}", v.candidates));
     assert!(
-        !unread.massive && unread.zero_kl < 1e-6,
+        !unread.massive && unread.damage.zero_kl < 1e-6,
         "a value no later position reads does no damage: {unread:?}"
     );
     assert_eq!(

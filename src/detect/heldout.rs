@@ -102,14 +102,51 @@ pub struct Tally {
     other: usize,
 }
 
-/// Per prompt, what `d` detected there (every prompt of `prompts` gets a tally, empty or not).
-pub fn tallies(d: &Detection, truth: &Truth, prompts: &[u32]) -> BTreeMap<u32, Tally> {
+/// What a detection found, as the scores see it: its dims, and per prompt the (position, dim)s
+/// it confirmed at any hidden state. Kept instead of the detection's hits (one per layer), which
+/// for a broad configuration over hundreds of prompts run to millions.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub dims: Vec<u32>,
+    pub by_prompt: BTreeMap<u32, BTreeSet<(u32, u32)>>,
+}
+
+impl Found {
+    pub fn of(d: &Detection) -> Found {
+        let mut by_prompt: BTreeMap<u32, BTreeSet<(u32, u32)>> = BTreeMap::new();
+        for h in &d.hits {
+            by_prompt
+                .entry(h.prompt)
+                .or_default()
+                .insert((h.position, h.dim));
+        }
+        Found {
+            dims: d.dim_ids(),
+            by_prompt,
+        }
+    }
+
+    /// The same with its prompts renamed by `global` (a half's local index → the corpus's).
+    pub fn renamed(mut self, global: &[u32]) -> Found {
+        self.by_prompt = self
+            .by_prompt
+            .into_iter()
+            .map(|(p, e)| (global[p as usize], e))
+            .collect();
+        self
+    }
+}
+
+/// Per prompt, what `d` found there (every prompt of `prompts` gets a tally, empty or not).
+pub fn tallies(d: &Found, truth: &Truth, prompts: &[u32]) -> BTreeMap<u32, Tally> {
     let mut out: BTreeMap<u32, Tally> = prompts.iter().map(|&p| (p, Tally::default())).collect();
-    for h in &d.hits {
-        if let Some(t) = out.get_mut(&h.prompt) {
-            t.dims.insert(h.dim);
-            if !truth.skip.contains(&(h.prompt, h.position)) {
-                t.entries.insert((h.position, h.dim));
+    for (p, found) in &d.by_prompt {
+        if let Some(t) = out.get_mut(p) {
+            for &(pos, dim) in found {
+                t.dims.insert(dim);
+                if !truth.skip.contains(&(*p, pos)) {
+                    t.entries.insert((pos, dim));
+                }
             }
         }
     }
@@ -364,7 +401,7 @@ fn choose_curve(scores: &[HeldOutScore], curve: &str) -> Option<CurveChoice> {
 /// The threshold of `curve` with the best selection-half entry F1 (the highest among ties).
 pub fn choose_on_selection(
     names: &[super::validate::Named],
-    selection: &[Detection],
+    selection: &[Found],
     truth: &Truth,
     split: &Split,
     curve: &str,
@@ -389,8 +426,8 @@ pub fn choose_on_selection(
 /// The configurations in one place: what each detected on each half, and the bootstrap.
 pub struct Inputs<'a> {
     pub names: &'a [super::validate::Named],
-    pub selection: &'a [Detection],
-    pub heldout: &'a [Detection],
+    pub selection: &'a [Found],
+    pub heldout: &'a [Found],
 }
 
 /// Every configuration's held-out scores with their bootstrap draws, for the paired readings.
@@ -563,7 +600,7 @@ pub fn evaluate(x: &Inputs, truth: &Truth, split: &Split, reps: usize) -> HeldOu
             threshold: n.threshold,
             selection_dim: sd,
             selection_entry: se,
-            dims: x.heldout[i].dim_ids(),
+            dims: x.heldout[i].dims.clone(),
             entries: held[i].values().map(|t| t.entries.len()).sum(),
             dim_precision: Estimate::of(hd.precision, col(&|d| d.0.precision)),
             dim_recall: Estimate::of(hd.recall, col(&|d| d.0.recall)),
@@ -598,94 +635,6 @@ pub fn evaluate(x: &Inputs, truth: &Truth, split: &Split, reps: usize) -> HeldOu
         redundancy,
         curves,
         comparisons,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_split_puts_every_prompt_in_exactly_one_half() {
-        for n in [1, 2, 7, 201] {
-            let s = Split::new(n, 3);
-            let a: BTreeSet<u32> = s.selection.iter().copied().collect();
-            let b: BTreeSet<u32> = s.heldout.iter().copied().collect();
-            assert!(a.is_disjoint(&b));
-            assert_eq!(a.len() + b.len(), n);
-            assert_eq!(a.len(), n.div_ceil(2));
-            assert_eq!(Split::new(n, 3), s, "seeded");
-        }
-        assert_ne!(Split::new(201, 3), Split::new(201, 4));
-    }
-
-    #[test]
-    fn weighted_entry_scores_estimate_the_instances_behind_the_sample() {
-        // Dim 1: 4 instances (prompts 0..4, position 0), 2 labelled (weight 2), both massive.
-        // Dim 2: 2 instances, both labelled (weight 1), not massive.
-        let entries = vec![
-            (0, 0, 1, 2.0, true),
-            (1, 0, 1, 2.0, true),
-            (0, 1, 2, 1.0, false),
-            (1, 1, 2, 1.0, false),
-        ];
-        let inst = vec![
-            (0, 0, 1),
-            (1, 0, 1),
-            (2, 0, 1),
-            (3, 0, 1),
-            (0, 1, 2),
-            (1, 1, 2),
-        ];
-        let truth = Truth::new(entries, inst, &BTreeSet::from([1]), HashSet::new());
-        let hit = |p: u32, t: u32, d: u32| super::super::apply::Hit {
-            layer: 1,
-            prompt: p,
-            source: super::super::scan::Source::Good,
-            position: t,
-            token: String::new(),
-            dim: d,
-            value: 0.0,
-            abs: 0.0,
-            ratio_position: 0.0,
-            ratio_layer: 0.0,
-            mad_z: 0.0,
-        };
-        let det = |hits| Detection {
-            dims: vec![],
-            hits,
-            near_misses: vec![],
-            n_candidate_ptd: 0,
-            n_confirmed_ptd: 0,
-            non_finite: 0,
-        };
-        let all = [0, 1, 2, 3];
-        // Finds dim 1 everywhere: the two labelled ones stand for the four.
-        let d = det((0..4).map(|p| hit(p, 0, 1)).collect());
-        let (dim, e) = score(&tallies(&d, &truth, &all), &truth, &all);
-        assert_eq!((dim.precision, dim.recall), (1.0, 1.0));
-        assert_eq!((e.precision, e.recall, e.f1), (1.0, 1.0, 1.0));
-        // Adds dim 2's labelled instances and one entry that is no instance at all.
-        let mut hits: Vec<_> = (0..4).map(|p| hit(p, 0, 1)).collect();
-        hits.extend([hit(0, 1, 2), hit(1, 1, 2), hit(2, 5, 9)]);
-        let (dim, e) = score(&tallies(&det(hits), &truth, &all), &truth, &all);
-        assert_eq!(dim.precision, 1.0 / 3.0);
-        assert!((e.precision - 4.0 / 7.0).abs() < 1e-12, "{e:?}");
-        assert_eq!(e.recall, 1.0);
-        // Only prompt 0's instance of dim 1: a quarter of the massive weight.
-        let (_, e) = score(
-            &tallies(&det(vec![hit(0, 0, 1)]), &truth, &all),
-            &truth,
-            &all,
-        );
-        assert_eq!(
-            e.recall, 0.5,
-            "prompt 0's labelled instance carries weight 2 of 4"
-        );
-        // Nothing detected: precision undefined, F1 zero.
-        let (dim, e) = score(&tallies(&det(vec![]), &truth, &all), &truth, &all);
-        assert!(dim.precision.is_nan() && e.precision.is_nan());
-        assert_eq!((dim.f1, e.f1), (0.0, 0.0));
     }
 }
 
@@ -810,7 +759,7 @@ pub fn recommend(models: &[(String, &HeldOut, bool)]) -> Option<Recommendation> 
 }
 
 #[cfg(test)]
-mod rule_tests {
+mod tests {
     use super::super::apply::Hit;
     use super::super::scan::Source;
     use super::super::validate::{Named, SUBSETS};
@@ -883,8 +832,8 @@ mod rule_tests {
                 config: Default::default(),
             })
             .collect();
-        let sel: Vec<Detection> = rows.iter().map(|r| det(r.1)).collect();
-        let held: Vec<Detection> = rows.iter().map(|r| det(r.2)).collect();
+        let sel: Vec<Found> = rows.iter().map(|r| Found::of(&det(r.1))).collect();
+        let held: Vec<Found> = rows.iter().map(|r| Found::of(&det(r.2))).collect();
         let ho = evaluate(
             &Inputs {
                 names: &names,
@@ -916,5 +865,78 @@ mod rule_tests {
         assert!(ho.redundancy.iter().all(|r| r.from == "full"));
         // PR #154's five: every criterion has a row.
         assert_eq!(ho.redundancy.len(), 5);
+    }
+
+    #[test]
+    fn the_split_puts_every_prompt_in_exactly_one_half() {
+        for n in [1, 2, 7, 201] {
+            let s = Split::new(n, 3);
+            let a: BTreeSet<u32> = s.selection.iter().copied().collect();
+            let b: BTreeSet<u32> = s.heldout.iter().copied().collect();
+            assert!(a.is_disjoint(&b));
+            assert_eq!(a.len() + b.len(), n);
+            assert_eq!(a.len(), n.div_ceil(2));
+            assert_eq!(Split::new(n, 3), s, "seeded");
+        }
+        assert_ne!(Split::new(201, 3), Split::new(201, 4));
+    }
+
+    #[test]
+    fn weighted_entry_scores_estimate_the_instances_behind_the_sample() {
+        // Dim 1: 4 instances (prompts 0..4, position 0), 2 labelled (weight 2), both massive.
+        // Dim 2: 2 instances, both labelled (weight 1), not massive.
+        let entries = vec![
+            (0, 0, 1, 2.0, true),
+            (1, 0, 1, 2.0, true),
+            (0, 1, 2, 1.0, false),
+            (1, 1, 2, 1.0, false),
+        ];
+        let inst = vec![
+            (0, 0, 1),
+            (1, 0, 1),
+            (2, 0, 1),
+            (3, 0, 1),
+            (0, 1, 2),
+            (1, 1, 2),
+        ];
+        let truth = Truth::new(entries, inst, &BTreeSet::from([1]), HashSet::new());
+        let all = [0, 1, 2, 3];
+        // Finds dim 1 everywhere: the two labelled ones stand for the four.
+        let d = Found::of(&det(&[(0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1)]));
+        let (dim, e) = score(&tallies(&d, &truth, &all), &truth, &all);
+        assert_eq!((dim.precision, dim.recall), (1.0, 1.0));
+        assert_eq!((e.precision, e.recall, e.f1), (1.0, 1.0, 1.0));
+        // Adds dim 2's labelled instances and one entry that is no instance at all.
+        let hits = [
+            (0, 0, 1),
+            (1, 0, 1),
+            (2, 0, 1),
+            (3, 0, 1),
+            (0, 1, 2),
+            (1, 1, 2),
+            (2, 5, 9),
+        ];
+        let (dim, e) = score(
+            &tallies(&Found::of(&det(&hits)), &truth, &all),
+            &truth,
+            &all,
+        );
+        assert_eq!(dim.precision, 1.0 / 3.0);
+        assert!((e.precision - 4.0 / 7.0).abs() < 1e-12, "{e:?}");
+        assert_eq!(e.recall, 1.0);
+        // Only prompt 0's instance of dim 1: a quarter of the massive weight.
+        let (_, e) = score(
+            &tallies(&Found::of(&det(&[(0, 0, 1)])), &truth, &all),
+            &truth,
+            &all,
+        );
+        assert_eq!(
+            e.recall, 0.5,
+            "prompt 0's labelled instance carries weight 2 of 4"
+        );
+        // Nothing detected: precision undefined, F1 zero.
+        let (dim, e) = score(&tallies(&Found::of(&det(&[])), &truth, &all), &truth, &all);
+        assert!(dim.precision.is_nan() && e.precision.is_nan());
+        assert_eq!((dim.f1, e.f1), (0.0, 0.0));
     }
 }

@@ -981,13 +981,13 @@ where
     let xmax = v
         .candidates
         .iter()
-        .map(|c| at(c.zero_kl))
+        .map(|c| at(c.damage.zero_kl))
         .fold(v.spec.zero_kl * 3.0, f64::max)
         * 2.0;
     let ymax = v
         .candidates
         .iter()
-        .map(|c| at(c.mean_kl))
+        .map(|c| at(c.damage.mean_kl))
         .fold(v.spec.mean_kl * 3.0, f64::max)
         * 2.0;
     let mut chart = ChartBuilder::on(root)
@@ -1027,15 +1027,16 @@ where
             .collect();
         chart
             .draw_series(
-                pts.iter()
-                    .map(|x| Circle::new((at(x.zero_kl), at(x.mean_kl)), 5, c.filled())),
+                pts.iter().map(|x| {
+                    Circle::new((at(x.damage.zero_kl), at(x.damage.mean_kl)), 5, c.filled())
+                }),
             )?
             .label(if massive { "massive" } else { "not massive" })
             .legend(move |(x, y)| Circle::new((x + 9, y), 5, c.filled()));
         chart.draw_series(pts.iter().map(|x| {
             Text::new(
                 format!("{}", x.dim),
-                (at(x.zero_kl), at(x.mean_kl)),
+                (at(x.damage.zero_kl), at(x.damage.mean_kl)),
                 font(12),
             )
         }))?;

@@ -264,8 +264,8 @@ fn labels_answer(md: &mut String, v: &Validation) {
         let top = v
             .candidates
             .iter()
-            .filter(|c| c.zero_kl.is_finite())
-            .max_by(|a, b| a.zero_kl.total_cmp(&b.zero_kl));
+            .filter(|c| c.damage.zero_kl.is_finite())
+            .max_by(|a, b| a.damage.zero_kl.total_cmp(&b.damage.zero_kl));
         let _ = writeln!(
             md,
             "- **Do the labels separate massive activations here?** No: no candidate dim is labelled massive{}. \
@@ -273,7 +273,7 @@ fn labels_answer(md: &mut String, v: &Validation) {
              below are shown for completeness.",
             top.map_or(String::new(), |c| format!(
                 " — the most damaging to zero is dim {} ({:.3} nats zeroed, {:.4} held at its mean, against {} and {})",
-                c.dim, c.zero_kl, c.mean_kl, v.spec.zero_kl, v.spec.mean_kl
+                c.dim, c.damage.zero_kl, c.damage.mean_kl, v.spec.zero_kl, v.spec.mean_kl
             ))
         );
     } else {
@@ -286,7 +286,7 @@ fn labels_answer(md: &mut String, v: &Validation) {
             v.candidates.len(),
             massive
                 .iter()
-                .map(|c| format!("dim {} ({:.1} nats zeroed, {:.4} at its mean)", c.dim, c.zero_kl, c.mean_kl))
+                .map(|c| format!("dim {} ({:.1} nats zeroed, {:.4} at its mean)", c.dim, c.damage.zero_kl, c.damage.mean_kl))
                 .collect::<Vec<_>>()
                 .join(", "),
             labelled,
@@ -524,10 +524,10 @@ fn labels_md(md: &mut String, v: &Validation) {
             c.first_state,
             c.peak_abs,
             c.peak_ratio,
-            c.zero_kl,
-            c.mean_kl,
-            c.zero_dll,
-            c.mean_dll,
+            c.damage.zero_kl,
+            c.damage.mean_kl,
+            c.damage.zero_dll,
+            c.damage.mean_dll,
             c.positions.len(),
             c.label_rows,
             if c.massive { "**massive**" } else { "–" },

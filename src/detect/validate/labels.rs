@@ -11,6 +11,49 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// What holding an entry (or a dim's instances) did, at zero and at its mean: the mean KL
+/// (unmodified ‖ held) of the next-token distributions at the later positions, and the change
+/// of the mean log-likelihood of the prompt's own later tokens (negative = worse).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Damage {
+    #[serde(deserialize_with = "nan_if_null")]
+    pub zero_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub mean_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub zero_dll: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub mean_dll: f64,
+}
+
+impl Damage {
+    pub const UNKNOWN: Damage = Damage {
+        zero_kl: f64::NAN,
+        mean_kl: f64::NAN,
+        zero_dll: f64::NAN,
+        mean_dll: f64::NAN,
+    };
+
+    /// From the two interventions' (KL, Δll).
+    fn of(zero: (f64, f64), mean: (f64, f64)) -> Damage {
+        Damage {
+            zero_kl: zero.0,
+            zero_dll: zero.1,
+            mean_kl: mean.0,
+            mean_dll: mean.1,
+        }
+    }
+
+    /// Massive: zeroing hurts at least `zero_kl`, holding at the mean at most `mean_kl`.
+    pub fn massive(&self, s: &ValidationSettings) -> bool {
+        self.zero_kl >= s.zero_kl && self.mean_kl <= s.mean_kl
+    }
+
+    pub fn known(&self) -> bool {
+        self.zero_kl.is_finite() && self.mean_kl.is_finite()
+    }
+}
+
 /// One candidate dim and what the two interventions did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Candidate {
@@ -22,15 +65,8 @@ pub struct Candidate {
     pub tokens: Vec<String>,
     pub peak_abs: f32,
     pub peak_ratio: f32,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub zero_kl: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub mean_kl: f64,
-    /// Change of the mean log-likelihood of the prompt's own later tokens (negative = worse).
-    #[serde(deserialize_with = "nan_if_null")]
-    pub zero_dll: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub mean_dll: f64,
+    #[serde(flatten)]
+    pub damage: Damage,
     pub massive: bool,
     /// How many prompts its dim-level label held it in.
     #[serde(default)]
@@ -63,14 +99,8 @@ pub struct EntryLabel {
     pub token: String,
     /// Instances of the dim over instances labelled: the inverse of its inclusion probability.
     pub weight: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub zero_kl: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub mean_kl: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub zero_dll: f64,
-    #[serde(deserialize_with = "nan_if_null")]
-    pub mean_dll: f64,
+    #[serde(flatten)]
+    pub damage: Damage,
     pub massive: bool,
     /// a² / ‖h‖² of this entry at the direction's hidden state.
     #[serde(default = "nan", deserialize_with = "nan_if_null")]
@@ -110,10 +140,7 @@ pub fn candidates(scan: &Scan, s: &ValidationSettings, also: &BTreeSet<u32>) -> 
             tokens: Vec::new(),
             peak_abs: pk,
             peak_ratio: pr,
-            zero_kl: f64::NAN,
-            mean_kl: f64::NAN,
-            zero_dll: f64::NAN,
-            mean_dll: f64::NAN,
+            damage: Damage::UNKNOWN,
             massive: false,
             label_rows: 0,
             direction_share: f64::NAN,
@@ -308,11 +335,8 @@ pub fn label(
         drop(zero_with);
         let mean_with = lm.model.forward_intervened(&batch, &mean)?;
         let (mk, ml) = pooled(damage(&base, &mean_with, &batch, &each, &first)?);
-        c.zero_kl = zk;
-        c.zero_dll = zl;
-        c.mean_kl = mk;
-        c.mean_dll = ml;
-        c.massive = zk >= s.zero_kl && mk <= s.mean_kl;
+        c.damage = Damage::of((zk, zl), (mk, ml));
+        c.massive = c.damage.massive(s);
         c.label_rows = rows.len();
         progress(1);
     }
@@ -398,19 +422,15 @@ pub fn label_entries(
             let dm = damage(&base, &with, &batch1, &vec![0; 2 * k], &firsts)?;
             for (i, &(ci, pos, w)) in chunk.iter().enumerate() {
                 let c = &cands[ci];
-                let (zk, zl) = dm[2 * i];
-                let (mk, ml) = dm[2 * i + 1];
+                let damage = Damage::of(dm[2 * i], dm[2 * i + 1]);
                 out.push(EntryLabel {
                     prompt: p,
                     position: pos,
                     dim: c.dim,
                     token: prompts[p as usize].tokens[pos as usize].clone(),
                     weight: w,
-                    zero_kl: zk,
-                    mean_kl: mk,
-                    zero_dll: zl,
-                    mean_dll: ml,
-                    massive: zk >= s.zero_kl && mk <= s.mean_kl,
+                    damage,
+                    massive: damage.massive(s),
                     residual_share: f64::NAN,
                 });
             }
@@ -507,10 +527,7 @@ mod tests {
             positions,
             peak_abs: 0.0,
             peak_ratio: 0.0,
-            zero_kl: f64::NAN,
-            mean_kl: f64::NAN,
-            zero_dll: f64::NAN,
-            mean_dll: f64::NAN,
+            damage: Damage::UNKNOWN,
             massive: false,
             label_rows: 0,
             direction_share: f64::NAN,
@@ -540,10 +557,7 @@ mod tests {
             dim: 0,
             token: "a".into(),
             weight: 1.0,
-            zero_kl: 0.0,
-            mean_kl: 0.0,
-            zero_dll: 0.0,
-            mean_dll: 0.0,
+            damage: Damage::of((0.0, 0.0), (0.0, 0.0)),
             massive: true,
             residual_share: f64::NAN,
         }];

@@ -27,8 +27,8 @@ pub use scores::{
 };
 
 use super::apply;
-use super::apply::Detection;
 use super::config::{MedianScope, PersistenceMode};
+use super::heldout::Found;
 use super::scan::{PromptStates, Scan, Source};
 use crate::model::LoadedModel;
 use anyhow::{Context, Result};
@@ -347,17 +347,10 @@ fn half_scan(states: Vec<PromptStates>) -> Scan {
 
 /// Applies every configuration to one half's scan and names the hits by their prompts' global
 /// indices.
-fn detect_on(scan: &Scan, global: &[u32], configs: &[Named]) -> Result<Vec<Detection>> {
+fn detect_on(scan: &Scan, global: &[u32], configs: &[Named]) -> Result<Vec<Found>> {
     configs
         .iter()
-        .map(|n| {
-            let mut d = apply(&n.config, scan)?;
-            for h in d.hits.iter_mut() {
-                h.prompt = global[h.prompt as usize];
-            }
-            d.near_misses.clear();
-            Ok(d)
-        })
+        .map(|n| Ok(Found::of(&apply(&n.config, scan)?).renamed(global)))
         .collect()
 }
 
@@ -426,7 +419,7 @@ fn truth_of(
     let truth = super::heldout::Truth::new(
         entries
             .iter()
-            .filter(|e| e.zero_kl.is_finite() && e.mean_kl.is_finite())
+            .filter(|e| e.damage.known())
             .map(|e| (e.prompt, e.position, e.dim, e.weight, e.massive)),
         cands
             .iter()
@@ -440,7 +433,7 @@ fn truth_of(
 /// Every configuration on the whole corpus, against the labels: in-sample, for comparison.
 fn in_sample(
     configs: &[Named],
-    detections: &[Detection],
+    detections: &[Found],
     truth: &super::heldout::Truth,
     cands: &[Candidate],
     n: usize,
@@ -457,8 +450,8 @@ fn in_sample(
                 name: c.name.clone(),
                 group: c.group.clone(),
                 threshold: c.threshold,
-                dims: d.dim_ids(),
-                dim: score(&d.dim_ids(), cands),
+                dims: d.dims.clone(),
+                dim: score(&d.dims, cands),
                 ptd: Score::from_entries(&e, n_entries),
             }
         })
@@ -550,15 +543,15 @@ pub fn run(
     );
     let mut configs = configurations(spec)?;
     configs.extend(extra);
-    let detections: Vec<Detection> = configs
+    let detections: Vec<Found> = configs
         .iter()
-        .map(|n| apply(&n.config, &scan))
+        .map(|n| Ok(Found::of(&apply(&n.config, &scan)?)))
         .collect::<Result<_>>()?;
     // A configuration's dims are candidates whatever their ratio, so that each one it finds is
     // labelled; those that find more than a handful are broad sweeps, not claims.
     let also: BTreeSet<u32> = detections
         .iter()
-        .map(|d| d.dim_ids())
+        .map(|d| d.dims.clone())
         .filter(|d| d.len() <= 8)
         .flatten()
         .collect();

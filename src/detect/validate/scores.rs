@@ -207,7 +207,7 @@ pub fn sensitivity(cands: &[Candidate], s: &ValidationSettings) -> Vec<LabelSens
                 mean_kl: m,
                 massive: cands
                     .iter()
-                    .filter(|c| c.zero_kl >= z && c.mean_kl <= m)
+                    .filter(|c| c.damage.zero_kl >= z && c.damage.mean_kl <= m)
                     .map(|c| c.dim)
                     .collect(),
             });

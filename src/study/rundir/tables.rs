@@ -176,19 +176,19 @@ pub fn write_validation(out: &Path, v: &detect::validate::Validation) -> Result<
             ),
             Column::new(
                 "zero_kl".into(),
-                c.iter().map(|x| x.zero_kl).collect::<Vec<_>>(),
+                c.iter().map(|x| x.damage.zero_kl).collect::<Vec<_>>(),
             ),
             Column::new(
                 "mean_kl".into(),
-                c.iter().map(|x| x.mean_kl).collect::<Vec<_>>(),
+                c.iter().map(|x| x.damage.mean_kl).collect::<Vec<_>>(),
             ),
             Column::new(
                 "zero_dll".into(),
-                c.iter().map(|x| x.zero_dll).collect::<Vec<_>>(),
+                c.iter().map(|x| x.damage.zero_dll).collect::<Vec<_>>(),
             ),
             Column::new(
                 "mean_dll".into(),
-                c.iter().map(|x| x.mean_dll).collect::<Vec<_>>(),
+                c.iter().map(|x| x.damage.mean_dll).collect::<Vec<_>>(),
             ),
             Column::new(
                 "massive".into(),
