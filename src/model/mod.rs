@@ -666,6 +666,10 @@ impl Model {
         self.config.hidden_size
     }
 
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
     /// The weight `[d_model, in]` of a residual writer (a view; cheap).
     pub fn writer(&self, layer: usize, which: Writer) -> Tensor {
         self.layers[layer].writer(which).weight()

@@ -181,6 +181,8 @@ pub fn candidates(scan: &Scan, s: &ValidationSettings, also: &BTreeSet<u32>) -> 
 /// Per row of `with`: the damage of its intervention against row `base_row[r]` of `base` (both
 /// over `batch`'s ids): the mean KL(unmodified ‖ held) of the next-token distributions at the
 /// valid positions after `first[r]`, and the mean change of log p(next token) from `first[r]` on.
+/// One row at a time: a batch's full-vocabulary log-probabilities, several times over, would
+/// not fit in memory.
 fn damage(
     base: &Tensor,
     with: &Tensor,
@@ -189,39 +191,51 @@ fn damage(
     first: &[usize],
 ) -> Result<Vec<(f64, f64)>> {
     let t = batch.seq_len();
-    let rows = Tensor::new(
-        base_row.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
-        base.device(),
-    )?;
-    let lb = candle_nn::ops::log_softmax(&base.index_select(&rows, 0)?, D::Minus1)?;
-    let lw = candle_nn::ops::log_softmax(with, D::Minus1)?;
-    let kl: Vec<Vec<f32>> = (lb.exp()? * (&lb - &lw)?)?.sum(D::Minus1)?.to_vec2()?;
-    let next: Vec<u32> = base_row
-        .iter()
-        .flat_map(|&r| (0..t).map(move |p| if p + 1 < t { batch.ids[r][p + 1] } else { 0 }))
-        .collect();
-    let next = Tensor::from_vec(next, (base_row.len(), t, 1), base.device())?;
-    let gw: Vec<Vec<f32>> = lw.gather(&next, 2)?.squeeze(2)?.to_vec2()?;
-    let gb: Vec<Vec<f32>> = lb.gather(&next, 2)?.squeeze(2)?.to_vec2()?;
     let mut out = Vec::with_capacity(base_row.len());
-    for (r, &p) in first.iter().enumerate() {
-        let mask = &batch.mask[base_row[r]];
+    let mut lb_of: Option<(usize, Tensor)> = None;
+    for (r, (&b, &p)) in base_row.iter().zip(first).enumerate() {
+        let lb = match &lb_of {
+            Some((row, lb)) if *row == b => lb.clone(),
+            _ => {
+                let lb = candle_nn::ops::log_softmax(&base.get(b)?, D::Minus1)?;
+                lb_of = Some((b, lb.clone()));
+                lb
+            }
+        };
+        let lw = candle_nn::ops::log_softmax(&with.get(r)?, D::Minus1)?;
+        let kl: Vec<f32> = (lb.exp()? * (&lb - &lw)?)?.sum(D::Minus1)?.to_vec1()?;
+        let next: Vec<u32> = (0..t)
+            .map(|q| if q + 1 < t { batch.ids[b][q + 1] } else { 0 })
+            .collect();
+        let next = Tensor::from_vec(next, (t, 1), base.device())?;
+        let gw: Vec<f32> = lw.gather(&next, 1)?.squeeze(1)?.to_vec1()?;
+        let gb: Vec<f32> = lb.gather(&next, 1)?.squeeze(1)?.to_vec1()?;
+        let mask = &batch.mask[b];
         let (mut k_sum, mut n) = (0f64, 0usize);
         for pos in (p + 1)..t {
             if mask[pos] == 1 {
-                k_sum += kl[r][pos] as f64;
+                k_sum += kl[pos] as f64;
                 n += 1;
             }
         }
         // log p(x_{pos+1} | ≤ pos) for pos ≥ p: the next tokens the held entry can affect.
         let (mut l_sum, mut nl) = (0f64, 0usize);
         for pos in p..t.saturating_sub(1) {
-            l_sum += (gw[r][pos] - gb[r][pos]) as f64;
+            l_sum += (gw[pos] - gb[pos]) as f64;
             nl += 1;
         }
         out.push((k_sum / n.max(1) as f64, l_sum / nl.max(1) as f64));
     }
     Ok(out)
+}
+
+/// At most this many logits (rows × positions × vocabulary) in one forward pass's output, so
+/// that a long prompt on a large vocabulary still fits: the label passes split their rows by it.
+const LOGITS_BUDGET: usize = 120_000_000;
+
+/// How many rows of `len` positions one pass may hold under [`LOGITS_BUDGET`].
+fn rows_per_pass(len: usize, vocab: usize) -> usize {
+    (LOGITS_BUDGET / (len.max(1) * vocab.max(1))).max(1)
 }
 
 /// The padding the scanned batch gave a prompt: scan positions count it, the label batches'
@@ -275,6 +289,54 @@ fn sample<T: Clone>(items: &[T], k: usize, seed: u64) -> Vec<T> {
     keep.into_iter().map(|i| items[i].clone()).collect()
 }
 
+/// All of `c`'s instances in the prompts `rows` held at zero and at their means, in one pass
+/// each: per row the two damages and its weight (its positions from the first held one on).
+fn hold_dim(
+    lm: &LoadedModel,
+    prompts: &[PromptStates],
+    ids: &[Vec<u32>],
+    c: &Candidate,
+    rows: &[u32],
+    d: usize,
+    states: usize,
+) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<f64>)> {
+    let seqs: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r as usize].clone()).collect();
+    let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
+    let t = batch.seq_len();
+    let mut at = Vec::new();
+    // The scan's (prompt, position) of each held entry, in the order of `at`.
+    let mut order: Vec<(u32, u32)> = Vec::new();
+    let mut first = vec![usize::MAX; rows.len()];
+    for (i, &r) in rows.iter().enumerate() {
+        let pad = t - ids[r as usize].len();
+        let sp = scanned_pad(&prompts[r as usize]);
+        for &(_, pos) in c.positions.iter().filter(|x| x.0 == r) {
+            let at_pos = pad + pos as usize - sp;
+            at.push((i, at_pos));
+            order.push((r, pos));
+            first[i] = first[i].min(at_pos);
+        }
+    }
+    let means = token_means(c, prompts, &order, d, states);
+    let from = c.first_state as usize;
+    let base = lm
+        .model
+        .forward(&batch, false, Logits::All)?
+        .logits
+        .expect("asked for logits");
+    let shape = (batch.len(), t, d);
+    let zero = Intervention::new(shape, &at, c.dim as usize, from, vec![vec![0.0; at.len()]])?;
+    let mean = Intervention::new(shape, &at, c.dim as usize, from, means)?;
+    let each: Vec<usize> = (0..rows.len()).collect();
+    let with = lm.model.forward_intervened(&batch, &zero)?;
+    let z = damage(&base, &with, &batch, &each, &first)?;
+    drop(with);
+    let with = lm.model.forward_intervened(&batch, &mean)?;
+    let m = damage(&base, &with, &batch, &each, &first)?;
+    let w = first.iter().map(|&f| (t - f).max(1) as f64).collect();
+    Ok((z, m, w))
+}
+
 /// Labels every candidate dim by the two interventions: all its instances held at once, in a
 /// seeded sample of at most `label_prompts` of the prompts where it stands out.
 pub fn label(
@@ -291,50 +353,24 @@ pub fn label(
         let rows: BTreeSet<u32> = c.positions.iter().map(|p| p.0).collect();
         let rows: Vec<u32> = rows.into_iter().collect();
         let rows = sample(&rows, s.label_prompts, s.seed ^ 0xD1A5 ^ c.dim as u64);
-        let seqs: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r as usize].clone()).collect();
-        let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
-        let t = batch.seq_len();
-        let mut at = Vec::new();
-        // The scan's (prompt, position) of each held entry, in the order of `at`.
-        let mut order: Vec<(u32, u32)> = Vec::new();
-        let mut first = vec![usize::MAX; rows.len()];
-        for (i, &r) in rows.iter().enumerate() {
-            let pad = t - ids[r as usize].len();
-            let sp = scanned_pad(&prompts[r as usize]);
-            for &(_, pos) in c.positions.iter().filter(|x| x.0 == r) {
-                let at_pos = pad + pos as usize - sp;
-                at.push((i, at_pos));
-                order.push((r, pos));
-                first[i] = first[i].min(at_pos);
+        let longest = rows
+            .iter()
+            .map(|&r| ids[r as usize].len())
+            .max()
+            .unwrap_or(1);
+        // Every row weighs by its later positions, as one mean over all rows would.
+        let (mut sums, mut n) = ([0f64; 4], 0f64);
+        for chunk in rows.chunks(rows_per_pass(longest, lm.model.vocab_size())) {
+            let (z, m, w) = hold_dim(lm, prompts, ids, c, chunk, d, states)?;
+            for r in 0..chunk.len() {
+                sums[0] += z[r].0 * w[r];
+                sums[1] += z[r].1 * w[r];
+                sums[2] += m[r].0 * w[r];
+                sums[3] += m[r].1 * w[r];
+                n += w[r];
             }
         }
-        let means = token_means(c, prompts, &order, d, states);
-        let from = c.first_state as usize;
-        let base = lm
-            .model
-            .forward(&batch, false, Logits::All)?
-            .logits
-            .expect("asked for logits");
-        let shape = (batch.len(), t, d);
-        let zero = Intervention::new(shape, &at, c.dim as usize, from, vec![vec![0.0; at.len()]])?;
-        let mean = Intervention::new(shape, &at, c.dim as usize, from, means)?;
-        let each: Vec<usize> = (0..rows.len()).collect();
-        let pooled = |v: Vec<(f64, f64)>| -> (f64, f64) {
-            // Every row weighs by its positions, as one mean over the batch would.
-            let (mut k, mut l, mut n) = (0.0, 0.0, 0.0);
-            for (r, (a, b)) in v.iter().enumerate() {
-                let w = (t - first[r]).max(1) as f64;
-                k += a * w;
-                l += b * w;
-                n += w;
-            }
-            (k / n, l / n)
-        };
-        let zero_with = lm.model.forward_intervened(&batch, &zero)?;
-        let (zk, zl) = pooled(damage(&base, &zero_with, &batch, &each, &first)?);
-        drop(zero_with);
-        let mean_with = lm.model.forward_intervened(&batch, &mean)?;
-        let (mk, ml) = pooled(damage(&base, &mean_with, &batch, &each, &first)?);
+        let (zk, zl, mk, ml) = (sums[0] / n, sums[1] / n, sums[2] / n, sums[3] / n);
         c.damage = Damage::of((zk, zl), (mk, ml));
         c.massive = c.damage.massive(s);
         c.label_rows = rows.len();
@@ -342,9 +378,6 @@ pub fn label(
     }
     Ok(())
 }
-
-/// How many instances one forward pass holds (two rows each: zero and mean).
-const ENTRIES_PER_PASS: usize = 6;
 
 /// Labels a seeded sample of at most `entries_per_dim` instances of every candidate, each held
 /// alone (zero and mean, from the dim's first state) in its own prompt. Instances at a prompt's
@@ -392,7 +425,9 @@ pub fn label_entries(
             .forward(&batch1, false, Logits::All)?
             .logits
             .expect("asked for logits");
-        for chunk in items.chunks(ENTRIES_PER_PASS) {
+        // Two rows an instance (zero and mean), at most six instances a pass.
+        let per_pass = (rows_per_pass(t, lm.model.vocab_size()) / 2).clamp(1, 6);
+        for chunk in items.chunks(per_pass) {
             let k = chunk.len();
             let seqs = vec![ids[p as usize].clone(); 2 * k];
             let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
