@@ -90,6 +90,59 @@ impl Truth {
     }
 }
 
+impl Truth {
+    /// Whether any labelled entry is massive: without one, entry-level recall is undefined.
+    pub fn has_massive_entries(&self) -> bool {
+        self.massive_weight.values().any(|w| *w > 0.0)
+    }
+}
+
+/// Which F1 the choices and readings use: the entries', or the dims' where no entry held alone
+/// is massive (a dim can be massive only as a set of instances: one held alone, the others
+/// still carry it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    #[default]
+    Entries,
+    Dims,
+}
+
+impl Basis {
+    pub fn of(truth: &Truth) -> Basis {
+        if truth.has_massive_entries() {
+            Basis::Entries
+        } else {
+            Basis::Dims
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Basis::Entries => "entry",
+            Basis::Dims => "dim",
+        }
+    }
+
+    /// The selection half's F1 on this basis.
+    pub fn selection(self, s: &HeldOutScore) -> f64 {
+        self.pick(&s.selection_entry, &s.selection_dim).f1
+    }
+
+    /// The held-out F1 on this basis.
+    pub fn heldout(self, s: &HeldOutScore) -> Estimate {
+        *self.pick(&s.entry_f1, &s.dim_f1)
+    }
+
+    /// Of an entry-level and a dim-level value, the one on this basis.
+    pub fn pick<'a, T>(self, entry: &'a T, dim: &'a T) -> &'a T {
+        match self {
+            Basis::Entries => entry,
+            Basis::Dims => dim,
+        }
+    }
+}
+
 /// One configuration on one prompt.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -353,6 +406,9 @@ pub struct GroupChoice {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeldOut {
+    /// Which F1 the choices and readings use.
+    #[serde(default)]
+    pub basis: Basis,
     pub split: Split,
     pub bootstrap: usize,
     pub scores: Vec<HeldOutScore>,
@@ -378,7 +434,7 @@ fn floor_only(name: &str) -> bool {
 
 /// The one configuration to report for `curve`: the threshold with the best selection-half
 /// entry F1 (the highest threshold among ties: the stricter claim).
-fn choose_curve(scores: &[HeldOutScore], curve: &str) -> Option<CurveChoice> {
+fn choose_curve(scores: &[HeldOutScore], curve: &str, basis: Basis) -> Option<CurveChoice> {
     let pts: Vec<&HeldOutScore> = scores.iter().filter(|s| s.group == curve).collect();
     let best = |f: &dyn Fn(&HeldOutScore) -> f64| -> Option<&HeldOutScore> {
         pts.iter()
@@ -388,8 +444,8 @@ fn choose_curve(scores: &[HeldOutScore], curve: &str) -> Option<CurveChoice> {
                 _ => Some(s),
             })
     };
-    let chosen = best(&|s| s.selection_entry.f1)?;
-    let held = best(&|s| s.entry_f1.point)?;
+    let chosen = best(&|s| basis.selection(s))?;
+    let held = best(&|s| basis.heldout(s).point)?;
     Some(CurveChoice {
         curve: curve.trim_start_matches("curve ").to_string(),
         chosen: chosen.threshold.unwrap_or(f64::NAN),
@@ -398,7 +454,8 @@ fn choose_curve(scores: &[HeldOutScore], curve: &str) -> Option<CurveChoice> {
     })
 }
 
-/// The threshold of `curve` with the best selection-half entry F1 (the highest among ties).
+/// The threshold of `curve` with the best selection-half F1 on the truth's basis (the highest
+/// among ties).
 pub fn choose_on_selection(
     names: &[super::validate::Named],
     selection: &[Found],
@@ -411,13 +468,14 @@ pub fn choose_on_selection(
         let (Some(t), true) = (n.threshold, n.group == curve) else {
             continue;
         };
-        let (_, e) = score(
+        let (dim, e) = score(
             &tallies(d, truth, &split.selection),
             truth,
             &split.selection,
         );
-        if best.is_none_or(|(f, bt)| e.f1 > f || (e.f1 == f && t > bt)) {
-            best = Some((e.f1, t));
+        let f1 = Basis::of(truth).pick(&e, &dim).f1;
+        if best.is_none_or(|(f, bt)| f1 > f || (f1 == f && t > bt)) {
+            best = Some((f1, t));
         }
     }
     best.filter(|b| b.0 > 0.0).map(|b| b.1)
@@ -432,6 +490,7 @@ pub struct Inputs<'a> {
 
 /// Every configuration's held-out scores with their bootstrap draws, for the paired readings.
 struct Table<'a> {
+    basis: Basis,
     scores: Vec<HeldOutScore>,
     draws: Vec<Vec<(Prf, Prf)>>,
     held: Vec<BTreeMap<u32, Tally>>,
@@ -471,7 +530,7 @@ impl Table<'_> {
             .sum()
     }
 
-    /// One criteria-subsets group: the best smaller set (best selection-half entry F1 among the
+    /// One criteria-subsets group: the best smaller set (best selection-half F1 among the
     /// subsets of fewer than five criteria that bound a value; ties to fewer criteria, then the
     /// name), and each criterion switched off from the five and from that set.
     fn group(&self, g: &str) -> (GroupChoice, Vec<RedundancyRow>) {
@@ -489,9 +548,9 @@ impl Table<'_> {
             .iter()
             .copied()
             .filter(|&i| size(i) < 5 && !floor_only(&scores[i].name))
-            .filter(|&i| scores[i].selection_entry.f1 > 0.0)
+            .filter(|&i| self.basis.selection(&scores[i]) > 0.0)
             .min_by(|&a, &b| {
-                let f = |i: usize| scores[i].selection_entry.f1;
+                let f = |i: usize| self.basis.selection(&scores[i]);
                 f(b).total_cmp(&f(a))
                     .then(size(a).cmp(&size(b)))
                     .then(scores[a].name.cmp(&scores[b].name))
@@ -610,7 +669,9 @@ pub fn evaluate(x: &Inputs, truth: &Truth, split: &Split, reps: usize) -> HeldOu
             entry_f1: Estimate::of(he.f1, col(&|d| d.1.f1)),
         });
     }
+    let basis = Basis::of(truth);
     let table = Table {
+        basis,
         scores,
         draws,
         held,
@@ -624,10 +685,11 @@ pub fn evaluate(x: &Inputs, truth: &Truth, split: &Split, reps: usize) -> HeldOu
     }
     let curves: Vec<CurveChoice> = groups_of(&table.scores, "curve ")
         .iter()
-        .filter_map(|c| choose_curve(&table.scores, c))
+        .filter_map(|c| choose_curve(&table.scores, c, basis))
         .collect();
     let comparisons = table.comparisons(&curves);
     HeldOut {
+        basis,
         split: split.clone(),
         bootstrap: reps,
         scores: table.scores,
@@ -694,7 +756,7 @@ pub struct Recommendation {
     pub thresholds: Vec<Vec<CurveChoice>>,
 }
 
-/// The configuration with the best mean selection-half entry F1 over the models whose labels
+/// The configuration with the best mean selection-half F1 (each on its model's basis) over the models whose labels
 /// find something massive (ties: fewer criteria, then the name); chosen on selection halves
 /// only, so its held-out scores are honest on every model.
 pub fn recommend(models: &[(String, &HeldOut, bool)]) -> Option<Recommendation> {
@@ -714,7 +776,7 @@ pub fn recommend(models: &[(String, &HeldOut, bool)]) -> Option<Recommendation> 
                 .iter()
                 .find(|x| x.group == s.group && x.name == s.name)
             {
-                Some(x) => sum += x.selection_entry.f1,
+                Some(x) => sum += m.1.basis.selection(x),
                 None => all = false,
             }
         }
@@ -938,5 +1000,49 @@ mod tests {
         let (dim, e) = score(&tallies(&Found::of(&det(&[])), &truth, &all), &truth, &all);
         assert!(dim.precision.is_nan() && e.precision.is_nan());
         assert_eq!((dim.f1, e.f1), (0.0, 0.0));
+    }
+
+    #[test]
+    fn the_dim_level_decides_where_no_entry_held_alone_is_massive() {
+        let split = Split {
+            seed: 0,
+            selection: vec![0, 1],
+            heldout: vec![2, 3],
+        };
+        // Dim 1 is massive as a dim, but none of its instances is when held alone.
+        let entries: Vec<_> = (0..4).map(|p| (p, 0, 1, 1.0, false)).collect();
+        let inst: Vec<_> = (0..4).flat_map(|p| [(p, 0, 1), (p, 1, 2)]).collect();
+        let truth = Truth::new(entries, inst, &BTreeSet::from([1]), HashSet::new());
+        assert!(!truth.has_massive_entries());
+        let one: Vec<(u32, u32, u32)> = (0..4).map(|p| (p, 0, 1)).collect();
+        let two: Vec<(u32, u32, u32)> = (0..4).map(|p| (p, 1, 2)).collect();
+        // The higher threshold finds the wrong dim: only the dim level tells them apart.
+        let names: Vec<Named> = [(100.0, "curve median-only"), (1000.0, "curve median-only")]
+            .iter()
+            .map(|&(t, g)| Named {
+                name: format!("median-only at {t:.0}"),
+                group: g.to_string(),
+                threshold: Some(t),
+                config: Default::default(),
+            })
+            .collect();
+        let found = vec![Found::of(&det(&one)), Found::of(&det(&two))];
+        let ho = evaluate(
+            &Inputs {
+                names: &names,
+                selection: &found,
+                heldout: &found,
+            },
+            &truth,
+            &split,
+            20,
+        );
+        assert_eq!(ho.basis, Basis::Dims);
+        assert_eq!(ho.curves[0].chosen, 100.0, "{:?}", ho.curves);
+        assert_eq!(
+            choose_on_selection(&names, &found, &truth, &split, "curve median-only"),
+            Some(100.0)
+        );
+        assert_eq!(ho.scores[0].dim_f1.point, 1.0);
     }
 }

@@ -3,7 +3,7 @@
 //! Markdown is what `outlierlab label` prints and what a study's report embeds.
 
 use crate::detect::heldout::{
-    Estimate, HeldOut, HeldOutScore, Reading, Recommendation, RedundancyRow, MATCH,
+    Basis, Estimate, HeldOut, HeldOutScore, Reading, Recommendation, RedundancyRow, MATCH,
 };
 use crate::detect::validate::{Candidate, LabelAgreement, Score, Scored, Validation, SUBSETS};
 use crate::detect::Source;
@@ -242,7 +242,7 @@ fn find<'a>(ho: &'a HeldOut, group: &str, name: &str) -> Option<&'a HeldOutScore
 }
 
 fn answers_md(md: &mut String, v: &Validation, ho: &HeldOut) {
-    labels_answer(md, v);
+    labels_answer(md, v, ho.basis);
     criteria_answer(md, ho);
     median_answer(md, ho);
     direction_answer(md, v);
@@ -250,7 +250,7 @@ fn answers_md(md: &mut String, v: &Validation, ho: &HeldOut) {
 }
 
 /// Do the labels separate?
-fn labels_answer(md: &mut String, v: &Validation) {
+fn labels_answer(md: &mut String, v: &Validation, basis: Basis) {
     let massive: Vec<&Candidate> = v.candidates.iter().filter(|c| c.massive).collect();
     let labelled = v.entries.len();
     let w_all: f64 = v.entries.iter().map(|e| e.weight).sum();
@@ -259,7 +259,8 @@ fn labels_answer(md: &mut String, v: &Validation) {
         .iter()
         .filter(|e| e.massive)
         .map(|e| e.weight)
-        .sum();
+        .sum::<f64>()
+        + 0.0; // an empty sum is −0.0
     if massive.is_empty() {
         let top = v
             .candidates
@@ -301,6 +302,14 @@ fn labels_answer(md: &mut String, v: &Validation) {
                 if split.is_empty() { String::new() } else { format!("; {}", split.join("; ")) }
             }
         );
+        if basis == Basis::Dims {
+            let _ = writeln!(
+                md,
+                "  No instance held alone is massive: the damage shows only when a dim's instances are held \
+                 together (one held alone leaves the others in place), so entry-level recall is undefined here and \
+                 the choices and readings below use the dim-level F1."
+            );
+        }
     }
 }
 
@@ -368,19 +377,21 @@ fn criteria_answer(md: &mut String, ho: &HeldOut) {
                 .filter(|r| !r.redundant())
                 .map(|r| {
                     format!(
-                        "`{}` ({} of {} entries change, entry ΔF1 {})",
+                        "`{}` ({} of {} entries change, {} ΔF1 {})",
                         r.criterion,
                         r.entries_changed,
                         r.entries_with,
-                        signed(&r.d_entry_f1)
+                        ho.basis.name(),
+                        signed(ho.basis.pick(&r.d_entry_f1, &r.d_dim_f1))
                     )
                 })
                 .collect();
             let _ = writeln!(
                 md,
-                "  - {thresholds}, {which} ({} held-out entries, entry F1 {}): {}{}.",
+                "  - {thresholds}, {which} ({} held-out entries, {} F1 {}): {}{}.",
                 first.entries_with,
-                find(ho, &g.group, &first.with).map_or("–".into(), |s| est(&s.entry_f1)),
+                ho.basis.name(),
+                find(ho, &g.group, &first.with).map_or("–".into(), |s| est(&ho.basis.heldout(s))),
                 if matter.is_empty() {
                     "switching any one off changes nothing".to_string()
                 } else {
@@ -416,25 +427,28 @@ fn median_answer(md: &mut String, ho: &HeldOut) {
             .comparisons
             .iter()
             .map(|c| {
+                let d = ho.basis.pick(&c.d_entry_f1, &c.d_dim_f1);
                 format!(
-                    "{} `{}` (held-out entry F1 {}; ΔF1 {})",
-                    Reading::of(&c.d_entry_f1).word(),
+                    "{} `{}` (held-out {} F1 {}; ΔF1 {})",
+                    Reading::of(d).word(),
                     c.b,
+                    ho.basis.name(),
                     ho.scores
                         .iter()
                         .find(|s| s.name == c.b)
-                        .map_or("–".into(), |s| est(&s.entry_f1)),
-                    signed(&c.d_entry_f1)
+                        .map_or("–".into(), |s| est(&ho.basis.heldout(s))),
+                    signed(d)
                 )
             })
             .collect();
         let _ = writeln!(
             md,
             "- **Is the median-ratio criterion alone enough?** At its threshold chosen on the selection half ({}), \
-             median-ratio alone has held-out entry F1 {}: it {}. (*Matches* = the whole interval of the difference \
+             median-ratio alone has held-out {} F1 {}: it {}. (*Matches* = the whole interval of the difference \
              within ±{}.)",
             thr(m.chosen),
-            ms.map_or("–".into(), |s| est(&s.entry_f1)),
+            ho.basis.name(),
+            ms.map_or("–".into(), |s| est(&ho.basis.heldout(s))),
             cmp.join("; it "),
             MATCH
         );
@@ -454,8 +468,9 @@ fn median_answer(md: &mut String, ho: &HeldOut) {
     if !th.is_empty() {
         let _ = writeln!(
             md,
-            "- **What threshold, on this model?** Chosen on the selection half by entry F1 (the higher threshold \
+            "- **What threshold, on this model?** Chosen on the selection half by {} F1 (the higher threshold \
              among ties): {}.",
+            ho.basis.name(),
             th.join("; ")
         );
     }
@@ -821,12 +836,16 @@ pub fn across_summary(runs: &[(String, Validation)], rec: Option<&Recommendation
 fn per_model_md(runs: &[(String, Validation)]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "## Per model\n");
-    let _ = writeln!(md, "| model | prompts | precision | massive dims | PR #154 (defaults) entry F1 | median-only: chosen threshold | its entry F1 | pr154 curve: chosen threshold | sun2024 (defaults) entry F1 | wall time |");
-    let _ = writeln!(md, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| model | prompts | precision | massive dims | F1 on | PR #154 (defaults) F1 | median-only: chosen threshold | its F1 | pr154 curve: chosen threshold | its F1 | sun2024 (defaults) F1 | wall time |");
+    let _ = writeln!(
+        md,
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for (name, v) in runs {
         let Some(ho) = &v.heldout else { continue };
         let curve = |c: &str| ho.curves.iter().find(|x| x.curve == c);
-        let f1 = |g: &str, n: &str| find(ho, g, n).map_or("–".into(), |s| est(&s.entry_f1));
+        let f1 =
+            |g: &str, n: &str| find(ho, g, n).map_or("–".into(), |s| est(&ho.basis.heldout(s)));
         let massive: Vec<u32> = v
             .candidates
             .iter()
@@ -835,14 +854,16 @@ fn per_model_md(runs: &[(String, Validation)]) -> String {
             .collect();
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+            "| {name} | {} | {} | {} | {}s | {} | {} | {} | {} | {} | {} | {:.0} s |",
             v.corpus.len(),
             v.precision.as_deref().unwrap_or("f32"),
             dims(&massive),
+            ho.basis.name(),
             f1("presets", "pr154 (defaults)"),
             curve("median-only").map_or("–".into(), |c| thr(c.chosen)),
             curve("median-only").map_or("–".into(), |c| f1("curve median-only", &c.chosen_name)),
             curve("pr154").map_or("–".into(), |c| thr(c.chosen)),
+            curve("pr154").map_or("–".into(), |c| f1("curve pr154", &c.chosen_name)),
             f1("presets", "sun2024 (defaults)"),
             v.seconds
         );
@@ -864,7 +885,7 @@ fn recommendation_md(rec: Option<&Recommendation>) -> String {
         Some(r) => {
             let _ = writeln!(
                 md,
-                "The configuration with the best mean selection-half entry F1 ({:.2}) over the models whose labels find \
+                "The configuration with the best mean selection-half F1 ({:.2}; each model on its basis) over the models whose labels find \
                  a massive dim: **`{}`** ({}). Chosen on selection halves only; its held-out scores below are the \
                  evidence. Thresholds each model's selection half chose, for comparison: {}.\n",
                 r.mean_selection_f1,
