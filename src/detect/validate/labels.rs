@@ -289,6 +289,9 @@ fn sample<T: Clone>(items: &[T], k: usize, seed: u64) -> Vec<T> {
     keep.into_iter().map(|i| items[i].clone()).collect()
 }
 
+/// Per row: (mean KL, Δll).
+type RowDamages = Vec<(f64, f64)>;
+
 /// All of `c`'s instances in the prompts `rows` held at zero and at their means, in one pass
 /// each: per row the two damages and its weight (its positions from the first held one on).
 fn hold_dim(
@@ -299,7 +302,7 @@ fn hold_dim(
     rows: &[u32],
     d: usize,
     states: usize,
-) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>, Vec<f64>)> {
+) -> Result<(RowDamages, RowDamages, Vec<f64>)> {
     let seqs: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r as usize].clone()).collect();
     let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
     let t = batch.seq_len();
