@@ -388,10 +388,11 @@ fn criteria_answer(md: &mut String, ho: &HeldOut) {
                 .filter(|r| !r.redundant())
                 .map(|r| {
                     format!(
-                        "`{}` ({} of {} entries change, {} ΔF1 {})",
+                        "`{}` ({} entries change: {} with it, {} without; {} ΔF1 {})",
                         r.criterion,
                         r.entries_changed,
                         r.entries_with,
+                        r.entries_without,
                         ho.basis.name(),
                         signed(ho.basis.pick(&r.d_entry_f1, &r.d_dim_f1))
                     )

@@ -192,18 +192,20 @@ fn damage(
 ) -> Result<Vec<(f64, f64)>> {
     let t = batch.seq_len();
     let mut out = Vec::with_capacity(base_row.len());
-    let mut lb_of: Option<(usize, Tensor)> = None;
+    // The unmodified row's log-probabilities and probabilities, once per base row.
+    let mut lb_of: Option<(usize, Tensor, Tensor)> = None;
     for (r, (&b, &p)) in base_row.iter().zip(first).enumerate() {
-        let lb = match &lb_of {
-            Some((row, lb)) if *row == b => lb.clone(),
+        let (lb, pb) = match &lb_of {
+            Some((row, lb, pb)) if *row == b => (lb.clone(), pb.clone()),
             _ => {
                 let lb = candle_nn::ops::log_softmax(&base.get(b)?, D::Minus1)?;
-                lb_of = Some((b, lb.clone()));
-                lb
+                let pb = lb.exp()?;
+                lb_of = Some((b, lb.clone(), pb.clone()));
+                (lb, pb)
             }
         };
         let lw = candle_nn::ops::log_softmax(&with.get(r)?, D::Minus1)?;
-        let kl: Vec<f32> = (lb.exp()? * (&lb - &lw)?)?.sum(D::Minus1)?.to_vec1()?;
+        let kl: Vec<f32> = (pb * (&lb - &lw)?)?.sum(D::Minus1)?.to_vec1()?;
         let next: Vec<u32> = (0..t)
             .map(|q| if q + 1 < t { batch.ids[b][q + 1] } else { 0 })
             .collect();
