@@ -124,6 +124,13 @@ impl Basis {
         }
     }
 
+    pub fn plural(self) -> &'static str {
+        match self {
+            Basis::Entries => "entries",
+            Basis::Dims => "dims",
+        }
+    }
+
     /// The selection half's F1 on this basis.
     pub fn selection(self, s: &HeldOutScore) -> f64 {
         self.pick(&s.selection_entry, &s.selection_dim).f1
@@ -749,6 +756,9 @@ pub struct Recommendation {
     /// Per model (in the order given): the held-out scores of the recommendation, of PR #154's
     /// defaults and of Sun et al.'s.
     pub models: Vec<String>,
+    /// Each model's basis: where it is dims, its entry-level F1 is undefined.
+    #[serde(default)]
+    pub bases: Vec<Basis>,
     pub recommended: Vec<Option<HeldOutScore>>,
     pub pr154: Vec<Option<HeldOutScore>>,
     pub sun2024: Vec<Option<HeldOutScore>>,
@@ -804,6 +814,7 @@ pub fn recommend(models: &[(String, &HeldOut, bool)]) -> Option<Recommendation> 
         group: b.group.clone(),
         mean_selection_f1: mean,
         models: models.iter().map(|m| m.0.clone()).collect(),
+        bases: models.iter().map(|m| m.1.basis).collect(),
         recommended: models
             .iter()
             .map(|m| pick(m.1, &b.group, &b.name))

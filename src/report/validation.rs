@@ -866,11 +866,11 @@ fn per_model_md(runs: &[(String, Validation)]) -> String {
             .collect();
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} | {}s | {} | {} | {} | {} | {} | {} | {:.0} s |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
             v.corpus.len(),
             v.precision.as_deref().unwrap_or("f32"),
             dims(&massive),
-            ho.basis.name(),
+            ho.basis.plural(),
             f1("presets", "pr154 (defaults)"),
             curve("median-only").map_or("–".into(), |c| thr(c.chosen)),
             curve("median-only").map_or("–".into(), |c| f1("curve median-only", &c.chosen_name)),
@@ -917,9 +917,16 @@ fn recommendation_md(rec: Option<&Recommendation>) -> String {
             let _ = writeln!(md, "| model | recommended entry F1 | dim F1 | PR #154 defaults entry F1 | dim F1 | Sun et al. entry F1 | dim F1 |");
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
             for (i, m) in r.models.iter().enumerate() {
+                // No labelled entry is massive on a model whose basis is dims: no entry F1.
+                let dims_only = r.bases.get(i) == Some(&Basis::Dims);
                 let c = |x: &Option<HeldOutScore>| -> (String, String) {
                     x.as_ref().map_or(("–".into(), "–".into()), |s| {
-                        (est(&s.entry_f1), est(&s.dim_f1))
+                        let e = if dims_only {
+                            "– (no massive entry)".into()
+                        } else {
+                            est(&s.entry_f1)
+                        };
+                        (e, est(&s.dim_f1))
                     })
                 };
                 let (a, b) = c(&r.recommended[i]);
