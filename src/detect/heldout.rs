@@ -168,6 +168,8 @@ pub struct Tally {
 #[derive(Debug, Clone, Default)]
 pub struct Found {
     pub dims: Vec<u32>,
+    /// Dims it names without a confirmed entry (top-k alone): claimed on every prompt.
+    pub unplaced: Vec<u32>,
     pub by_prompt: BTreeMap<u32, BTreeSet<(u32, u32)>>,
 }
 
@@ -180,8 +182,15 @@ impl Found {
                 .or_default()
                 .insert((h.position, h.dim));
         }
+        let placed: BTreeSet<u32> = d.hits.iter().map(|h| h.dim).collect();
+        let dims = d.dim_ids();
         Found {
-            dims: d.dim_ids(),
+            unplaced: dims
+                .iter()
+                .copied()
+                .filter(|x| !placed.contains(x))
+                .collect(),
+            dims,
             by_prompt,
         }
     }
@@ -199,7 +208,14 @@ impl Found {
 
 /// Per prompt, what `d` found there (every prompt of `prompts` gets a tally, empty or not).
 pub fn tallies(d: &Found, truth: &Truth, prompts: &[u32]) -> BTreeMap<u32, Tally> {
-    let mut out: BTreeMap<u32, Tally> = prompts.iter().map(|&p| (p, Tally::default())).collect();
+    let mut out: BTreeMap<u32, Tally> = prompts
+        .iter()
+        .map(|&p| {
+            let mut t = Tally::default();
+            t.dims.extend(d.unplaced.iter().copied());
+            (p, t)
+        })
+        .collect();
     for (p, found) in &d.by_prompt {
         if let Some(t) = out.get_mut(p) {
             for &(pos, dim) in found {

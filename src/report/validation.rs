@@ -595,14 +595,14 @@ fn agreement_md(md: &mut String, a: &LabelAgreement) {
     );
 }
 
-const HO_HEAD: &str = "| sel. entry F1 | dims | entries | entry precision | entry recall | entry F1 | dim precision | dim recall | dim F1 |";
+const HO_HEAD: &str = "| sel. F1 | dims | entries | entry precision | entry recall | entry F1 | dim precision | dim recall | dim F1 |";
 const HO_RULE: &str = "|---:|---|---:|---:|---:|---:|---:|---:|---:|";
 
-fn ho_row(md: &mut String, first: &str, s: &HeldOutScore) {
+fn ho_row(md: &mut String, first: &str, s: &HeldOutScore, basis: Basis) {
     let _ = writeln!(
         md,
         "| {first} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        num(s.selection_entry.f1),
+        num(basis.selection(s)),
         dims(&s.dims),
         s.entries,
         est(&s.entry_precision),
@@ -617,15 +617,17 @@ fn ho_row(md: &mut String, first: &str, s: &HeldOutScore) {
 fn heldout_md(md: &mut String, ho: &HeldOut, hh: &str) {
     let _ = writeln!(
         md,
-        "Every configuration applied to each half alone; *sel. entry F1* is the selection half's (what choices are \
+        "Every configuration applied to each half alone; *sel. F1* is the selection half's {} F1 (what choices are \
          made on), the rest is the held-out half's with its interval. top-k and llm-int8 choose their dims over the \
-         whole half; their intervals hold that choice fixed.\n"
+         whole half; their intervals hold that choice fixed; top-k's dims, confirmed at no entry, count on \
+         every prompt.\n",
+        ho.basis.name()
     );
     let _ = writeln!(md, "{hh}## Presets at their defaults\n");
     let _ = writeln!(md, "| configuration {HO_HEAD}");
     let _ = writeln!(md, "|---{HO_RULE}");
     for s in ho.scores.iter().filter(|s| s.group == "presets") {
-        ho_row(md, &s.name, s);
+        ho_row(md, &s.name, s, ho.basis);
     }
     let _ = writeln!(md);
     if !ho.curves.is_empty() {
@@ -649,7 +651,7 @@ fn heldout_md(md: &mut String, ho: &HeldOut, hh: &str) {
                 } else {
                     format!("{} | {}", c.curve, thr(t))
                 };
-                ho_row(md, &first, s);
+                ho_row(md, &first, s, ho.basis);
             }
         }
         let _ = writeln!(md);
@@ -669,7 +671,7 @@ fn heldout_md(md: &mut String, ho: &HeldOut, hh: &str) {
         for n in names {
             if let Some(s) = find(ho, &g.group, &n) {
                 let short = g.group.trim_start_matches(SUBSETS).trim_start_matches(", ");
-                ho_row(md, &format!("{short} | `{n}`"), s);
+                ho_row(md, &format!("{short} | `{n}`"), s, ho.basis);
             }
         }
     }
@@ -680,7 +682,7 @@ fn heldout_md(md: &mut String, ho: &HeldOut, hh: &str) {
         let _ = writeln!(md, "| variant {HO_HEAD}");
         let _ = writeln!(md, "|---{HO_RULE}");
         for s in study {
-            ho_row(md, &s.name, s);
+            ho_row(md, &s.name, s, ho.basis);
         }
         let _ = writeln!(md);
     }
