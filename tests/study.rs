@@ -225,12 +225,15 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     );
     let reference = scores(&full);
     let r = rundir::read_results(&full).unwrap();
-    // The run records the CPU's vector paths it ran on.
+    // The run records the CPU's vector paths it ran on, and the precision `auto` chose here:
+    // bf16 exactly where this CPU has the kernels.
     let prov: serde_json::Value =
         serde_json::from_slice(&std::fs::read(full.join("provenance.json")).unwrap()).unwrap();
+    let bf16 = outlierlab::model::bf16::available();
+    assert_eq!(prov["precision"], if bf16 { "bf16" } else { "f32" });
     assert_eq!(
         prov["vector_paths"].as_str(),
-        Some(outlierlab::model::cpu::describe(false).as_str())
+        Some(outlierlab::model::cpu::describe(bf16).as_str())
     );
     // Two sets in one split: each prompt keeps its set, in prompts.json and outcomes.parquet.
     let p = &r.prompts[&0];
