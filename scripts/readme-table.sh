@@ -15,7 +15,7 @@ replace() { # MARKER RUN [RUN...]: one run's summary, or several validations sid
   fi
   local block marker=$1
   shift
-  if [ $# -gt 1 ]; then
+  if [ "$marker" = criteria ]; then
     block=$("$bin" report --across "$@" --summary)
   else
     block=$("$bin" report "$1" --summary)
@@ -36,4 +36,10 @@ PY
 }
 replace readme-table "${1:-runs/quickstart}"
 replace decisive "${2:-reports/pr154-vs-winsorization/run}"
-replace criteria reports/detection-validation/{smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,gemma3-270m,qwen2.5-coder-1.5b-instruct}/run
+validated=()
+for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma3-270m qwen2.5-coder-1.5b-instruct; do
+  [ -d "reports/detection-validation/$m/run" ] && validated+=("reports/detection-validation/$m/run")
+done
+if [ ${#validated[@]} -gt 0 ]; then
+  replace criteria "${validated[@]}"
+fi

@@ -43,8 +43,9 @@ pub struct Truth {
     labelled: HashMap<(u32, u32, u32), (f64, bool)>,
     /// Every candidate instance (labelled or not).
     instances: HashSet<(u32, u32, u32)>,
-    /// Per prompt: the weighted count of massive labelled instances.
+    /// Per prompt: the weighted count of massive labelled instances, and their number.
     massive_weight: HashMap<u32, f64>,
+    massive_count: HashMap<u32, usize>,
     /// Per prompt: the dims labelled massive (dim level) with an instance there.
     massive_dims: HashMap<u32, BTreeSet<u32>>,
     /// (prompt, position)s left out of the entry scores: each prompt's last position, where no
@@ -64,10 +65,12 @@ impl Truth {
     ) -> Truth {
         let mut labelled = HashMap::new();
         let mut massive_weight: HashMap<u32, f64> = HashMap::new();
+        let mut massive_count: HashMap<u32, usize> = HashMap::new();
         for (p, t, d, w, y) in entries {
             labelled.insert((p, t, d), (w, y));
             if y {
                 *massive_weight.entry(p).or_default() += w;
+                *massive_count.entry(p).or_default() += 1;
             }
         }
         let instances: HashSet<(u32, u32, u32)> = instances
@@ -84,16 +87,29 @@ impl Truth {
             labelled,
             instances,
             massive_weight,
+            massive_count,
             massive_dims: md,
             skip,
         }
     }
 }
 
+/// Entry-level scores decide only where each half has at least this many labelled instances
+/// that are massive held alone: with fewer, an entry F1 rests on a handful of instances.
+pub const MIN_MASSIVE_ENTRIES: usize = 10;
+
 impl Truth {
     /// Whether any labelled entry is massive: without one, entry-level recall is undefined.
     pub fn has_massive_entries(&self) -> bool {
         self.massive_weight.values().any(|w| *w > 0.0)
+    }
+
+    /// Labelled instances massive held alone, on `prompts`.
+    pub fn massive_entries_on(&self, prompts: &[u32]) -> usize {
+        prompts
+            .iter()
+            .map(|p| self.massive_count.get(p).copied().unwrap_or(0))
+            .sum()
     }
 }
 
@@ -109,8 +125,10 @@ pub enum Basis {
 }
 
 impl Basis {
-    pub fn of(truth: &Truth) -> Basis {
-        if truth.has_massive_entries() {
+    /// Entries where each half has at least [`MIN_MASSIVE_ENTRIES`] massive labelled instances.
+    pub fn of(truth: &Truth, split: &Split) -> Basis {
+        let enough = |p: &[u32]| truth.massive_entries_on(p) >= MIN_MASSIVE_ENTRIES;
+        if enough(&split.selection) && enough(&split.heldout) {
             Basis::Entries
         } else {
             Basis::Dims
@@ -496,7 +514,7 @@ pub fn choose_on_selection(
             truth,
             &split.selection,
         );
-        let f1 = Basis::of(truth).pick(&e, &dim).f1;
+        let f1 = Basis::of(truth, split).pick(&e, &dim).f1;
         if best.is_none_or(|(f, bt)| f1 > f || (f1 == f && t > bt)) {
             best = Some((f1, t));
         }
@@ -692,7 +710,7 @@ pub fn evaluate(x: &Inputs, truth: &Truth, split: &Split, reps: usize) -> HeldOu
             entry_f1: Estimate::of(he.f1, col(&|d| d.1.f1)),
         });
     }
-    let basis = Basis::of(truth);
+    let basis = Basis::of(truth, split);
     let table = Table {
         basis,
         scores,

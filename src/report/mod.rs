@@ -222,7 +222,7 @@ fn across(dirs: &[PathBuf]) -> Result<Across> {
                 d.display()
             );
         }
-        runs.push((crate::study::rundir::folder_name(d), v));
+        runs.push((v.model.clone(), v));
     }
     let usable: Vec<(String, &crate::detect::heldout::HeldOut, bool)> = runs
         .iter()

@@ -316,9 +316,10 @@ fn labels_answer(md: &mut String, v: &Validation, basis: Basis) {
         if basis == Basis::Dims {
             let _ = writeln!(
                 md,
-                "  No instance held alone is massive: the damage shows only when a dim's instances are held \
-                 together (one held alone leaves the others in place), so entry-level recall is undefined here and \
-                 the choices and readings below use the dim-level F1."
+                "  Fewer than {} instances per half are massive held alone (the damage shows when a dim's \
+                 instances are held together; one held alone leaves the others in place), so an entry-level F1 \
+                 would rest on a handful of instances: the choices and readings below use the dim-level F1.",
+                crate::detect::heldout::MIN_MASSIVE_ENTRIES
             );
         }
     }
@@ -919,12 +920,12 @@ fn recommendation_md(rec: Option<&Recommendation>) -> String {
             let _ = writeln!(md, "| model | recommended entry F1 | dim F1 | PR #154 defaults entry F1 | dim F1 | Sun et al. entry F1 | dim F1 |");
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
             for (i, m) in r.models.iter().enumerate() {
-                // No labelled entry is massive on a model whose basis is dims: no entry F1.
+                // A model whose basis is dims has too few massive entries for an entry F1.
                 let dims_only = r.bases.get(i) == Some(&Basis::Dims);
                 let c = |x: &Option<HeldOutScore>| -> (String, String) {
                     x.as_ref().map_or(("–".into(), "–".into()), |s| {
                         let e = if dims_only {
-                            "– (no massive entry)".into()
+                            "– (too few massive entries)".into()
                         } else {
                             est(&s.entry_f1)
                         };
