@@ -218,9 +218,10 @@ fn setup_md(md: &mut String, v: &Validation) {
             ho.bootstrap
         );
     }
-    let (stored, now): (Vec<&(String, f64)>, Vec<&(String, f64)>) =
+    type Phase = (String, f64);
+    let (stored, now): (Vec<&Phase>, Vec<&Phase>) =
         v.phases.iter().partition(|(n, _)| n.ends_with(" (stored)"));
-    let list = |p: &[&(String, f64)]| -> String {
+    let list = |p: &[&Phase]| -> String {
         p.iter()
             .map(|(n, s)| format!("{} {s:.0} s", n.trim_end_matches(" (stored)")))
             .collect::<Vec<_>>()
