@@ -44,8 +44,7 @@ pub struct Truth {
     /// Every candidate instance (labelled or not).
     instances: HashSet<(u32, u32, u32)>,
     /// Per prompt: the weighted count of massive labelled instances, and their number.
-    massive_weight: HashMap<u32, f64>,
-    massive_count: HashMap<u32, usize>,
+    massive: HashMap<u32, (f64, usize)>,
     /// Per prompt: the dims labelled massive (dim level) with an instance there.
     massive_dims: HashMap<u32, BTreeSet<u32>>,
     /// (prompt, position)s left out of the entry scores: each prompt's last position, where no
@@ -64,13 +63,13 @@ impl Truth {
         skip: HashSet<(u32, u32)>,
     ) -> Truth {
         let mut labelled = HashMap::new();
-        let mut massive_weight: HashMap<u32, f64> = HashMap::new();
-        let mut massive_count: HashMap<u32, usize> = HashMap::new();
+        let mut massive: HashMap<u32, (f64, usize)> = HashMap::new();
         for (p, t, d, w, y) in entries {
             labelled.insert((p, t, d), (w, y));
             if y {
-                *massive_weight.entry(p).or_default() += w;
-                *massive_count.entry(p).or_default() += 1;
+                let m = massive.entry(p).or_default();
+                m.0 += w;
+                m.1 += 1;
             }
         }
         let instances: HashSet<(u32, u32, u32)> = instances
@@ -86,11 +85,18 @@ impl Truth {
         Truth {
             labelled,
             instances,
-            massive_weight,
-            massive_count,
+            massive,
             massive_dims: md,
             skip,
         }
+    }
+
+    /// Labelled instances massive held alone, on `prompts`.
+    pub fn massive_entries_on(&self, prompts: &[u32]) -> usize {
+        prompts
+            .iter()
+            .map(|p| self.massive.get(p).map_or(0, |m| m.1))
+            .sum()
     }
 }
 
@@ -98,24 +104,9 @@ impl Truth {
 /// that are massive held alone: with fewer, an entry F1 rests on a handful of instances.
 pub const MIN_MASSIVE_ENTRIES: usize = 10;
 
-impl Truth {
-    /// Whether any labelled entry is massive: without one, entry-level recall is undefined.
-    pub fn has_massive_entries(&self) -> bool {
-        self.massive_weight.values().any(|w| *w > 0.0)
-    }
-
-    /// Labelled instances massive held alone, on `prompts`.
-    pub fn massive_entries_on(&self, prompts: &[u32]) -> usize {
-        prompts
-            .iter()
-            .map(|p| self.massive_count.get(p).copied().unwrap_or(0))
-            .sum()
-    }
-}
-
-/// Which F1 the choices and readings use: the entries', or the dims' where no entry held alone
-/// is massive (a dim can be massive only as a set of instances: one held alone, the others
-/// still carry it).
+/// Which F1 the choices and readings use: the entries', or the dims' where too few entries are
+/// massive held alone (a dim can be massive only as a set of instances: one held alone, the
+/// others still carry it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Basis {
@@ -304,7 +295,7 @@ pub fn score(t: &BTreeMap<u32, Tally>, truth: &Truth, prompts: &[u32]) -> (Prf, 
         a += x.a;
         b += x.b;
         o += x.other;
-        tw += truth.massive_weight.get(p).copied().unwrap_or(0.0);
+        tw += truth.massive.get(p).map_or(0.0, |m| m.0);
         dims.extend(x.dims.iter().copied());
         if let Some(m) = truth.massive_dims.get(p) {
             massive.extend(m.iter().copied());
@@ -338,11 +329,6 @@ impl Estimate {
             hi: crate::stats::quantile_sorted(&draws, 0.975),
         }
     }
-
-    /// The interval excludes zero.
-    pub fn excludes_zero(&self) -> bool {
-        self.lo > 0.0 || self.hi < 0.0
-    }
 }
 
 /// Resampled held-out prompt lists, shared by every configuration so that differences are paired.
@@ -363,7 +349,7 @@ impl Bootstrap {
         Bootstrap { draws }
     }
 
-    /// (dim F1, entry F1, entry precision, entry recall, dim precision, dim recall) per draw.
+    /// The (dim, entry) scores on each draw.
     fn run(&self, t: &BTreeMap<u32, Tally>, truth: &Truth) -> Vec<(Prf, Prf)> {
         self.draws.iter().map(|d| score(t, truth, d)).collect()
     }
@@ -1058,7 +1044,7 @@ mod tests {
         let entries: Vec<_> = (0..4).map(|p| (p, 0, 1, 1.0, false)).collect();
         let inst: Vec<_> = (0..4).flat_map(|p| [(p, 0, 1), (p, 1, 2)]).collect();
         let truth = Truth::new(entries, inst, &BTreeSet::from([1]), HashSet::new());
-        assert!(!truth.has_massive_entries());
+        assert_eq!(truth.massive_entries_on(&[0, 1, 2, 3]), 0);
         let one: Vec<(u32, u32, u32)> = (0..4).map(|p| (p, 0, 1)).collect();
         let two: Vec<(u32, u32, u32)> = (0..4).map(|p| (p, 1, 2)).collect();
         // The higher threshold finds the wrong dim: only the dim level tells them apart.

@@ -37,6 +37,14 @@ pub struct PromptStates {
     pub states: Vec<Vec<f32>>,
 }
 
+impl PromptStates {
+    /// The last position (its batch pads on the left): where a chat prompt ends, and the one
+    /// the refusal direction reads.
+    pub fn last_position(&self) -> usize {
+        self.valid.len() - 1
+    }
+}
+
 /// Entries are kept when their ratio to either median, or their MAD z-score in either scope,
 /// reaches `min_ratio`, or their |a| reaches `min_abs` when that is set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -248,34 +248,30 @@ fn scanned_pad(states: &PromptStates) -> usize {
 
 /// Each instance of `c` is held at the corpus mean of the dim at the same token, per hidden
 /// state from its first on: a massive activation is a fixed value per token, so that mean is
-/// what it would be anyway; an ordinary large value is not. `means[k][i]` is entry `order[i]`'s
-/// value at state `first_state + k`.
-fn token_means(
+/// what it would be anyway; an ordinary large value is not. Per token, the means at states
+/// `first_state`, `first_state + 1`, …
+fn token_means<'a>(
     c: &Candidate,
-    prompts: &[PromptStates],
-    order: &[(u32, u32)],
+    prompts: &'a [PromptStates],
     d: usize,
     states: usize,
-) -> Vec<Vec<f32>> {
-    let token_of = |p: u32, pos: u32| -> &str { prompts[p as usize].tokens[pos as usize].as_str() };
-    (c.first_state as usize..states)
-        .map(|st| {
-            let mut acc: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
-            for &(p, pos) in &c.positions {
-                let v = prompts[p as usize].states[st][pos as usize * d + c.dim as usize];
-                let e = acc.entry(token_of(p, pos)).or_default();
-                e.0 += v as f64;
-                e.1 += 1;
-            }
-            order
-                .iter()
-                .map(|&(p, pos)| {
-                    let (sum, n) = acc[token_of(p, pos)];
-                    (sum / n as f64) as f32
-                })
-                .collect()
-        })
-        .collect()
+) -> BTreeMap<&'a str, Vec<f32>> {
+    let token_of =
+        |p: u32, pos: u32| -> &'a str { prompts[p as usize].tokens[pos as usize].as_str() };
+    let mut out: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    for st in c.first_state as usize..states {
+        let mut acc: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+        for &(p, pos) in &c.positions {
+            let v = prompts[p as usize].states[st][pos as usize * d + c.dim as usize];
+            let e = acc.entry(token_of(p, pos)).or_default();
+            e.0 += v as f64;
+            e.1 += 1;
+        }
+        for (tok, (sum, n)) in acc {
+            out.entry(tok).or_default().push((sum / n as f64) as f32);
+        }
+    }
+    out
 }
 
 /// A seeded simple random sample of `k` of `items` (all of them when there are no more), in
@@ -301,10 +297,10 @@ fn hold_dim(
     prompts: &[PromptStates],
     ids: &[Vec<u32>],
     c: &Candidate,
+    tm: &BTreeMap<&str, Vec<f32>>,
     rows: &[u32],
-    d: usize,
-    states: usize,
 ) -> Result<(RowDamages, RowDamages, Vec<f64>)> {
+    let d = lm.model.hidden_size();
     let seqs: Vec<Vec<u32>> = rows.iter().map(|&r| ids[r as usize].clone()).collect();
     let batch = Batch::left_padded(&seqs, lm.tokenizer.pad_id);
     let t = batch.seq_len();
@@ -322,7 +318,11 @@ fn hold_dim(
             first[i] = first[i].min(at_pos);
         }
     }
-    let means = token_means(c, prompts, &order, d, states);
+    // means[k][i]: entry order[i]'s value at state first_state + k.
+    let token = |&(p, pos): &(u32, u32)| prompts[p as usize].tokens[pos as usize].as_str();
+    let means: Vec<Vec<f32>> = (0..tm.values().next().map_or(0, Vec::len))
+        .map(|k| order.iter().map(|e| tm[token(e)][k]).collect())
+        .collect();
     let from = c.first_state as usize;
     let base = lm
         .model
@@ -358,6 +358,7 @@ pub fn label(
         let rows: BTreeSet<u32> = c.positions.iter().map(|p| p.0).collect();
         let rows: Vec<u32> = rows.into_iter().collect();
         let rows = sample(&rows, s.label_prompts, s.seed ^ 0xD1A5 ^ c.dim as u64);
+        let tm = token_means(c, prompts, d, states);
         let longest = rows
             .iter()
             .map(|&r| ids[r as usize].len())
@@ -366,7 +367,7 @@ pub fn label(
         // Every row weighs by its later positions, as one mean over all rows would.
         let (mut sums, mut n) = ([0f64; 4], 0f64);
         for chunk in rows.chunks(rows_per_pass(longest, lm.model.vocab_size())) {
-            let (z, m, w) = hold_dim(lm, prompts, ids, c, chunk, d, states)?;
+            let (z, m, w) = hold_dim(lm, prompts, ids, c, &tm, chunk)?;
             for r in 0..chunk.len() {
                 sums[0] += z[r].0 * w[r];
                 sums[1] += z[r].1 * w[r];
@@ -397,7 +398,7 @@ pub fn label_entries(
 ) -> Result<Vec<EntryLabel>> {
     let d = lm.model.hidden_size();
     let states = lm.model.num_layers() + 1;
-    let last = |p: u32| prompts[p as usize].valid.len() as u32 - 1;
+    let last = |p: u32| prompts[p as usize].last_position() as u32;
     // (candidate index, prompt, position, weight), grouped by prompt below.
     let mut todo: BTreeMap<u32, Vec<(usize, u32, f64)>> = BTreeMap::new();
     for (ci, c) in cands.iter().enumerate() {
@@ -417,6 +418,10 @@ pub fn label_entries(
             todo.entry(p).or_default().push((ci, t, w));
         }
     }
+    let tms: Vec<BTreeMap<&str, Vec<f32>>> = cands
+        .iter()
+        .map(|c| token_means(c, prompts, d, states))
+        .collect();
     let total: usize = todo.values().map(Vec::len).sum();
     let mut done = 0;
     let mut out = Vec::with_capacity(total);
@@ -442,10 +447,8 @@ pub fn label_entries(
             for (i, &(ci, pos, _)) in chunk.iter().enumerate() {
                 let c = &cands[ci];
                 let at_pos = pos as usize - sp;
-                let means: Vec<f32> = token_means(c, prompts, &[(p, pos)], d, states)
-                    .into_iter()
-                    .map(|v| v[0])
-                    .collect();
+                let tok = prompts[p as usize].tokens[pos as usize].as_str();
+                let means = tms[ci][tok].clone();
                 for (row, values) in [(2 * i, vec![0.0]), (2 * i + 1, means)] {
                     held.push(Held {
                         row,
@@ -508,7 +511,7 @@ pub(super) fn direction_shares(
             Source::Bad => 1,
             Source::Trigger => continue,
         };
-        let last = p.valid.len() - 1;
+        let last = p.last_position();
         let h = &p.states[state][last * d..(last + 1) * d];
         sums[side]
             .iter_mut()

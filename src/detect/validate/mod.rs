@@ -7,7 +7,6 @@
 //! corpus) is held both ways at every position where it stands out, and the damage is measured at
 //! the positions after the first one: the mean KL(unmodified ‖ intervened) of the next-token
 //! distributions, and the change in mean log-likelihood of the prompt's own next tokens.
-
 //!
 //! Here: the settings and the corpus, and [`run`], the validation's steps in the order they run.
 //! `labels` holds the interventions, `configs` what is scored, `scores` the in-sample scores,
@@ -22,9 +21,7 @@ pub use agreement::LabelAgreement;
 pub use configs::{configurations, curve_grid, subsets, Named, SUBSETS};
 pub use labels::{candidates, label, label_entries, Candidate, EntryLabel, INSTANCE_FACTOR};
 pub(crate) use scores::nan_if_null;
-pub use scores::{
-    score, sensitivity, summarise, GroupSummary, LabelSensitivity, Redundancy, Score, Scored,
-};
+pub use scores::{score, sensitivity, summarise, GroupSummary, LabelSensitivity, Score, Scored};
 
 use super::apply;
 use super::config::{MedianScope, PersistenceMode};
@@ -91,21 +88,16 @@ pub struct CorpusSet {
 impl CorpusSet {
     /// `NAME` or `NAME:COUNT`, as the command line takes it.
     pub fn parse(s: &str) -> CorpusSet {
-        match s.rsplit_once(':') {
-            Some((n, c)) if c.parse::<usize>().is_ok() => CorpusSet {
-                name: n.to_string(),
-                count: c.parse().ok(),
-                offset: 0,
-                seed: None,
-                side: None,
-            },
-            _ => CorpusSet {
-                name: s.to_string(),
-                count: None,
-                offset: 0,
-                seed: None,
-                side: None,
-            },
+        let (name, count) = match s.rsplit_once(':') {
+            Some((n, c)) if c.parse::<usize>().is_ok() => (n, c.parse().ok()),
+            _ => (s, None),
+        };
+        CorpusSet {
+            name: name.to_string(),
+            count,
+            offset: 0,
+            seed: None,
+            side: None,
         }
     }
 
@@ -336,10 +328,10 @@ struct LabelCache {
     phases: Vec<(String, f64)>,
 }
 
-/// One half's prompts scanned alone.
-fn half_scan(states: Vec<PromptStates>) -> Scan {
+/// The validation's scan of some prompts (the whole corpus, or one half alone).
+fn scan_of(states: &[PromptStates]) -> Scan {
     super::scan(
-        &states,
+        states,
         super::config::MedianKind::Average,
         super::Floor::default(),
     )
@@ -408,7 +400,7 @@ fn truth_of(
     let skip: std::collections::HashSet<(u32, u32)> = states
         .iter()
         .enumerate()
-        .map(|(i, p)| (i as u32, p.valid.len() as u32 - 1))
+        .map(|(i, p)| (i as u32, p.last_position() as u32))
         .collect();
     let left_out = cands
         .iter()
@@ -475,7 +467,7 @@ fn held_out(
             .iter()
             .map(|&i| slots[i as usize].take().expect("each prompt in one half"))
             .collect();
-        half_scan(s)
+        scan_of(&s)
     };
     let (sel_scan, held_scan) = (half(&split.selection), half(&split.heldout));
     let mut selection = detect_on(&sel_scan, &split.selection, &configs)?;
@@ -536,11 +528,7 @@ pub fn run(
         .iter()
         .map(|(_, p)| Ok(lm.encode_chat(system, p)?.ids))
         .collect::<Result<_>>()?;
-    let scan = super::scan(
-        &states,
-        super::config::MedianKind::Average,
-        super::Floor::default(),
-    );
+    let scan = scan_of(&states);
     let mut configs = configurations(spec)?;
     configs.extend(extra);
     let detections: Vec<Found> = configs

@@ -54,11 +54,6 @@ impl Score {
             f1,
         }
     }
-
-    fn same(&self, o: &Score) -> bool {
-        let eq = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
-        eq(self.precision, o.precision) && eq(self.recall, o.recall)
-    }
 }
 
 /// Dim-level score: a detected dim is right when it is labelled massive.
@@ -91,22 +86,6 @@ pub struct Scored {
     pub ptd: Score,
 }
 
-/// A criterion's effect within one group of criteria subsets.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Redundancy {
-    pub criterion: String,
-    /// Subset pairs that differ in this criterion alone (the floor aside) ...
-    pub pairs: usize,
-    /// ... and those where switching it off changes precision or recall (dims or entries).
-    pub changed: usize,
-}
-
-impl Redundancy {
-    pub fn redundant(&self) -> bool {
-        self.pairs > 0 && self.changed == 0
-    }
-}
-
 /// What one group of criteria subsets says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupSummary {
@@ -115,7 +94,6 @@ pub struct GroupSummary {
     /// The subsets (fewest criteria first) reaching the best dim-level F1.
     pub smallest: Vec<String>,
     pub best_f1_ptd: f64,
-    pub redundancy: Vec<Redundancy>,
 }
 
 /// How many candidates are labelled massive as the two label thresholds move: a reader sees
@@ -127,15 +105,10 @@ pub struct LabelSensitivity {
     pub massive: Vec<u32>,
 }
 
-/// Per group of criteria subsets: the best F1, the smallest subsets that reach it, and each
-/// criterion's pairs (subsets that differ in it alone) and how many of them it changes.
+/// Per group of criteria subsets, in sample: the best F1 and the smallest subsets that reach it.
+/// (Redundancy is judged held out: `detect::heldout`.)
 pub fn summarise(scored: &[Scored]) -> Vec<GroupSummary> {
-    let set_of = |k: &str| -> BTreeSet<String> {
-        k.split('+')
-            .filter(|c| *c != "floor")
-            .map(String::from)
-            .collect()
-    };
+    let set_of = crate::detect::heldout::criteria_of;
     let mut groups: Vec<&str> = scored
         .iter()
         .filter(|s| s.group.starts_with(SUBSETS))
@@ -160,37 +133,11 @@ pub fn summarise(scored: &[Scored]) -> Vec<GroupSummary> {
                 .filter(|s| Some(set_of(&s.name).len()) == fewest)
                 .map(|s| s.name.clone())
                 .collect();
-            let redundancy = crate::detect::config::CRITERIA
-                .iter()
-                .map(|crit| {
-                    let (mut pairs, mut changed) = (0, 0);
-                    for s in &mine {
-                        let on = set_of(&s.name);
-                        if !on.contains(*crit) || on.len() == 1 {
-                            continue;
-                        }
-                        let mut off = on.clone();
-                        off.remove(*crit);
-                        if let Some(t) = mine.iter().find(|t| set_of(&t.name) == off) {
-                            pairs += 1;
-                            if !(s.dim.same(&t.dim) && s.ptd.same(&t.ptd)) {
-                                changed += 1;
-                            }
-                        }
-                    }
-                    Redundancy {
-                        criterion: crit.to_string(),
-                        pairs,
-                        changed,
-                    }
-                })
-                .collect();
             GroupSummary {
                 group: g.to_string(),
                 best_f1,
                 smallest,
                 best_f1_ptd,
-                redundancy,
             }
         })
         .collect()
