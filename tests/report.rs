@@ -495,3 +495,128 @@ fn the_decisive_study_counts_each_prompt_once() {
     let w = c.kl.over_draws.as_ref().expect("a reading over draws");
     assert_eq!(w.reading.draws, 3);
 }
+
+/// `report --against`: the stored run against a copy of itself is unchanged everywhere; against a
+/// copy marked bf16 with one refusal label flipped and one KL moved, the section and the summary
+/// say exactly that.
+#[test]
+fn a_run_against_another_run_of_its_study() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = |run: &Path, against: &Path, extra: &[&str]| {
+        let o = Command::new(bin())
+            .arg("report")
+            .arg(run)
+            .arg("--against")
+            .arg(against)
+            .arg("--out")
+            .arg(tmp.path().join("r"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    report(&fixture_run(), &fixture_run(), &[]);
+    let md = std::fs::read_to_string(tmp.path().join("r/report.md")).unwrap();
+    let section = md.split("## Against").nth(1).expect("an Against section");
+    assert!(section.contains("the run in"), "{section}");
+    assert!(section.contains("detected dims the same in all"), "{section}");
+    assert!(section.contains(" 0 of "), "{section}");
+    assert!(section.contains("per-prompt KL differs by at most 0.0000"), "{section}");
+    assert!(!section.contains("(changed)"), "{section}");
+
+    let copy = tmp.path().join("bf16");
+    let status = Command::new("cp")
+        .args(["-r", fixture_run().to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let mut plan = read(&copy.join("plan.json"));
+    plan["precision"] = "bf16".into();
+    std::fs::write(copy.join("plan.json"), plan.to_string()).unwrap();
+    // The score `none` was assigned: its first harmful reply's label flipped, its first KL moved.
+    let id = plan["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["variant"]["name"] == "none")
+        .unwrap()["id"]
+        .clone();
+    let key = read(&copy.join("assignments.json"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["variant_id"] == id)
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = copy.join(format!("results/r0/{key}.json"));
+    let mut rec = read(&path);
+    let was = rec["outcome"]["refused"][0].as_bool().unwrap();
+    rec["outcome"]["refused"][0] = (!was).into();
+    let kl = rec["outcome"]["kl"][0].as_f64().unwrap();
+    rec["outcome"]["kl"][0] = (kl + 0.25).into();
+    std::fs::write(&path, rec.to_string()).unwrap();
+
+    let summary = report(&copy, &fixture_run(), &["--summary"]);
+    let last = summary.lines().last().unwrap();
+    assert!(last.starts_with("Against the f32 run in "), "{last}");
+    assert!(last.contains("per-prompt KL differs by at most 0.2500"), "{last}");
+    let variants = plan["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["variant"]["name"] != "null")
+        .count();
+    // Every variant sharing `none`'s score carries the flipped label.
+    let sharing = read(&copy.join("assignments.json"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["key"] == key.as_str())
+        .count();
+    let prompts = rec["outcome"]["refused"].as_array().unwrap().len();
+    assert!(
+        last.contains(&format!(
+            "{sharing} of {} harmful replies' refusal labels differ",
+            variants * prompts
+        )),
+        "{last}"
+    );
+    report(&copy, &fixture_run(), &[]);
+    let md = std::fs::read_to_string(tmp.path().join("r/report.md")).unwrap();
+    assert!(md.contains("## Against the f32 run in"), "{md}");
+    assert!(md.contains("| bf16 | f32 |"));
+    let none_row = md
+        .split("## Against")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("| none | "))
+        .expect("a row for none");
+    assert!(none_row.contains("| 1 of "), "{none_row}");
+    assert!(none_row.contains("| 0.2500 |"), "{none_row}");
+
+    // A study's compare_with that names no run folder leaves the section out, with a warning.
+    let y = std::fs::read_to_string(copy.join("study.yaml")).unwrap();
+    std::fs::write(
+        copy.join("study.yaml"),
+        format!("{y}\ncompare_with: /nonexistent/run\n"),
+    )
+    .unwrap();
+    let o = Command::new(bin())
+        .arg("report")
+        .arg(&copy)
+        .arg("--out")
+        .arg(tmp.path().join("r2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("compare_with: /nonexistent/run is not a run folder"));
+    let md = std::fs::read_to_string(tmp.path().join("r2/report.md")).unwrap();
+    assert!(!md.contains("## Against"));
+}

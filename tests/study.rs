@@ -1188,3 +1188,69 @@ fn random_controls_with_draws_give_a_null_distribution() {
     );
     assert!(!md.contains("rd~1"), "a null draw is not an arm:\n{md}");
 }
+
+/// `bench --study`: a study run from nothing cached, its phases printed in the order they ran,
+/// their times summing to no more than the wall time, and the run folder's timings.json the
+/// same phases.
+#[test]
+fn bench_study_prints_each_phase_of_a_fresh_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("tiny.yaml");
+    std::fs::write(&study, RUN.replace("sweeps:\n  - name: ratio\n    thresholds: {median_ratio: [300, 400, 450]}\n", "")).unwrap();
+    let keep = tmp.path().join("kept");
+    let o = Command::new(bin())
+        .args(["--precision", "f32", "bench", "--study"])
+        .arg(&study)
+        .arg("--keep")
+        .arg(&keep)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let phases: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("phase"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let first_word = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(first_word(phases[0]), "prompt", "{stdout}");
+    assert!(phases[1].starts_with("r0 direction pass"), "{stdout}");
+    assert!(phases[2].starts_with("r0 unedited model, evaluation split"), "{stdout}");
+    // none, winsorize and the two dims handlings (which share none's score when nothing is
+    // found, or score on their own) — at least two scores, then the tables and the report.
+    assert!(phases.iter().filter(|l| l.starts_with("r0 ")).count() >= 4, "{stdout}");
+    assert!(phases[phases.len() - 2].starts_with("parquet tables"), "{stdout}");
+    assert!(phases[phases.len() - 1].starts_with("report"), "{stdout}");
+    let seconds = |l: &str| -> f64 {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f[f.len() - 2].parse().unwrap()
+    };
+    let sum: f64 = phases.iter().map(|l| seconds(l)).sum();
+    let wall: f64 = stdout
+        .lines()
+        .find(|l| l.starts_with("wall time"))
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sum <= wall + 0.2 && sum > 0.5 * wall, "phases {sum} s, wall {wall} s\n{stdout}");
+    assert!(stdout.contains("model                 smollm2-135m-instruct in f32"), "{stdout}");
+    let t: rundir::Timings = rundir::read_record(&rundir::timings_path(&keep.join("run"), None))
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.phases.len() + 1, phases.len());
+    assert!(keep.join("report/report.md").exists());
+    // A kept folder that exists is refused: the benchmark runs from nothing cached.
+    let o = Command::new(bin())
+        .args(["bench", "--study"])
+        .arg(&study)
+        .arg("--keep")
+        .arg(&keep)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the folder exists"));
+}

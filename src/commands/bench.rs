@@ -1,12 +1,23 @@
 //! `outlierlab bench`: prefill and decode throughput against this machine's matmul throughput.
 
-use crate::model::{self, Precision};
-use anyhow::Result;
+use crate::model;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::time::Instant;
 
 /// Measure prefill and batched greedy-decode throughput, and this machine's f32 matmul
-/// throughput for comparison. Prints figures; asserts nothing.
+/// throughput for comparison; or, with --study, run a whole study from nothing cached (the model
+/// aside) and print where its wall time went, phase by phase. Prints figures; asserts nothing.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
+    /// Run this study file into a fresh folder (removed afterwards unless --keep) and print its
+    /// phases: loading, the direction pass, the unedited model, tuning, each score, the tables,
+    /// the report. The quickstart's targets are printed beside its total.
+    #[arg(long)]
+    pub study: Option<std::path::PathBuf>,
+    /// With --study: the run folder to keep (must not exist yet).
+    #[arg(long, requires = "study")]
+    pub keep: Option<std::path::PathBuf>,
     #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
     #[arg(long, default_value_t = 16)]
@@ -19,12 +30,17 @@ pub struct Args {
     pub repeats: usize,
 }
 
-pub fn run(args: &Args, precision: Precision) -> Result<()> {
+pub fn run(args: &Args, precision: Option<model::PrecisionSetting>) -> Result<()> {
+    if let Some(file) = &args.study {
+        return study(file, args.keep.as_deref(), precision);
+    }
+    let precision = precision.unwrap_or_default().on_this_cpu();
     let Args {
         model,
         batch,
         new_tokens,
         repeats,
+        ..
     } = args.clone();
     let lm = model::load_with(&model, precision)?;
     // The pool's own count: RAYON_NUM_THREADS / CANDLE_NUM_THREADS can set it below the
@@ -92,4 +108,118 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The quickstart's wall-time targets (issue #39): with and without AVX512_BF16.
+const QUICKSTART_TARGET_S: (f64, f64) = (240.0, 480.0);
+
+/// `bench --study`: the study run from nothing cached but the model, then its phases.
+fn study(file: &Path, keep: Option<&Path>, precision: Option<model::PrecisionSetting>) -> Result<()> {
+    let (study, text) = super::run::read_study(file, precision)?;
+    let scratch;
+    let root = match keep {
+        Some(k) if k.exists() => bail!(
+            "--keep {}: the folder exists; the benchmark runs from nothing cached, so name a new one",
+            k.display()
+        ),
+        Some(k) => k.to_path_buf(),
+        None => {
+            scratch = tempfile::tempdir().context("cannot create a scratch folder")?;
+            scratch.path().to_path_buf()
+        }
+    };
+    let out = root.join("run");
+    let t0 = Instant::now();
+    crate::study::runner::run(
+        &study,
+        &text,
+        &crate::study::runner::RunOptions {
+            out: out.clone(),
+            shard: None,
+        },
+    )?;
+    let t = Instant::now();
+    crate::report::render(&out, &root.join("report"))?;
+    let report_s = t.elapsed().as_secs_f64();
+    let wall = t0.elapsed().as_secs_f64();
+    let timings: crate::study::rundir::Timings =
+        crate::study::rundir::read_record(&crate::study::rundir::timings_path(&out, None))?
+            .context("the run wrote no timings.json")?;
+    let prov: crate::study::rundir::Provenance =
+        crate::study::rundir::read_record(&crate::study::rundir::provenance_path(&out, None))?
+            .context("the run wrote no provenance.json")?;
+    println!("study                 {} ({})", study.name, file.display());
+    println!(
+        "model                 {} in {}",
+        study.file.model,
+        prov.precision.unwrap_or(model::Precision::F32).name()
+    );
+    println!("cpu                   {}", cpu_name());
+    println!(
+        "kernels               {}",
+        prov.vector_paths.as_deref().unwrap_or("?")
+    );
+    println!("threads               {}", prov.threads);
+    println!();
+    println!("{:<60} {:>9} {:>6}", "phase", "seconds", "share");
+    for p in &timings.phases {
+        println!(
+            "{:<60} {:>9.1} {:>5.1}%",
+            crate::util::trunc(&p.phase, 60),
+            p.seconds,
+            100.0 * p.seconds / wall
+        );
+    }
+    println!(
+        "{:<60} {:>9.1} {:>5.1}%",
+        "report (rendered from the run folder)",
+        report_s,
+        100.0 * report_s / wall
+    );
+    println!();
+    println!("{:<60} {:>9} {:>6}", "by kind", "seconds", "share");
+    let mut kinds = timings.by_kind();
+    kinds.push(("report".into(), report_s));
+    for (k, s) in &kinds {
+        println!("{k:<60} {s:>9.1} {:>5.1}%", 100.0 * s / wall);
+    }
+    let counted: f64 = kinds.iter().map(|(_, s)| s).sum();
+    println!(
+        "{:<60} {:>9.1} {:>5.1}%",
+        "(between phases)",
+        wall - counted,
+        100.0 * (wall - counted) / wall
+    );
+    println!("{:<60} {wall:>9.1}", "wall time");
+    if study.name == "quickstart" {
+        let bf16 = model::cpu::Isa::Avx512Bf16.here();
+        let target = if bf16 {
+            QUICKSTART_TARGET_S.0
+        } else {
+            QUICKSTART_TARGET_S.1
+        };
+        println!(
+            "target                {target:.0} s on a CPU {} AVX512_BF16: {} ({:.2}x the target)",
+            if bf16 { "with" } else { "without" },
+            if wall <= target { "within" } else { "over" },
+            wall / target
+        );
+    }
+    if let Some(k) = keep {
+        println!("run folder kept at {}", k.display());
+    }
+    Ok(())
+}
+
+/// The CPU's model name (Linux), for the figures' labels.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

@@ -58,7 +58,7 @@ impl Command {
             Command::Report(a) => report::run(&a),
             Command::Power(a) => power::run(&a),
             Command::Datasets(a) => datasets::run(&a),
-            Command::Bench(a) => bench::run(&a, p()),
+            Command::Bench(a) => bench::run(&a, precision),
         }
     }
 }

@@ -107,6 +107,7 @@ pub fn run(a: &Args) -> Result<()> {
             alpha: Some(a.alpha),
             power: Some(a.power),
             correction: None,
+            against: None,
         },
     )?
     .stats;

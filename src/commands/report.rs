@@ -43,6 +43,12 @@ pub struct Args {
     /// same study in another precision, e.g. f32 against bf16).
     #[arg(long, value_name = "RUN")]
     pub compare_labels: Option<std::path::PathBuf>,
+    /// Compare with RUN, another run folder of the same study (another precision, another
+    /// commit): a section *Against RUN* (dims, refusals and flipped labels, KL, tuned
+    /// thresholds, verdicts), and a closing sentence under --summary. Replaces the study's
+    /// `compare_with:`.
+    #[arg(long, value_name = "RUN")]
+    pub against: Option<std::path::PathBuf>,
     /// Put several detection validations side by side (one per model) with the recommended
     /// default, into --out (default reports/detection-validation).
     /// With --summary, print what README pastes from them instead.
@@ -77,6 +83,7 @@ pub fn run(args: &Args) -> Result<()> {
             .as_deref()
             .and_then(crate::stats::family::Correction::parse),
         power: None,
+        against: args.against.clone(),
     };
     if args.summary {
         print!("{}", crate::report::summary_table(run_dir, &overrides)?);

@@ -66,6 +66,32 @@ fn run_study(
     report_dir: Option<PathBuf>,
     precision: Option<crate::model::PrecisionSetting>,
 ) -> Result<()> {
+    let (study, text) = read_study(file, precision)?;
+    let out = out
+        .or_else(|| study.file.output.clone().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("runs").join(&study.name));
+    let shard = shard.map(parse_shard).transpose()?;
+    crate::study::runner::run(
+        &study,
+        &text,
+        &crate::study::runner::RunOptions {
+            out: out.clone(),
+            shard,
+        },
+    )?;
+    if shard.is_none() {
+        let dir = report_dir.unwrap_or_else(|| default_report_dir(&out));
+        let p = crate::report::render(&out, &dir)?;
+        println!("report: {}", p.display());
+    }
+    Ok(())
+}
+
+/// A study file parsed, with `--precision` settled against its `precision:`; and its text.
+pub fn read_study(
+    file: &std::path::Path,
+    precision: Option<crate::model::PrecisionSetting>,
+) -> Result<(crate::study::spec::Study, String)> {
     use crate::model::PrecisionSetting;
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read study file {}: {e}", file.display()))?;
@@ -88,22 +114,5 @@ fn run_study(
     for w in crate::study::spec::warnings(&study) {
         eprintln!("warning: {w}");
     }
-    let out = out
-        .or_else(|| study.file.output.clone().map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("runs").join(&study.name));
-    let shard = shard.map(parse_shard).transpose()?;
-    crate::study::runner::run(
-        &study,
-        &text,
-        &crate::study::runner::RunOptions {
-            out: out.clone(),
-            shard,
-        },
-    )?;
-    if shard.is_none() {
-        let dir = report_dir.unwrap_or_else(|| default_report_dir(&out));
-        let p = crate::report::render(&out, &dir)?;
-        println!("report: {}", p.display());
-    }
-    Ok(())
+    Ok((study, text))
 }

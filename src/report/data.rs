@@ -47,6 +47,8 @@ pub struct Overrides {
     pub alpha: Option<f64>,
     pub correction: Option<Correction>,
     pub power: Option<f64>,
+    /// Another run folder of the study to compare with (instead of its `compare_with:`).
+    pub against: Option<PathBuf>,
 }
 
 /// How a stored run is decided: its study's statistics settings (overrides applied), the
@@ -55,16 +57,18 @@ pub struct Decided {
     pub stats: StatsSettings,
     pub headline: String,
     pub study: String,
+    /// The study's `compare_with:` run folder.
+    pub compare_with: Option<String>,
 }
 
 pub fn settings(dir: &Path, o: &Overrides) -> Result<Decided> {
     let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
-    let (mut st, headline) = if text.is_empty() {
-        (StatsSettings::default(), "heretic".to_string())
+    let (mut st, headline, compare_with) = if text.is_empty() {
+        (StatsSettings::default(), "heretic".to_string(), None)
     } else {
         let f =
             crate::study::spec::parse_stored(&text, &dir.join("study.yaml").display().to_string())?;
-        (f.statistics, f.evaluation.headline)
+        (f.statistics, f.evaluation.headline, f.compare_with)
     };
     if let Some(a) = o.alpha {
         st.alpha = a;
@@ -82,6 +86,7 @@ pub fn settings(dir: &Path, o: &Overrides) -> Result<Decided> {
         stats: st,
         headline,
         study: text,
+        compare_with,
     })
 }
 

@@ -9,6 +9,7 @@
 //! `validation`), with the cell formats in `cells`; `summary` prints what README and a pull
 //! request quote.
 
+mod against;
 pub mod answer;
 mod cells;
 mod classifiers;
@@ -81,11 +82,14 @@ pub fn render_compared(
         }
     }
     let r = read_results(dir)?;
+    let decided = settings(dir, overrides)?;
+    let against = against::of_run(&r, &decided, overrides)?;
     let Decided {
         stats: st,
         headline,
         study,
-    } = settings(dir, overrides)?;
+        ..
+    } = decided;
     let name = run_name(dir, &study);
     let rows = rows(&r);
     let headline_outs = outcomes_under(&r, &headline);
@@ -99,6 +103,9 @@ pub fn render_compared(
     replicate_tables(&mut md, &r, &rows, &fam)?;
     verdict_section(&mut md, &fam, r.references.len())?;
     null_section(&mut md, &r, &fam)?;
+    if let Some(a) = &against {
+        a.markdown(&mut md)?;
+    }
     if headline != "heretic" {
         writeln!(
             md,

@@ -58,11 +58,13 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
         );
     }
     let r = read_results(dir)?;
+    let decided = settings(dir, overrides)?;
+    let against = super::against::of_run(&r, &decided, overrides)?;
     let Decided {
         stats: st,
         headline,
         ..
-    } = settings(dir, overrides)?;
+    } = decided;
     let rows = rows(&r);
     let outs = outcomes_under(&r, &headline);
     let fam = family_of(&r, &st, &outs);
@@ -159,6 +161,9 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
                 (false, _) => dims_cell(&row.dims),
             },
         )?;
+    }
+    if let Some(a) = &against {
+        writeln!(md, "\n{}", a.sentence())?;
     }
     Ok(md)
 }

@@ -7,8 +7,9 @@ use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
 use super::rundir::{
     assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
     provenance_path, read_record, reference_cache_path, replicate_dir, result_path, search_path,
-    tune_path, validation_path, write_or_check_plan, write_record, write_tables, write_validation,
-    Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, TuneResult,
+    timings_path, tune_path, validation_path, write_or_check_plan, write_record, write_tables,
+    write_validation, Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance,
+    ScoreRecord, Timings, TuneResult,
 };
 use super::spec::Study;
 use crate::datasets::Pair;
@@ -52,7 +53,7 @@ fn prepare_replicate(
     seed: u64,
     cache: &Path,
     sets: &BTreeMap<String, Vec<String>>,
-    provenance: &mut Provenance,
+    (provenance, timings): (&mut Provenance, &mut Timings),
     keep_scan: bool,
     out_dir: &Path,
 ) -> Result<Replicate> {
@@ -74,6 +75,7 @@ fn prepare_replicate(
         .unwrap_or_else(|| lm.path.display().to_string())
         + lm.model.precision().cache_tag();
 
+    let t = Instant::now();
     let (data, dims) = direction_pass(
         study,
         lm,
@@ -84,6 +86,7 @@ fn prepare_replicate(
         &model_key,
         keep_scan,
     )?;
+    timings.push("direction", format!("r{seed} direction pass and detection"), t);
     provenance
         .datasets
         .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
@@ -92,6 +95,7 @@ fn prepare_replicate(
         .insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
 
     let opts = f.evaluation.options()?;
+    let t = Instant::now();
     let (evaluator, base) = scored_reference(
         lm,
         (&eval.good, &eval.bad),
@@ -100,12 +104,14 @@ fn prepare_replicate(
         (&model_key, cache),
         &format!("replicate {seed}: unedited model"),
     )?;
+    timings.push("unedited", format!("r{seed} unedited model, evaluation split"), t);
     let selection = if sel.good.is_empty() {
         None
     } else {
         provenance
             .datasets
             .insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
+        let t = Instant::now();
         let (evaluator, base) = scored_reference(
             lm,
             (&sel.good, &sel.bad),
@@ -114,6 +120,7 @@ fn prepare_replicate(
             (&model_key, cache),
             &format!("replicate {seed}: unedited model, selection split"),
         )?;
+        timings.push("unedited", format!("r{seed} unedited model, selection split"), t);
         Some(Selection { evaluator, base })
     };
     Ok(Replicate {
@@ -306,6 +313,7 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
 pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> {
     let _lock = lock_run_dir(&opts.out)?;
     let t0 = Instant::now();
+    let mut timings = Timings::default();
     let sets = load_sets(study)?;
     let mut lm = model::load_with(&study.file.model, study.file.precision.resolve())?;
     lm.raw = !study.file.chat;
@@ -342,8 +350,12 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         study.file.model,
         lm.load_seconds
     );
+    timings.push("load", "prompt sets, model, classifiers", t0);
+    let timings_file = timings_path(&opts.out, opts.shard);
     if let Some(spec) = &study.file.detection_validation {
+        let t = Instant::now();
         validate_detection(study, &lm, &plan, spec, opts)?;
+        timings.push("validation", "detection validation", t);
     }
     let mut computed = 0;
     let mut assignments: Vec<Assignment> = Vec::new();
@@ -359,7 +371,15 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             .iter()
             .any(|v| v.variant.tune.is_some() && !tune_path(&opts.out, seed, &v.id).exists());
         let mut rep = prepare_replicate(
-            study, &lm, &plan, seed, &cache, &sets, &mut prov, keep_scan, &opts.out,
+            study,
+            &lm,
+            &plan,
+            seed,
+            &cache,
+            &sets,
+            (&mut prov, &mut timings),
+            keep_scan,
+            &opts.out,
         )?;
         refusal.label(&mut rep.base, &rep.evaluator.bad_text)?;
         write_record(
@@ -372,7 +392,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             },
         )?;
         // Tuning first: its chosen dims decide which scores the tuned variants share.
-        let tuned = tune_replicate(&mut lm, &plan, &mut rep, &opts.out)?;
+        let tuned = tune_replicate(&mut lm, &plan, &mut rep, &opts.out, &mut timings)?;
         rep.data.scan = None;
         write_record(
             &replicate_dir(&opts.out, seed).join("reference.json"),
@@ -398,10 +418,22 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             if opts.shard.is_some_and(|(si, sn)| i % sn != si) {
                 continue;
             }
+            let t = Instant::now();
+            let names = members
+                .iter()
+                .map(|m| m.variant.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" | ");
             if result_path(&opts.out, seed, key).exists() {
                 update_stored(&mut lm, &rep, key, dims, members, &opts.out, &mut refusal)?;
+                timings.push("stored", format!("r{seed} stored score {names}"), t);
                 continue;
             }
+            let kind = if members[0].variant.search.is_some() {
+                "search and score"
+            } else {
+                "score"
+            };
             score_group(
                 &mut lm,
                 &rep,
@@ -412,6 +444,9 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 (i, total),
                 &mut refusal,
             )?;
+            timings.push(kind, format!("r{seed} {names}"), t);
+            timings.total_seconds = t0.elapsed().as_secs_f64();
+            write_record(&timings_file, &timings)?;
             computed += 1;
         }
     }
@@ -421,8 +456,12 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
     write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
     if opts.shard.is_none() {
+        let t = Instant::now();
         write_tables(&opts.out)?;
+        timings.push("tables", "parquet tables", t);
     }
+    timings.total_seconds = t0.elapsed().as_secs_f64();
+    write_record(&timings_file, &timings)?;
     eprintln!(
         "study {} finished: {computed} score(s) computed now, {:.0} s",
         study.name,
@@ -522,11 +561,13 @@ fn tune_replicate(
     plan: &Plan,
     rep: &mut Replicate,
     out: &Path,
+    timings: &mut Timings,
 ) -> Result<BTreeMap<String, TuneResult>> {
     let seed = rep.seed;
     let mut tuned = BTreeMap::new();
     for pv in plan.variants.iter().filter(|v| v.variant.tune.is_some()) {
         let path = tune_path(out, seed, &pv.id);
+        let t = Instant::now();
         let r = match read_record::<TuneResult>(&path)? {
             Some(r) => r,
             None => {
@@ -538,6 +579,7 @@ fn tune_replicate(
                 optimize::tune_and_store(lm, sel, pv, seed, scan, &rep.data, &path)?
             }
         };
+        timings.push("tune", format!("r{seed} tune {}", pv.variant.name), t);
         tuned.insert(pv.id.clone(), r);
     }
     Ok(tuned)

@@ -68,6 +68,10 @@ pub struct StudyFile {
     /// Run directory; defaults to runs/<name>.
     #[serde(default)]
     pub output: Option<String>,
+    /// Another run folder of this study (another precision, another commit): the report says
+    /// what changed against it.
+    #[serde(default)]
+    pub compare_with: Option<String>,
 }
 
 /// What a replicate redraws (a study's `redraw:`).
@@ -513,6 +517,7 @@ const KEYS: &[&str] = &[
     "sweeps",
     "replicates",
     "output",
+    "compare_with",
     "direction",
     "good",
     "bad",

@@ -172,6 +172,11 @@ pub fn provenance_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
     out.join(format!("provenance{}.json", shard_tag(shard)))
 }
 
+/// The last `run` invocation's phase times (not read by the report: they differ run to run).
+pub fn timings_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
+    out.join(format!("timings{}.json", shard_tag(shard)))
+}
+
 /// A run directory's own name (`run` where it has none): the name its report takes when the
 /// study names none.
 pub fn folder_name(dir: &Path) -> String {

@@ -112,6 +112,48 @@ pub struct Provenance {
     pub vector_paths: Option<String>,
 }
 
+/// Where one `run` invocation's wall time went, phase by phase in the order they ran (work found
+/// in the run's caches takes little). Written as the run goes, so an interrupted run keeps it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub phases: Vec<PhaseTime>,
+    /// Wall time from the start of the run to its last phase.
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// What ran: `load`, `r<seed> direction pass`, `r<seed> unedited`, `r<seed> tune <name>`, …
+    pub phase: String,
+    /// The kind the benchmark totals by: load, direction, reference, tune, search+score, score,
+    /// validation, tables.
+    pub kind: String,
+    pub seconds: f64,
+}
+
+impl Timings {
+    /// Records that `phase` (of `kind`) ran from `since` until now.
+    pub fn push(&mut self, kind: &str, phase: impl Into<String>, since: std::time::Instant) {
+        self.phases.push(PhaseTime {
+            phase: phase.into(),
+            kind: kind.into(),
+            seconds: since.elapsed().as_secs_f64(),
+        });
+    }
+
+    /// Seconds per kind, in the order each kind first ran.
+    pub fn by_kind(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for p in &self.phases {
+            match out.iter_mut().find(|(k, _)| *k == p.kind) {
+                Some((_, s)) => *s += p.seconds,
+                None => out.push((p.kind.clone(), p.seconds)),
+            }
+        }
+        out
+    }
+}
+
 /// What a judge was asked and how its answer was read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JudgeProvenance {
