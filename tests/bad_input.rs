@@ -330,11 +330,14 @@ fn registry_download_is_verified_and_a_wrong_sha256_refused() {
 
 #[test]
 fn precision_flag_that_differs_from_the_study_file() {
-    // quickstart.yaml names f32 (its committed report ran in it); the refusal comes before any
-    // model is loaded.
-    let study = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/quickstart.yaml");
+    // smoke.yaml names f32 (its committed results ran in it); the refusal comes before any
+    // model is loaded or any folder made.
+    let study = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/smoke.yaml");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
     assert_one_line_error(
-        &["--precision", "bf16", "run", study, "--out", "/nonexistent/run"],
+        &["--precision", "bf16", "run", study, "--out", out.to_str().unwrap()],
         "runs in f32 (its `precision:`), and --precision asks for bf16; set `precision: bf16` (or auto)",
     );
+    assert!(!out.exists(), "a refused run made its folder");
 }

@@ -779,6 +779,10 @@ pub struct Recommendation {
     /// Each model's basis: where it is dims, its entry-level F1 is undefined.
     #[serde(default)]
     pub bases: Vec<Basis>,
+    /// Per model: whether its labels find a massive dim (where not, it has no truth to score
+    /// against and took no part in the choice).
+    #[serde(default)]
+    pub usable: Vec<bool>,
     pub recommended: Vec<Option<HeldOutScore>>,
     pub pr154: Vec<Option<HeldOutScore>>,
     pub sun2024: Vec<Option<HeldOutScore>>,
@@ -835,6 +839,7 @@ pub fn recommend(models: &[(String, &HeldOut, bool)]) -> Option<Recommendation> 
         mean_selection_f1: mean,
         models: models.iter().map(|m| m.0.clone()).collect(),
         bases: models.iter().map(|m| m.1.basis).collect(),
+        usable: models.iter().map(|m| m.2).collect(),
         recommended: models
             .iter()
             .map(|m| pick(m.1, &b.group, &b.name))

@@ -868,9 +868,22 @@ fn per_model_md(runs: &[(String, Validation)]) -> String {
             .filter(|c| c.massive)
             .map(|c| c.dim)
             .collect();
+        // Labels stored by an earlier run count at what they cost then.
+        let cost = v.phases.iter().map(|p| p.1).sum::<f64>();
+        if massive.is_empty() {
+            // No truth to score against: every F1 would read 0 whatever the criteria did.
+            let none = "– (no massive dim)";
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | none | – | {none} | – | {none} | – | {none} | {none} | {cost:.0} s |",
+                v.corpus.len(),
+                v.precision.as_deref().unwrap_or("f32"),
+            );
+            continue;
+        }
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {cost:.0} s |",
             v.corpus.len(),
             v.precision.as_deref().unwrap_or("f32"),
             dims(&massive),
@@ -881,8 +894,6 @@ fn per_model_md(runs: &[(String, Validation)]) -> String {
             curve("pr154").map_or("–".into(), |c| thr(c.chosen)),
             curve("pr154").map_or("–".into(), |c| f1("curve pr154", &c.chosen_name)),
             f1("presets", "sun2024 (defaults)"),
-            // Labels stored by an earlier run count at what they cost then.
-            v.phases.iter().map(|p| p.1).sum::<f64>()
         );
     }
     let _ = writeln!(md);
@@ -911,16 +922,37 @@ fn recommendation_md(rec: Option<&Recommendation>) -> String {
                 r.models
                     .iter()
                     .zip(&r.thresholds)
-                    .map(|(m, t)| format!(
+                    .enumerate()
+                    .filter(|(i, _)| r.usable.get(*i) != Some(&false))
+                    .map(|(_, (m, t))| format!(
                         "{m}: {}",
                         t.iter().map(|c| format!("{} {}", c.curve, thr(c.chosen))).collect::<Vec<_>>().join(", ")
                     ))
                     .collect::<Vec<_>>()
                     .join("; ")
             );
+            let left: Vec<&str> = r
+                .models
+                .iter()
+                .zip(&r.usable)
+                .filter(|(_, u)| !**u)
+                .map(|(m, _)| m.as_str())
+                .collect();
+            if !left.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "Left out of the choice, their labels finding no massive dim (so no F1 of theirs means anything): {}.\n",
+                    left.join(", ")
+                );
+            }
             let _ = writeln!(md, "| model | recommended entry F1 | dim F1 | PR #154 defaults entry F1 | dim F1 | Sun et al. entry F1 | dim F1 |");
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
             for (i, m) in r.models.iter().enumerate() {
+                if r.usable.get(i) == Some(&false) {
+                    let none = "– (no massive dim)";
+                    let _ = writeln!(md, "| {m} | {none} | – | {none} | – | {none} | – |");
+                    continue;
+                }
                 // A model whose basis is dims has too few massive entries for an entry F1.
                 let dims_only = r.bases.get(i) == Some(&Basis::Dims);
                 let c = |x: &Option<HeldOutScore>| -> (String, String) {
