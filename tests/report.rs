@@ -520,14 +520,24 @@ fn a_run_against_another_run_of_its_study() {
     let md = std::fs::read_to_string(tmp.path().join("r/report.md")).unwrap();
     let section = md.split("## Against").nth(1).expect("an Against section");
     assert!(section.contains("the run in"), "{section}");
-    assert!(section.contains("detected dims the same in all"), "{section}");
+    assert!(
+        section.contains("detected dims the same in all"),
+        "{section}"
+    );
     assert!(section.contains(" 0 of "), "{section}");
-    assert!(section.contains("per-prompt KL differs by at most 0.0000"), "{section}");
+    assert!(
+        section.contains("per-prompt KL differs by at most 0.0000"),
+        "{section}"
+    );
     assert!(!section.contains("(changed)"), "{section}");
 
     let copy = tmp.path().join("bf16");
     let status = Command::new("cp")
-        .args(["-r", fixture_run().to_str().unwrap(), copy.to_str().unwrap()])
+        .args([
+            "-r",
+            fixture_run().to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -565,7 +575,10 @@ fn a_run_against_another_run_of_its_study() {
     let summary = report(&copy, &fixture_run(), &["--summary"]);
     let last = summary.lines().last().unwrap();
     assert!(last.starts_with("Against the f32 run in "), "{last}");
-    assert!(last.contains("per-prompt KL differs by at most 0.2500"), "{last}");
+    assert!(
+        last.contains("per-prompt KL differs by at most 0.2500"),
+        "{last}"
+    );
     let variants = plan["variants"]
         .as_array()
         .unwrap()
@@ -616,7 +629,8 @@ fn a_run_against_another_run_of_its_study() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("compare_with: /nonexistent/run is not a run folder"));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("compare_with: /nonexistent/run is not a run folder"));
     let md = std::fs::read_to_string(tmp.path().join("r2/report.md")).unwrap();
     assert!(!md.contains("## Against"));
 }

@@ -1196,7 +1196,14 @@ fn random_controls_with_draws_give_a_null_distribution() {
 fn bench_study_prints_each_phase_of_a_fresh_run() {
     let tmp = tempfile::tempdir().unwrap();
     let study = tmp.path().join("tiny.yaml");
-    std::fs::write(&study, RUN.replace("sweeps:\n  - name: ratio\n    thresholds: {median_ratio: [300, 400, 450]}\n", "")).unwrap();
+    std::fs::write(
+        &study,
+        RUN.replace(
+            "sweeps:\n  - name: ratio\n    thresholds: {median_ratio: [300, 400, 450]}\n",
+            "",
+        ),
+    )
+    .unwrap();
     let keep = tmp.path().join("kept");
     let o = Command::new(bin())
         .args(["--precision", "f32", "bench", "--study"])
@@ -1216,11 +1223,20 @@ fn bench_study_prints_each_phase_of_a_fresh_run() {
     let first_word = |l: &str| l.split_whitespace().next().unwrap_or("").to_string();
     assert_eq!(first_word(phases[0]), "prompt", "{stdout}");
     assert!(phases[1].starts_with("r0 direction pass"), "{stdout}");
-    assert!(phases[2].starts_with("r0 unedited model, evaluation split"), "{stdout}");
+    assert!(
+        phases[2].starts_with("r0 unedited model, evaluation split"),
+        "{stdout}"
+    );
     // none, winsorize and the two dims handlings (which share none's score when nothing is
     // found, or score on their own) — at least two scores, then the tables and the report.
-    assert!(phases.iter().filter(|l| l.starts_with("r0 ")).count() >= 4, "{stdout}");
-    assert!(phases[phases.len() - 2].starts_with("parquet tables"), "{stdout}");
+    assert!(
+        phases.iter().filter(|l| l.starts_with("r0 ")).count() >= 4,
+        "{stdout}"
+    );
+    assert!(
+        phases[phases.len() - 2].starts_with("parquet tables"),
+        "{stdout}"
+    );
     assert!(phases[phases.len() - 1].starts_with("report"), "{stdout}");
     let seconds = |l: &str| -> f64 {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -1236,8 +1252,14 @@ fn bench_study_prints_each_phase_of_a_fresh_run() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(sum <= wall + 0.2 && sum > 0.5 * wall, "phases {sum} s, wall {wall} s\n{stdout}");
-    assert!(stdout.contains("model                 smollm2-135m-instruct in f32"), "{stdout}");
+    assert!(
+        sum <= wall + 0.2 && sum > 0.5 * wall,
+        "phases {sum} s, wall {wall} s\n{stdout}"
+    );
+    assert!(
+        stdout.contains("model                 smollm2-135m-instruct in f32"),
+        "{stdout}"
+    );
     let t: rundir::Timings = rundir::read_record(&rundir::timings_path(&keep.join("run"), None))
         .unwrap()
         .unwrap();

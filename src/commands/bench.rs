@@ -18,6 +18,14 @@ pub struct Args {
     /// With --study: the run folder to keep (must not exist yet).
     #[arg(long, requires = "study")]
     pub keep: Option<std::path::PathBuf>,
+    /// Measure loading instead: write a random-weight checkpoint of Llama-3.2-1B's shape (bf16
+    /// safetensors in shards, 2.5 GB, into a scratch folder), load it in the chosen precision
+    /// and print the resident memory after loading and the peak, against the checkpoint's
+    /// bytes (whole process; the peak is the load's alone); then the same for the old route
+    /// (every tensor in f32 first, then packed). The mapped files' pages count while they are
+    /// mapped.
+    #[arg(long, conflicts_with = "study")]
+    pub load: bool,
     #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
     #[arg(long, default_value_t = 16)]
@@ -33,6 +41,9 @@ pub struct Args {
 pub fn run(args: &Args, precision: Option<model::PrecisionSetting>) -> Result<()> {
     if let Some(file) = &args.study {
         return study(file, args.keep.as_deref(), precision);
+    }
+    if args.load {
+        return load(precision.unwrap_or_default().on_this_cpu());
     }
     let precision = precision.unwrap_or_default().on_this_cpu();
     let Args {
@@ -114,7 +125,11 @@ pub fn run(args: &Args, precision: Option<model::PrecisionSetting>) -> Result<()
 const QUICKSTART_TARGET_S: (f64, f64) = (240.0, 480.0);
 
 /// `bench --study`: the study run from nothing cached but the model, then its phases.
-fn study(file: &Path, keep: Option<&Path>, precision: Option<model::PrecisionSetting>) -> Result<()> {
+fn study(
+    file: &Path,
+    keep: Option<&Path>,
+    precision: Option<model::PrecisionSetting>,
+) -> Result<()> {
     let (study, text) = super::run::read_study(file, precision)?;
     let scratch;
     let root = match keep {
@@ -222,4 +237,132 @@ fn cpu_name() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Starts the peak resident memory (VmHWM) afresh from the current resident memory (Linux:
+/// `5` into /proc/self/clear_refs), so that a peak measures one phase alone.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory since the last [`reset_peak`] (VmHWM), MB.
+fn peak_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+/// The process's anonymous resident memory (RssAnon: what the heap holds, the mapped
+/// checkpoint's pages left out), MB.
+fn anon_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+/// Runs `f` while a thread samples the anonymous resident memory every 10 ms; returns its
+/// result and the largest sample (MB).
+fn sampling_anon<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            let mut peak: Option<f64> = None;
+            while !done.load(Ordering::Relaxed) {
+                if let Some(m) = anon_mb() {
+                    peak = Some(peak.map_or(m, |p: f64| p.max(m)));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            peak
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        let peak = h.join().expect("the sampler thread");
+        r.map(|x| (x, peak))
+    })
+}
+
+/// `bench --load`: a generated Llama-3.2-1B-shaped checkpoint loaded tensor by tensor, then
+/// the old route (all of it in f32, then packed), memory measured after each.
+fn load(precision: model::Precision) -> Result<()> {
+    use model::load::synth;
+    let shape = synth::LLAMA_3_2_1B;
+    let dir = tempfile::tempdir().context("cannot create a scratch folder")?;
+    let t = Instant::now();
+    let bytes = synth::write_llama(dir.path(), &shape, 0, 1 << 30)?;
+    let ckpt_mb = bytes as f64 / 1e6;
+    eprintln!(
+        "wrote a random-weight checkpoint of Llama-3.2-1B's shape ({:.2} B parameters, {ckpt_mb:.0} MB of bf16) in {:.1} s",
+        shape.parameters() as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    let mb = |x: Option<f64>| x.map_or("?".to_string(), |m| format!("{m:.0} MB"));
+    let ratio = |x: Option<f64>| x.map_or("?".to_string(), |m| format!("{:.2}x", m / ckpt_mb));
+    crate::util::return_free_memory();
+    let before = crate::bench::resident_mb();
+    println!("checkpoint            {ckpt_mb:.0} MB of bf16 tensors in safetensors shards (Llama-3.2-1B's shape, random weights)");
+    println!("cpu                   {}", cpu_name());
+    println!("resident before load  {}", mb(before));
+    reset_peak();
+    let t = Instant::now();
+    let (m, anon_peak) = sampling_anon(|| {
+        let (config, w) = model::hf::load_folder(dir.path())?;
+        model::Model::new_in(config, w, precision)
+    })?;
+    crate::util::return_free_memory();
+    let secs = t.elapsed().as_secs_f64();
+    let after = crate::bench::resident_mb();
+    let peak = peak_mb();
+    println!(
+        "tensor by tensor      {} in {secs:.1} s: resident after load {} ({} the checkpoint); peak {} ({}) with the mapped files, heap peak {} ({})",
+        m.precision().name(),
+        mb(after),
+        ratio(after),
+        mb(peak),
+        ratio(peak),
+        mb(anon_peak),
+        ratio(anon_peak)
+    );
+    drop(m);
+    crate::util::return_free_memory();
+    reset_peak();
+    let t = Instant::now();
+    let (m, anon_peak) = sampling_anon(|| {
+        let (config, mut w) = model::hf::load_folder(dir.path())?;
+        let mut all = std::collections::HashMap::new();
+        for (name, _) in shape.tensors() {
+            let x = w.take(&name)?;
+            all.insert(name, x);
+        }
+        let mut m = model::Model::new(config, model::Weights::in_memory(all, "all in f32".into()))?;
+        m.set_precision(precision)?;
+        Ok(m)
+    })?;
+    crate::util::return_free_memory();
+    let secs = t.elapsed().as_secs_f64();
+    let (after, peak) = (crate::bench::resident_mb(), peak_mb());
+    println!(
+        "all in f32 first      {} in {secs:.1} s: resident after load {} ({}); peak {} ({}) with the mapped files, heap peak {} ({})",
+        m.precision().name(),
+        mb(after),
+        ratio(after),
+        mb(peak),
+        ratio(peak),
+        mb(anon_peak),
+        ratio(anon_peak)
+    );
+    Ok(())
 }

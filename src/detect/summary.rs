@@ -105,10 +105,17 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
         let d = dim_peak.entry(e.dim).or_insert(0.0);
         *d = d.max(e.ratio_position);
     }
-    let base_dims = apply(base, scan)?.dim_ids();
+    use rayon::prelude::*;
+    let found: Vec<_> = std::iter::once(base)
+        .chain(configs.iter().copied())
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|c| apply(c, scan))
+        .collect::<Result<_>>()?;
+    let base_dims = found[0].dim_ids();
     let mut dims: BTreeMap<u32, DimReport> = BTreeMap::new();
-    for c in std::iter::once(base).chain(configs.iter().copied()) {
-        for mut d in apply(c, scan)?.dims {
+    for f in found {
+        for mut d in f.dims {
             // One position per distinct token is what a report shows; all of them would make
             // the summary megabytes for loose detections that flag hundreds of dims.
             let mut seen = std::collections::HashSet::new();
@@ -146,12 +153,14 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
             count,
         })
         .collect();
-    let mut single = BTreeMap::new();
-    for c in CRITERIA {
-        single.insert(c.to_string(), apply(&only(base, c), scan)?.dim_ids());
-    }
-    let mut sweeps = BTreeMap::new();
+    let single: BTreeMap<String, Vec<u32>> = CRITERIA
+        .par_iter()
+        .map(|c| Ok((c.to_string(), apply(&only(base, c), scan)?.dim_ids())))
+        .collect::<Result<_>>()?;
     let floor = scan.floor.min_ratio as f64;
+    // Every point of every curve (150 detections over the whole scan), run on all cores: they
+    // are independent, and one after another they were most of the direction pass's tail.
+    let mut points: Vec<(String, f64, DetectConfig)> = Vec::new();
     for (name, lo, hi) in [
         ("min_abs", 1.0, 1e4),
         ("median_ratio", floor, 1e5),
@@ -159,14 +168,22 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
     ] {
         // Alone, the criterion's own reach; with the rest, what the study's detection would do.
         for (tag, start) in [("alone", only(base, name)), ("with the rest", base.clone())] {
-            let mut curve = Vec::new();
             for v in log_grid(lo, hi, 25) {
                 let mut c = start.clone();
                 c.set(&format!("{name}={v}"))?;
-                curve.push((v, apply(&c, scan)?.dims.len()));
+                points.push((format!("{name} ({tag})"), v, c));
             }
-            sweeps.insert(format!("{name} ({tag})"), curve);
         }
+    }
+    let counts: Vec<usize> = {
+        points
+            .par_iter()
+            .map(|(_, _, c)| apply(c, scan).map(|d| d.dims.len()))
+            .collect::<Result<_>>()?
+    };
+    let mut sweeps: BTreeMap<String, Vec<(f64, usize)>> = BTreeMap::new();
+    for ((curve, v, _), n) in points.into_iter().zip(counts) {
+        sweeps.entry(curve).or_default().push((v, n));
     }
     Ok(Summary {
         states: scan.num_states,

@@ -24,21 +24,57 @@ use std::collections::HashMap;
 pub use config::{Config, Family};
 pub use source::{load, load_with, LoadedModel};
 
-/// Tensors by Hugging Face name, f32 on the CPU.
+/// Reads one tensor by its Hugging Face name from a checkpoint, in f32 (`None`: the checkpoint
+/// has no such tensor).
+pub type TensorReader = Box<dyn FnMut(&str) -> Result<Option<Tensor>> + Send>;
+
+/// Tensors by Hugging Face name, f32 on the CPU: held in memory, or read one at a time from
+/// the checkpoint when the model takes it (so that a bf16 model never holds the whole
+/// checkpoint in f32: each layer is packed as soon as it is built).
 pub struct Weights {
     pub tensors: HashMap<String, Tensor>,
     pub origin: String,
+    reader: Option<TensorReader>,
 }
 
 impl Weights {
+    /// Tensors already in memory.
+    pub fn in_memory(tensors: HashMap<String, Tensor>, origin: String) -> Weights {
+        Weights {
+            tensors,
+            origin,
+            reader: None,
+        }
+    }
+
+    /// Tensors read from the checkpoint as they are taken.
+    pub fn reading(reader: TensorReader, origin: String) -> Weights {
+        Weights {
+            tensors: HashMap::new(),
+            origin,
+            reader: Some(reader),
+        }
+    }
+
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.tensors.remove(name).with_context(|| {
+        self.take_read(name)?.with_context(|| {
             format!("{} has no tensor '{name}': the checkpoint is incomplete or of another architecture", self.origin)
         })
     }
 
-    pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
-        self.tensors.remove(name)
+    /// A tensor the checkpoint may lack; a tensor it has but cannot read is an error.
+    pub fn take_opt(&mut self, name: &str) -> Result<Option<Tensor>> {
+        self.take_read(name)
+    }
+
+    fn take_read(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if let Some(t) = self.tensors.remove(name) {
+            return Ok(Some(t));
+        }
+        match &mut self.reader {
+            Some(read) => read(name),
+            None => Ok(None),
+        }
     }
 
     pub fn take_shaped(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
@@ -591,8 +627,36 @@ pub struct Model {
     norm_offset: f64,
 }
 
+/// The output head packed for the bf16 kernel, and the embeddings the lookups then read: an
+/// untied head packed and the embeddings kept in bf16; a tied one packed once, serving both.
+fn pack_head_of(
+    embed: Option<Tensor>,
+    lm_head: Option<Tensor>,
+) -> Result<(Option<Tensor>, std::sync::Arc<bf16::Packed>)> {
+    match lm_head {
+        Some(h) => {
+            let packed = pack(&h)?;
+            let embed = embed.map(|e| e.to_dtype(DType::BF16)).transpose()?;
+            Ok((embed, packed))
+        }
+        None => {
+            let e = embed.context("the embeddings are missing")?;
+            Ok((None, pack(&e)?))
+        }
+    }
+}
+
 impl Model {
-    pub fn new(config: Config, mut w: Weights) -> Result<Model> {
+    /// A model in f32 (the reference precision).
+    pub fn new(config: Config, w: Weights) -> Result<Model> {
+        Model::new_in(config, w, Precision::F32)
+    }
+
+    /// A model whose matrices are stored in `precision` as each layer is built: a bf16 model
+    /// holds at most one layer (and the embeddings) in f32 while it loads. Where the CPU has no
+    /// bf16 kernel the model stays f32 (`precision()` says which).
+    pub fn new_in(config: Config, mut w: Weights, precision: Precision) -> Result<Model> {
+        let bf16 = precision == Precision::Bf16 && Self::bf16_here();
         config.validate()?;
         let d = config.hidden_size;
         let embed = w.take("model.embed_tokens.weight")?;
@@ -605,22 +669,11 @@ impl Model {
         }
         let mut config = config;
         config.vocab_size = vocab;
-        let mut layers: Vec<Box<dyn DecoderLayer>> = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
-            layers.push(match config.family {
-                Family::Llama => Box::new(llama::LlamaLayer::load(&config, &mut w, i, false)?),
-                Family::Qwen2 => qwen2::load_layer(&config, &mut w, i)?,
-                Family::Gemma3 => Box::new(gemma3::Gemma3Layer::load(&config, &mut w, i)?),
-            });
-        }
-        let gemma = config.family == Family::Gemma3;
-        let norm_offset = if gemma { 1.0 } else { 0.0 };
-        let norm = (w.take_shaped("model.norm.weight", &[d])? + norm_offset)?;
         let lm_head = if config.tie_word_embeddings {
-            w.take_opt("lm_head.weight");
+            w.take_opt("lm_head.weight")?;
             None
         } else {
-            match w.take_opt("lm_head.weight") {
+            match w.take_opt("lm_head.weight")? {
                 Some(h) => Some(h),
                 None => {
                     config.tie_word_embeddings = true;
@@ -628,6 +681,31 @@ impl Model {
                 }
             }
         };
+        // In bf16 the head (and the embeddings) are packed before the layers are read, so the
+        // f32 embeddings are not held while the checkpoint is.
+        let (embed, lm_head, packed_head) = if bf16 {
+            let (e, p) = pack_head_of(Some(embed), lm_head)?;
+            (e, None, Some(p))
+        } else {
+            (Some(embed), lm_head, None)
+        };
+        let mut layers: Vec<Box<dyn DecoderLayer>> = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let mut layer: Box<dyn DecoderLayer> = match config.family {
+                Family::Llama => Box::new(llama::LlamaLayer::load(&config, &mut w, i, false)?),
+                Family::Qwen2 => qwen2::load_layer(&config, &mut w, i)?,
+                Family::Gemma3 => Box::new(gemma3::Gemma3Layer::load(&config, &mut w, i)?),
+            };
+            if bf16 {
+                for lin in layer.linears_mut() {
+                    lin.to_bf16()?;
+                }
+            }
+            layers.push(layer);
+        }
+        let gemma = config.family == Family::Gemma3;
+        let norm_offset = if gemma { 1.0 } else { 0.0 };
+        let norm = (w.take_shaped("model.norm.weight", &[d])? + norm_offset)?;
         let hd = config.head_dim;
         let theta = config.rope_theta as f32;
         // Computed in f32 as transformers does, so positions rotate by bit-identical angles.
@@ -642,10 +720,10 @@ impl Model {
             .and(config.rope_local_theta)
             .map(|t| freqs(t as f32));
         let embed_scale = gemma.then(|| (d as f32).sqrt());
-        Ok(Model {
+        let mut m = Model {
             config,
             device: Device::Cpu,
-            embed: Some(embed),
+            embed,
             layers,
             norm,
             lm_head,
@@ -653,9 +731,26 @@ impl Model {
             inv_freq_local,
             embed_scale,
             norm_offset,
-            packed_head: None,
+            packed_head,
             head_screen: None,
-        })
+        };
+        if bf16 {
+            m.set_head_screen(screen::chosen());
+        }
+        Ok(m)
+    }
+
+    /// Whether the bf16 kernels run here (printing their path), else a warning that the model
+    /// stays f32.
+    fn bf16_here() -> bool {
+        if !bf16::available() {
+            eprintln!(
+                "warning: this CPU has neither AVX-512 nor AVX2 with FMA, so the model runs in f32 (bf16 was asked for)"
+            );
+            return false;
+        }
+        eprintln!("bf16: {}", cpu::describe(true));
+        true
     }
 
     pub fn num_layers(&self) -> usize {
@@ -722,33 +817,26 @@ impl Model {
         if p == Precision::F32 {
             bail!("a bf16 model cannot go back to f32 (its f32 weights are gone): load it again");
         }
-        if !bf16::available() {
-            eprintln!(
-                "warning: this CPU has neither AVX-512 nor AVX2 with FMA, so the model runs in f32 (bf16 was asked for)"
-            );
+        if !Self::bf16_here() {
             return Ok(Precision::F32);
         }
-        eprintln!("bf16: {}", cpu::describe(true));
         for l in &mut self.layers {
             for lin in l.linears_mut() {
                 lin.to_bf16()?;
             }
         }
-        match self.lm_head.take() {
-            Some(h) => {
-                self.packed_head = Some(pack(&h)?);
-                if let Some(e) = &mut self.embed {
-                    *e = e.to_dtype(DType::BF16)?;
-                }
-            }
-            // Tied: one packed copy serves the head and the lookups.
-            None => {
-                let e = self.embed.take().context("the embeddings are missing")?;
-                self.packed_head = Some(pack(&e)?);
-            }
-        }
-        self.set_head_screen(screen::chosen());
+        self.pack_head()?;
         Ok(p)
+    }
+
+    /// The output head (and the embeddings it is tied to) packed for the bf16 kernel, last:
+    /// the model is bf16 from here on.
+    fn pack_head(&mut self) -> Result<()> {
+        let (e, p) = pack_head_of(self.embed.take(), self.lm_head.take())?;
+        self.embed = e;
+        self.packed_head = Some(p);
+        self.set_head_screen(screen::chosen());
+        Ok(())
     }
 
     /// How greedy decoding screens the packed head in integers ([`screen`]; the same tokens

@@ -55,11 +55,7 @@ pub struct Against {
 /// The comparison a report carries: with `report --against DIR`, against DIR (an error if it
 /// cannot be read); else against the study's `compare_with:` folder, left out with a warning
 /// when that folder is not there (a report is not lost to a missing comparison).
-pub fn of_run(
-    r: &RunResults,
-    d: &Decided,
-    overrides: &Overrides,
-) -> Result<Option<Against>> {
+pub fn of_run(r: &RunResults, d: &Decided, overrides: &Overrides) -> Result<Option<Against>> {
     if let Some(dir) = &overrides.against {
         let shown = dir.display().to_string();
         return compute(r, dir, &shown, &d.stats, &d.headline).map(Some);
@@ -251,8 +247,7 @@ fn variant_key(r: &RunResults, name: &str, rep: u64) -> Option<(String, Vec<u32>
 /// `variant` against `reference` in a family: the two verdicts, `identical` when the variant
 /// shares the reference's score, `–` when the family has no such comparison.
 fn verdict_of(f: &Family, variant: &str, reference: &str) -> (String, String) {
-    if f
-        .identical
+    if f.identical
         .iter()
         .any(|i| i.variant == variant && i.reference == reference)
     {

@@ -86,7 +86,11 @@ fn prepare_replicate(
         &model_key,
         keep_scan,
     )?;
-    timings.push("direction", format!("r{seed} direction pass and detection"), t);
+    timings.push(
+        "direction",
+        format!("r{seed} direction pass and detection"),
+        t,
+    );
     provenance
         .datasets
         .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
@@ -104,7 +108,11 @@ fn prepare_replicate(
         (&model_key, cache),
         &format!("replicate {seed}: unedited model"),
     )?;
-    timings.push("unedited", format!("r{seed} unedited model, evaluation split"), t);
+    timings.push(
+        "unedited",
+        format!("r{seed} unedited model, evaluation split"),
+        t,
+    );
     let selection = if sel.good.is_empty() {
         None
     } else {
@@ -120,7 +128,11 @@ fn prepare_replicate(
             (&model_key, cache),
             &format!("replicate {seed}: unedited model, selection split"),
         )?;
-        timings.push("unedited", format!("r{seed} unedited model, selection split"), t);
+        timings.push(
+            "unedited",
+            format!("r{seed} unedited model, selection split"),
+            t,
+        );
         Some(Selection { evaluator, base })
     };
     Ok(Replicate {

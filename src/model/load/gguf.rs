@@ -221,13 +221,21 @@ pub fn load(path: &Path) -> Result<GgufModel> {
             bail!("{shown}: tensor '{n}' has type {t:?}, which outlierlab cannot dequantise; use a GGUF with Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0/F16/F32 tensors");
         }
     }
-    let mut tensors = HashMap::new();
-    for n in names {
-        let Some(hf) = hf_name(n, family) else {
-            continue;
+    // Each tensor is dequantised when the model takes it (a bf16 model packs each layer as it
+    // is built), so the whole checkpoint is never held in f32 at once.
+    let by_hf: HashMap<String, String> = names
+        .iter()
+        .filter_map(|n| hf_name(n, family).map(|h| (h, n.to_string())))
+        .collect();
+    let chat_template = meta_str(m, "tokenizer.chat_template");
+    let name = meta_str(m, "general.name");
+    let origin = shown.clone();
+    let reader = move |hf: &str| -> Result<Option<Tensor>> {
+        let Some(n) = by_hf.get(hf) else {
+            return Ok(None);
         };
         let q = content.tensor(&mut f, n, &Device::Cpu).with_context(|| {
-            format!("{shown} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
+            format!("{origin} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
         })?;
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
         if family == Family::Llama {
@@ -242,23 +250,20 @@ pub fn load(path: &Path) -> Result<GgufModel> {
             t = (t - 1.0)?;
         }
         if t.dims().contains(&0) {
-            bail!("{shown}: tensor '{n}' is empty");
+            bail!("{origin}: tensor '{n}' is empty");
         }
         let values_ok = t.flatten_all()?.sum_all()?.to_scalar::<f32>()?.is_finite();
         if !values_ok {
-            bail!("{shown}: tensor '{n}' holds NaN or infinite values; the file is corrupt");
+            bail!("{origin}: tensor '{n}' holds NaN or infinite values; the file is corrupt");
         }
-        tensors.insert(hf, t);
-    }
+        Ok(Some(t))
+    };
     Ok(GgufModel {
         config,
-        weights: Weights {
-            tensors,
-            origin: shown,
-        },
+        weights: Weights::reading(Box::new(reader), shown),
         vocab,
-        chat_template: meta_str(m, "tokenizer.chat_template"),
-        name: meta_str(m, "general.name"),
+        chat_template,
+        name,
     })
 }
 

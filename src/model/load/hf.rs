@@ -3,14 +3,20 @@
 
 use crate::model::{Config, Weights};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
-use std::collections::HashMap;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use safetensors::Dtype;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 pub fn is_hf_folder(dir: &Path) -> bool {
     dir.join("config.json").is_file()
 }
 
+/// A folder's config and its weights, read one tensor at a time from the memory-mapped
+/// safetensors files as the model takes them (each converted to f32 alone, so the checkpoint is
+/// never held in f32 whole). With `model.safetensors.index.json`, every shard it names must be
+/// there.
 pub fn load_folder(dir: &Path) -> Result<(Config, Weights)> {
     let shown = dir.display().to_string();
     let cfg_path = dir.join("config.json");
@@ -18,7 +24,70 @@ pub fn load_folder(dir: &Path) -> Result<(Config, Weights)> {
         .with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let config =
         Config::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are mapped read-only; a checkpoint rewritten while it loads would give
+    // wrong weights, as it would to transformers.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+        anyhow!("{shown}: a safetensors file cannot be read (truncated or corrupt?): {e}")
+    })?;
+    let names: HashSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let origin = shown.clone();
+    let reader = move |name: &str| -> Result<Option<Tensor>> {
+        if !names.contains(name) {
+            return Ok(None);
+        }
+        let view = st
+            .get(name)
+            .map_err(|e| anyhow!("{origin}: tensor '{name}': {e}"))?;
+        let dtype = view.dtype();
+        if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            bail!(
+                "{origin}: tensor '{name}' is stored as {dtype:?}; outlierlab reads f32, bf16 and f16 safetensors (a quantised checkpoint? use its unquantised original, or a GGUF file)"
+            );
+        }
+        let t = st.load(name, &Device::Cpu).map_err(|e| {
+            anyhow!("{origin}: tensor '{name}' cannot be read (truncated or corrupt?): {e}")
+        })?;
+        Ok(Some(t.to_dtype(DType::F32)?))
+    };
+    Ok((config, Weights::reading(Box::new(reader), shown)))
+}
+
+/// The safetensors files of a folder: those its index names (each must exist), else every
+/// `*.safetensors` in it.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let shown = dir.display();
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            bail!(
+                "{}: shard {} is missing ({} names {} shard(s)); download it again (e.g. `huggingface-cli download` the repository)",
+                shown,
+                missing.display(),
+                index.display(),
+                files.len()
+            );
+        }
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the folder {shown}"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
@@ -26,25 +95,7 @@ pub fn load_folder(dir: &Path) -> Result<(Config, Weights)> {
     if files.is_empty() {
         bail!("{shown} has no *.safetensors weights; a Hugging Face folder needs config.json, *.safetensors and tokenizer.json");
     }
-    let mut tensors = HashMap::new();
-    for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu).with_context(|| {
-            format!(
-                "{} is not a readable safetensors file (truncated or corrupt?)",
-                f.display()
-            )
-        })?;
-        for (k, t) in part {
-            tensors.insert(k, t.to_dtype(DType::F32)?);
-        }
-    }
-    Ok((
-        config,
-        Weights {
-            tensors,
-            origin: shown,
-        },
-    ))
+    Ok(files)
 }
 
 /// The chat template of a folder: chat_template.jinja, else tokenizer_config.json's

@@ -6,4 +6,5 @@ pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod source;
+pub mod synth;
 pub mod tokenizer;

@@ -91,12 +91,12 @@ pub fn load_with(spec: &str, precision: Precision) -> Result<LoadedModel> {
         let (config, weights) = hf::load_folder(&path)?;
         let tok = TextTokenizer::from_hf_folder(&path)?;
         let tmpl = hf::chat_template(&path);
-        (Model::new(config, weights)?, tok, tmpl, None)
+        (Model::new_in(config, weights, precision)?, tok, tmpl, None)
     } else {
         let g = gguf::load(&path)?;
         let tok = TextTokenizer::from_gguf(&g.vocab)?;
         (
-            Model::new(g.config, g.weights)?,
+            Model::new_in(g.config, g.weights, precision)?,
             tok,
             g.chat_template,
             g.name,
@@ -110,10 +110,8 @@ pub fn load_with(spec: &str, precision: Precision) -> Result<LoadedModel> {
             model.config.vocab_size
         );
     }
-    let mut model = model;
-    model.set_precision(precision)?;
-    // Loading freed the f32 copies of what is now held in bf16; with freed memory kept for
-    // reuse (`util::keep_freed_memory`) it would stay resident.
+    // Loading freed the f32 copy of each layer once it was packed in bf16; with freed memory
+    // kept for reuse (`util::keep_freed_memory`) it would stay resident.
     crate::util::return_free_memory();
     let has_template = template.is_some();
     let chat = ChatTemplate::new(

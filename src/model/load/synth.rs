@@ -1,0 +1,157 @@
+//! Random-weight Llama checkpoints written as a Hugging Face folder (bf16 safetensors in shards
+//! with their index, config.json): realistic shapes without a download, for the loading
+//! benchmark and for tests of what a user's checkpoint goes through.
+
+use anyhow::{Context, Result};
+use rand_xoshiro::rand_core::{RngCore, SeedableRng};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A Llama checkpoint's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub tied: bool,
+}
+
+/// Llama-3.2-1B's shape (1.24 B parameters, tied head).
+pub const LLAMA_3_2_1B: Shape = Shape {
+    hidden: 2048,
+    intermediate: 8192,
+    layers: 16,
+    heads: 32,
+    kv_heads: 8,
+    vocab: 128_256,
+    tied: true,
+};
+
+impl Shape {
+    /// Every tensor's Hugging Face name and shape, in file order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, ff, hd) = (self.hidden, self.intermediate, self.hidden / self.heads);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, d])];
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![d]),
+                ("self_attn.q_proj.weight", vec![self.heads * hd, d]),
+                ("self_attn.k_proj.weight", vec![self.kv_heads * hd, d]),
+                ("self_attn.v_proj.weight", vec![self.kv_heads * hd, d]),
+                ("self_attn.o_proj.weight", vec![d, self.heads * hd]),
+                ("post_attention_layernorm.weight", vec![d]),
+                ("mlp.gate_proj.weight", vec![ff, d]),
+                ("mlp.up_proj.weight", vec![ff, d]),
+                ("mlp.down_proj.weight", vec![d, ff]),
+            ] {
+                out.push((format!("{p}.{name}"), shape));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        if !self.tied {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab, d]));
+        }
+        out
+    }
+
+    pub fn parameters(&self) -> usize {
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.hidden / self.heads,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": self.tied,
+            "torch_dtype": "bfloat16",
+        })
+    }
+}
+
+/// Writes `shape` with seeded random bf16 weights (norms at 1, matrices uniform in ±0.03) into
+/// `dir` as shards of about `shard_bytes`, with `model.safetensors.index.json` and config.json.
+/// Returns the bytes of tensor data written.
+pub fn write_llama(dir: &Path, shape: &Shape, seed: u64, shard_bytes: usize) -> Result<u64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Shards planned by size first (their names carry the count), then generated and written
+    // one at a time, so that at most one shard is in memory.
+    let mut plan: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for (name, dims) in shape.tensors() {
+        let bytes = 2 * dims.iter().product::<usize>();
+        if size > 0 && size + bytes > shard_bytes {
+            plan.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        plan.last_mut().expect("a shard").push((name, dims));
+    }
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    let count = plan.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (i, shard) in plan.iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let data: Vec<Vec<u8>> = shard
+            .iter()
+            .map(|(name, dims)| random_bf16(&mut rng, dims.iter().product(), name))
+            .collect();
+        let views: Vec<(&str, TensorView)> = shard
+            .iter()
+            .zip(&data)
+            .map(|((n, d), b)| {
+                total += b.len() as u64;
+                weight_map.insert(n.clone(), file.clone());
+                Ok((n.as_str(), TensorView::new(Dtype::BF16, d.clone(), b)?))
+            })
+            .collect::<Result<_>>()?;
+        safetensors::serialize_to_file(views, None, &dir.join(&file))
+            .with_context(|| format!("cannot write {}", dir.join(&file).display()))?;
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    crate::fs::write_atomic(
+        &dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
+    crate::fs::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&shape.config_json())?.as_bytes(),
+    )?;
+    Ok(total)
+}
+
+/// `n` bf16 values, little-endian: ones for a norm, else uniform in ±0.03.
+fn random_bf16(rng: &mut impl RngCore, n: usize, name: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        let x = if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            0.06 * ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32) - 0.03
+        };
+        bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+    }
+    bytes
+}
