@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Replaces the README's generated blocks with what `outlierlab report RUN --summary` prints from
 # the stored runs, so the README's numbers come from the runs, never from a hand edit:
-#   readme-table   the quickstart's variant table        (runs/quickstart, or $1)
+#   readme-table   the quickstart's variant table        (reports/quickstart/run, or $1)
 #   decisive       the decisive study's answer and spread (reports/pr154-vs-winsorization/run, or $2)
 #   criteria       the detection validations side by side  (reports/detection-validation/*/run)
 # A block whose run folder is absent is left as it is.
@@ -34,7 +34,7 @@ open("README.md", "w").write(head + start + "\n" + block + "\n" + end + tail)
 PY
   echo "README.md: $1 block replaced from $2"
 }
-replace readme-table "${1:-runs/quickstart}"
+replace readme-table "${1:-reports/quickstart/run}"
 replace decisive "${2:-reports/pr154-vs-winsorization/run}"
 validated=()
 for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma3-270m qwen2.5-coder-1.5b-instruct; do

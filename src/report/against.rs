@@ -55,7 +55,12 @@ pub struct Against {
 /// The comparison a report carries: with `report --against DIR`, against DIR (an error if it
 /// cannot be read); else against the study's `compare_with:` folder, left out with a warning
 /// when that folder is not there (a report is not lost to a missing comparison).
-pub fn of_run(r: &RunResults, d: &Decided, overrides: &Overrides) -> Result<Option<Against>> {
+pub fn of_run(
+    r: &RunResults,
+    dir: &Path,
+    d: &Decided,
+    overrides: &Overrides,
+) -> Result<Option<Against>> {
     if let Some(dir) = &overrides.against {
         let shown = dir.display().to_string();
         return compute(r, dir, &shown, &d.stats, &d.headline).map(Some);
@@ -63,14 +68,20 @@ pub fn of_run(r: &RunResults, d: &Decided, overrides: &Overrides) -> Result<Opti
     let Some(shown) = &d.compare_with else {
         return Ok(None);
     };
-    let dir = Path::new(shown);
-    if !dir.join("plan.json").exists() {
+    let other = Path::new(shown);
+    // The compared run itself (the f32 run of a study that compares with it) says nothing.
+    if let (Ok(a), Ok(b)) = (dir.canonicalize(), other.canonicalize()) {
+        if a == b {
+            return Ok(None);
+        }
+    }
+    if !other.join("plan.json").exists() {
         eprintln!(
             "warning: compare_with: {shown} is not a run folder (no plan.json) from here; the report leaves out the comparison (run from the folder the path is relative to, or fix the study's `compare_with:`)"
         );
         return Ok(None);
     }
-    compute(r, dir, shown, &d.stats, &d.headline).map(Some)
+    compute(r, other, shown, &d.stats, &d.headline).map(Some)
 }
 
 /// `here` against the run folder `there_dir`, decided with `here`'s statistics settings and

@@ -83,7 +83,7 @@ pub fn render_compared(
     }
     let r = read_results(dir)?;
     let decided = settings(dir, overrides)?;
-    let against = against::of_run(&r, &decided, overrides)?;
+    let against = against::of_run(&r, dir, &decided, overrides)?;
     let Decided {
         stats: st,
         headline,

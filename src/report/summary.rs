@@ -59,7 +59,7 @@ pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
     }
     let r = read_results(dir)?;
     let decided = settings(dir, overrides)?;
-    let against = super::against::of_run(&r, &decided, overrides)?;
+    let against = super::against::of_run(&r, dir, &decided, overrides)?;
     let Decided {
         stats: st,
         headline,
