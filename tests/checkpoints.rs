@@ -127,3 +127,71 @@ fn a_missing_shard_and_a_quantised_tensor_are_named() {
         "{e}"
     );
 }
+
+/// Llama 3's rotary scaling against transformers on the tiny checkpoint the reference script ran
+/// on (written again here from its seed): every position's logits over 48 tokens, past the
+/// original context of 32; without the scaling the logits move well past the tolerance, so the test
+/// reads the scaling.
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let fx = common::fixture("llama3-rope-tiny.json");
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_llama3_reference(tmp.path()).unwrap();
+    let ids = common::as_u32s(&fx["ids"]);
+    let want: Vec<f32> = fx["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    let all_logits = |m: &Model| -> Vec<f32> {
+        let batch = Batch::left_padded(std::slice::from_ref(&ids), 0);
+        m.forward(&batch, false, Logits::All)
+            .unwrap()
+            .logits
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let max_diff = |a: &[f32]| -> f32 {
+        assert_eq!(a.len(), want.len());
+        a.iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let (config, w) = hf::load_folder(tmp.path()).unwrap();
+    assert!(config.rope_scaling.is_some());
+    let m = Model::new(config, w).unwrap();
+    let d = max_diff(&all_logits(&m));
+    // Random weights keep attention near uniform, so positions move logits little: the
+    // tolerance is tight enough that the unscaled embedding misses it a hundredfold.
+    const TOL: f32 = 1e-5;
+    assert!(d < TOL, "logits differ from transformers' by {d}");
+
+    // The same weights with the default rotary embedding: far off.
+    let cfg_path = tmp.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("rope_scaling");
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    let (config, w) = hf::load_folder(tmp.path()).unwrap();
+    let plain = max_diff(&all_logits(&Model::new(config, w).unwrap()));
+    assert!(
+        plain > 100.0 * TOL,
+        "without the scaling the logits differ by only {plain}"
+    );
+
+    // A kind of scaling the runtime does not implement is refused by name.
+    c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    let e = format!("{:#}", hf::load_folder(tmp.path()).err().unwrap());
+    assert!(e.contains("`yarn` is not implemented"), "{e}");
+}

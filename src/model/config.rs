@@ -65,6 +65,83 @@ pub struct Config {
     pub final_logit_softcapping: Option<f64>,
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
+    /// Llama 3.x: the rotary frequencies rescaled for a longer context (`rope_type: llama3`).
+    #[serde(default)]
+    pub rope_scaling: Option<Llama3Rope>,
+}
+
+/// Llama 3.x's rotary scaling: frequencies whose wavelength exceeds the original context over
+/// `low_freq_factor` are divided by `factor`, those below it over `high_freq_factor` kept, the
+/// band between interpolated (transformers' `_compute_llama3_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+impl Llama3Rope {
+    /// `inv_freq` rescaled, in f32 as transformers computes it.
+    pub fn apply(&self, inv_freq: &mut [f32]) {
+        let old = self.original_max_position_embeddings as f32;
+        let (lo, hi, factor) = (
+            self.low_freq_factor as f32,
+            self.high_freq_factor as f32,
+            self.factor as f32,
+        );
+        let low_freq_wavelen = old / lo;
+        let high_freq_wavelen = old / hi;
+        for f in inv_freq.iter_mut() {
+            let wavelen = 2.0 * std::f32::consts::PI / *f;
+            let scaled = if wavelen > low_freq_wavelen {
+                *f / factor
+            } else {
+                *f
+            };
+            let smooth = (old / wavelen - lo) / (hi - lo);
+            let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+            // Finite frequencies: the band between the two wavelengths, both ends included.
+            let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+            *f = if medium { smoothed } else { scaled };
+        }
+    }
+
+    /// From config.json's `rope_scaling` (or transformers 5's `rope_parameters`): `None` for
+    /// the default rotary embedding, an error for a kind this runtime does not implement.
+    fn from_hf(v: &serde_json::Value) -> Result<Option<Llama3Rope>> {
+        let Some(r) = v
+            .get("rope_scaling")
+            .filter(|r| !r.is_null())
+            .or_else(|| v.get("rope_parameters"))
+        else {
+            return Ok(None);
+        };
+        let kind = r
+            .get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(|x| x.as_str())
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let f = |k: &str| -> Result<f64> {
+                    r.get(k).and_then(|x| x.as_f64()).with_context(|| {
+                        format!("config.json: rope scaling `llama3` needs a number `{k}`")
+                    })
+                };
+                Ok(Some(Llama3Rope {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")?,
+                }))
+            }
+            other => anyhow::bail!(
+                "config.json: rope scaling `{other}` is not implemented (only the default rotary embedding and Llama 3's `llama3` are); this checkpoint would run with wrong positions"
+            ),
+        }
+    }
 }
 
 /// What Gemma 3's GGUF metadata leaves out, as llama.cpp and transformers fill it in: every
@@ -152,8 +229,18 @@ impl Config {
             query_pre_attn_scalar: None,
             final_logit_softcapping: None,
             attn_logit_softcapping: None,
+            rope_scaling: None,
         };
         let mut cfg = cfg;
+        if family != Family::Gemma3 {
+            cfg.rope_scaling = Llama3Rope::from_hf(&v)?;
+            if let Some(t) = v
+                .pointer("/rope_parameters/rope_theta")
+                .and_then(|x| x.as_f64())
+            {
+                cfg.rope_theta = t;
+            }
+        }
         if family == Family::Gemma3 {
             let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
             cfg.sliding_window = v
@@ -218,6 +305,18 @@ impl Config {
             "eos_token_id": eos,
             "torch_dtype": "float32",
         });
+        if let (Some(r), Some(o)) = (&self.rope_scaling, j.as_object_mut()) {
+            o.insert(
+                "rope_scaling".into(),
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": r.factor,
+                    "low_freq_factor": r.low_freq_factor,
+                    "high_freq_factor": r.high_freq_factor,
+                    "original_max_position_embeddings": r.original_max_position_embeddings,
+                }),
+            );
+        }
         if self.family == Family::Gemma3 {
             let types: Vec<&str> = (0..self.num_layers)
                 .map(|i| {

@@ -714,7 +714,10 @@ impl Model {
                 .map(|i| 1.0f32 / theta.powf((2 * i) as f32 / hd as f32))
                 .collect()
         };
-        let inv_freq = freqs(theta);
+        let mut inv_freq = freqs(theta);
+        if let Some(r) = &config.rope_scaling {
+            r.apply(&mut inv_freq);
+        }
         let inv_freq_local = config
             .sliding_window
             .and(config.rope_local_theta)

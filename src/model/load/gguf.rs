@@ -183,6 +183,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         query_pre_attn_scalar: None,
         final_logit_softcapping: meta_f(m, &a("final_logit_softcapping")),
         attn_logit_softcapping: meta_f(m, &a("attn_logit_softcapping")),
+        rope_scaling: None,
     };
     let mut config = config;
     if family == Family::Gemma3 {

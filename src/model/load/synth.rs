@@ -67,7 +67,7 @@ impl Shape {
             .sum()
     }
 
-    fn config_json(&self) -> serde_json::Value {
+    pub fn config_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -154,4 +154,34 @@ fn random_bf16(rng: &mut impl RngCore, n: usize, name: &str) -> Vec<u8> {
         bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
     }
     bytes
+}
+
+/// The tiny Llama-3-style checkpoint the rotary-scaling reference was made on
+/// (tests/fixtures/reference/scripts/llama3_rope.py): 2 layers, width 64, `rope_type: llama3`
+/// with an original context of 32 (so that every band of the rescaling is reached), seed 11.
+pub fn write_llama3_reference(dir: &Path) -> Result<()> {
+    let shape = Shape {
+        hidden: 64,
+        intermediate: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 256,
+        tied: false,
+    };
+    write_llama(dir, &shape, 11, usize::MAX)?;
+    let mut config = shape.config_json();
+    config["rope_theta"] = 10000.0.into();
+    config["max_position_embeddings"] = 256.into();
+    config["rope_scaling"] = serde_json::json!({
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    });
+    crate::fs::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
 }
