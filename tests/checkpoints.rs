@@ -21,9 +21,10 @@ const TINY: Shape = Shape {
     tied: false,
 };
 
-fn logits(m: &Model) -> Vec<f32> {
-    let batch = Batch::left_padded(&[vec![1, 5, 9, 200, 17], vec![3, 4, 299]], 0);
-    m.forward(&batch, false, Logits::Last)
+/// The logits of `seqs` (left-padded), flattened.
+fn forward(m: &Model, seqs: &[Vec<u32>], which: Logits) -> Vec<f32> {
+    let batch = Batch::left_padded(seqs, 0);
+    m.forward(&batch, false, which)
         .unwrap()
         .logits
         .unwrap()
@@ -31,6 +32,10 @@ fn logits(m: &Model) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+fn logits(m: &Model) -> Vec<f32> {
+    forward(m, &[vec![1, 5, 9, 200, 17], vec![3, 4, 299]], Logits::Last)
 }
 
 /// Every tensor of the folder read at once, into memory (the route before lazy reading).
@@ -149,17 +154,7 @@ fn llama3_rope_scaling_matches_transformers() {
                 .map(|x| x.as_f64().unwrap() as f32)
         })
         .collect();
-    let all_logits = |m: &Model| -> Vec<f32> {
-        let batch = Batch::left_padded(std::slice::from_ref(&ids), 0);
-        m.forward(&batch, false, Logits::All)
-            .unwrap()
-            .logits
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let all_logits = |m: &Model| forward(m, std::slice::from_ref(&ids), Logits::All);
     let max_diff = |a: &[f32]| -> f32 {
         assert_eq!(a.len(), want.len());
         a.iter()

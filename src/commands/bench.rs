@@ -245,12 +245,12 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// The process's peak resident memory since the last [`reset_peak`] (VmHWM), MB.
-fn peak_mb() -> Option<f64> {
+/// A memory field of /proc/self/status (`VmHWM`, `RssAnon`, …), MB.
+fn status_mb(field: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = s
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -258,18 +258,15 @@ fn peak_mb() -> Option<f64> {
     Some(kb * 1024.0 / 1e6)
 }
 
-/// The process's anonymous resident memory (RssAnon: what the heap holds, the mapped
-/// checkpoint's pages left out), MB.
+/// The process's peak resident memory since the last [`reset_peak`], MB.
+fn peak_mb() -> Option<f64> {
+    status_mb("VmHWM")
+}
+
+/// The process's anonymous resident memory (what the heap holds, the mapped checkpoint's
+/// pages left out), MB.
 fn anon_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024.0 / 1e6)
+    status_mb("RssAnon")
 }
 
 /// Runs `f` while a thread samples the anonymous resident memory every 10 ms; returns its
