@@ -313,31 +313,32 @@ fn load(precision: model::Precision) -> Result<()> {
     println!("checkpoint            {ckpt_mb:.0} MB of bf16 tensors in safetensors shards (Llama-3.2-1B's shape, random weights)");
     println!("cpu                   {}", cpu_name());
     println!("resident before load  {}", mb(before));
-    reset_peak();
-    let t = Instant::now();
-    let (m, anon_peak) = sampling_anon(|| {
+    // One route: the load timed, the heap sampled, the peak started afresh, then its line.
+    let measure = |route: &str, load: &dyn Fn() -> Result<model::Model>| -> Result<()> {
+        crate::util::return_free_memory();
+        reset_peak();
+        let t = Instant::now();
+        let (m, anon_peak) = sampling_anon(load)?;
+        crate::util::return_free_memory();
+        let secs = t.elapsed().as_secs_f64();
+        let (after, peak) = (crate::bench::resident_mb(), peak_mb());
+        println!(
+            "{route:<21} {} in {secs:.1} s: resident after load {} ({} the checkpoint); peak {} ({}) with the mapped files, heap peak {} ({})",
+            m.precision().name(),
+            mb(after),
+            ratio(after),
+            mb(peak),
+            ratio(peak),
+            mb(anon_peak),
+            ratio(anon_peak)
+        );
+        Ok(())
+    };
+    measure("tensor by tensor", &|| {
         let (config, w) = model::hf::load_folder(dir.path())?;
         model::Model::new_in(config, w, precision)
     })?;
-    crate::util::return_free_memory();
-    let secs = t.elapsed().as_secs_f64();
-    let after = crate::bench::resident_mb();
-    let peak = peak_mb();
-    println!(
-        "tensor by tensor      {} in {secs:.1} s: resident after load {} ({} the checkpoint); peak {} ({}) with the mapped files, heap peak {} ({})",
-        m.precision().name(),
-        mb(after),
-        ratio(after),
-        mb(peak),
-        ratio(peak),
-        mb(anon_peak),
-        ratio(anon_peak)
-    );
-    drop(m);
-    crate::util::return_free_memory();
-    reset_peak();
-    let t = Instant::now();
-    let (m, anon_peak) = sampling_anon(|| {
+    measure("all in f32 first", &|| {
         let (config, mut w) = model::hf::load_folder(dir.path())?;
         let mut all = std::collections::HashMap::new();
         for (name, _) in shape.tensors() {
@@ -348,18 +349,5 @@ fn load(precision: model::Precision) -> Result<()> {
         m.set_precision(precision)?;
         Ok(m)
     })?;
-    crate::util::return_free_memory();
-    let secs = t.elapsed().as_secs_f64();
-    let (after, peak) = (crate::bench::resident_mb(), peak_mb());
-    println!(
-        "all in f32 first      {} in {secs:.1} s: resident after load {} ({}); peak {} ({}) with the mapped files, heap peak {} ({})",
-        m.precision().name(),
-        mb(after),
-        ratio(after),
-        mb(peak),
-        ratio(peak),
-        mb(anon_peak),
-        ratio(anon_peak)
-    );
     Ok(())
 }

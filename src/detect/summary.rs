@@ -175,12 +175,10 @@ pub fn summarise(scan: &Scan, base: &DetectConfig, configs: &[&DetectConfig]) ->
             }
         }
     }
-    let counts: Vec<usize> = {
-        points
-            .par_iter()
-            .map(|(_, _, c)| apply(c, scan).map(|d| d.dims.len()))
-            .collect::<Result<_>>()?
-    };
+    let counts: Vec<usize> = points
+        .par_iter()
+        .map(|(_, _, c)| apply(c, scan).map(|d| d.dims.len()))
+        .collect::<Result<_>>()?;
     let mut sweeps: BTreeMap<String, Vec<(f64, usize)>> = BTreeMap::new();
     for ((curve, v, _), n) in points.into_iter().zip(counts) {
         sweeps.entry(curve).or_default().push((v, n));

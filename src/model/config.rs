@@ -240,8 +240,7 @@ impl Config {
             {
                 cfg.rope_theta = t;
             }
-        }
-        if family == Family::Gemma3 {
+        } else {
             let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
             cfg.sliding_window = v
                 .get("sliding_window")

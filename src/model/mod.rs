@@ -653,7 +653,7 @@ impl Model {
     }
 
     /// A model whose matrices are stored in `precision` as each layer is built: a bf16 model
-    /// holds at most one layer (and the embeddings) in f32 while it loads. Where the CPU has no
+    /// packs its head (and embeddings) first, then holds at most one layer in f32 while it loads. Where the CPU has no
     /// bf16 kernel the model stays f32 (`precision()` says which).
     pub fn new_in(config: Config, mut w: Weights, precision: Precision) -> Result<Model> {
         let bf16 = precision == Precision::Bf16 && Self::bf16_here();

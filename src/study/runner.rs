@@ -457,8 +457,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 &mut refusal,
             )?;
             timings.push(kind, format!("r{seed} {names}"), t);
-            timings.total_seconds = t0.elapsed().as_secs_f64();
-            write_record(&timings_file, &timings)?;
+            timings.save(&timings_file, t0)?;
             computed += 1;
         }
     }
@@ -472,8 +471,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         write_tables(&opts.out)?;
         timings.push("tables", "parquet tables", t);
     }
-    timings.total_seconds = t0.elapsed().as_secs_f64();
-    write_record(&timings_file, &timings)?;
+    timings.save(&timings_file, t0)?;
     eprintln!(
         "study {} finished: {computed} score(s) computed now, {:.0} s",
         study.name,

@@ -67,14 +67,14 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
-        let mut files: Vec<PathBuf> = map
+        // Distinct and in name order, as the folder listing below.
+        let files: Vec<PathBuf> = map
             .values()
             .filter_map(|f| f.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .map(|f| dir.join(f))
             .collect();
-        files.sort();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
             bail!(
                 "{}: shard {} is missing ({} names {} shard(s)); download it again (e.g. `huggingface-cli download` the repository)",

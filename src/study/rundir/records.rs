@@ -125,8 +125,8 @@ pub struct Timings {
 pub struct PhaseTime {
     /// What ran: `load`, `r<seed> direction pass`, `r<seed> unedited`, `r<seed> tune <name>`, …
     pub phase: String,
-    /// The kind the benchmark totals by: load, direction, reference, tune, search+score, score,
-    /// validation, tables.
+    /// The kind the benchmark totals by: load, validation, direction, unedited, tune, stored,
+    /// score, search and score, tables.
     pub kind: String,
     pub seconds: f64,
 }
@@ -139,6 +139,12 @@ impl Timings {
             kind: kind.into(),
             seconds: since.elapsed().as_secs_f64(),
         });
+    }
+
+    /// Writes the phases so far to `path`, with the wall time since `t0`.
+    pub fn save(&mut self, path: &std::path::Path, t0: std::time::Instant) -> anyhow::Result<()> {
+        self.total_seconds = t0.elapsed().as_secs_f64();
+        super::write_record(path, self)
     }
 
     /// Seconds per kind, in the order each kind first ran.
