@@ -3,37 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// Model families the runtime can run. Each has its own file in `model/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Llama,
-    Qwen2,
-    Gemma3,
-}
-
-impl Family {
-    /// From GGUF `general.architecture` or config.json `model_type`.
-    pub fn from_name(name: &str) -> Result<Family> {
-        match name {
-            "llama" => Ok(Family::Llama),
-            "qwen2" => Ok(Family::Qwen2),
-            "gemma3" | "gemma3_text" => Ok(Family::Gemma3),
-            other => bail!(
-                "unsupported architecture '{other}': outlierlab runs llama, qwen2 and gemma3 (text) \
-                 models (SmolLM2, Llama, Qwen2/2.5, Gemma 3); a new family needs its own file in src/model/"
-            ),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-            Family::Gemma3 => "gemma3",
-        }
-    }
-}
+pub use crate::model::arch::Family;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -68,6 +38,13 @@ pub struct Config {
     /// Llama 3.x: the rotary frequencies rescaled for a longer context (`rope_type: llama3`).
     #[serde(default)]
     pub rope_scaling: Option<Llama3Rope>,
+    /// Mistral, Phi-3: every layer attends within `sliding_window` (not one in a pattern).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_sliding: bool,
+    /// Biases on the q, k, v and o projections (config.json `attention_bias`; Qwen2's q, k and
+    /// v biases are its family's, not this).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
 }
 
 /// Llama 3.x's rotary scaling: frequencies whose wavelength exceeds the original context over
@@ -107,9 +84,20 @@ impl Llama3Rope {
         }
     }
 
+    /// As config.json's `rope_scaling` writes it.
+    pub fn to_hf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        })
+    }
+
     /// From config.json's `rope_scaling` (or transformers 5's `rope_parameters`): `None` for
     /// the default rotary embedding, an error for a kind this runtime does not implement.
-    fn from_hf(v: &serde_json::Value) -> Result<Option<Llama3Rope>> {
+    pub(crate) fn from_hf(v: &serde_json::Value) -> Result<Option<Llama3Rope>> {
         let Some(r) = v
             .get("rope_scaling")
             .filter(|r| !r.is_null())
@@ -144,17 +132,12 @@ impl Llama3Rope {
     }
 }
 
-/// What Gemma 3's GGUF metadata leaves out, as llama.cpp and transformers fill it in: every
-/// sixth layer is global, local layers rotate with base 10,000, queries scale by head_dim^−½.
-pub const GEMMA3_SLIDING_PATTERN: usize = 6;
-pub const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
-
 impl Config {
     /// Whether layer `i` attends within a sliding window (with the local rotary base).
     pub fn is_sliding(&self, i: usize) -> bool {
         self.sliding_window.is_some()
-            && self.sliding_pattern > 0
-            && !(i + 1).is_multiple_of(self.sliding_pattern)
+            && (self.all_sliding
+                || (self.sliding_pattern > 0 && !(i + 1).is_multiple_of(self.sliding_pattern)))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -200,7 +183,8 @@ impl Config {
             .and_then(|x| x.as_u64())
             .map(|x| x as usize)
             .unwrap_or(hidden_size / num_heads);
-        let cfg = Config {
+        let arch = family.arch();
+        let mut cfg = Config {
             family,
             hidden_size,
             intermediate_size: get("intermediate_size")?,
@@ -214,6 +198,7 @@ impl Config {
                 .unwrap_or(1e-6),
             rope_theta: v
                 .get("rope_theta")
+                .or_else(|| v.pointer("/rope_parameters/rope_theta"))
                 .and_then(|x| x.as_f64())
                 .unwrap_or(10000.0),
             vocab_size: get("vocab_size")?,
@@ -221,8 +206,7 @@ impl Config {
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(|x| x.as_bool())
-                // Gemma ties its head to the embeddings unless it says otherwise.
-                .unwrap_or(family == Family::Gemma3),
+                .unwrap_or(arch.gemma_conventions),
             sliding_window: None,
             sliding_pattern: 0,
             rope_local_theta: None,
@@ -230,63 +214,20 @@ impl Config {
             final_logit_softcapping: None,
             attn_logit_softcapping: None,
             rope_scaling: None,
+            all_sliding: false,
+            attention_bias: false,
         };
-        let mut cfg = cfg;
-        if family != Family::Gemma3 {
-            cfg.rope_scaling = Llama3Rope::from_hf(&v)?;
-            if let Some(t) = v
-                .pointer("/rope_parameters/rope_theta")
-                .and_then(|x| x.as_f64())
-            {
-                cfg.rope_theta = t;
-            }
-        } else {
-            let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-            cfg.sliding_window = v
-                .get("sliding_window")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize);
-            // Newer configs list each layer's type; older ones give the pattern.
-            cfg.sliding_pattern = match v.get("layer_types").and_then(|x| x.as_array()) {
-                Some(types) => types
-                    .iter()
-                    .position(|t| t.as_str() == Some("full_attention"))
-                    .map_or(0, |i| i + 1),
-                None => v
-                    .get("sliding_window_pattern")
-                    .and_then(|x| x.as_u64())
-                    .map_or(GEMMA3_SLIDING_PATTERN, |x| x as usize),
-            };
-            cfg.rope_local_theta = f("rope_local_base_freq")
-                .or_else(|| {
-                    v.pointer("/rope_parameters/sliding_attention/rope_theta")
-                        .and_then(|x| x.as_f64())
-                })
-                .or(Some(GEMMA3_LOCAL_THETA));
-            if let Some(t) = v
-                .pointer("/rope_parameters/full_attention/rope_theta")
-                .and_then(|x| x.as_f64())
-            {
-                cfg.rope_theta = t;
-            }
-            cfg.query_pre_attn_scalar = f("query_pre_attn_scalar");
-            cfg.final_logit_softcapping = f("final_logit_softcapping");
-            cfg.attn_logit_softcapping = f("attn_logit_softcapping");
-        }
+        (arch.read_hf)(&v, &mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The config.json that Hugging Face transformers needs to load an exported model.
     pub fn to_hf_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
-        let (arch, model_type) = match self.family {
-            Family::Llama => ("LlamaForCausalLM", "llama"),
-            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-            Family::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
-        };
+        let arch = self.family.arch();
         let mut j = serde_json::json!({
-            "architectures": [arch],
-            "model_type": model_type,
+            "architectures": [arch.hf_class],
+            "model_type": arch.hf_model_type,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -299,49 +240,12 @@ impl Config {
             "max_position_embeddings": self.context_length,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
-            "attention_bias": self.family == Family::Qwen2,
             "bos_token_id": bos,
             "eos_token_id": eos,
             "torch_dtype": "float32",
         });
-        if let (Some(r), Some(o)) = (&self.rope_scaling, j.as_object_mut()) {
-            o.insert(
-                "rope_scaling".into(),
-                serde_json::json!({
-                    "rope_type": "llama3",
-                    "factor": r.factor,
-                    "low_freq_factor": r.low_freq_factor,
-                    "high_freq_factor": r.high_freq_factor,
-                    "original_max_position_embeddings": r.original_max_position_embeddings,
-                }),
-            );
-        }
-        if self.family == Family::Gemma3 {
-            let types: Vec<&str> = (0..self.num_layers)
-                .map(|i| {
-                    if self.is_sliding(i) {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                })
-                .collect();
-            let extra = serde_json::json!({
-                "hidden_activation": "gelu_pytorch_tanh",
-                "sliding_window": self.sliding_window,
-                "layer_types": types,
-                "rope_parameters": {
-                    "full_attention": {"rope_theta": self.rope_theta, "rope_type": "default"},
-                    "sliding_attention": {"rope_theta": self.rope_local_theta.unwrap_or(GEMMA3_LOCAL_THETA), "rope_type": "default"},
-                },
-                "query_pre_attn_scalar": self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64),
-                "final_logit_softcapping": self.final_logit_softcapping,
-                "attn_logit_softcapping": self.attn_logit_softcapping,
-            });
-            if let (Some(o), Some(e)) = (j.as_object_mut(), extra.as_object()) {
-                o.remove("hidden_act");
-                o.extend(e.clone());
-            }
+        if let Some(o) = j.as_object_mut() {
+            (arch.write_hf)(self, o);
         }
         j
     }

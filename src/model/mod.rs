@@ -13,7 +13,7 @@ pub mod kernels;
 pub mod load;
 
 // The paths the rest of the crate (and the tests) name, whichever folder holds the file.
-pub use arch::{gemma3, llama, qwen2};
+pub use arch::{gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
 pub use kernels::{attention, bf16, cpu, norm, pool, screen, swiglu};
 pub use load::{chat, export, gguf, hf, source, tokenizer};
 
@@ -35,7 +35,12 @@ pub struct Weights {
     pub tensors: HashMap<String, Tensor>,
     pub origin: String,
     reader: Option<TensorReader>,
+    /// Makes the tensors a model asks for by name and shape (random checkpoints: `load::synth`).
+    maker: Option<TensorMaker>,
 }
+
+/// Makes a tensor of a given name and shape.
+pub type TensorMaker = Box<dyn FnMut(&str, &[usize]) -> Result<Tensor> + Send>;
 
 impl Weights {
     /// Tensors already in memory.
@@ -44,6 +49,7 @@ impl Weights {
             tensors,
             origin,
             reader: None,
+            maker: None,
         }
     }
 
@@ -53,6 +59,17 @@ impl Weights {
             tensors: HashMap::new(),
             origin,
             reader: Some(reader),
+            maker: None,
+        }
+    }
+
+    /// `tensors`, and every other tensor with a known shape made by `maker` when taken.
+    pub fn making(tensors: HashMap<String, Tensor>, maker: TensorMaker, origin: String) -> Weights {
+        Weights {
+            tensors,
+            origin,
+            reader: None,
+            maker: Some(maker),
         }
     }
 
@@ -78,6 +95,11 @@ impl Weights {
     }
 
     pub fn take_shaped(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        if let Some(make) = &mut self.maker {
+            if !self.tensors.contains_key(name) {
+                return make(name, dims);
+            }
+        }
         let t = self.take(name)?;
         if t.dims() != dims {
             bail!(
@@ -330,6 +352,39 @@ impl Precision {
 }
 
 impl Linear {
+    /// A fused projection split by output rows (Phi-3's `qkv_proj`, `gate_up_proj`), in order.
+    pub fn split_rows<const N: usize>(&self, rows: [usize; N]) -> Result<[Linear; N]> {
+        if rows.iter().sum::<usize>() != self.out {
+            bail!(
+                "a fused matrix of {} rows cannot be split into {rows:?}",
+                self.out
+            );
+        }
+        let (w, mut start) = (self.weight(), 0);
+        let mut out = Vec::with_capacity(N);
+        for n in rows {
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| b.narrow(0, start, n))
+                .transpose()?;
+            out.push(Linear::new(w.narrow(0, start, n)?.contiguous()?, bias)?);
+            start += n;
+        }
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+    }
+
+    /// The matrices stacked by rows again, in f32 (export of a fused projection).
+    pub fn fuse_rows(parts: &[&Linear]) -> Result<Linear> {
+        let ws: Vec<Tensor> = parts.iter().map(|l| l.weight()).collect();
+        let biases: Option<Vec<Tensor>> = parts.iter().map(|l| l.bias.clone()).collect();
+        let bias = match biases {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None => None,
+        };
+        Linear::new(Tensor::cat(&ws, 0)?, bias)
+    }
+
     /// Its weight (and bias, if any) under `{prefix}.weight` / `{prefix}.bias`, for export.
     pub fn named(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = vec![(format!("{prefix}.weight"), self.weight())];
@@ -691,11 +746,7 @@ impl Model {
         };
         let mut layers: Vec<Box<dyn DecoderLayer>> = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let mut layer: Box<dyn DecoderLayer> = match config.family {
-                Family::Llama => Box::new(llama::LlamaLayer::load(&config, &mut w, i, false)?),
-                Family::Qwen2 => qwen2::load_layer(&config, &mut w, i)?,
-                Family::Gemma3 => Box::new(gemma3::Gemma3Layer::load(&config, &mut w, i)?),
-            };
+            let mut layer = (config.family.arch().load_layer)(&config, &mut w, i)?;
             if bf16 {
                 for lin in layer.linears_mut() {
                     lin.to_bf16()?;
@@ -703,7 +754,7 @@ impl Model {
             }
             layers.push(layer);
         }
-        let gemma = config.family == Family::Gemma3;
+        let gemma = config.family.arch().gemma_conventions;
         let norm_offset = if gemma { 1.0 } else { 0.0 };
         let norm = (w.take_shaped("model.norm.weight", &[d])? + norm_offset)?;
         let hd = config.head_dim;
@@ -718,10 +769,14 @@ impl Model {
         if let Some(r) = &config.rope_scaling {
             r.apply(&mut inv_freq);
         }
-        let inv_freq_local = config
-            .sliding_window
-            .and(config.rope_local_theta)
-            .map(|t| freqs(t as f32));
+        // Local layers rotate as the global ones unless they have their own base (Gemma 3).
+        let inv_freq_local = config.sliding_window.and(config.rope_local_theta).map(|t| {
+            if t == config.rope_theta {
+                inv_freq.clone()
+            } else {
+                freqs(t as f32)
+            }
+        });
         let embed_scale = gemma.then(|| (d as f32).sqrt());
         let mut m = Model {
             config,

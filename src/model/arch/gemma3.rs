@@ -7,9 +7,111 @@
 //! Weights are held under Hugging Face names and in its convention (norm weights centred on 0);
 //! the (1 + w) each norm multiplies by is formed once at load time.
 
+use crate::model::arch::{Arch, Family};
 use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
 use anyhow::Result;
 use candle_core::Tensor;
+use serde_json::{Map, Value};
+
+pub const ARCH: Arch = Arch {
+    family: Family::Gemma3,
+    name: "gemma3",
+    model_types: &["gemma3", "gemma3_text"],
+    hf_class: "Gemma3ForCausalLM",
+    hf_model_type: "gemma3_text",
+    gemma_conventions: true,
+    read_hf,
+    write_hf,
+    load_layer: |cfg, w, i| Ok(Box::new(Gemma3Layer::load(cfg, w, i, true)?)),
+};
+
+/// What Gemma 3's GGUF metadata leaves out, as llama.cpp and transformers fill it in: every
+/// sixth layer is global, local layers rotate with base 10,000, queries scale by head_dim^−½.
+pub const GEMMA3_SLIDING_PATTERN: usize = 6;
+pub const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
+
+fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {
+    read_gemma_attention(v, cfg, GEMMA3_SLIDING_PATTERN);
+    cfg.rope_local_theta = crate::model::arch::number(v, "rope_local_base_freq")
+        .or_else(|| {
+            v.pointer("/rope_parameters/sliding_attention/rope_theta")
+                .and_then(|x| x.as_f64())
+        })
+        .or(Some(GEMMA3_LOCAL_THETA));
+    if let Some(t) = v
+        .pointer("/rope_parameters/full_attention/rope_theta")
+        .and_then(|x| x.as_f64())
+    {
+        cfg.rope_theta = t;
+    }
+    Ok(())
+}
+
+/// The keys Gemma 2 and 3 share: the sliding window and which layers use it (newer configs
+/// list each layer's type, older ones give the pattern), the query scale, the soft-caps.
+pub(crate) fn read_gemma_attention(v: &Value, cfg: &mut Config, default_pattern: usize) {
+    let f = |k: &str| crate::model::arch::number(v, k);
+    cfg.sliding_window = crate::model::arch::sliding_window(v);
+    cfg.sliding_pattern = match v.get("layer_types").and_then(|x| x.as_array()) {
+        Some(types) => types
+            .iter()
+            .position(|t| t.as_str() == Some("full_attention"))
+            .map_or(0, |i| i + 1),
+        None => v
+            .get("sliding_window_pattern")
+            .and_then(|x| x.as_u64())
+            .map_or(default_pattern, |x| x as usize),
+    };
+    cfg.query_pre_attn_scalar = f("query_pre_attn_scalar");
+    cfg.final_logit_softcapping = f("final_logit_softcapping");
+    cfg.attn_logit_softcapping = f("attn_logit_softcapping");
+}
+
+/// The keys Gemma 2 and 3 share, for export.
+pub(crate) fn write_gemma_attention(cfg: &Config, j: &mut Map<String, Value>) {
+    let types: Vec<&str> = (0..cfg.num_layers)
+        .map(|i| {
+            if cfg.is_sliding(i) {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
+    j.remove("hidden_act");
+    j.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+    j.insert("sliding_window".into(), cfg.sliding_window.into());
+    j.insert("layer_types".into(), types.into());
+    // transformers' Gemma 2 config takes only a whole number here.
+    let scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f64);
+    j.insert(
+        "query_pre_attn_scalar".into(),
+        if scalar.fract() == 0.0 {
+            (scalar as u64).into()
+        } else {
+            scalar.into()
+        },
+    );
+    j.insert(
+        "final_logit_softcapping".into(),
+        cfg.final_logit_softcapping.into(),
+    );
+    j.insert(
+        "attn_logit_softcapping".into(),
+        cfg.attn_logit_softcapping.into(),
+    );
+}
+
+fn write_hf(cfg: &Config, j: &mut Map<String, Value>) {
+    write_gemma_attention(cfg, j);
+    j.insert(
+        "rope_parameters".into(),
+        serde_json::json!({
+            "full_attention": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": cfg.rope_local_theta.unwrap_or(GEMMA3_LOCAL_THETA), "rope_type": "default"},
+        }),
+    );
+}
 
 pub struct Gemma3Layer {
     pub q_proj: Linear,
@@ -41,7 +143,8 @@ const NORMS: [&str; 6] = [
 ];
 
 impl Gemma3Layer {
-    pub fn load(cfg: &Config, w: &mut Weights, i: usize) -> Result<Gemma3Layer> {
+    /// `qk_norm`: Gemma 3 norms every query and key head; Gemma 2 does not.
+    pub fn load(cfg: &Config, w: &mut Weights, i: usize, qk_norm: bool) -> Result<Gemma3Layer> {
         let d = cfg.hidden_size;
         let (h, kv, hd, ff) = (
             cfg.num_heads,
@@ -65,6 +168,9 @@ impl Gemma3Layer {
         let down_proj = lin("mlp.down_proj", d, ff)?;
         let mut norms = Vec::new();
         for name in NORMS {
+            if !qk_norm && name.starts_with("self_attn") {
+                continue;
+            }
             let size = if name.starts_with("self_attn") { hd } else { d };
             let raw = w.take_shaped(&format!("{p}.{name}.weight"), &[size])?;
             let scale = (&raw + 1.0)?;
@@ -94,8 +200,16 @@ impl Gemma3Layer {
             .norms
             .iter()
             .find(|n| n.0 == which)
-            .expect("every Gemma 3 norm is loaded");
+            .expect("every norm of the block is loaded");
         crate::model::norm::rms_norm(x, scale, self.eps)
+    }
+
+    /// Gemma 3's norm of each query or key head; Gemma 2 has none.
+    fn head_norm(&self, which: &str, x: Tensor) -> Result<Tensor> {
+        match self.norms.iter().any(|n| n.0 == which) {
+            true => self.norm(which, &x),
+            false => Ok(x),
+        }
     }
 
     fn attention(
@@ -110,8 +224,8 @@ impl Gemma3Layer {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.norm("self_attn.q_norm", &heads(q, h)?)?;
-        let k = self.norm("self_attn.k_norm", &heads(k, kv)?)?;
+        let q = self.head_norm("self_attn.q_norm", heads(q, h)?)?;
+        let k = self.head_norm("self_attn.k_norm", heads(k, kv)?)?;
         let v = heads(v, kv)?;
         let (cos, sin, mask) = match (&ctx.local, self.sliding) {
             (Some(l), true) => (&l.cos, &l.sin, &l.mask),

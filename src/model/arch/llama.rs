@@ -1,9 +1,76 @@
-//! Llama decoder block (SmolLM2, Llama 2/3): pre-RMSNorm, grouped-query attention with rotary
-//! embeddings (half-rotation layout, as transformers), SwiGLU MLP.
+//! Llama decoder block (SmolLM2, Llama 2/3.x): pre-RMSNorm, grouped-query attention with rotary
+//! embeddings (half-rotation layout, as transformers; Llama 3's `llama3` scaling), SwiGLU MLP.
+//! Mistral, Qwen2, Qwen3 and Phi-3 are this block with a variation each, named in
+//! [`LlamaOptions`] and chosen in their own files.
 
+use crate::model::arch::{self, Arch, Family};
 use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
+use serde_json::{Map, Value};
+
+pub const ARCH: Arch = Arch {
+    family: Family::Llama,
+    name: "llama",
+    model_types: &["llama"],
+    hf_class: "LlamaForCausalLM",
+    hf_model_type: "llama",
+    gemma_conventions: false,
+    read_hf,
+    write_hf,
+    load_layer: |cfg, w, i| {
+        Ok(Box::new(LlamaLayer::load(
+            cfg,
+            w,
+            i,
+            LlamaOptions::of(cfg),
+        )?))
+    },
+};
+
+fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {
+    read_silu(v)?;
+    arch::read_attention_bias(v, cfg)?;
+    arch::read_rope_scaling(v, cfg)
+}
+
+fn write_hf(cfg: &Config, j: &mut Map<String, Value>) {
+    j.insert("attention_bias".into(), cfg.attention_bias.into());
+    arch::write_rope_scaling(cfg, j);
+}
+
+/// The Llama-like families' MLP activation is SiLU; another one is refused rather than run wrong.
+pub(crate) fn read_silu(v: &Value) -> Result<()> {
+    match v.get("hidden_act").and_then(|x| x.as_str()) {
+        None | Some("silu") => Ok(()),
+        Some(other) => bail!(
+            "config.json: `hidden_act: {other}` is not implemented for this family (its MLP is SwiGLU with silu)"
+        ),
+    }
+}
+
+/// How a family's block differs from Llama's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlamaOptions {
+    /// Biases on q, k and v (Qwen2).
+    pub qkv_bias: bool,
+    /// Biases on q, k, v and o (`attention_bias: true`).
+    pub attention_bias: bool,
+    /// RMSNorm over each query and key head before the rotation (Qwen3).
+    pub qk_norm: bool,
+    /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (Phi-3); split at load,
+    /// fused again for export.
+    pub fused: bool,
+}
+
+impl LlamaOptions {
+    pub fn of(cfg: &Config) -> LlamaOptions {
+        LlamaOptions {
+            attention_bias: cfg.attention_bias,
+            ..Default::default()
+        }
+    }
+}
 
 pub struct LlamaLayer {
     pub input_layernorm: Tensor,
@@ -15,15 +82,20 @@ pub struct LlamaLayer {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// Qwen3's per-head norms of queries and keys.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     eps: f32,
+    fused: bool,
+    /// Attends within the sliding window (Mistral, Phi-3 with `sliding_window` set).
+    sliding: bool,
 }
 
 impl LlamaLayer {
-    /// `qkv_bias`: Qwen2 adds biases to the q, k and v projections; Llama has none.
-    pub fn load(cfg: &Config, w: &mut Weights, i: usize, qkv_bias: bool) -> Result<LlamaLayer> {
+    pub fn load(cfg: &Config, w: &mut Weights, i: usize, o: LlamaOptions) -> Result<LlamaLayer> {
         let d = cfg.hidden_size;
         let (h, kv, hd, ff) = (
             cfg.num_heads,
@@ -41,13 +113,37 @@ impl LlamaLayer {
             };
             Linear::new(weight, bias)
         };
-        let q_proj = lin("self_attn.q_proj", h * hd, d, qkv_bias)?;
-        let k_proj = lin("self_attn.k_proj", kv * hd, d, qkv_bias)?;
-        let v_proj = lin("self_attn.v_proj", kv * hd, d, qkv_bias)?;
-        let o_proj = lin("self_attn.o_proj", d, h * hd, false)?;
-        let gate_proj = lin("mlp.gate_proj", ff, d, false)?;
-        let up_proj = lin("mlp.up_proj", ff, d, false)?;
+        let qkv_bias = o.qkv_bias || o.attention_bias;
+        let ([q_proj, k_proj, v_proj], [gate_proj, up_proj]) = if o.fused {
+            let qkv = lin("self_attn.qkv_proj", (h + 2 * kv) * hd, d, qkv_bias)?;
+            let gate_up = lin("mlp.gate_up_proj", 2 * ff, d, false)?;
+            (
+                qkv.split_rows([h * hd, kv * hd, kv * hd])?,
+                gate_up.split_rows([ff, ff])?,
+            )
+        } else {
+            (
+                [
+                    lin("self_attn.q_proj", h * hd, d, qkv_bias)?,
+                    lin("self_attn.k_proj", kv * hd, d, qkv_bias)?,
+                    lin("self_attn.v_proj", kv * hd, d, qkv_bias)?,
+                ],
+                [
+                    lin("mlp.gate_proj", ff, d, false)?,
+                    lin("mlp.up_proj", ff, d, false)?,
+                ],
+            )
+        };
+        let o_proj = lin("self_attn.o_proj", d, h * hd, o.attention_bias)?;
         let down_proj = lin("mlp.down_proj", d, ff, false)?;
+        let (q_norm, k_norm) = if o.qk_norm {
+            (
+                Some(w.take_shaped(&format!("{p}.self_attn.q_norm.weight"), &[hd])?),
+                Some(w.take_shaped(&format!("{p}.self_attn.k_norm.weight"), &[hd])?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(LlamaLayer {
             input_layernorm: w.take_shaped(&format!("{p}.input_layernorm.weight"), &[d])?,
             post_attention_layernorm: w
@@ -59,10 +155,14 @@ impl LlamaLayer {
             gate_proj,
             up_proj,
             down_proj,
+            q_norm,
+            k_norm,
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
             eps: cfg.rms_norm_eps as f32,
+            fused: o.fused,
+            sliding: cfg.is_sliding(i),
         })
     }
 
@@ -78,15 +178,22 @@ impl LlamaLayer {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let (q, k, v) = (heads(q, h)?, heads(k, kv)?, heads(v, kv)?);
-        let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
+        let (mut q, mut k, v) = (heads(q, h)?, heads(k, kv)?, heads(v, kv)?);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = crate::model::norm::rms_norm(&q, qn, self.eps)?;
+            k = crate::model::norm::rms_norm(&k, kn, self.eps)?;
+        }
+        let (cos, sin, mask) = match (&ctx.local, self.sliding) {
+            (Some(l), true) => (&l.cos, &l.sin, &l.mask),
+            _ => (&ctx.cos, &ctx.sin, &ctx.mask),
+        };
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
             None => (k, v),
         };
-        let y =
-            crate::model::attention::attend(&q, &k, &v, &ctx.mask, 1.0 / (hd as f64).sqrt(), None)?;
+        let y = crate::model::attention::attend(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt(), None)?;
         let y = match &ctx.attends {
             Some(keep) => y.broadcast_mul(keep)?,
             None => y,
@@ -152,15 +259,34 @@ impl DecoderLayer for LlamaLayer {
                 self.post_attention_layernorm.clone(),
             ),
         ];
-        for (name, l) in [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
-        ] {
+        for (name, t) in [("q_norm", &self.q_norm), ("k_norm", &self.k_norm)] {
+            if let Some(t) = t {
+                out.push((format!("{p}.self_attn.{name}.weight"), t.clone()));
+            }
+        }
+        let mut linears = vec![
+            ("self_attn.o_proj", self.o_proj.clone()),
+            ("mlp.down_proj", self.down_proj.clone()),
+        ];
+        if self.fused {
+            let fuse = |ls: &[&Linear]| Linear::fuse_rows(ls).expect("fused at load, so fusable");
+            linears.push((
+                "self_attn.qkv_proj",
+                fuse(&[&self.q_proj, &self.k_proj, &self.v_proj]),
+            ));
+            linears.push(("mlp.gate_up_proj", fuse(&[&self.gate_proj, &self.up_proj])));
+        } else {
+            for (name, l) in [
+                ("self_attn.q_proj", &self.q_proj),
+                ("self_attn.k_proj", &self.k_proj),
+                ("self_attn.v_proj", &self.v_proj),
+                ("mlp.gate_proj", &self.gate_proj),
+                ("mlp.up_proj", &self.up_proj),
+            ] {
+                linears.push((name, l.clone()));
+            }
+        }
+        for (name, l) in linears {
             out.extend(l.named(&format!("{p}.{name}")));
         }
         out

@@ -159,6 +159,12 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let arch = meta_str(m, "general.architecture")
         .context("GGUF metadata has no 'general.architecture'")?;
     let family = Family::from_name(&arch)?;
+    if !matches!(family, Family::Llama | Family::Qwen2 | Family::Gemma3) {
+        bail!(
+            "{shown}: GGUF files of the {} family are not read (llama, qwen2 and gemma3 are); load its Hugging Face folder (config.json and *.safetensors) instead",
+            family.name()
+        );
+    }
     let a = |k: &str| format!("{arch}.{k}");
     let hidden_size = meta_u(m, &a("embedding_length"))?;
     let num_heads = meta_u(m, &a("attention.head_count"))?;
@@ -184,12 +190,14 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         final_logit_softcapping: meta_f(m, &a("final_logit_softcapping")),
         attn_logit_softcapping: meta_f(m, &a("attn_logit_softcapping")),
         rope_scaling: None,
+        all_sliding: false,
+        attention_bias: false,
     };
     let mut config = config;
     if family == Family::Gemma3 {
         config.sliding_window = meta_u(m, &a("attention.sliding_window")).ok();
-        config.sliding_pattern = crate::model::config::GEMMA3_SLIDING_PATTERN;
-        config.rope_local_theta = Some(crate::model::config::GEMMA3_LOCAL_THETA);
+        config.sliding_pattern = crate::model::gemma3::GEMMA3_SLIDING_PATTERN;
+        config.rope_local_theta = Some(crate::model::gemma3::GEMMA3_LOCAL_THETA);
         config.query_pre_attn_scalar = Some(config.head_dim as f64);
     }
     config.validate()?;

@@ -185,3 +185,144 @@ pub fn write_llama3_reference(dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )
 }
+
+/// A random-weight model of any family from a config.json's text: every tensor the family's
+/// file asks for, made from `seed` and the tensor's name (so a tensor's values do not depend
+/// on the order it is read in), rounded to bf16 so that the checkpoint written from it holds
+/// exactly these values. Norm weights lie around the family's identity (1, or 0 under Gemma's
+/// 1 + w), matrices uniform in ±√(3 / inputs) (unit-variance outputs), biases in ±0.1.
+pub fn tiny_model(config_json: &str, seed: u64) -> Result<crate::model::Model> {
+    use crate::model::{Config, Model, Weights};
+    let config = Config::from_hf_json(config_json)?;
+    let gemma = config.family.arch().gemma_conventions;
+    let make = move |name: &str, dims: &[usize]| -> Result<candle_core::Tensor> {
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed ^ fnv1a(name));
+        let n: usize = dims.iter().product();
+        let mut uniform =
+            |a: f32| 2.0 * a * ((rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32) - a;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let x = if name.ends_with("norm.weight") {
+                    let centre = if gemma { 0.0 } else { 1.0 };
+                    centre + uniform(0.25)
+                } else if name.ends_with(".bias") {
+                    uniform(0.1)
+                } else {
+                    uniform((3.0 / *dims.last().unwrap_or(&1) as f32).sqrt())
+                };
+                half::bf16::from_f32(x).to_f32()
+            })
+            .collect();
+        Ok(candle_core::Tensor::from_vec(
+            values,
+            dims,
+            &candle_core::Device::Cpu,
+        )?)
+    };
+    let mut make: crate::model::TensorMaker = Box::new(make);
+    // The embeddings (and an untied head) are read without a shape; made here.
+    let (v, d) = (config.vocab_size, config.hidden_size);
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".to_string(),
+        make("model.embed_tokens.weight", &[v, d])?,
+    );
+    if !config.tie_word_embeddings {
+        tensors.insert(
+            "lm_head.weight".to_string(),
+            make("lm_head.weight", &[v, d])?,
+        );
+    }
+    let w = Weights::making(tensors, make, "a random-weight checkpoint".into());
+    Model::new(config, w)
+}
+
+/// FNV-1a of a name: a tensor's own seed.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Writes `model` as a Hugging Face folder's weights (`model.safetensors`, in `dtype`) and
+/// `config_json` beside them, as given (a config transformers' own config class wrote).
+pub fn write_model(
+    model: &crate::model::Model,
+    config_json: &str,
+    dir: &Path,
+    dtype: candle_core::DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    crate::fs::write_atomic_at(&dir.join("model.safetensors"), |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })?;
+    crate::fs::write_atomic(&dir.join("config.json"), config_json.as_bytes())
+}
+
+/// Copies a model folder's tokenizer files (tokenizer.json, its config with the chat template,
+/// a separate chat template) into `dir`, so that a random-weight checkpoint can be prompted.
+pub fn copy_tokenizer(from: &Path, dir: &Path) -> Result<()> {
+    if !from.join("tokenizer.json").is_file() {
+        anyhow::bail!("{} has no tokenizer.json to copy", from.display());
+    }
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    ] {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(f))
+                .with_context(|| format!("cannot copy {} into {}", src.display(), dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The edit the family references check (tests/fixtures/reference/scripts/families.py): each
+/// layer its own direction, `v_l[i] ∝ sin(0.37 i + 0.1 l + 0.2)` for hidden state l, heretic's
+/// kernel on both writers, no row normalisation (ΔW = −λ v (vᵀ W), heretic's `none`).
+pub fn reference_edit(
+    layers: usize,
+    hidden: usize,
+) -> (crate::direction::Directions, crate::ablate::AblationParams) {
+    use crate::ablate::{AblationParams, Kernel, RowNorm};
+    let dirs = (0..=layers)
+        .map(|l| {
+            let v: Vec<f64> = (0..hidden)
+                .map(|i| (0.37 * i as f64 + 0.1 * l as f64 + 0.2).sin())
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| (x / n) as f32).collect()
+        })
+        .collect();
+    let params = AblationParams {
+        direction_index: None,
+        attn: Kernel {
+            max_weight: 1.2,
+            max_weight_position: 1.0,
+            min_weight: 0.4,
+            min_weight_distance: 2.0,
+        },
+        mlp: Kernel {
+            max_weight: 0.9,
+            max_weight_position: 2.0,
+            min_weight: 0.3,
+            min_weight_distance: 1.5,
+        },
+        row_norm: RowNorm::None,
+    };
+    (
+        crate::direction::Directions {
+            dirs,
+            orthogonalized: false,
+        },
+        params,
+    )
+}
