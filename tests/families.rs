@@ -169,3 +169,59 @@ fn gemma2_matches_transformers() {
 fn phi3_matches_transformers() {
     check("phi3");
 }
+
+/// `generate`, `detect` and `abliterate` on a local Hugging Face folder of each family (the
+/// tiny checkpoint with a byte-level tokenizer): they run to the end and say what they did.
+#[test]
+fn the_commands_run_on_a_local_folder_of_each_family() {
+    let bin = env!("CARGO_BIN_EXE_outlierlab");
+    for family in ["mistral", "qwen3", "gemma2", "phi3"] {
+        let tiny = common::fixtures_dir().join("tiny");
+        let config = std::fs::read_to_string(tiny.join(format!("{family}/config.json"))).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let m = synth::tiny_model(&config, 5).unwrap();
+        synth::write_model(&m, &config, tmp.path(), candle_core::DType::BF16).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tiny.join("byte-tokenizer").join(f), tmp.path().join(f)).unwrap();
+        }
+        let dir = tmp.path().to_str().unwrap();
+        let run = |args: &[&str]| -> String {
+            let out = std::process::Command::new(bin).args(args).output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{family}: {args:?} failed:\n{text}");
+            text
+        };
+        let g = run(&[
+            "generate",
+            "--model",
+            dir,
+            "--max-new-tokens",
+            "4",
+            "Hello there",
+        ]);
+        assert!(g.contains("generating: 1/1, done"), "{family}: {g}");
+        let d = run(&["detect", "--model", dir, "--prompt", "Hello there"]);
+        assert!(
+            d.contains(&format!("model {dir}")) && d.contains("4 hidden states"),
+            "{family}: {d}"
+        );
+        let a = run(&[
+            "abliterate",
+            "--model",
+            dir,
+            "--direction-prompts",
+            "8",
+            "--eval-prompts",
+            "4",
+            "--max-response-tokens",
+            "4",
+            "--precision",
+            "f32",
+        ]);
+        assert!(a.contains("none vs unedited"), "{family}: {a}");
+    }
+}
