@@ -181,9 +181,7 @@ fn the_commands_run_on_a_local_folder_of_each_family() {
         let tmp = tempfile::tempdir().unwrap();
         let m = synth::tiny_model(&config, 5).unwrap();
         synth::write_model(&m, &config, tmp.path(), candle_core::DType::BF16).unwrap();
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tiny.join("byte-tokenizer").join(f), tmp.path().join(f)).unwrap();
-        }
+        synth::copy_tokenizer(&tiny.join("byte-tokenizer"), tmp.path()).unwrap();
         let dir = tmp.path().to_str().unwrap();
         let run = |args: &[&str]| -> String {
             let out = std::process::Command::new(bin).args(args).output().unwrap();

@@ -25,7 +25,7 @@ pub struct Config {
     /// Gemma 3: every n-th layer (1-based) is global, the others local.
     #[serde(default)]
     pub sliding_pattern: usize,
-    /// Gemma 3: the rotary base of local layers.
+    /// Gemma 3: the rotary base of local layers (None: the global one).
     #[serde(default)]
     pub rope_local_theta: Option<f64>,
     /// Gemma 3: queries are scaled by this^−½ instead of head_dim^−½.

@@ -517,6 +517,16 @@ pub struct LocalAttention {
     pub mask: Tensor,
 }
 
+impl StepContext {
+    /// The rotary tables and mask a layer attends with: the local ones for a sliding layer.
+    pub fn tables(&self, sliding: bool) -> (&Tensor, &Tensor, &Tensor) {
+        match (&self.local, sliding) {
+            (Some(l), true) => (&l.cos, &l.sin, &l.mask),
+            _ => (&self.cos, &self.sin, &self.mask),
+        }
+    }
+}
+
 /// How the rows of padding positions are computed. Real tokens never attend to padding, so this
 /// changes nothing but the hidden states *at* pad positions — which only a detector that scans
 /// padding (PR #154's code) ever reads.
@@ -674,7 +684,7 @@ pub struct Model {
     /// The packed head quantised for greedy decoding's screen (where [`screen::chosen`]).
     head_screen: Option<std::sync::Arc<screen::Screen>>,
     inv_freq: Vec<f32>,
-    /// Local layers' rotary frequencies (Gemma 3).
+    /// Local layers' rotary frequencies where their base differs from the global one (Gemma 3).
     inv_freq_local: Option<Vec<f32>>,
     /// Embeddings are multiplied by this (Gemma: √d, rounded to f32 as transformers does).
     embed_scale: Option<f32>,
@@ -770,13 +780,11 @@ impl Model {
             r.apply(&mut inv_freq);
         }
         // Local layers rotate as the global ones unless they have their own base (Gemma 3).
-        let inv_freq_local = config.sliding_window.and(config.rope_local_theta).map(|t| {
-            if t == config.rope_theta {
-                inv_freq.clone()
-            } else {
-                freqs(t as f32)
-            }
-        });
+        let inv_freq_local = config
+            .sliding_window
+            .and(config.rope_local_theta)
+            .filter(|t| *t != config.rope_theta)
+            .map(|t| freqs(t as f32));
         let embed_scale = gemma.then(|| (d as f32).sqrt());
         let mut m = Model {
             config,
@@ -1082,10 +1090,15 @@ impl Model {
     ) -> Result<StepContext> {
         let (cos, sin) = self.rope_tables(positions, &self.inv_freq)?;
         let mask = self.attention_mask(key_mask, past, t, None)?;
-        let local = match &self.inv_freq_local {
-            Some(f) => {
-                let (cos, sin) = self.rope_tables(positions, f)?;
-                let mask = self.attention_mask(key_mask, past, t, self.config.sliding_window)?;
+        // Sliding layers: the windowed mask, and their own rotary tables only where their base
+        // differs (otherwise the global tables, shared).
+        let local = match self.config.sliding_window {
+            Some(window) => {
+                let (cos, sin) = match &self.inv_freq_local {
+                    Some(f) => self.rope_tables(positions, f)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                let mask = self.attention_mask(key_mask, past, t, Some(window))?;
                 Some(LocalAttention { cos, sin, mask })
             }
             None => None,

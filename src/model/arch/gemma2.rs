@@ -27,7 +27,6 @@ const SLIDING_PATTERN: usize = 2;
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {
     read_gemma_attention(v, cfg, SLIDING_PATTERN);
-    cfg.rope_local_theta = Some(cfg.rope_theta);
     if v.get("use_bidirectional_attention")
         .and_then(|x| x.as_bool())
         == Some(true)

@@ -227,10 +227,7 @@ impl Gemma3Layer {
         let q = self.head_norm("self_attn.q_norm", heads(q, h)?)?;
         let k = self.head_norm("self_attn.k_norm", heads(k, kv)?)?;
         let v = heads(v, kv)?;
-        let (cos, sin, mask) = match (&ctx.local, self.sliding) {
-            (Some(l), true) => (&l.cos, &l.sin, &l.mask),
-            _ => (&ctx.cos, &ctx.sin, &ctx.mask),
-        };
+        let (cos, sin, mask) = ctx.tables(self.sliding);
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache {

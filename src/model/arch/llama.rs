@@ -18,15 +18,18 @@ pub const ARCH: Arch = Arch {
     gemma_conventions: false,
     read_hf,
     write_hf,
-    load_layer: |cfg, w, i| {
-        Ok(Box::new(LlamaLayer::load(
-            cfg,
-            w,
-            i,
-            LlamaOptions::of(cfg),
-        )?))
-    },
+    load_layer,
 };
+
+/// The plain block (Llama, Mistral).
+pub(crate) fn load_layer(cfg: &Config, w: &mut Weights, i: usize) -> Result<Box<dyn DecoderLayer>> {
+    Ok(Box::new(LlamaLayer::load(
+        cfg,
+        w,
+        i,
+        LlamaOptions::default(),
+    )?))
+}
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {
     read_silu(v)?;
@@ -52,24 +55,13 @@ pub(crate) fn read_silu(v: &Value) -> Result<()> {
 /// How a family's block differs from Llama's.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LlamaOptions {
-    /// Biases on q, k and v (Qwen2).
+    /// Biases on q, k and v (Qwen2); `attention_bias` in the config adds them to o as well.
     pub qkv_bias: bool,
-    /// Biases on q, k, v and o (`attention_bias: true`).
-    pub attention_bias: bool,
     /// RMSNorm over each query and key head before the rotation (Qwen3).
     pub qk_norm: bool,
     /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (Phi-3); split at load,
     /// fused again for export.
     pub fused: bool,
-}
-
-impl LlamaOptions {
-    pub fn of(cfg: &Config) -> LlamaOptions {
-        LlamaOptions {
-            attention_bias: cfg.attention_bias,
-            ..Default::default()
-        }
-    }
 }
 
 pub struct LlamaLayer {
@@ -113,7 +105,7 @@ impl LlamaLayer {
             };
             Linear::new(weight, bias)
         };
-        let qkv_bias = o.qkv_bias || o.attention_bias;
+        let qkv_bias = o.qkv_bias || cfg.attention_bias;
         let ([q_proj, k_proj, v_proj], [gate_proj, up_proj]) = if o.fused {
             let qkv = lin("self_attn.qkv_proj", (h + 2 * kv) * hd, d, qkv_bias)?;
             let gate_up = lin("mlp.gate_up_proj", 2 * ff, d, false)?;
@@ -134,7 +126,7 @@ impl LlamaLayer {
                 ],
             )
         };
-        let o_proj = lin("self_attn.o_proj", d, h * hd, o.attention_bias)?;
+        let o_proj = lin("self_attn.o_proj", d, h * hd, cfg.attention_bias)?;
         let down_proj = lin("mlp.down_proj", d, ff, false)?;
         let (q_norm, k_norm) = if o.qk_norm {
             (
@@ -183,10 +175,7 @@ impl LlamaLayer {
             q = crate::model::norm::rms_norm(&q, qn, self.eps)?;
             k = crate::model::norm::rms_norm(&k, kn, self.eps)?;
         }
-        let (cos, sin, mask) = match (&ctx.local, self.sliding) {
-            (Some(l), true) => (&l.cos, &l.sin, &l.mask),
-            _ => (&ctx.cos, &ctx.sin, &ctx.mask),
-        };
+        let (cos, sin, mask) = ctx.tables(self.sliding);
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache {

@@ -2,7 +2,6 @@
 //! `sliding_window`, every layer attends within it (v0.1's 4,096), as transformers masks it.
 
 use crate::model::arch::{self, Arch, Family};
-use crate::model::llama::{LlamaLayer, LlamaOptions};
 use crate::model::Config;
 use anyhow::Result;
 use serde_json::{Map, Value};
@@ -16,14 +15,7 @@ pub const ARCH: Arch = Arch {
     gemma_conventions: false,
     read_hf,
     write_hf,
-    load_layer: |cfg, w, i| {
-        Ok(Box::new(LlamaLayer::load(
-            cfg,
-            w,
-            i,
-            LlamaOptions::default(),
-        )?))
-    },
+    load_layer: crate::model::llama::load_layer,
 };
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {

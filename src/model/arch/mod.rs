@@ -104,9 +104,6 @@ pub(crate) fn sliding_window(v: &Value) -> Option<usize> {
 pub(crate) fn read_window_on_every_layer(v: &Value, cfg: &mut Config) {
     cfg.sliding_window = sliding_window(v);
     cfg.all_sliding = cfg.sliding_window.is_some();
-    if cfg.all_sliding {
-        cfg.rope_local_theta = Some(cfg.rope_theta);
-    }
 }
 
 pub(crate) fn write_window(cfg: &Config, j: &mut Map<String, Value>) {

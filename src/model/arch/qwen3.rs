@@ -20,7 +20,7 @@ pub const ARCH: Arch = Arch {
     load_layer: |cfg, w, i| {
         let o = LlamaOptions {
             qk_norm: true,
-            ..LlamaOptions::of(cfg)
+            ..LlamaOptions::default()
         };
         Ok(Box::new(LlamaLayer::load(cfg, w, i, o)?))
     },

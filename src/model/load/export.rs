@@ -1,22 +1,27 @@
 //! Writing a (possibly edited) model as a Hugging Face folder: model.safetensors, config.json,
 //! tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json.
 
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Model};
 use anyhow::{anyhow, Context, Result};
+use candle_core::DType;
 use std::collections::HashMap;
 use std::path::Path;
 
-pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let tensors: HashMap<String, candle_core::Tensor> = lm
-        .model
+/// Every tensor of `model` under its Hugging Face name, in `dtype`, as `file` (safetensors).
+pub fn write_weights(model: &Model, file: &Path, dtype: DType) -> Result<()> {
+    let tensors: HashMap<String, candle_core::Tensor> = model
         .named_tensors()
         .into_iter()
-        .map(|(k, t)| Ok((k, t.contiguous()?)))
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    crate::fs::write_atomic_at(&out.join("model.safetensors"), |tmp| {
+    crate::fs::write_atomic_at(file, |tmp| {
         Ok(candle_core::safetensors::save(&tensors, tmp)?)
-    })?;
+    })
+}
+
+pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_weights(&lm.model, &out.join("model.safetensors"), DType::F32)?;
     let tok = &lm.tokenizer;
     let id = |t: &Option<String>| t.as_deref().and_then(|s| tok.inner.token_to_id(s));
     let eos = tok.stop_ids.first().copied().or(id(&tok.eos_token));

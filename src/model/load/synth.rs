@@ -253,14 +253,7 @@ pub fn write_model(
     dtype: candle_core::DType,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> = model
-        .named_tensors()
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    crate::fs::write_atomic_at(&dir.join("model.safetensors"), |tmp| {
-        Ok(candle_core::safetensors::save(&tensors, tmp)?)
-    })?;
+    crate::model::export::write_weights(model, &dir.join("model.safetensors"), dtype)?;
     crate::fs::write_atomic(&dir.join("config.json"), config_json.as_bytes())
 }
 
