@@ -1276,3 +1276,119 @@ fn bench_study_prints_each_phase_of_a_fresh_run() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("the folder exists"));
 }
+
+/// `abliterate` is a one-replicate study that keeps nothing: the same prompts, the same detected
+/// dims and the same per-prompt scores as the study file that says the same.
+#[test]
+fn the_one_variant_command_scores_what_the_same_study_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("one.yaml");
+    std::fs::write(
+        &study,
+        "model: smollm2-135m-instruct
+precision: f32
+datasets:
+  direction:
+    good: {name: harmless-outlierlab, count: 8}
+    bad: {name: advbench, count: 8}
+  evaluation:
+    good: {name: harmless-outlierlab, count: 4, offset: 8}
+    bad: {name: advbench, count: 4, offset: 8}
+evaluation: {max_response_tokens: 6, over_refusal_tokens: 4}
+detection: {preset: pr154, set: {median_ratio: 300, mad_ratio: 300}}
+variants:
+  - name: none
+    handling: none
+  - name: protect
+    handling: protect-output-rows
+",
+    )
+    .unwrap();
+    let dir = tmp.path().join("run");
+    let out = run_cli(&study, &dir, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = rundir::read_results(&dir).unwrap();
+
+    let out = Command::new(bin())
+        .args([
+            "abliterate",
+            "--model",
+            "smollm2-135m-instruct",
+            "--precision",
+            "f32",
+            "--handling",
+            "protect-output-rows",
+            "--set",
+            "median_ratio=300",
+            "--set",
+            "mad_ratio=300",
+            "--direction-prompts",
+            "8",
+            "--eval-prompts",
+            "4",
+            "--max-response-tokens",
+            "6",
+            "--over-refusal-tokens",
+            "4",
+            "--json",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The command wrote nothing beside its output.
+    let mut left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["one.yaml", "run"]);
+
+    let rows = cli["results"].as_array().unwrap();
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).unwrap();
+    let per_prompt = |v: &serde_json::Value| -> (Vec<bool>, Vec<f64>, Vec<String>) {
+        let p = &v["per_prompt"];
+        (
+            serde_json::from_value(p["refused"].clone()).unwrap(),
+            serde_json::from_value(p["kl"].clone()).unwrap(),
+            serde_json::from_value(p["replies"].clone()).unwrap(),
+        )
+    };
+    let by_name = |name: &str| {
+        let id = &r
+            .plan
+            .variants
+            .iter()
+            .find(|v| v.variant.name == name)
+            .unwrap()
+            .id;
+        let a = r.assignments.iter().find(|a| &a.variant_id == id).unwrap();
+        let s = &r.scores[&(a.replicate, a.key.clone())];
+        (s.dims.clone(), s.outcome.clone())
+    };
+    for (cli_name, study_name) in [("none", "none"), ("protect-output-rows", "protect")] {
+        let (dims, o) = by_name(study_name);
+        let c = row(cli_name);
+        let got: Vec<u32> = serde_json::from_value(c["dims"].clone()).unwrap();
+        assert_eq!(got, dims, "{cli_name}: detected dims");
+        assert_eq!(per_prompt(c), (o.refused, o.kl, o.replies), "{cli_name}");
+    }
+    let base = &r.references[&0];
+    assert_eq!(
+        per_prompt(row("unedited")),
+        (base.refused.clone(), base.kl.clone(), base.replies.clone())
+    );
+    assert!(
+        !by_name("protect").0.is_empty(),
+        "the detection found no dims, so the test would not see a wrong one"
+    );
+}

@@ -1,12 +1,17 @@
 //! `outlierlab abliterate`: one handling, one edit, scored against the unedited model and the
 //! same edit without handling. Also the arguments `export` shares.
 
-use crate::datasets::Pair;
 use crate::detect;
+use crate::evaluate::EvalOptions;
 use crate::model::chat::DEFAULT_SYSTEM_PROMPT;
-use crate::model::{self, HiddenConvention, Precision};
+use crate::model::{self, Precision};
+use crate::pipeline::Variant;
+use crate::study::replicate;
+use crate::study::rundir::Timings;
+use crate::study::spec::{DatasetsSpec, PairSpec, Redraw, SetList, SetSpec};
 use crate::util::progress_bar as bar;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 
 /// Abliterate with one handling of massive activations and score it against the unedited
 /// model (and against the same edit without handling), with intervals and verdicts.
@@ -159,38 +164,78 @@ impl VariantArgs {
     }
 }
 
-/// Direction and evaluation prompts, disjoint by construction and checked.
-pub struct PromptSplit {
-    pub dir: Pair<Vec<String>>,
-    pub eval: Pair<Vec<String>>,
+/// The arguments as a one-replicate study: the first `direction_prompts` of each set for the
+/// direction, the next `eval_prompts` for evaluation (disjoint by construction, and checked as a
+/// study's splits are), no selection split, nothing drawn at random.
+pub struct OneVariant {
+    pub datasets: DatasetsSpec,
+    pub sets: BTreeMap<String, Vec<String>>,
+    pub evaluation: EvalOptions,
 }
 
-pub fn split_prompts(good: &str, bad: &str, n_dir: usize, n_eval: usize) -> Result<PromptSplit> {
-    let g = crate::datasets::load(good)?;
-    let b = crate::datasets::load(bad)?;
-    let take = |v: &[String], n: usize, off: usize, what: &str| {
-        crate::datasets::take(v, n, off, None).with_context(|| format!("{what} prompts"))
-    };
-    let s = PromptSplit {
-        dir: Pair::new(
-            take(&g, n_dir, 0, "harmless direction")?,
-            take(&b, n_dir, 0, "harmful direction")?,
-        ),
-        eval: Pair::new(
-            take(&g, n_eval, n_dir, "harmless evaluation")?,
-            take(&b, n_eval, n_dir, "harmful evaluation")?,
-        ),
-    };
-    for (dir, eval, what) in [
-        (&s.dir.good, &s.eval.good, "harmless"),
-        (&s.dir.bad, &s.eval.bad, "harmful"),
-    ] {
-        let set: std::collections::HashSet<&String> = dir.iter().collect();
-        if let Some(p) = eval.iter().find(|p| set.contains(p)) {
-            bail!("{what} direction and evaluation prompts overlap (e.g. {p:?}); the set holds duplicates, use another offset or set");
+impl VariantArgs {
+    pub fn one_variant(&self, eval_prompts: usize) -> Result<OneVariant> {
+        let set = |name: &str, count: usize, offset: usize| {
+            SetList(vec![SetSpec {
+                name: name.to_string(),
+                count,
+                offset,
+                sample: false,
+            }])
+        };
+        let pair = |count: usize, offset: usize| PairSpec {
+            good: set(&self.good, count, offset),
+            bad: set(&self.bad, count, offset),
+        };
+        let mut sets = BTreeMap::new();
+        for name in [&self.good, &self.bad] {
+            if !sets.contains_key(name) {
+                sets.insert(name.clone(), crate::datasets::load(name)?);
+            }
         }
+        Ok(OneVariant {
+            datasets: DatasetsSpec {
+                direction: pair(self.direction_prompts, 0),
+                evaluation: pair(eval_prompts, self.direction_prompts),
+                selection: None,
+            },
+            sets,
+            evaluation: EvalOptions {
+                batch_size: self.batch_size,
+                max_response_tokens: self.max_response_tokens,
+                over_refusal_tokens: self.over_refusal_tokens,
+                markers: crate::evaluate::MarkerList::resolve(&self.markers)?,
+                ..EvalOptions::default()
+            },
+        })
     }
-    Ok(s)
+
+    fn system(&self) -> Option<&str> {
+        (!self.system.is_empty()).then_some(self.system.as_str())
+    }
+}
+
+impl OneVariant {
+    /// The settings a study's replicate would be prepared with, for these variants.
+    pub fn settings<'a>(
+        &'a self,
+        a: &'a VariantArgs,
+        variants: &[&'a Variant],
+    ) -> Result<replicate::Settings<'a>> {
+        let detection = match variants.iter().find_map(|v| v.detect.clone()) {
+            Some(c) => c,
+            None => detect::preset(&a.detect_preset)?,
+        };
+        Ok(replicate::Settings {
+            datasets: &self.datasets,
+            base_seed: 0,
+            redraw: Redraw::All,
+            system: a.system(),
+            detection,
+            evaluation: self.evaluation.clone(),
+            variants: variants.to_vec(),
+        })
+    }
 }
 
 pub(super) fn pct(r: &crate::stats::Rate) -> String {
@@ -204,85 +249,43 @@ pub(super) fn pct(r: &crate::stats::Rate) -> String {
     )
 }
 
-/// One pass over the direction prompts: residuals, and the detection scan when the variant's
-/// handling needs detected dims.
-pub(super) fn direction_pass(
-    a: &VariantArgs,
-    lm: &model::LoadedModel,
-    split: &PromptSplit,
-    v: &crate::pipeline::Variant,
-) -> Result<crate::pipeline::DirectionData> {
-    let system = (!a.system.is_empty()).then_some(a.system.as_str());
-    let cfg = v.detect.clone().unwrap_or_default();
-    let scan = v
-        .needs_dims()
-        .then(|| detect::ScanSettings::for_config(&cfg));
-    let trigger = cfg.sources.trigger.clone().filter(|_| scan.is_some());
-    let n = split.dir.len() + usize::from(trigger.is_some());
-    let pb = bar(n as u64, "direction prompts");
-    let data = crate::pipeline::direction_data(
-        lm,
-        &split.dir.good,
-        &split.dir.bad,
-        trigger.as_deref(),
-        system,
-        HiddenConvention::Transformers,
-        scan,
-        a.batch_size,
-        |n| pb.inc(n as u64),
-    )?;
-    pb.finish_and_clear();
-    Ok(data)
-}
-
 pub fn run(args: &Args, precision: Precision) -> Result<()> {
     let (a, json, compare_none) = (&args.variant, args.json, !args.no_compare_none);
     use crate::evaluate::compare::{self, StatsSettings};
-    use crate::evaluate::{EvalOptions, Evaluator};
     use crate::pipeline as variant;
-    let split = split_prompts(&a.good, &a.bad, a.direction_prompts, a.eval_prompts)?;
+    let one = a.one_variant(a.eval_prompts)?;
     let mut lm = model::load_with(&a.model, precision)?;
     let v = a.variant(&lm)?;
-    let system = if a.system.is_empty() {
-        None
-    } else {
-        Some(a.system.as_str())
-    };
-    let opts = EvalOptions {
-        batch_size: a.batch_size,
-        max_response_tokens: a.max_response_tokens,
-        over_refusal_tokens: a.over_refusal_tokens,
-        markers: crate::evaluate::MarkerList::resolve(&a.markers)?,
-        ..EvalOptions::default()
-    };
-
-    let pb = bar((split.eval.good.len()) as u64, "reference (unedited)");
-    let ev = Evaluator::new(&lm, &split.eval.good, &split.eval.bad, system, opts)?;
-    pb.finish_and_clear();
-    let score_bar = |name: &str, ev: &Evaluator| bar(ev.work(), name);
-    let pb = score_bar("scoring unedited", &ev);
-    let base = ev.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
-    pb.finish_and_clear();
-
-    let data = direction_pass(a, &lm, &split, &v)?;
-
-    let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> =
-        vec![("unedited".into(), base, vec![])];
     let mut variants = vec![v.clone()];
     if compare_none && !v.handlings.is_empty() {
         variants.insert(
             0,
-            crate::pipeline::Variant {
+            Variant {
                 name: "none".into(),
                 handlings: vec![],
                 ..v.clone()
             },
         );
     }
+    let settings = one.settings(a, &variants.iter().collect::<Vec<_>>())?;
+    let rep = replicate::prepare(
+        &settings,
+        &lm,
+        0,
+        &one.sets,
+        replicate::Store::Nothing,
+        &mut Timings::default(),
+        false,
+        "",
+    )?;
+    let (ev, data) = (&rep.evaluator, &rep.data);
+    let score_bar = |name: &str, ev: &crate::evaluate::Evaluator| bar(ev.work(), name);
+    let mut rows: Vec<(String, crate::evaluate::Outcome, Vec<u32>)> =
+        vec![("unedited".into(), rep.base.clone(), vec![])];
     for var in &variants {
-        let prep = variant::prepare(var, &data)?;
-        let pb = score_bar(&format!("scoring {}", var.name), &ev);
-        let out = variant::score(&mut lm, &ev, var, &prep, |_, n| pb.inc(n as u64))?;
+        let prep = variant::prepare_with_dims(data, var, &rep.dims_for(var)?)?;
+        let pb = score_bar(&format!("scoring {}", var.name), ev);
+        let out = variant::score(&mut lm, ev, var, &prep, |_, n| pb.inc(n as u64))?;
         pb.finish_and_clear();
         eprintln!(
             "scored {} in {:.0} s: refusals {}, KL {:.4}",
@@ -337,8 +340,8 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
     println!(
         "model {} | {} direction + {} evaluation prompts per side | direction index {:?}",
         a.model,
-        split.dir.good.len(),
-        split.eval.good.len(),
+        a.direction_prompts,
+        rep.evaluator.good_text.len(),
         v.ablation.direction_index
     );
     println!(

@@ -2,6 +2,7 @@
 
 use super::abliterate::VariantArgs;
 use crate::model::{self, Precision};
+use crate::study::replicate;
 use anyhow::Result;
 
 /// Write the abliterated model as safetensors + config.json + tokenizer, loadable by
@@ -18,11 +19,12 @@ pub struct Args {
 pub fn run(args: &Args, precision: Precision) -> Result<()> {
     let (a, out) = (&args.variant, args.out.as_path());
     use crate::pipeline as variant;
-    let split = super::abliterate::split_prompts(&a.good, &a.bad, a.direction_prompts, 0)?;
+    let one = a.one_variant(0)?;
     let mut lm = model::load_with(&a.model, precision)?;
     let v = a.variant(&lm)?;
-    let data = super::abliterate::direction_pass(a, &lm, &split, &v)?;
-    let prep = variant::prepare(&v, &data)?;
+    let settings = one.settings(a, &[&v])?;
+    let (data, detected) = replicate::direction(&settings, &lm, 0, &one.sets)?;
+    let prep = variant::prepare_with_dims(&data, &v, &replicate::dims_for(&v, &detected)?)?;
     let summary =
         crate::ablate::abliterate(&mut lm.model, &prep.directions, &v.ablation, &prep.protect)?;
     crate::model::export::write_hf_folder(&lm, out)?;

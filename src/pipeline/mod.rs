@@ -173,19 +173,6 @@ pub struct Prepared {
     pub directions: Directions,
 }
 
-pub fn prepare(v: &Variant, data: &DirectionData) -> Result<Prepared> {
-    let dims = match (&v.detect, &data.scan, v.needs_dims()) {
-        (_, _, true) if v.dims.is_some() => v.dims.clone().unwrap_or_default(),
-        (Some(cfg), Some(scan), true) => detect::apply(cfg, scan)?.dim_ids(),
-        (_, _, true) => anyhow::bail!(
-            "variant {} needs detected dims but no detection was run",
-            v.name
-        ),
-        _ => Vec::new(),
-    };
-    prepare_with_dims(data, v, &dims)
-}
-
 /// The variant's edit given its (already resolved) dims.
 pub fn prepare_with_dims(data: &DirectionData, v: &Variant, dims: &[u32]) -> Result<Prepared> {
     if let Some(d) = dims.iter().find(|d| **d as usize >= data.good.d) {

@@ -3,6 +3,7 @@
 
 pub mod optimize;
 pub mod plan;
+pub mod replicate;
 pub mod rundir;
 pub mod runner;
 pub mod spec;

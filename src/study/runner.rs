@@ -2,23 +2,21 @@
 //! each distinct (dims, handling, edit) scored once, every finished score written at once and
 //! atomically. Running again resumes; a second run on the same directory is refused.
 
-use super::optimize::{self, Selection};
-use super::plan::{draw_splits, plan, Plan, PlannedVariant, Splits};
+use super::optimize;
+use super::plan::{plan, Plan, PlannedVariant};
+use super::replicate::{self, Replicate, Store};
 use super::rundir::{
     assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
-    provenance_path, read_record, reference_cache_path, replicate_dir, result_path, search_path,
-    timings_path, tune_path, validation_path, write_or_check_plan, write_record, write_tables,
-    write_validation, Assignment, DirectionCache, EvalPrompts, JudgeProvenance, Provenance,
-    ScoreRecord, Timings, TuneResult,
+    provenance_path, read_record, replicate_dir, result_path, search_path, timings_path, tune_path,
+    validation_path, write_or_check_plan, write_record, write_tables, write_validation, Assignment,
+    EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, Timings, TuneResult,
 };
 use super::spec::Study;
-use crate::datasets::Pair;
 use crate::detect;
 use crate::evaluate::classify::{self, Labeller};
-use crate::evaluate::{Evaluator, Outcome};
 use crate::fs::write_atomic;
-use crate::model::{self, HiddenConvention, LoadedModel};
-use crate::pipeline::{self as variant, DirectionData, Variant};
+use crate::model::{self, LoadedModel};
+use crate::pipeline::{self as variant, Variant};
 use crate::util::{dims_summary, progress_bar, trunc};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -30,269 +28,6 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// (index, count): run every count-th score, starting at index.
     pub shard: Option<(usize, usize)>,
-}
-
-/// Per replicate: the prompts, the direction data (cached) and the unedited model's score.
-struct Replicate {
-    seed: u64,
-    data: DirectionData,
-    /// Detected dims by detection-config hash.
-    dims: BTreeMap<String, Vec<u32>>,
-    evaluator: Evaluator,
-    base: Outcome,
-    selection: Option<Selection>,
-    /// The prompt set of each harmless and harmful evaluation prompt, in scoring order.
-    sources: (Vec<String>, Vec<String>),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn prepare_replicate(
-    study: &Study,
-    lm: &LoadedModel,
-    plan: &Plan,
-    seed: u64,
-    cache: &Path,
-    sets: &BTreeMap<String, Vec<String>>,
-    (provenance, timings): (&mut Provenance, &mut Timings),
-    keep_scan: bool,
-    out_dir: &Path,
-) -> Result<Replicate> {
-    let f = &study.file;
-    let Some(d) = &f.datasets else {
-        anyhow::bail!("the study has no `datasets:` block, so it has no variants to score");
-    };
-    let Splits {
-        dir,
-        eval,
-        eval_sources,
-        sel,
-    } = draw_splits(d, sets, seed, f.seed, f.redraw)?;
-    let system = (!f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
-    // Cached reference scores depend on the precision too (f32 keys are as before it existed).
-    let model_key = lm
-        .sha256
-        .clone()
-        .unwrap_or_else(|| lm.path.display().to_string())
-        + lm.model.precision().cache_tag();
-
-    let t = Instant::now();
-    let (data, dims) = direction_pass(
-        study,
-        lm,
-        plan,
-        (seed, cache, out_dir),
-        &dir,
-        system,
-        &model_key,
-        keep_scan,
-    )?;
-    timings.push(
-        "direction",
-        format!("r{seed} direction pass and detection"),
-        t,
-    );
-    provenance
-        .datasets
-        .insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
-    provenance
-        .datasets
-        .insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
-
-    let opts = f.evaluation.options()?;
-    let t = Instant::now();
-    let (evaluator, base) = scored_reference(
-        lm,
-        (&eval.good, &eval.bad),
-        system,
-        &opts,
-        (&model_key, cache),
-        &format!("replicate {seed}: unedited model"),
-    )?;
-    timings.push(
-        "unedited",
-        format!("r{seed} unedited model, evaluation split"),
-        t,
-    );
-    let selection = if sel.good.is_empty() {
-        None
-    } else {
-        provenance
-            .datasets
-            .insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
-        let t = Instant::now();
-        let (evaluator, base) = scored_reference(
-            lm,
-            (&sel.good, &sel.bad),
-            system,
-            &opts,
-            (&model_key, cache),
-            &format!("replicate {seed}: unedited model, selection split"),
-        )?;
-        timings.push(
-            "unedited",
-            format!("r{seed} unedited model, selection split"),
-            t,
-        );
-        Some(Selection { evaluator, base })
-    };
-    Ok(Replicate {
-        seed,
-        data,
-        dims,
-        evaluator,
-        base,
-        selection,
-        sources: (eval_sources.good, eval_sources.bad),
-    })
-}
-
-/// One replicate's pass over its direction prompts: residuals and, where a variant needs
-/// detected dims, the one scan every detection of the replicate reads (the plan has checked that
-/// they share the base detection's trigger, median kind and pad rows; the floor is the loosest
-/// needed). Cached by content; the detection summary is published into the run directory.
-#[allow(clippy::too_many_arguments)]
-fn direction_pass(
-    study: &Study,
-    lm: &LoadedModel,
-    plan: &Plan,
-    (seed, cache, out_dir): (u64, &Path, &Path),
-    dir: &Pair<Vec<String>>,
-    system: Option<&str>,
-    model_key: &str,
-    keep_scan: bool,
-) -> Result<(DirectionData, BTreeMap<String, Vec<u32>>)> {
-    let f = &study.file;
-    let needs_scan = plan.variants.iter().any(|v| v.variant.needs_detection());
-    let base_cfg = f.detection.resolve()?;
-    let mut floor = detect::Floor::default();
-    for v in plan.variants.iter().filter(|v| v.variant.needs_detection()) {
-        if let Some(c) = &v.variant.loosest_detect()? {
-            let fl = detect::floor_for(c);
-            floor.min_ratio = floor.min_ratio.min(fl.min_ratio);
-            if let Some(m) = fl.min_abs {
-                floor.min_abs = Some(floor.min_abs.map_or(m, |x: f32| x.min(m)));
-            }
-        }
-    }
-    let dir_key = hash_json(&(
-        model_key,
-        &dir.good,
-        &dir.bad,
-        system,
-        needs_scan,
-        &base_cfg.sources.trigger,
-        base_cfg.median_kind,
-        floor,
-        base_cfg.pad_rows,
-    ));
-    let dcache = DirectionCache::new(cache, &dir_key);
-    // Detected dims per detection config, the only thing the runner needs from a scan; the scan
-    // itself (hundreds of MB for a few hundred prompts) is not kept, its candidate table is.
-    let configs: BTreeMap<String, detect::DetectConfig> = plan
-        .variants
-        .iter()
-        .filter(|v| v.variant.needs_detection() && v.variant.tune.is_none())
-        .filter_map(|v| v.variant.detect.clone())
-        .map(|c| (hash_json(&c), c))
-        .collect();
-    let cached_dims = dcache.dims();
-    let have_all = configs.keys().all(|k| cached_dims.contains_key(k));
-    let (data, dims) = if dcache.is_complete(needs_scan) && have_all && !keep_scan {
-        let (good, bad) = dcache.residuals()?;
-        let data = DirectionData {
-            good,
-            bad,
-            scan: None,
-        };
-        (data, cached_dims)
-    } else {
-        // The scan runs the trigger prompt too.
-        let trigger = usize::from(needs_scan && base_cfg.sources.trigger.is_some());
-        let pb = progress_bar(
-            (dir.len() + trigger) as u64,
-            &format!("replicate {seed}: direction prompts"),
-        );
-        let mut data = variant::direction_data(
-            lm,
-            &dir.good,
-            &dir.bad,
-            base_cfg.sources.trigger.as_deref(),
-            system,
-            HiddenConvention::Transformers,
-            needs_scan.then_some(detect::ScanSettings {
-                median_kind: base_cfg.median_kind,
-                floor,
-                pad_rows: base_cfg.pad_rows,
-            }),
-            f.evaluation.batch_size,
-            |n| pb.inc(n as u64),
-        )?;
-        pb.finish_and_clear();
-        let mut dims = cached_dims;
-        let mut detected = None;
-        if let Some(scan) = &data.scan {
-            for (k, c) in &configs {
-                dims.insert(k.clone(), detect::apply(c, scan)?.dim_ids());
-            }
-            let cfgs: Vec<&detect::DetectConfig> = configs.values().collect();
-            detected = Some((
-                detect::table::candidate_table(scan)?,
-                detect::summary::summarise(scan, &base_cfg, &cfgs)?,
-            ));
-        }
-        dcache.store(&data.good, &data.bad, &dims, detected)?;
-        if !keep_scan {
-            data.scan = None;
-        }
-        (data, dims)
-    };
-    // The report reads the detection summary from the results, not from the cache.
-    dcache.publish_summary(&replicate_dir(out_dir, seed))?;
-    Ok((data, dims))
-}
-
-/// An evaluator for `(good, bad)` and the unedited model's score on it, cached by content.
-fn scored_reference(
-    lm: &LoadedModel,
-    (good, bad): (&[String], &[String]),
-    system: Option<&str>,
-    opts: &crate::evaluate::EvalOptions,
-    (model_key, cache): (&str, &Path),
-    label: &str,
-) -> Result<(Evaluator, Outcome)> {
-    let evaluator = Evaluator::new(lm, good, bad, system, opts.clone())?;
-    let key = hash_json(&(model_key, good, bad, system, opts));
-    let path = reference_cache_path(cache, &key);
-    // A cache that cannot be read is recomputed, not an error.
-    if let Ok(Some(o)) = read_record::<Outcome>(&path) {
-        return Ok((evaluator, o));
-    }
-    // Scored with replies cut at heretic's markers, before the study named other classifiers:
-    // completed, not rescored.
-    if !opts.early_stop {
-        let cut = crate::evaluate::EvalOptions {
-            early_stop: true,
-            ..opts.clone()
-        };
-        let cut_path =
-            reference_cache_path(cache, &hash_json(&(model_key, good, bad, system, &cut)));
-        if let Ok(Some(mut o)) = read_record::<Outcome>(&cut_path) {
-            let n = evaluator.cut_replies(&o).map_or(0, |c| c.len());
-            let pb = progress_bar(n as u64, label);
-            let t = Instant::now();
-            let (n, changed) =
-                evaluator.complete(&lm.model, &lm.tokenizer, &mut o, |_, k| pb.inc(k as u64))?;
-            pb.finish_and_clear();
-            eprintln!("{label}: completed {n} replies cut at heretic's markers ({changed} label(s) changed, {:.0} s)", t.elapsed().as_secs_f64());
-            write_record(&path, &o)?;
-            return Ok((evaluator, o));
-        }
-    }
-    let pb = progress_bar(evaluator.work(), label);
-    let o = evaluator.score(&lm.model, &lm.tokenizer, |_, n| pb.inc(n as u64))?;
-    pb.finish_and_clear();
-    write_record(&path, &o)?;
-    Ok((evaluator, o))
 }
 
 /// The key of a distinct score: what the edit depends on, nothing else.
@@ -377,28 +112,37 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     } else {
         &plan.replicates
     };
+    let settings = (!replicates.is_empty())
+        .then(|| {
+            replicate::Settings::of_study(study, plan.variants.iter().map(|v| &v.variant).collect())
+        })
+        .transpose()?;
     for &seed in replicates {
+        let Some(settings) = &settings else { break };
         let keep_scan = plan
             .variants
             .iter()
             .any(|v| v.variant.tune.is_some() && !tune_path(&opts.out, seed, &v.id).exists());
-        let mut rep = prepare_replicate(
-            study,
+        let mut rep = replicate::prepare(
+            settings,
             &lm,
-            &plan,
             seed,
-            &cache,
             &sets,
-            (&mut prov, &mut timings),
+            Store::Run {
+                cache: &cache,
+                out: &opts.out,
+            },
+            &mut timings,
             keep_scan,
-            &opts.out,
+            &format!("replicate {seed}: "),
         )?;
+        prov.datasets.append(&mut rep.prompt_hashes);
         refusal.label(&mut rep.base, &rep.evaluator.bad_text)?;
         write_record(
             &replicate_dir(&opts.out, seed).join("prompts.json"),
             &EvalPrompts {
-                good_sources: rep.sources.0.clone(),
-                bad_sources: rep.sources.1.clone(),
+                good_sources: rep.sources.good.clone(),
+                bad_sources: rep.sources.bad.clone(),
                 good: rep.evaluator.good_text.clone(),
                 bad: rep.evaluator.bad_text.clone(),
             },
@@ -605,21 +349,12 @@ fn group_by_score<'a>(
 ) -> Result<Groups<'a>> {
     let mut groups: Groups = BTreeMap::new();
     for pv in &plan.variants {
-        let dims = match (&pv.variant.detect, pv.variant.needs_dims()) {
-            (_, true) if pv.variant.dims.is_some() => {
-                let mut d = pv.variant.dims.clone().unwrap_or_default();
-                d.sort_unstable();
-                d.dedup();
-                d
-            }
-            (_, true) if pv.variant.tune.is_some() => tuned[&pv.id].dims.clone(),
-            (Some(c), true) => rep
-                .dims
-                .get(&hash_json(c))
-                .cloned()
-                .with_context(|| format!("no detected dims for variant {}", pv.variant.name))?,
-            _ => Vec::new(),
-        };
+        let dims =
+            if pv.variant.needs_dims() && pv.variant.dims.is_none() && pv.variant.tune.is_some() {
+                tuned[&pv.id].dims.clone()
+            } else {
+                rep.dims_for(&pv.variant)?
+            };
         let key = score_key(&pv.variant, &dims, rep.seed);
         groups
             .entry(key)
