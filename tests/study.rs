@@ -477,7 +477,7 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     );
 
     // A second run on a directory in use is refused.
-    let _held = rundir::lock_run_dir(&full).unwrap();
+    let _held = rundir::RunDir::at(&full).lock().unwrap();
     let out = run_cli(&study, &full, &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another outlierlab run"));
@@ -1074,9 +1074,9 @@ fn named_dims_and_plans_that_add_variants() {
     assert_eq!(before.added_by(&changed), None);
     // Through the run directory: the extended plan is accepted, the changed one refused.
     let tmp = tempfile::tempdir().unwrap();
-    rundir::write_or_check_plan(tmp.path(), &before).unwrap();
-    rundir::write_or_check_plan(tmp.path(), &p).unwrap();
-    let e = rundir::write_or_check_plan(tmp.path(), &changed).unwrap_err();
+    rundir::write_or_check_plan(&rundir::RunDir::at(tmp.path()), &before).unwrap();
+    rundir::write_or_check_plan(&rundir::RunDir::at(tmp.path()), &p).unwrap();
+    let e = rundir::write_or_check_plan(&rundir::RunDir::at(tmp.path()), &changed).unwrap_err();
     assert!(format!("{e:#}").contains("different plan"), "{e:#}");
     for (yaml, needle) in [
         (
@@ -1260,7 +1260,7 @@ fn bench_study_prints_each_phase_of_a_fresh_run() {
         stdout.contains("model                 smollm2-135m-instruct in f32"),
         "{stdout}"
     );
-    let t: rundir::Timings = rundir::read_record(&rundir::timings_path(&keep.join("run"), None))
+    let t: rundir::Timings = rundir::read_record(&rundir::RunDir::at(keep.join("run")).timings())
         .unwrap()
         .unwrap();
     assert_eq!(t.phases.len() + 1, phases.len());

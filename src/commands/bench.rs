@@ -158,10 +158,10 @@ fn study(
     let report_s = t.elapsed().as_secs_f64();
     let wall = t0.elapsed().as_secs_f64();
     let timings: crate::study::rundir::Timings =
-        crate::study::rundir::read_record(&crate::study::rundir::timings_path(&out, None))?
+        crate::study::rundir::read_record(&crate::study::rundir::RunDir::at(&out).timings())?
             .context("the run wrote no timings.json")?;
     let prov: crate::study::rundir::Provenance =
-        crate::study::rundir::read_record(&crate::study::rundir::provenance_path(&out, None))?
+        crate::study::rundir::read_record(&crate::study::rundir::RunDir::at(&out).provenance())?
             .context("the run wrote no provenance.json")?;
     println!("study                 {} ({})", study.name, file.display());
     println!(

@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<()> {
             shards.len(),
             into.display(),
             missing.len(),
-            into.join("partial.json").display()
+            crate::study::rundir::RunDir::at(into).partial().display()
         );
     }
     Ok(())

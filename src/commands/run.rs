@@ -55,7 +55,7 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 
 /// The report folder a run directory renders into by default: reports/<run-name>.
 pub fn default_report_dir(run_dir: &std::path::Path) -> PathBuf {
-    PathBuf::from("reports").join(crate::study::rundir::folder_name(run_dir))
+    PathBuf::from("reports").join(crate::study::rundir::RunDir::at(run_dir).name())
 }
 
 /// `outlierlab run`: the study, then (unless sharded) its report.

@@ -75,7 +75,7 @@ pub fn of_run(
             return Ok(None);
         }
     }
-    if !other.join("plan.json").exists() {
+    if !crate::study::rundir::RunDir::at(other).plan().exists() {
         eprintln!(
             "warning: compare_with: {shown} is not a run folder (no plan.json) from here; the report leaves out the comparison (run from the folder the path is relative to, or fix the study's `compare_with:`)"
         );

@@ -62,12 +62,18 @@ pub struct Decided {
 }
 
 pub fn settings(dir: &Path, o: &Overrides) -> Result<Decided> {
-    let text = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    let text = std::fs::read_to_string(crate::study::rundir::RunDir::at(dir).study_file())
+        .unwrap_or_default();
     let (mut st, headline, compare_with) = if text.is_empty() {
         (StatsSettings::default(), "heretic".to_string(), None)
     } else {
-        let f =
-            crate::study::spec::parse_stored(&text, &dir.join("study.yaml").display().to_string())?;
+        let f = crate::study::spec::parse_stored(
+            &text,
+            &crate::study::rundir::RunDir::at(dir)
+                .study_file()
+                .display()
+                .to_string(),
+        )?;
         (f.statistics, f.evaluation.headline, f.compare_with)
     };
     if let Some(a) = o.alpha {

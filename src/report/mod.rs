@@ -77,7 +77,11 @@ pub fn render_compared(
         _ => None,
     };
     if let Some(v) = &validation {
-        if crate::study::rundir::plan_of(dir)?.variants.is_empty() {
+        if crate::study::rundir::RunDir::at(dir)
+            .read_plan()?
+            .variants
+            .is_empty()
+        {
             return validation_report(dir, out, v, agreement.as_ref());
         }
     }
@@ -170,7 +174,8 @@ fn validation_report(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "run".into());
-    let study = std::fs::read_to_string(dir.join("study.yaml")).unwrap_or_default();
+    let study = std::fs::read_to_string(crate::study::rundir::RunDir::at(dir).study_file())
+        .unwrap_or_default();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut md = String::new();
     writeln!(md, "# {name}\n")?;

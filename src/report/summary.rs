@@ -49,7 +49,10 @@ pub(super) fn setup_line(r: &RunResults) -> String {
 /// family). Printed by `report --summary`, pasted by scripts/readme-table.sh, never by hand.
 pub fn summary_table(dir: &Path, overrides: &Overrides) -> Result<String> {
     if crate::study::rundir::read_validation(dir)?.is_some()
-        && crate::study::rundir::plan_of(dir)?.variants.is_empty()
+        && crate::study::rundir::RunDir::at(dir)
+            .read_plan()?
+            .variants
+            .is_empty()
     {
         anyhow::bail!(
             "{} is a detection validation with no variants, so it has no variant table; render it with `outlierlab report {}`",
@@ -251,7 +254,7 @@ pub(super) fn run_name(dir: &Path, study: &str) -> String {
     crate::study::spec::parse_stored(study, "study.yaml")
         .ok()
         .and_then(|f| f.name)
-        .unwrap_or_else(|| crate::study::rundir::folder_name(dir))
+        .unwrap_or_else(|| crate::study::rundir::RunDir::at(dir).name())
 }
 
 /// `report --comment`: a Markdown summary of at most 60 lines for a pull-request comment.
@@ -265,9 +268,14 @@ pub fn comment(dir: &Path, overrides: &Overrides) -> Result<String> {
             dir.display()
         );
     }
-    let file =
-        crate::study::spec::parse_stored(&d.study, &dir.join("study.yaml").display().to_string())
-            .ok();
+    let file = crate::study::spec::parse_stored(
+        &d.study,
+        &crate::study::rundir::RunDir::at(dir)
+            .study_file()
+            .display()
+            .to_string(),
+    )
+    .ok();
     let bad = fam.comparisons[0].refusals.prompts;
     let good = fam.comparisons[0].kl.prompts;
     let setup = format!(

@@ -5,10 +5,7 @@
 
 use super::optimize::Selection;
 use super::plan::{draw_splits, Splits};
-use super::rundir::{
-    hash_json, read_record, reference_cache_path, replicate_dir, write_record, DirectionCache,
-    Timings,
-};
+use super::rundir::{hash_json, read_record, write_record, RunDir, Timings};
 use super::spec::{DatasetsSpec, Redraw, Study};
 use crate::datasets::Pair;
 use crate::detect;
@@ -18,7 +15,6 @@ use crate::pipeline::{self as variant, DirectionData, Variant};
 use crate::util::progress_bar;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 /// What preparing a replicate reads: a study file's settings, or the arguments of a one-variant
@@ -58,7 +54,7 @@ impl<'a> Settings<'a> {
 /// one-variant commands write nothing but their output).
 #[derive(Clone, Copy)]
 pub enum Store<'a> {
-    Run { cache: &'a Path, out: &'a Path },
+    Run(&'a RunDir),
     Nothing,
 }
 
@@ -236,20 +232,17 @@ fn direction_pass(
         .map(|c| (hash_json(&c), c))
         .collect();
     let cache = match store {
-        Store::Run { cache, .. } => Some(DirectionCache::new(
-            cache,
-            &hash_json(&(
-                model_key,
-                &dir.good,
-                &dir.bad,
-                s.system,
-                needs_scan,
-                &base_cfg.sources.trigger,
-                base_cfg.median_kind,
-                floor,
-                base_cfg.pad_rows,
-            )),
-        )),
+        Store::Run(run) => Some(run.direction_cache(&hash_json(&(
+            model_key,
+            &dir.good,
+            &dir.bad,
+            s.system,
+            needs_scan,
+            &base_cfg.sources.trigger,
+            base_cfg.median_kind,
+            floor,
+            base_cfg.pad_rows,
+        )))),
         Store::Nothing => None,
     };
     let cached_dims = cache.as_ref().map(|c| c.dims()).unwrap_or_default();
@@ -314,9 +307,9 @@ fn direction_pass(
         }
         (data, dims)
     };
-    if let (Some(c), Store::Run { out, .. }) = (&cache, store) {
+    if let (Some(c), Store::Run(run)) = (&cache, store) {
         // The report reads the detection summary from the results, not from the cache.
-        c.publish_summary(&replicate_dir(out, seed))?;
+        c.publish_summary(&run.replicate(seed))?;
     }
     Ok((data, dims))
 }
@@ -338,12 +331,12 @@ fn scored_reference(
         pb.finish_and_clear();
         Ok(o)
     };
-    let Store::Run { cache, .. } = store else {
+    let Store::Run(run) = store else {
         let o = score_now(&evaluator)?;
         return Ok((evaluator, o));
     };
     let key = hash_json(&(model_key, good, bad, system, opts));
-    let path = reference_cache_path(cache, &key);
+    let path = run.reference_cache(&key);
     // A cache that cannot be read is recomputed, not an error.
     if let Ok(Some(o)) = read_record::<Outcome>(&path) {
         return Ok((evaluator, o));
@@ -355,8 +348,7 @@ fn scored_reference(
             early_stop: true,
             ..opts.clone()
         };
-        let cut_path =
-            reference_cache_path(cache, &hash_json(&(model_key, good, bad, system, &cut)));
+        let cut_path = run.reference_cache(&hash_json(&(model_key, good, bad, system, &cut)));
         if let Ok(Some(mut o)) = read_record::<Outcome>(&cut_path) {
             let n = evaluator.cut_replies(&o).map_or(0, |c| c.len());
             let pb = progress_bar(n as u64, label);

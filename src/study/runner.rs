@@ -6,10 +6,8 @@ use super::optimize;
 use super::plan::{plan, Plan, PlannedVariant};
 use super::replicate::{self, Replicate, Store};
 use super::rundir::{
-    assignments_path, cache_dir, classifiers_path, hash_json, judge_cache_path, lock_run_dir,
-    provenance_path, read_record, replicate_dir, result_path, search_path, timings_path, tune_path,
-    validation_path, write_or_check_plan, write_record, write_tables, write_validation, Assignment,
-    EvalPrompts, JudgeProvenance, Provenance, ScoreRecord, Timings, TuneResult,
+    hash_json, read_record, write_or_check_plan, write_record, write_tables, write_validation,
+    Assignment, EvalPrompts, JudgeProvenance, Provenance, RunDir, ScoreRecord, Timings, TuneResult,
 };
 use super::spec::Study;
 use crate::detect;
@@ -20,7 +18,7 @@ use crate::pipeline::{self as variant, Variant};
 use crate::util::{dims_summary, progress_bar, trunc};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -58,37 +56,23 @@ fn score_key(v: &Variant, dims: &[u32], replicate: u64) -> String {
 /// (or search, then score) each group not yet stored; finally write assignments, provenance and
 /// tables.
 pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> {
-    let _lock = lock_run_dir(&opts.out)?;
+    let run = RunDir::sharded(&opts.out, opts.shard);
+    let _lock = run.lock()?;
     let t0 = Instant::now();
     let mut timings = Timings::default();
     let sets = load_sets(study)?;
     let mut lm = model::load_with(&study.file.model, study.file.precision.resolve())?;
     lm.raw = !study.file.chat;
     let plan = plan(study, lm.model.num_layers())?;
-    write_or_check_plan(&opts.out, &plan)?;
-    write_atomic(&opts.out.join("study.yaml"), study_text.as_bytes())?;
-    let cache = cache_dir(&opts.out, opts.shard);
-    let mut prov = Provenance::new(&study.file.model, lm.sha256.clone(), study_text, &plan);
+    write_or_check_plan(&run, &plan)?;
+    write_atomic(&run.study_file(), study_text.as_bytes())?;
     let mut refusal = Labeller::load(
         &study.file.evaluation.classifiers()?,
         study.file.evaluation.judge_threshold,
         plan.precision,
-        |m| judge_cache_path(&cache, m),
+        |m| run.judge_cache(m),
     )?;
-    prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
-    prov.markers = Some(study.file.evaluation.options()?.markers);
-    prov.precision = Some(lm.model.precision());
-    prov.vector_paths = Some(crate::model::cpu::describe(
-        lm.model.precision() == model::Precision::Bf16,
-    ));
-    if let Some(j) = &refusal.judge {
-        prov.judge = Some(JudgeProvenance {
-            model: j.name.clone(),
-            system: classify::JUDGE_SYSTEM.into(),
-            question: classify::judge_question("{request}", "{reply}"),
-            threshold: j.threshold,
-        });
-    }
+    let mut prov = provenance(study, study_text, &lm, &plan, &refusal)?;
     eprintln!(
         "study {}: {} variants x {} replicate(s) on {} (loaded in {:.1} s)",
         study.name,
@@ -98,10 +82,10 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         lm.load_seconds
     );
     timings.push("load", "prompt sets, model, classifiers", t0);
-    let timings_file = timings_path(&opts.out, opts.shard);
+    let timings_file = run.timings();
     if let Some(spec) = &study.file.detection_validation {
         let t = Instant::now();
-        validate_detection(study, &lm, &plan, spec, opts)?;
+        validate_detection(study, &lm, &plan, spec, &run)?;
         timings.push("validation", "detection validation", t);
     }
     let mut computed = 0;
@@ -122,16 +106,13 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         let keep_scan = plan
             .variants
             .iter()
-            .any(|v| v.variant.tune.is_some() && !tune_path(&opts.out, seed, &v.id).exists());
+            .any(|v| v.variant.tune.is_some() && !run.tune(seed, &v.id).exists());
         let mut rep = replicate::prepare(
             settings,
             &lm,
             seed,
             &sets,
-            Store::Run {
-                cache: &cache,
-                out: &opts.out,
-            },
+            Store::Run(&run),
             &mut timings,
             keep_scan,
             &format!("replicate {seed}: "),
@@ -139,7 +120,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         prov.datasets.append(&mut rep.prompt_hashes);
         refusal.label(&mut rep.base, &rep.evaluator.bad_text)?;
         write_record(
-            &replicate_dir(&opts.out, seed).join("prompts.json"),
+            &run.prompts(seed),
             &EvalPrompts {
                 good_sources: rep.sources.good.clone(),
                 bad_sources: rep.sources.bad.clone(),
@@ -148,12 +129,9 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
             },
         )?;
         // Tuning first: its chosen dims decide which scores the tuned variants share.
-        let tuned = tune_replicate(&mut lm, &plan, &mut rep, &opts.out, &mut timings)?;
+        let tuned = tune_replicate(&mut lm, &plan, &mut rep, &run, &mut timings)?;
         rep.data.scan = None;
-        write_record(
-            &replicate_dir(&opts.out, seed).join("reference.json"),
-            &rep.base,
-        )?;
+        write_record(&run.reference(seed), &rep.base)?;
         let groups = group_by_score(&plan, &rep, &tuned)?;
         let total = groups.len();
         for (key, (dims, members)) in &groups {
@@ -168,8 +146,8 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         }
         // Written as each replicate is planned, so a run stopped part-way (a machine's time
         // ran out, Ctrl-C) still merges with --allow-partial into a report of what it finished.
-        write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
-        write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
+        write_record(&run.assignments(), &assignments)?;
+        write_record(&run.provenance(), &prov)?;
         for (i, (key, (dims, members))) in groups.iter().enumerate() {
             if opts.shard.is_some_and(|(si, sn)| i % sn != si) {
                 continue;
@@ -180,8 +158,8 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 .map(|m| m.variant.name.as_str())
                 .collect::<Vec<_>>()
                 .join(" | ");
-            if result_path(&opts.out, seed, key).exists() {
-                update_stored(&mut lm, &rep, key, dims, members, &opts.out, &mut refusal)?;
+            if run.result(seed, key).exists() {
+                update_stored(&mut lm, &rep, key, dims, members, &run, &mut refusal)?;
                 timings.push("stored", format!("r{seed} stored score {names}"), t);
                 continue;
             }
@@ -196,7 +174,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
                 key,
                 dims,
                 members,
-                &opts.out,
+                &run,
                 (i, total),
                 &mut refusal,
             )?;
@@ -206,13 +184,13 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
         }
     }
     if refusal.is_labelling() {
-        write_record(&classifiers_path(&opts.out), &refusal.validate()?)?;
+        write_record(&run.classifiers(), &refusal.validate()?)?;
     }
-    write_record(&assignments_path(&opts.out, opts.shard), &assignments)?;
-    write_record(&provenance_path(&opts.out, opts.shard), &prov)?;
+    write_record(&run.assignments(), &assignments)?;
+    write_record(&run.provenance(), &prov)?;
     if opts.shard.is_none() {
         let t = Instant::now();
-        write_tables(&opts.out)?;
+        write_tables(&run)?;
         timings.push("tables", "parquet tables", t);
     }
     timings.save(&timings_file, t0)?;
@@ -224,6 +202,33 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     Ok(computed)
 }
 
+/// What the run ran with: the model, the study, the classifiers and markers, the precision and
+/// the CPU's vector paths.
+fn provenance(
+    study: &Study,
+    study_text: &str,
+    lm: &LoadedModel,
+    plan: &Plan,
+    refusal: &Labeller,
+) -> Result<Provenance> {
+    let mut prov = Provenance::new(&study.file.model, lm.sha256.clone(), study_text, plan);
+    prov.classifiers = refusal.classifiers.iter().map(|c| c.name()).collect();
+    prov.markers = Some(study.file.evaluation.options()?.markers);
+    prov.precision = Some(lm.model.precision());
+    prov.vector_paths = Some(crate::model::cpu::describe(
+        lm.model.precision() == model::Precision::Bf16,
+    ));
+    if let Some(j) = &refusal.judge {
+        prov.judge = Some(JudgeProvenance {
+            model: j.name.clone(),
+            system: classify::JUDGE_SYSTEM.into(),
+            question: classify::judge_question("{request}", "{reply}"),
+            threshold: j.threshold,
+        });
+    }
+    Ok(prov)
+}
+
 /// The study's detection validation, once per run (not per shard: shard 0 runs it), with every
 /// distinct detection of its variants scored beside the spec's configurations.
 fn validate_detection(
@@ -231,9 +236,9 @@ fn validate_detection(
     lm: &LoadedModel,
     plan: &Plan,
     spec: &detect::validate::ValidationSpec,
-    opts: &RunOptions,
+    run: &RunDir,
 ) -> Result<()> {
-    if validation_path(&opts.out).exists() || opts.shard.is_some_and(|(i, _)| i != 0) {
+    if run.validation().exists() || run.shard().is_some_and(|(i, _)| i != 0) {
         return Ok(());
     }
     let mut extra: Vec<detect::validate::Named> = Vec::new();
@@ -264,7 +269,7 @@ fn validate_detection(
     let system = (f.chat && !f.system_prompt.is_empty()).then_some(f.system_prompt.as_str());
     let t0 = Instant::now();
     let pb = progress_bar(0, "detection validation: hidden states");
-    let labels = validation_path(&opts.out).with_file_name("labels.json");
+    let labels = run.validation_dir().join("labels.json");
     if let Some(d) = labels.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
@@ -281,7 +286,7 @@ fn validate_detection(
         },
     )?;
     pb.finish_and_clear();
-    write_validation(&opts.out, &v)?;
+    write_validation(run, &v)?;
     eprintln!(
         "detection validation: {} candidates, {} massive, {} configurations scored ({:.0} s)",
         v.candidates.len(),
@@ -314,13 +319,13 @@ fn tune_replicate(
     lm: &mut LoadedModel,
     plan: &Plan,
     rep: &mut Replicate,
-    out: &Path,
+    run: &RunDir,
     timings: &mut Timings,
 ) -> Result<BTreeMap<String, TuneResult>> {
     let seed = rep.seed;
     let mut tuned = BTreeMap::new();
     for pv in plan.variants.iter().filter(|v| v.variant.tune.is_some()) {
-        let path = tune_path(out, seed, &pv.id);
+        let path = run.tune(seed, &pv.id);
         let t = Instant::now();
         let r = match read_record::<TuneResult>(&path)? {
             Some(r) => r,
@@ -374,10 +379,10 @@ fn update_stored(
     key: &str,
     dims: &[u32],
     members: &[&PlannedVariant],
-    out: &Path,
+    run: &RunDir,
     refusal: &mut Labeller,
 ) -> Result<()> {
-    let path = result_path(out, rep.seed, key);
+    let path = run.result(rep.seed, key);
     let Some(mut rec) = read_record::<ScoreRecord>(&path)? else {
         return Ok(());
     };
@@ -439,7 +444,7 @@ fn score_group(
     key: &str,
     dims: &[u32],
     members: &[&PlannedVariant],
-    out: &Path,
+    run: &RunDir,
     (i, total): (usize, usize),
     refusal: &mut Labeller,
 ) -> Result<()> {
@@ -455,7 +460,7 @@ fn score_group(
             first,
             &data,
             spec,
-            &search_path(out, seed, key),
+            &run.search(seed, key),
             (key, seed, members.iter().map(|m| m.id.clone()).collect()),
         )?;
         searched = Some(sr.params);
@@ -483,7 +488,7 @@ fn score_group(
         outcome,
         ablation: searched,
     };
-    write_atomic(&result_path(out, seed, key), &serde_json::to_vec(&rec)?)?;
+    write_atomic(&run.result(seed, key), &serde_json::to_vec(&rec)?)?;
     let names: Vec<&str> = members.iter().map(|m| m.variant.name.as_str()).collect();
     let refusals = if v.kl_only() {
         "(KL only)".to_string()

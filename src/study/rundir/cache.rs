@@ -38,7 +38,7 @@ pub struct DirectionCache {
 }
 
 impl DirectionCache {
-    pub fn new(cache: &Path, key: &str) -> DirectionCache {
+    pub(super) fn new(cache: &Path, key: &str) -> DirectionCache {
         DirectionCache {
             dir: cache.join(format!("direction-{key}")),
         }

@@ -26,7 +26,8 @@ pub(super) fn comparable(bytes: &[u8]) -> Option<serde_json::Value> {
 /// fails listing what is missing, or with `allow_partial` writes the run with `partial.json`
 /// listing it. Returns the missing scores (`r<seed>/<key>`).
 pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec<String>> {
-    let _lock = lock_run_dir(into)?;
+    let run = RunDir::at(into);
+    let _lock = run.lock()?;
     let (plan, study) = one_study(into, shards)?;
     let (files, top) = shard_files(shards)?;
     let missing = missing_scores(&plan, &files, &top)?;
@@ -40,10 +41,10 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
     }
     // Checked: write.
     if let Some((_, p)) = &plan {
-        write_atomic(&into.join("plan.json"), p)?;
+        write_atomic(&run.plan(), p)?;
     }
     if let Some((_, y)) = &study {
-        write_atomic(&into.join("study.yaml"), y)?;
+        write_atomic(&run.study_file(), y)?;
     }
     for (name, bytes) in &top {
         write_atomic(&into.join(name), bytes)?;
@@ -60,13 +61,13 @@ pub fn merge(into: &Path, shards: &[PathBuf], allow_partial: bool) -> Result<Vec
             Err(_) => write_atomic(&target, bytes)?,
         }
     }
-    let partial = into.join("partial.json");
+    let partial = run.partial();
     if missing.is_empty() {
         let _ = fs::remove_file(&partial);
     } else {
         write_record(&partial, &serde_json::json!({ "missing": missing }))?;
     }
-    write_tables(into)?;
+    write_tables(&run)?;
     Ok(missing)
 }
 
@@ -81,12 +82,11 @@ pub(super) type ShardFiles = (
 /// The plan and study file every shard ran (and `into`'s plan, if it has one): one of each.
 pub(super) fn one_study(into: &Path, shards: &[PathBuf]) -> Result<(Named, Named)> {
     let read = |p: &Path| fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let mut plan: Option<(PathBuf, Vec<u8>)> = fs::read(into.join("plan.json"))
-        .ok()
-        .map(|b| (into.join("plan.json"), b));
+    let into_plan = RunDir::at(into).plan();
+    let mut plan: Option<(PathBuf, Vec<u8>)> = fs::read(&into_plan).ok().map(|b| (into_plan, b));
     let mut study: Option<(PathBuf, Vec<u8>)> = None;
     for s in shards {
-        let pp = s.join("plan.json");
+        let pp = RunDir::at(s).plan();
         let p = fs::read(&pp)
             .with_context(|| format!("{} is not a run directory (no plan.json)", s.display()))?;
         match &plan {
@@ -110,7 +110,7 @@ pub(super) fn one_study(into: &Path, shards: &[PathBuf]) -> Result<(Named, Named
             Some(_) => {}
             None => plan = Some((pp, p)),
         }
-        let sp = s.join("study.yaml");
+        let sp = RunDir::at(s).study_file();
         let y = read(&sp)?;
         match &study {
             Some((first, b)) if *b != y => bail!(
@@ -224,7 +224,7 @@ pub(super) fn missing_scores(
     };
     let mut missing: Vec<String> = expected
         .iter()
-        .filter(|(k, _)| !files.contains_key(&Path::new("results").join(format!("{k}.json"))))
+        .filter(|(k, _)| !files.contains_key(&RunDir::at("").results().join(format!("{k}.json"))))
         .map(|(k, ids)| {
             let names: Vec<String> = ids.iter().map(name_of).collect();
             format!("{k} ({})", names.join(", "))
@@ -241,9 +241,8 @@ pub(super) fn missing_scores(
         }
     }
     for r in &replicates {
-        let p = Path::new("results")
-            .join(format!("r{r}"))
-            .join("reference.json");
+        // Shard files are keyed by their place in a run: the layout of a run at "".
+        let p = RunDir::at("").reference(*r);
         if !files.contains_key(&p) {
             missing.push(format!("r{r}/reference"));
         }

@@ -40,6 +40,8 @@
 //!   .lock                       held while a run or a merge writes here
 //! ```
 //!
+//! `RunDir` is this layout in code: every path above is one of its methods.
+//!
 //! Every file is written through a temporary file and a rename, so a killed run leaves whole
 //! files only; a score's file is its completion marker.
 
@@ -85,107 +87,203 @@ pub struct RunLock {
     _file: File,
 }
 
-pub fn lock_run_dir(dir: &Path) -> Result<RunLock> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    let path = dir.join(".lock");
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    match f.try_lock() {
-        Ok(()) => Ok(RunLock { _file: f }),
-        Err(_) => bail!(
-            "run directory {} is in use by another outlierlab run; wait for it to finish or use another output folder",
-            dir.display()
-        ),
+/// A run directory, and the shard this process writes it as: every path of the layout above is
+/// one of its methods, so the layout is written down once.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+    shard: Option<(usize, usize)>,
+}
+
+impl RunDir {
+    /// The run directory at `root`, read or written whole (not as a shard).
+    pub fn at(root: impl Into<PathBuf>) -> RunDir {
+        RunDir {
+            root: root.into(),
+            shard: None,
+        }
     }
-}
 
-pub fn cache_dir(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
-    match shard {
-        Some((i, n)) => out.join(format!("cache-shard-{i}-of-{n}")),
-        None => out.join("cache"),
+    /// The run directory at `root`, written as shard `(index, count)` when one is given.
+    pub fn sharded(root: impl Into<PathBuf>, shard: Option<(usize, usize)>) -> RunDir {
+        RunDir {
+            root: root.into(),
+            shard,
+        }
     }
-}
 
-/// Each classifier's accuracy on the labelled replies and the judge's cost.
-pub fn classifiers_path(out: &Path) -> PathBuf {
-    out.join("results").join("classifiers.json")
-}
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
 
-/// A judge's cache: P(refusal) by (judge, prompt, reply) hash.
-pub fn judge_cache_path(cache: &Path, judge: &str) -> PathBuf {
-    let safe: String = judge
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    cache.join(format!("judge-{safe}.json"))
-}
+    pub fn shard(&self) -> Option<(usize, usize)> {
+        self.shard
+    }
 
-/// The cached outcome of the unedited model on one prompt split.
-pub fn reference_cache_path(cache: &Path, key: &str) -> PathBuf {
-    cache.join(format!("reference-{key}.json"))
-}
+    /// Creates the directory and holds its lock, or says who holds it.
+    pub fn lock(&self) -> Result<RunLock> {
+        let dir = &self.root;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+        let path = dir.join(".lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(RunLock { _file: f }),
+            Err(_) => bail!(
+                "run directory {} is in use by another outlierlab run; wait for it to finish or use another output folder",
+                dir.display()
+            ),
+        }
+    }
 
-pub fn result_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
-    out.join("results")
-        .join(format!("r{replicate}"))
-        .join(format!("{key}.json"))
-}
+    /// The directory's own name (`run` where it has none): the name its report takes when the
+    /// study names none.
+    pub fn name(&self) -> String {
+        self.root
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "run".into())
+    }
 
-pub fn tune_path(out: &Path, replicate: u64, variant_id: &str) -> PathBuf {
-    out.join("tune")
-        .join(format!("r{replicate}"))
-        .join(format!("{variant_id}.json"))
-}
+    pub fn plan(&self) -> PathBuf {
+        self.root.join("plan.json")
+    }
 
-pub fn search_path(out: &Path, replicate: u64, key: &str) -> PathBuf {
-    out.join("search")
-        .join(format!("r{replicate}"))
-        .join(format!("{key}.json"))
-}
+    /// The plan the directory holds.
+    pub fn read_plan(&self) -> Result<Plan> {
+        let p = self.plan();
+        serde_json::from_slice(&fs::read(&p).with_context(|| {
+            format!(
+                "{} is not a run directory (no plan.json)",
+                self.root.display()
+            )
+        })?)
+        .with_context(|| format!("{} is unreadable", p.display()))
+    }
 
-/// Where replicate `replicate`'s per-replicate files live.
-pub fn replicate_dir(out: &Path, replicate: u64) -> PathBuf {
-    out.join("results").join(format!("r{replicate}"))
+    pub fn study_file(&self) -> PathBuf {
+        self.root.join("study.yaml")
+    }
+
+    /// Written by `merge --allow-partial`: the scores it left out.
+    pub fn partial(&self) -> PathBuf {
+        self.root.join("partial.json")
+    }
+
+    fn tagged(&self, stem: &str) -> PathBuf {
+        self.root
+            .join(format!("{stem}{}.json", shard_tag(self.shard)))
+    }
+
+    pub fn assignments(&self) -> PathBuf {
+        self.tagged("assignments")
+    }
+
+    pub fn provenance(&self) -> PathBuf {
+        self.tagged("provenance")
+    }
+
+    /// The last `run` invocation's phase times (not read by the report: they differ run to run).
+    pub fn timings(&self) -> PathBuf {
+        self.tagged("timings")
+    }
+
+    pub fn results(&self) -> PathBuf {
+        self.root.join("results")
+    }
+
+    /// Where replicate `replicate`'s per-replicate files live.
+    pub fn replicate(&self, replicate: u64) -> PathBuf {
+        self.results().join(format!("r{replicate}"))
+    }
+
+    pub fn result(&self, replicate: u64, key: &str) -> PathBuf {
+        self.replicate(replicate).join(format!("{key}.json"))
+    }
+
+    /// The unedited model's outcome on replicate `replicate`'s evaluation prompts.
+    pub fn reference(&self, replicate: u64) -> PathBuf {
+        self.replicate(replicate).join("reference.json")
+    }
+
+    /// Replicate `replicate`'s evaluation prompts and their sets.
+    pub fn prompts(&self, replicate: u64) -> PathBuf {
+        self.replicate(replicate).join("prompts.json")
+    }
+
+    /// Each classifier's accuracy on the labelled replies and the judge's cost.
+    pub fn classifiers(&self) -> PathBuf {
+        self.results().join("classifiers.json")
+    }
+
+    pub fn tune(&self, replicate: u64, variant_id: &str) -> PathBuf {
+        self.root
+            .join("tune")
+            .join(format!("r{replicate}"))
+            .join(format!("{variant_id}.json"))
+    }
+
+    pub fn search(&self, replicate: u64, key: &str) -> PathBuf {
+        self.root
+            .join("search")
+            .join(format!("r{replicate}"))
+            .join(format!("{key}.json"))
+    }
+
+    pub fn validation_dir(&self) -> PathBuf {
+        self.root.join("validation")
+    }
+
+    pub fn validation(&self) -> PathBuf {
+        self.validation_dir().join("validation.json")
+    }
+
+    /// A parquet table rebuilt from the results (`variants`, `outcomes`).
+    pub fn table(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.parquet"))
+    }
+
+    /// The content-addressed caches this process writes (one per shard, so shards never share
+    /// a file).
+    pub fn cache(&self) -> PathBuf {
+        match self.shard {
+            Some((i, n)) => self.root.join(format!("cache-shard-{i}-of-{n}")),
+            None => self.root.join("cache"),
+        }
+    }
+
+    /// A judge's cache: P(refusal) by (judge, prompt, reply) hash.
+    pub fn judge_cache(&self, judge: &str) -> PathBuf {
+        let safe: String = judge
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.cache().join(format!("judge-{safe}.json"))
+    }
+
+    /// The cached outcome of the unedited model on one prompt split.
+    pub fn reference_cache(&self, key: &str) -> PathBuf {
+        self.cache().join(format!("reference-{key}.json"))
+    }
+
+    /// The cached direction pass with content hash `key`.
+    pub fn direction_cache(&self, key: &str) -> DirectionCache {
+        DirectionCache::new(&self.cache(), key)
+    }
 }
 
 pub(super) fn shard_tag(shard: Option<(usize, usize)>) -> String {
     shard
         .map(|(i, n)| format!("-shard-{i}-of-{n}"))
         .unwrap_or_default()
-}
-
-pub fn assignments_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
-    out.join(format!("assignments{}.json", shard_tag(shard)))
-}
-
-pub fn provenance_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
-    out.join(format!("provenance{}.json", shard_tag(shard)))
-}
-
-/// The last `run` invocation's phase times (not read by the report: they differ run to run).
-pub fn timings_path(out: &Path, shard: Option<(usize, usize)>) -> PathBuf {
-    out.join(format!("timings{}.json", shard_tag(shard)))
-}
-
-/// A run directory's own name (`run` where it has none): the name its report takes when the
-/// study names none.
-pub fn folder_name(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into())
-}
-
-/// The plan a run directory holds.
-pub fn plan_of(dir: &Path) -> Result<Plan> {
-    Ok(serde_json::from_slice(&fs::read(dir.join("plan.json"))?)?)
 }

@@ -67,10 +67,8 @@ pub(super) fn read_json_tree<T: serde::de::DeserializeOwned>(
 }
 
 pub fn read_results(dir: &Path) -> Result<RunResults> {
-    let plan: Plan =
-        serde_json::from_slice(&fs::read(dir.join("plan.json")).with_context(|| {
-            format!("{} is not a run directory (no plan.json)", dir.display())
-        })?)?;
+    let run = RunDir::at(dir);
+    let plan = run.read_plan()?;
     let mut assignments: Vec<Assignment> = Vec::new();
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)?
         .map(|e| e.map(|e| e.path()))
@@ -90,7 +88,7 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
     let mut scores = BTreeMap::new();
     let mut references = BTreeMap::new();
     let mut detections = BTreeMap::new();
-    let results = dir.join("results");
+    let results = run.results();
     let mut prompts = BTreeMap::new();
     if results.is_dir() {
         for rep in fs::read_dir(&results)? {
@@ -169,10 +167,10 @@ pub fn read_results(dir: &Path) -> Result<RunResults> {
         detections,
         tunes: read_json_tree(dir, "tune")?,
         searches: read_json_tree(dir, "search")?,
-        missing: read_record::<serde_json::Value>(&dir.join("partial.json"))?
+        missing: read_record::<serde_json::Value>(&run.partial())?
             .and_then(|v| serde_json::from_value(v["missing"].clone()).ok())
             .unwrap_or_default(),
         prompts,
-        classifiers: read_record(&classifiers_path(dir))?,
+        classifiers: read_record(&run.classifiers())?,
     })
 }

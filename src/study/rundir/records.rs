@@ -4,9 +4,10 @@
 use super::*;
 
 /// Writes the plan, or checks that the directory holds this plan's results.
-pub fn write_or_check_plan(out: &Path, plan: &Plan) -> Result<()> {
+pub fn write_or_check_plan(run: &RunDir, plan: &Plan) -> Result<()> {
+    let out = run.root();
     let plan_json = serde_json::to_vec_pretty(plan)?;
-    let plan_path = out.join("plan.json");
+    let plan_path = run.plan();
     match fs::read(&plan_path) {
         Ok(old) if old != plan_json => {
             // Only the refusal classifiers changed: every stored score stays valid (the runner

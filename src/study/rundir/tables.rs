@@ -6,8 +6,8 @@ use super::*;
 /// prompt and score), rebuilt from the stored results. No wall-clock figure goes in, so a
 /// resumed run's tables equal an uninterrupted run's byte for byte (timings stay in the score
 /// files).
-pub fn write_tables(dir: &Path) -> Result<()> {
-    let r = read_results(dir)?;
+pub fn write_tables(run: &RunDir) -> Result<()> {
+    let r = read_results(run.root())?;
     let names: BTreeMap<&str, &PlannedVariant> =
         r.plan.variants.iter().map(|v| (v.id.as_str(), v)).collect();
     let (mut id, mut name, mut handling, mut rep, mut key, mut dims, mut shared) =
@@ -57,7 +57,7 @@ pub fn write_tables(dir: &Path) -> Result<()> {
             Column::new("over_refusal_rate".into(), over),
         ],
     )?;
-    detect::table::write_parquet(&mut df, &dir.join("variants.parquet"))?;
+    detect::table::write_parquet(&mut df, &run.table("variants"))?;
     let (mut skey, mut srep, mut set, mut idx, mut refused, mut reply, mut klv, mut overv) = (
         vec![],
         vec![],
@@ -139,22 +139,18 @@ pub fn write_tables(dir: &Path) -> Result<()> {
         columns.push(Column::new(format!("p_refusal_{j}").into(), col));
     }
     let mut df = DataFrame::new(h, columns)?;
-    detect::table::write_parquet(&mut df, &dir.join("outcomes.parquet"))?;
+    detect::table::write_parquet(&mut df, &run.table("outcomes"))?;
     Ok(())
-}
-
-pub fn validation_path(out: &Path) -> PathBuf {
-    out.join("validation").join("validation.json")
 }
 
 /// The detection validation, if the run has one.
 pub fn read_validation(dir: &Path) -> Result<Option<detect::validate::Validation>> {
-    read_record(&validation_path(dir))
+    read_record(&RunDir::at(dir).validation())
 }
 
 /// The validation's record and its two tables; the JSON is written last, as its completion mark.
-pub fn write_validation(out: &Path, v: &detect::validate::Validation) -> Result<()> {
-    let dir = out.join("validation");
+pub fn write_validation(run: &RunDir, v: &detect::validate::Validation) -> Result<()> {
+    let dir = run.validation_dir();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let c = &v.candidates;
     let n = c.len();
@@ -253,5 +249,5 @@ pub fn write_validation(out: &Path, v: &detect::validate::Validation) -> Result<
         ],
     )?;
     detect::table::write_parquet(&mut df, &dir.join("scores.parquet"))?;
-    write_record(&validation_path(out), v)
+    write_record(&run.validation(), v)
 }
