@@ -1283,27 +1283,17 @@ fn bench_study_prints_each_phase_of_a_fresh_run() {
 fn the_one_variant_command_scores_what_the_same_study_scores() {
     let tmp = tempfile::tempdir().unwrap();
     let study = tmp.path().join("one.yaml");
-    std::fs::write(
-        &study,
-        "model: smollm2-135m-instruct
-precision: f32
-datasets:
-  direction:
-    good: {name: harmless-outlierlab, count: 8}
-    bad: {name: advbench, count: 8}
-  evaluation:
-    good: {name: harmless-outlierlab, count: 4, offset: 8}
-    bad: {name: advbench, count: 4, offset: 8}
-evaluation: {max_response_tokens: 6, over_refusal_tokens: 4}
+    // GOOD's prompts, and the settings the command is given below.
+    let text = format!(
+        "precision: f32\n{}  - name: protect\n    handling: protect-output-rows\n",
+        GOOD.replace(
+            "variants:",
+            "evaluation: {max_response_tokens: 6, over_refusal_tokens: 4}
 detection: {preset: pr154, set: {median_ratio: 300, mad_ratio: 300}}
-variants:
-  - name: none
-    handling: none
-  - name: protect
-    handling: protect-output-rows
-",
-    )
-    .unwrap();
+variants:"
+        )
+    );
+    std::fs::write(&study, text).unwrap();
     let dir = tmp.path().join("run");
     let out = run_cli(&study, &dir, &[]);
     assert!(

@@ -147,36 +147,28 @@ pub fn prepare(
     prompt_hashes.insert(format!("r{seed}:direction"), hash_json(&dir.tuple()));
     prompt_hashes.insert(format!("r{seed}:evaluation"), hash_json(&eval.tuple()));
 
-    let t = Instant::now();
-    let (evaluator, base) = scored_reference(
-        s,
-        lm,
-        &eval,
-        (&model_key, store),
-        &format!("{label}unedited model"),
-    )?;
-    timings.push(
-        "unedited",
-        format!("r{seed} unedited model, evaluation split"),
-        t,
-    );
+    let mut reference = |prompts: &Pair<Vec<String>>, split: &str, what: &str| {
+        let t = Instant::now();
+        let r = scored_reference(
+            s,
+            lm,
+            prompts,
+            (&model_key, store),
+            &format!("{label}unedited model{what}"),
+        )?;
+        timings.push(
+            "unedited",
+            format!("r{seed} unedited model, {split} split"),
+            t,
+        );
+        anyhow::Ok(r)
+    };
+    let (evaluator, base) = reference(&eval, "evaluation", "")?;
     let selection = if sel.good.is_empty() {
         None
     } else {
         prompt_hashes.insert(format!("r{seed}:selection"), hash_json(&sel.tuple()));
-        let t = Instant::now();
-        let (evaluator, base) = scored_reference(
-            s,
-            lm,
-            &sel,
-            (&model_key, store),
-            &format!("{label}unedited model, selection split"),
-        )?;
-        timings.push(
-            "unedited",
-            format!("r{seed} unedited model, selection split"),
-            t,
-        );
+        let (evaluator, base) = reference(&sel, "selection", ", selection split")?;
         Some(Selection { evaluator, base })
     };
     Ok(Replicate {
