@@ -201,6 +201,13 @@ fn run_cli(study: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `run_cli`, which must succeed (its stderr is the failure message).
+fn run_ok(study: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = run_cli(study, out, extra);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 /// key → (refused, kl) of every stored score.
 fn scores(dir: &Path) -> BTreeMap<String, (Vec<bool>, Vec<f64>)> {
     let r = rundir::read_results(dir).unwrap();
@@ -217,12 +224,7 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
     std::fs::write(&study, RUN).unwrap();
 
     let full = tmp.path().join("full");
-    let out = run_cli(&study, &full, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&study, &full, &[]);
     let reference = scores(&full);
     let r = rundir::read_results(&full).unwrap();
     // The run records the CPU's vector paths it ran on, and the precision `auto` chose here:
@@ -357,12 +359,7 @@ fn runs_resume_after_kill_and_shards_merge_to_the_same_results() {
         tmp.path().join("merged"),
     );
     for (dir, s) in [(&a, "0/2"), (&b, "1/2")] {
-        let out = run_cli(&study, dir, &["--shard", s]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&study, dir, &["--shard", s]);
     }
     assert!(scores(&a).len() < 4 && scores(&b).len() < 4);
     let merge = |into: &Path, shards: &[&Path], extra: &[&str]| {
@@ -726,12 +723,7 @@ variants:
     let study = tmp.path().join("sel.yaml");
     std::fs::write(&study, &text).unwrap();
     let run = tmp.path().join("run");
-    let out = run_cli(&study, &run, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&study, &run, &[]);
     // A second classifier's labels are in the outcomes table, per reply, as in the score files.
     {
         use polars::prelude::*;
@@ -1295,12 +1287,7 @@ variants:"
     );
     std::fs::write(&study, text).unwrap();
     let dir = tmp.path().join("run");
-    let out = run_cli(&study, &dir, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&study, &dir, &[]);
     let r = rundir::read_results(&dir).unwrap();
 
     let out = Command::new(bin())

@@ -216,17 +216,19 @@ impl VariantArgs {
 }
 
 impl OneVariant {
-    /// The settings a study's replicate would be prepared with, for these variants.
+    /// The settings a study's replicate would be prepared with, for these variants. The
+    /// detection is the one `VariantArgs::variant` resolved (preset and `--set`), not resolved
+    /// again here.
     pub fn settings<'a>(
         &'a self,
         a: &'a VariantArgs,
         variants: &[&'a Variant],
-    ) -> Result<replicate::Settings<'a>> {
-        let detection = match variants.iter().find_map(|v| v.detect.clone()) {
-            Some(c) => c,
-            None => detect::preset(&a.detect_preset)?,
-        };
-        Ok(replicate::Settings {
+    ) -> replicate::Settings<'a> {
+        let detection = variants
+            .iter()
+            .find_map(|v| v.detect.clone())
+            .unwrap_or_default();
+        replicate::Settings {
             datasets: &self.datasets,
             base_seed: 0,
             redraw: Redraw::All,
@@ -234,7 +236,7 @@ impl OneVariant {
             detection,
             evaluation: self.evaluation.clone(),
             variants: variants.to_vec(),
-        })
+        }
     }
 }
 
@@ -267,7 +269,7 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
             },
         );
     }
-    let settings = one.settings(a, &variants.iter().collect::<Vec<_>>())?;
+    let settings = one.settings(a, &variants.iter().collect::<Vec<_>>());
     let rep = replicate::prepare(
         &settings,
         &lm,

@@ -22,7 +22,7 @@ pub fn run(args: &Args, precision: Precision) -> Result<()> {
     let one = a.one_variant(0)?;
     let mut lm = model::load_with(&a.model, precision)?;
     let v = a.variant(&lm)?;
-    let settings = one.settings(a, &[&v])?;
+    let settings = one.settings(a, &[&v]);
     let (data, detected) = replicate::direction(&settings, &lm, 0, &one.sets)?;
     let prep = variant::prepare_with_dims(&data, &v, &replicate::dims_for(&v, &detected)?)?;
     let summary =
