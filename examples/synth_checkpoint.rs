@@ -4,7 +4,7 @@
 //!         the Llama-3 rotary-scaling checkpoint (tests/fixtures/reference/scripts/llama3_rope.py)
 //!     cargo run --release --example synth_checkpoint -- --config CONFIG.json --seed S DIR [EDITED_DIR]
 //!         a checkpoint of CONFIG's family with weights from seed S; with EDITED_DIR, also the
-//!         same model after `synth::reference_edit`, exported as outlierlab exports an edit
+//!         same model after `ablate::reference_edit`, exported as outlierlab exports an edit
 //!         (tests/fixtures/reference/scripts/families.py)
 
 use anyhow::{bail, Context, Result};
@@ -29,7 +29,8 @@ fn main() -> Result<()> {
             synth::write_model(&m, &text, Path::new(dir), DType::BF16)?;
             println!("{dir}");
             if let [edited] = rest {
-                let (dirs, params) = synth::reference_edit(m.num_layers(), m.hidden_size());
+                let (dirs, params) =
+                    outlierlab::ablate::reference_edit(m.num_layers(), m.hidden_size());
                 outlierlab::ablate::abliterate(&mut m, &dirs, &params, &[])?;
                 let exported = m.config.to_hf_json(None, None);
                 // In f32, as `outlierlab export` writes an edited model.

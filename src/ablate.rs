@@ -118,7 +118,7 @@ impl AblationParams {
             min_weight_distance: (0.5 * l).round().max(1.0),
         };
         AblationParams {
-            direction_index: Some((0.6 * (l - 1.0)).round()),
+            direction_index: Some(crate::direction::default_index(layers) as f64),
             attn: k,
             mlp: k,
             row_norm: HERETIC_ROW_NORM,
@@ -398,6 +398,47 @@ pub fn with_edit<T>(
     let res = abliterate(model, dirs, params, protect).and_then(|_| f(model));
     model.restore_writers(&snap)?;
     res
+}
+
+/// The edit the family references check (tests/fixtures/reference/scripts/families.py): each
+/// layer its own direction, `v_l[i] ∝ sin(0.37 i + 0.1 l + 0.2)` for hidden state l, heretic's
+/// kernel on both writers, no row normalisation (ΔW = −λ v (vᵀ W), heretic's `none`).
+pub fn reference_edit(
+    layers: usize,
+    hidden: usize,
+) -> (crate::direction::Directions, AblationParams) {
+    let dirs = (0..=layers)
+        .map(|l| {
+            let v: Vec<f64> = (0..hidden)
+                .map(|i| (0.37 * i as f64 + 0.1 * l as f64 + 0.2).sin())
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| (x / n) as f32).collect()
+        })
+        .collect();
+    let params = AblationParams {
+        direction_index: None,
+        attn: Kernel {
+            max_weight: 1.2,
+            max_weight_position: 1.0,
+            min_weight: 0.4,
+            min_weight_distance: 2.0,
+        },
+        mlp: Kernel {
+            max_weight: 0.9,
+            max_weight_position: 2.0,
+            min_weight: 0.3,
+            min_weight_distance: 1.5,
+        },
+        row_norm: RowNorm::None,
+    };
+    (
+        crate::direction::Directions {
+            dirs,
+            orthogonalized: false,
+        },
+        params,
+    )
 }
 
 #[cfg(test)]

@@ -7,6 +7,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
+/// The hidden state whose direction an edit takes by default in a model of `layers` layers:
+/// the one at 60% depth, inside heretic's search range.
+pub fn default_index(layers: usize) -> usize {
+    (0.6 * (layers as f64 - 1.0)).round().max(0.0) as usize
+}
+
 /// Hidden states at the last prompt position: `data[(s * n + p) * d + j]` for hidden state `s`,
 /// prompt `p`, dim `j`.
 #[derive(Debug, Clone)]

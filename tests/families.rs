@@ -106,7 +106,7 @@ fn check(family: &str) {
     );
 
     // heretic's edit, on the matrices heretic edits.
-    let (dirs, params) = synth::reference_edit(m.num_layers(), m.hidden_size());
+    let (dirs, params) = outlierlab::ablate::reference_edit(m.num_layers(), m.hidden_size());
     outlierlab::ablate::abliterate(&mut m, &dirs, &params, &[]).unwrap();
     let edited = all_logits(&m, &ids);
     let d = max_diff(&edited, &flat(&fx["edited_logits"]));

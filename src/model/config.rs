@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::arch::llama::Llama3Rope;
 pub use crate::model::arch::Family;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,91 +46,6 @@ pub struct Config {
     /// v biases are its family's, not this).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attention_bias: bool,
-}
-
-/// Llama 3.x's rotary scaling: frequencies whose wavelength exceeds the original context over
-/// `low_freq_factor` are divided by `factor`, those below it over `high_freq_factor` kept, the
-/// band between interpolated (transformers' `_compute_llama3_parameters`).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Llama3Rope {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: f64,
-}
-
-impl Llama3Rope {
-    /// `inv_freq` rescaled, in f32 as transformers computes it.
-    pub fn apply(&self, inv_freq: &mut [f32]) {
-        let old = self.original_max_position_embeddings as f32;
-        let (lo, hi, factor) = (
-            self.low_freq_factor as f32,
-            self.high_freq_factor as f32,
-            self.factor as f32,
-        );
-        let low_freq_wavelen = old / lo;
-        let high_freq_wavelen = old / hi;
-        for f in inv_freq.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            let scaled = if wavelen > low_freq_wavelen {
-                *f / factor
-            } else {
-                *f
-            };
-            let smooth = (old / wavelen - lo) / (hi - lo);
-            let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-            // Finite frequencies: the band between the two wavelengths, both ends included.
-            let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
-            *f = if medium { smoothed } else { scaled };
-        }
-    }
-
-    /// As config.json's `rope_scaling` writes it.
-    pub fn to_hf(&self) -> serde_json::Value {
-        serde_json::json!({
-            "rope_type": "llama3",
-            "factor": self.factor,
-            "low_freq_factor": self.low_freq_factor,
-            "high_freq_factor": self.high_freq_factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings,
-        })
-    }
-
-    /// From config.json's `rope_scaling` (or transformers 5's `rope_parameters`): `None` for
-    /// the default rotary embedding, an error for a kind this runtime does not implement.
-    pub(crate) fn from_hf(v: &serde_json::Value) -> Result<Option<Llama3Rope>> {
-        let Some(r) = v
-            .get("rope_scaling")
-            .filter(|r| !r.is_null())
-            .or_else(|| v.get("rope_parameters"))
-        else {
-            return Ok(None);
-        };
-        let kind = r
-            .get("rope_type")
-            .or_else(|| r.get("type"))
-            .and_then(|x| x.as_str())
-            .unwrap_or("default");
-        match kind {
-            "default" => Ok(None),
-            "llama3" => {
-                let f = |k: &str| -> Result<f64> {
-                    r.get(k).and_then(|x| x.as_f64()).with_context(|| {
-                        format!("config.json: rope scaling `llama3` needs a number `{k}`")
-                    })
-                };
-                Ok(Some(Llama3Rope {
-                    factor: f("factor")?,
-                    low_freq_factor: f("low_freq_factor")?,
-                    high_freq_factor: f("high_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")?,
-                }))
-            }
-            other => anyhow::bail!(
-                "config.json: rope scaling `{other}` is not implemented (only the default rotary embedding and Llama 3's `llama3` are); this checkpoint would run with wrong positions"
-            ),
-        }
-    }
 }
 
 impl Config {

@@ -588,9 +588,7 @@ pub fn run(
             entries
         }
     };
-    let direction_state = crate::ablate::AblationParams::default_for(lm.model.num_layers())
-        .direction_index
-        .map(|i| i as usize + 1)
+    let direction_state = Some(crate::direction::default_index(lm.model.num_layers()) + 1)
         .filter(|&s| s < lm.model.num_layers() + 1);
     if let Some(st) = direction_state {
         let d = lm.model.hidden_size();

@@ -20,6 +20,7 @@ pub const ARCH: Arch = Arch {
     read_hf,
     write_hf,
     load_layer: |cfg, w, i| Ok(Box::new(Gemma3Layer::load(cfg, w, i, false)?)),
+    gguf: None,
 };
 
 /// Gemma 2 alternates: layer 1 local, layer 2 global, …

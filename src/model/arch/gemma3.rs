@@ -7,7 +7,7 @@
 //! Weights are held under Hugging Face names and in its convention (norm weights centred on 0);
 //! the (1 + w) each norm multiplies by is formed once at load time.
 
-use crate::model::arch::{Arch, Family};
+use crate::model::arch::{Arch, Family, Gguf};
 use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -23,12 +23,45 @@ pub const ARCH: Arch = Arch {
     read_hf,
     write_hf,
     load_layer: |cfg, w, i| Ok(Box::new(Gemma3Layer::load(cfg, w, i, true)?)),
+    gguf: Some(Gguf {
+        block_names: GGUF_NAMES,
+        rope_interleaved: false,
+        norm_plus_one: true,
+        read_meta: read_gguf_meta,
+    }),
 };
 
-/// What Gemma 3's GGUF metadata leaves out, as llama.cpp and transformers fill it in: every
-/// sixth layer is global, local layers rotate with base 10,000, queries scale by head_dim^−½.
-pub const GEMMA3_SLIDING_PATTERN: usize = 6;
-pub const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
+/// Every sixth layer is global and local layers rotate with base 10,000 unless config.json says
+/// otherwise (GGUF metadata never does).
+const GEMMA3_SLIDING_PATTERN: usize = 6;
+const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
+
+/// llama.cpp's names for the Gemma 3 block: norms on both sides of attention and the MLP, so its
+/// `ffn_norm` is the one before the MLP (Llama's `ffn_norm` is transformers' post-attention norm).
+const GGUF_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// What the GGUF metadata leaves out, filled in as llama.cpp and transformers do: the sliding
+/// pattern, the local rotary base, queries scaled by head_dim^−½.
+fn read_gguf_meta(meta: &dyn Fn(&str) -> Option<f64>, cfg: &mut Config) {
+    cfg.sliding_window = meta("attention.sliding_window").map(|x| x as usize);
+    cfg.sliding_pattern = GEMMA3_SLIDING_PATTERN;
+    cfg.rope_local_theta = Some(GEMMA3_LOCAL_THETA);
+    cfg.query_pre_attn_scalar = Some(cfg.head_dim as f64);
+}
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {
     read_gemma_attention(v, cfg, GEMMA3_SLIDING_PATTERN);

@@ -16,6 +16,7 @@ pub const ARCH: Arch = Arch {
     read_hf,
     write_hf,
     load_layer: crate::model::llama::load_layer,
+    gguf: None,
 };
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {

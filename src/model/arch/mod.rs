@@ -1,8 +1,8 @@
 //! One file per model family, holding everything the runtime knows of it: the `model_type`s that
 //! name it, the config.json keys it reads and writes, its layer as the checkpoint lays it out
 //! (tensor names, norms, rope), and its forward pass. A new family is one file and one line in
-//! [`ARCHES`]. (GGUF files, which only llama, qwen2 and gemma3 are read from, keep llama.cpp's
-//! names in `load/gguf.rs`.)
+//! [`ARCHES`]. A family that can be read from a GGUF file says so in [`Arch::gguf`], with
+//! llama.cpp's names for its tensors and what llama.cpp's converter changed in them.
 
 pub mod gemma2;
 pub mod gemma3;
@@ -49,7 +49,37 @@ pub struct Arch {
     pub write_hf: fn(&Config, &mut Map<String, Value>),
     /// Builds layer `i` from the checkpoint's tensors.
     pub load_layer: fn(&Config, &mut Weights, usize) -> Result<Box<dyn DecoderLayer>>,
+    /// How llama.cpp lays the family out in a GGUF file; `None`: GGUF files of it are refused.
+    pub gguf: Option<Gguf>,
 }
+
+/// A family as llama.cpp's converter writes it.
+pub struct Gguf {
+    /// A block tensor's llama.cpp name (`blk.N.<this>.weight`) → transformers' (`model.layers.N.<this>.weight`).
+    pub block_names: &'static [(&'static str, &'static str)],
+    /// The converter interleaved the two rotary halves of each q/k head (Llama).
+    pub rope_interleaved: bool,
+    /// Norm weights are stored as 1 + w (Gemma); transformers holds w.
+    pub norm_plus_one: bool,
+    /// Fills in what the family's config needs beyond the shared metadata, from the numbers
+    /// under `<architecture>.` (a key's suffix in, its value out).
+    pub read_meta: fn(&dyn Fn(&str) -> Option<f64>, &mut Config),
+}
+
+/// llama.cpp's names for the Llama block (and Qwen2's, which adds only biases).
+pub(crate) const LLAMA_GGUF_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+pub(crate) fn no_gguf_meta(_: &dyn Fn(&str) -> Option<f64>, _: &mut Config) {}
 
 /// Every family, in the order `--help` and errors list them.
 pub const ARCHES: [&Arch; 7] = [
@@ -124,7 +154,7 @@ pub(crate) fn read_attention_bias(v: &Value, cfg: &mut Config) -> Result<()> {
 
 /// The rotary scaling every Llama-like family may carry (only `llama3` is implemented).
 pub(crate) fn read_rope_scaling(v: &Value, cfg: &mut Config) -> Result<()> {
-    cfg.rope_scaling = crate::model::config::Llama3Rope::from_hf(v)?;
+    cfg.rope_scaling = llama::Llama3Rope::from_hf(v)?;
     Ok(())
 }
 

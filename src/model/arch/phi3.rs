@@ -26,6 +26,7 @@ pub const ARCH: Arch = Arch {
         };
         Ok(Box::new(LlamaLayer::load(cfg, w, i, o)?))
     },
+    gguf: None,
 };
 
 fn read_hf(v: &Value, cfg: &mut Config) -> Result<()> {

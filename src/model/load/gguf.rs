@@ -4,6 +4,7 @@
 //! Dequantising once at load is deliberate: f32 matmuls run far faster than quantised ones on a
 //! CPU, and abliteration rewrites the weights anyway.
 
+use crate::model::arch::{Gguf, ARCHES};
 use crate::model::{Config, Family, Weights};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -97,7 +98,8 @@ fn string_array(m: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
         .with_context(|| format!("GGUF metadata '{key}' is not a list of strings"))
 }
 
-fn hf_name(gguf: &str, family: Family) -> Option<String> {
+/// A llama.cpp tensor name in transformers' naming, by the family's own table.
+fn hf_name(gguf: &str, names: &Gguf) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -108,27 +110,7 @@ fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = tail.rsplit_once('.')?;
-    let hf = match (part, family) {
-        // Gemma 3 norms on both sides of attention and MLP; llama's ffn_norm is the one before
-        // the MLP, which transformers' Llama calls post_attention_layernorm.
-        ("ffn_norm", Family::Gemma3) => "pre_feedforward_layernorm",
-        ("post_attention_norm", Family::Gemma3) => "post_attention_layernorm",
-        ("post_ffw_norm", Family::Gemma3) => "post_feedforward_layernorm",
-        ("attn_q_norm", Family::Gemma3) => "self_attn.q_norm",
-        ("attn_k_norm", Family::Gemma3) => "self_attn.k_norm",
-        (part, _) => match part {
-            "attn_norm" => "input_layernorm",
-            "ffn_norm" => "post_attention_layernorm",
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            _ => return None,
-        },
-    };
+    let (_, hf) = names.block_names.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
@@ -159,12 +141,18 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let arch = meta_str(m, "general.architecture")
         .context("GGUF metadata has no 'general.architecture'")?;
     let family = Family::from_name(&arch)?;
-    if !matches!(family, Family::Llama | Family::Qwen2 | Family::Gemma3) {
+    let Some(gguf) = family.arch().gguf.as_ref() else {
+        let read: Vec<&str> = ARCHES
+            .iter()
+            .filter(|a| a.gguf.is_some())
+            .map(|a| a.name)
+            .collect();
         bail!(
-            "{shown}: GGUF files of the {} family are not read (llama, qwen2 and gemma3 are); load its Hugging Face folder (config.json and *.safetensors) instead",
-            family.name()
+            "{shown}: GGUF files of the {} family are not read ({} are); load its Hugging Face folder (config.json and *.safetensors) instead",
+            family.name(),
+            read.join(", ")
         );
-    }
+    };
     let a = |k: &str| format!("{arch}.{k}");
     let hidden_size = meta_u(m, &a("embedding_length"))?;
     let num_heads = meta_u(m, &a("attention.head_count"))?;
@@ -194,12 +182,14 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         attention_bias: false,
     };
     let mut config = config;
-    if family == Family::Gemma3 {
-        config.sliding_window = meta_u(m, &a("attention.sliding_window")).ok();
-        config.sliding_pattern = crate::model::gemma3::GEMMA3_SLIDING_PATTERN;
-        config.rope_local_theta = Some(crate::model::gemma3::GEMMA3_LOCAL_THETA);
-        config.query_pre_attn_scalar = Some(config.head_dim as f64);
-    }
+    let number = |k: &str| {
+        let k = a(k);
+        meta_u(m, &k)
+            .ok()
+            .map(|x| x as f64)
+            .or_else(|| meta_f(m, &k))
+    };
+    (gguf.read_meta)(&number, &mut config);
     config.validate()?;
 
     let token_types = match meta(m, "tokenizer.ggml.token_type") {
@@ -234,7 +224,7 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     // is built), so the whole checkpoint is never held in f32 at once.
     let by_hf: HashMap<String, String> = names
         .iter()
-        .filter_map(|n| hf_name(n, family).map(|h| (h, n.to_string())))
+        .filter_map(|n| hf_name(n, gguf).map(|h| (h, n.to_string())))
         .collect();
     let chat_template = meta_str(m, "tokenizer.chat_template");
     let name = meta_str(m, "general.name");
@@ -247,15 +237,14 @@ pub fn load(path: &Path) -> Result<GgufModel> {
             format!("{origin} is truncated or corrupt (tensor '{n}'); delete it and fetch it again")
         })?;
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if family == Family::Llama {
+        if gguf.rope_interleaved {
             if hf.ends_with("q_proj.weight") {
                 t = unpermute_rope(&t, num_heads)?;
             } else if hf.ends_with("k_proj.weight") {
                 t = unpermute_rope(&t, num_kv_heads)?;
             }
         }
-        // llama.cpp stores Gemma's norm weights as 1 + w; transformers' convention is w.
-        if family == Family::Gemma3 && hf.ends_with("norm.weight") {
+        if gguf.norm_plus_one && hf.ends_with("norm.weight") {
             t = (t - 1.0)?;
         }
         if t.dims().contains(&0) {
