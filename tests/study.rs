@@ -87,6 +87,16 @@ fn invalid_study_files_give_located_messages() {
         e.contains("`model`") && e.contains("unknown model 'no-such-model'"),
         "{e}"
     );
+    let e = err_of(&format!(
+        "{GOOD}evaluation: {{refusal: [heretic, 'judge:smollm2-135m-instruct'], judge_sample: 0.2}}\n"
+    ));
+    assert!(
+        e.contains("`evaluation.judge_sample`")
+            && e.contains("name both `phrases` and a `judge:MODEL`"),
+        "{e}"
+    );
+    let e = err_of(&format!("{GOOD}evaluation: {{judge_sample: 0}}\n"));
+    assert!(e.contains("must lie in (0, 1]"), "{e}");
     // The CLI prints the same, one line, non-zero exit.
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bad.yaml");
@@ -1367,5 +1377,84 @@ variants:"
     assert!(
         !by_name("protect").0.is_empty(),
         "the detection found no dims, so the test would not see a wrong one"
+    );
+}
+
+/// Two-phase judging on a study: the judge reads exactly the replies the design picks (every
+/// one where heretic and the phrases disagree, the seeded share of the rest), the others keep
+/// the label the two agree on, and the report estimates the judge's rate from what it read.
+#[test]
+fn two_phase_judging_reads_what_the_design_picks_and_reports_the_estimate() {
+    use outlierlab::evaluate::classify::{phrase_refusal, reply_key};
+    use outlierlab::stats::two_phase;
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("s.yaml");
+    let judge = "judge:smollm2-135m-instruct";
+    std::fs::write(
+        &study,
+        format!(
+            "name: two-phase
+model: smollm2-135m-instruct
+seed: 3
+datasets:
+  direction:
+    good: {{name: harmless-outlierlab, count: 6}}
+    bad: {{name: advbench, count: 6}}
+  evaluation:
+    good: {{name: harmless-outlierlab, count: 3, offset: 6}}
+    bad: {{name: advbench, count: 24, offset: 6}}
+ablation: {{direction_index: 17}}
+evaluation: {{max_response_tokens: 16, over_refusal_tokens: 0, batch_size: 24, refusal: [heretic, phrases, '{judge}'], judge_sample: 0.25}}
+variants:
+  - {{name: none, handling: none}}
+  - {{name: winsorize, handling: 'winsorize:0.95'}}
+"
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    run_ok(&study, &out, &[]);
+    let r = rundir::read_results(&out).unwrap();
+    assert_eq!(r.prompts.len(), 1, "one replicate");
+    let prompts = &r.prompts.values().next().unwrap().bad;
+    let mut outcomes: Vec<&outlierlab::evaluate::Outcome> =
+        r.scores.values().map(|s| &s.outcome).collect();
+    outcomes.extend(r.references.values());
+    let (mut certain, mut sampled, mut skipped) = (0, 0, 0);
+    for o in outcomes {
+        let read = &o.judge_read[judge];
+        let labels = &o.labels[judge];
+        for i in 0..o.replies.len() {
+            let disagree = o.refused[i] != phrase_refusal(&o.replies[i]);
+            let want = two_phase::sampled(3, reply_key(&prompts[i], &o.replies[i]), disagree, 0.25);
+            assert_eq!(read[i], want, "reply {i}");
+            assert_eq!(o.judge_scores[judge][i].is_some(), read[i]);
+            if !read[i] {
+                assert_eq!(
+                    labels[i], o.refused[i],
+                    "an unread reply keeps the agreed label"
+                );
+            }
+            match (disagree, read[i]) {
+                (true, _) => certain += 1,
+                (false, true) => sampled += 1,
+                (false, false) => skipped += 1,
+            }
+        }
+    }
+    // The design was exercised: some replies sampled, some left out.
+    assert!(
+        sampled > 0 && skipped > sampled,
+        "{certain} certain, {sampled} sampled, {skipped} not read"
+    );
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    let at = md
+        .find(&format!("### `{judge}` by two-phase sampling"))
+        .expect("the estimate's table");
+    let table = &md[at..];
+    assert!(
+        table.contains("| unedited | ") && table.contains("% | ["),
+        "{}",
+        &table[..table.len().min(1500)]
     );
 }

@@ -116,9 +116,13 @@ pub struct Outcome {
     /// Refusal labels by every other classifier the study names (`phrases`, `judge:MODEL`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, Vec<bool>>,
-    /// A judge's P(refusal) per reply.
+    /// A judge's P(refusal) per reply (None where two-phase judging did not read it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub judge_scores: BTreeMap<String, Vec<f64>>,
+    pub judge_scores: BTreeMap<String, Vec<Option<f64>>>,
+    /// Under two-phase judging (`evaluation.judge_sample` < 1), which replies the judge read;
+    /// its labels elsewhere are the label `heretic` and `phrases` agree on. Absent: it read all.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub judge_read: BTreeMap<String, Vec<bool>>,
     /// Whether each reply was cut at the first heretic marker (its outcome settled there).
     /// Results stored before this was recorded were cut.
     #[serde(default = "cut_by_default")]
@@ -372,6 +376,7 @@ impl Evaluator {
             seconds: t0.elapsed().as_secs_f64(),
             labels: BTreeMap::new(),
             judge_scores: BTreeMap::new(),
+            judge_read: BTreeMap::new(),
             stopped_at_marker: self.options.early_stop,
         })
     }
@@ -466,6 +471,7 @@ impl Evaluator {
         // Labels read from cut replies are stale.
         o.labels.clear();
         o.judge_scores.clear();
+        o.judge_read.clear();
         Ok((cut.len(), changed))
     }
 

@@ -200,13 +200,18 @@ pub fn prefill(
     pad_id: u32,
     caches: &mut [KvCache],
 ) -> Result<Prefilled> {
+    let per_pass = positions_per_pass(model);
+    prefill_in_passes(model, prompts, pad_id, caches, Passes::AtMost(per_pass))
+}
+
+/// The bound on the positions of one prefill pass (see `prefill`).
+fn positions_per_pass(model: &Model) -> usize {
     let widest = model
         .config
         .intermediate_size
         .max(model.config.hidden_size)
         .max(1);
-    let per_pass = (PREFILL_BYTES / (4 * widest)).max(MIN_PREFILL_POSITIONS);
-    prefill_in_passes(model, prompts, pad_id, caches, Passes::AtMost(per_pass))
+    (PREFILL_BYTES / (4 * widest)).max(MIN_PREFILL_POSITIONS)
 }
 
 /// How `prefill_in_passes` splits its rows into passes.
@@ -226,6 +231,19 @@ pub fn prefill_in_passes(
     pad_id: u32,
     caches: &mut [KvCache],
     passes: Passes,
+) -> Result<Prefilled> {
+    run_passes(model, prompts, pad_id, caches, passes, true)
+}
+
+/// The passes of `prefill_in_passes`; with `keep` false the rows' caches are dropped after their
+/// pass (only the logits are wanted), so `caches` ends holding the shared prefix alone.
+fn run_passes(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    caches: &mut [KvCache],
+    passes: Passes,
+    keep: bool,
 ) -> Result<Prefilled> {
     let shared = shared_prefix(model, prompts);
     let n = prompts.len();
@@ -291,16 +309,26 @@ pub fn prefill_in_passes(
             Logits::Last,
         )?;
         logits.push(out.logits.expect("asked for logits"));
-        parts.push((sub, sub_batch.seq_len()));
+        if keep {
+            parts.push((sub, sub_batch.seq_len()));
+        }
     }
-    // Back to the prompts' order, each pass's caches widened to the batch's length by masked
-    // slots between the prefix and the padding ([prefix][pads][own], as `mask` says).
-    let longest = batch.seq_len();
     let mut back = vec![0u32; n];
     for (at, &i) in order.iter().enumerate() {
         back[i] = at as u32;
     }
     let back = Tensor::from_vec(back, n, &Device::Cpu)?;
+    let logits = Tensor::cat(&logits, 0)?.index_select(&back, 0)?;
+    if !keep {
+        return Ok(Prefilled {
+            mask,
+            positions,
+            logits,
+        });
+    }
+    // Back to the prompts' order, each pass's caches widened to the batch's length by masked
+    // slots between the prefix and the padding ([prefix][pads][own], as `mask` says).
+    let longest = batch.seq_len();
     let widen = |t: &Tensor, len: usize| -> Result<Tensor> {
         if len == longest {
             return Ok(t.clone());
@@ -328,7 +356,6 @@ pub fn prefill_in_passes(
         }
         *c = KvCache::holding(join(&ks)?, join(&vs)?);
     }
-    let logits = Tensor::cat(&logits, 0)?.index_select(&back, 0)?;
     Ok(Prefilled {
         mask,
         positions,
@@ -391,12 +418,21 @@ fn after_prefix(batch: &Batch, shared: usize) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
 }
 
 /// The last position's logits of each prompt `[batch, vocab]`, with the shared prefix computed
-/// once (see `prefill`).
+/// once and the rows in passes by length (see `prefill`); no cache is kept.
 pub fn last_logits(model: &Model, prompts: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
     if prompts.is_empty() {
         bail!("no prompts to compute logits for");
     }
-    Ok(prefill(model, prompts, pad_id, &mut model.new_caches())?.logits)
+    let passes = Passes::AtMost(positions_per_pass(model));
+    Ok(run_passes(
+        model,
+        prompts,
+        pad_id,
+        &mut model.new_caches(),
+        passes,
+        false,
+    )?
+    .logits)
 }
 
 /// How many leading tokens all prompts share, leaving each at least one of its own. Zero for a

@@ -50,7 +50,9 @@ pub(super) fn classifier_section(
         ));
     }
     let agreements = classifier_agreements(&names, &all_arms);
+    let estimates = two_phase_estimates(r, &names, fam);
     classifier_rates(md, &names, &base, fam)?;
+    two_phase_table(md, r, &estimates)?;
     classifier_agreement_table(md, &agreements)?;
     classifier_verdicts(md, &names, &fams, st)?;
     classifier_disagreements(md, r, &names, &all_arms)?;
@@ -133,6 +135,126 @@ pub(super) fn classifier_rates(
         )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+/// Two-phase judging's estimate of a judge's refusal rate per arm, pooled over replicates
+/// (stats::two_phase), for each judge that did not read every reply.
+pub(super) struct TwoPhaseEstimates {
+    pub judge: String,
+    pub rows: Vec<(String, Option<stats::two_phase::Estimate>)>,
+}
+
+pub(super) fn two_phase_estimates(
+    r: &RunResults,
+    names: &[String],
+    fam: &Family,
+) -> Vec<TwoPhaseEstimates> {
+    let sampled = |n: &String| {
+        r.scores
+            .values()
+            .any(|s| s.outcome.judge_read.contains_key(n))
+    };
+    let mut out = Vec::new();
+    for judge in names
+        .iter()
+        .filter(|n| n.starts_with("judge:") && sampled(n))
+    {
+        // A prompt is one unit whichever replicate scored it: its text where recorded.
+        let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+        let mut replies_of = |outs: &[(u64, &Outcome)]| -> Vec<stats::two_phase::Reply> {
+            let mut v = Vec::new();
+            for (seed, o) in outs {
+                let (Some(labels), Some(phrases)) = (o.labels.get(judge), o.labels.get("phrases"))
+                else {
+                    continue;
+                };
+                let read = o.judge_read.get(judge);
+                for i in 0..o.refused.len() {
+                    let text = r
+                        .prompts
+                        .get(seed)
+                        .and_then(|p| p.bad.get(i).cloned())
+                        .unwrap_or_else(|| format!("r{seed}/{i}"));
+                    let next = ids.len();
+                    let prompt = *ids.entry(text).or_insert(next);
+                    let judged = read.is_none_or(|m| m.get(i).copied().unwrap_or(false));
+                    v.push(stats::two_phase::Reply {
+                        prompt,
+                        certain: o.refused[i] != phrases[i],
+                        judged: judged.then(|| labels[i]),
+                    });
+                }
+            }
+            v
+        };
+        let base: Vec<(u64, &Outcome)> = r.references.iter().map(|(k, o)| (*k, o)).collect();
+        let mut rows = vec![(
+            "unedited".to_string(),
+            stats::two_phase::estimate(&replies_of(&base), 0.95),
+        )];
+        for (i, arm) in fam.arms.iter().enumerate() {
+            let outs: Vec<(u64, &Outcome)> =
+                arm.outcomes.iter().map(|(k, (_, o))| (*k, *o)).collect();
+            rows.push((
+                format!("A{}: {}", i + 1, escape_cell(&arm.label())),
+                stats::two_phase::estimate(&replies_of(&outs), 0.95),
+            ));
+        }
+        out.push(TwoPhaseEstimates {
+            judge: judge.clone(),
+            rows,
+        });
+    }
+    out
+}
+
+fn two_phase_table(md: &mut String, r: &RunResults, estimates: &[TwoPhaseEstimates]) -> Result<()> {
+    for e in estimates {
+        let accuracy = r
+            .classifiers
+            .as_ref()
+            .and_then(|v| v["validation"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .find(|x| x["classifier"].as_str() == Some(e.judge.as_str()))
+            .map(|x| format!("{}/{} of the labelled replies", x["correct"], x["n"]));
+        writeln!(
+            md,
+            "### `{}` by two-phase sampling
+",
+            e.judge
+        )?;
+        writeln!(
+            md,
+            "The judge read every reply on which `heretic` and `phrases` disagree and a seeded sample of the rest \
+             (`evaluation.judge_sample`); elsewhere its column above holds the label the two agree on. Here its own \
+             rate is estimated from what it read — each sampled reply weighted by one over its stratum's sampled share — \
+             with a 95% interval over prompts (a prompt scored under several draws is one unit; the sampling's variance \
+             included; [method](../../docs/method.md#two-phase-judging)). Its accuracy: {}.\n",
+            accuracy.unwrap_or_else(|| "not validated in this run".into())
+        )?;
+        writeln!(md, "| arm | judge's refusal rate (estimated) | 95% interval | replies read (certain + sampled) of all | prompts |")?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for (label, est) in &e.rows {
+            match est {
+                Some(x) => writeln!(
+                    md,
+                    "| {label} | {:.1}% | [{:.1}%, {:.1}%] | {} ({} + {}) of {} | {} |",
+                    100.0 * x.rate,
+                    100.0 * x.lo,
+                    100.0 * x.hi,
+                    x.judged,
+                    x.certain,
+                    x.judged - x.certain,
+                    x.replies,
+                    x.prompts
+                )?,
+                None => writeln!(md, "| {label} | – | – | – | – |")?,
+            }
+        }
+        writeln!(md)?;
+    }
     Ok(())
 }
 
@@ -295,7 +417,7 @@ pub(super) fn classifier_disagreements(
                         " {} |",
                         o.judge_scores
                             .get(j)
-                            .and_then(|s| s.get(i))
+                            .and_then(|s| s.get(i).copied().flatten())
                             .map_or("–".into(), |p| format!("{p:.2}"))
                     ))
                 )?;
@@ -322,9 +444,10 @@ pub(super) fn labelled_replies(md: &mut String, r: &RunResults) -> Result<()> {
         writeln!(md, "### The classifiers on labelled replies\n")?;
         writeln!(
             md,
-            "`datasets/refusal-judgements.jsonl`: replies written for this project with their labels — clear refusals, clear \
+            "`datasets/refusal-judgements.jsonl`: replies labelled by hand by a written rule \
+             ([datasets/refusal-judgements.md](../../datasets/refusal-judgements.md)) — clear refusals, clear \
              compliance, and hard cases (compliance that mentions a marker word such as \"illegal\", refusals without any \
-             marker, partial compliance).\n"
+             marker, deflections, partial compliance).\n"
         )?;
         let vals = v["validation"].as_array().cloned().unwrap_or_default();
         let kinds: Vec<String> = vals

@@ -10,6 +10,7 @@
 //! - [`clustered`]: the same prompts under several direction draws — one unit per prompt, and
 //!   the draw-level reading that treats the draws as a random factor ([`student`]'s t);
 //! - [`power`]: minimum detectable differences and the prompts a difference would need;
+//! - [`two_phase`]: a judge's refusal rate from the replies it read by design, not all of them;
 //! - a seeded generator and a descriptive paired bootstrap.
 
 pub mod clustered;
@@ -17,6 +18,7 @@ pub mod family;
 pub mod paired;
 pub mod power;
 pub mod student;
+pub mod two_phase;
 
 use serde::{Deserialize, Serialize};
 

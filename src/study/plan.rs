@@ -45,6 +45,7 @@ impl Plan {
                 e.refusal = d.refusal;
                 e.headline = d.headline;
                 e.judge_threshold = d.judge_threshold;
+                e.judge_sample = d.judge_sample;
             }
             serde_json::to_string(&p).ok()
         };

@@ -69,6 +69,7 @@ pub fn run(study: &Study, study_text: &str, opts: &RunOptions) -> Result<usize> 
     let mut refusal = Labeller::load(
         &study.file.evaluation.classifiers()?,
         study.file.evaluation.judge_threshold,
+        Some((study.file.evaluation.judge_sample, study.file.seed)),
         plan.precision,
         |m| run.judge_cache(m),
     )?;

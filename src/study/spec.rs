@@ -284,6 +284,11 @@ pub struct EvaluationSpec {
     /// A judge labels a reply a refusal when P(no) / (P(yes) + P(no)) is at least this.
     #[serde(default = "d_judge_threshold")]
     pub judge_threshold: f64,
+    /// Two-phase judging: the judge reads every reply where `heretic` and `phrases` disagree
+    /// and this share of the others, drawn with the study's seed; the judge's rate is then
+    /// estimated from what it read (stats::two_phase). 1: every reply.
+    #[serde(default = "d_judge_sample", skip_serializing_if = "is_one")]
+    pub judge_sample: f64,
     /// heretic's marker list: `heretic-master` (default), `heretic-1.4`, `heretic-1.3`, or a
     /// file with one marker per line. A study file that names none gets the default written in
     /// when it is parsed, so a stored plan without one is a run from before the lists were
@@ -292,6 +297,12 @@ pub struct EvaluationSpec {
     pub markers: Option<String>,
 }
 
+fn d_judge_sample() -> f64 {
+    1.0
+}
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
 fn d_refusal() -> Vec<String> {
     vec!["heretic".into()]
 }
@@ -325,6 +336,7 @@ impl Default for EvaluationSpec {
             refusal: d_refusal(),
             headline: d_headline(),
             judge_threshold: d_judge_threshold(),
+            judge_sample: d_judge_sample(),
             markers: None,
         }
     }
@@ -557,6 +569,7 @@ const KEYS: &[&str] = &[
     "refusal",
     "headline",
     "judge_threshold",
+    "judge_sample",
     "markers",
     "alpha",
     "correction",
@@ -1171,6 +1184,22 @@ fn check_classifiers(s: &Study, text: &str) -> Result<()> {
     }
     if let Err(err) = crate::evaluate::MarkerList::resolve(e.markers()) {
         return Err(at_key(s, text, "evaluation.markers", format!("{err:#}")));
+    }
+    if !(e.judge_sample > 0.0 && e.judge_sample <= 1.0) {
+        return Err(at_key(
+            s,
+            text,
+            "evaluation.judge_sample",
+            format!("must lie in (0, 1], got {}", e.judge_sample),
+        ));
+    }
+    if e.judge_sample < 1.0 && (judges == 0 || !e.refusal.iter().any(|c| c == "phrases")) {
+        return Err(at_key(
+            s,
+            text,
+            "evaluation.judge_sample",
+            "two-phase judging reads the replies where `heretic` and `phrases` disagree: name both `phrases` and a `judge:MODEL` in evaluation.refusal, or drop judge_sample".into(),
+        ));
     }
     if !(e.judge_threshold > 0.0 && e.judge_threshold < 1.0) {
         return Err(at_key(

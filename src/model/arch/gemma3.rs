@@ -7,7 +7,7 @@
 //! Weights are held under Hugging Face names and in its convention (norm weights centred on 0);
 //! the (1 + w) each norm multiplies by is formed once at load time.
 
-use crate::model::arch::{Arch, Family, Gguf};
+use crate::model::arch::{self, Arch, Family, Gguf};
 use crate::model::{Config, DecoderLayer, KvCache, Linear, StepContext, Weights, Writer};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -56,7 +56,7 @@ const GGUF_NAMES: &[(&str, &str)] = &[
 
 /// What the GGUF metadata leaves out, filled in as llama.cpp and transformers do: the sliding
 /// pattern, the local rotary base, queries scaled by head_dim^−½.
-fn read_gguf_meta(meta: &dyn Fn(&str) -> Option<f64>, cfg: &mut Config) {
+fn read_gguf_meta(meta: &arch::GgufNumber, cfg: &mut Config) {
     cfg.sliding_window = meta("attention.sliding_window").map(|x| x as usize);
     cfg.sliding_pattern = GEMMA3_SLIDING_PATTERN;
     cfg.rope_local_theta = Some(GEMMA3_LOCAL_THETA);

@@ -63,8 +63,11 @@ pub struct Gguf {
     pub norm_plus_one: bool,
     /// Fills in what the family's config needs beyond the shared metadata, from the numbers
     /// under `<architecture>.` (a key's suffix in, its value out).
-    pub read_meta: fn(&dyn Fn(&str) -> Option<f64>, &mut Config),
+    pub read_meta: fn(&GgufNumber, &mut Config),
 }
+
+/// A GGUF metadata number by its key under `<architecture>.`, if the file has it.
+pub type GgufNumber<'a> = dyn Fn(&str) -> Option<f64> + 'a;
 
 /// llama.cpp's names for the Llama block (and Qwen2's, which adds only biases).
 pub(crate) const LLAMA_GGUF_NAMES: &[(&str, &str)] = &[
@@ -79,7 +82,7 @@ pub(crate) const LLAMA_GGUF_NAMES: &[(&str, &str)] = &[
     ("ffn_down", "mlp.down_proj"),
 ];
 
-pub(crate) fn no_gguf_meta(_: &dyn Fn(&str) -> Option<f64>, _: &mut Config) {}
+pub(crate) fn no_gguf_meta(_: &GgufNumber, _: &mut Config) {}
 
 /// Every family, in the order `--help` and errors list them.
 pub const ARCHES: [&Arch; 7] = [

@@ -92,7 +92,7 @@ pub fn write_tables(run: &RunDir) -> Result<()> {
         }
         for (j, col) in judges.iter().zip(scores.iter_mut()) {
             let p = s.outcome.judge_scores.get(*j);
-            col.extend((0..n_bad).map(|i| p.and_then(|v| v.get(i)).copied()));
+            col.extend((0..n_bad).map(|i| p.and_then(|v| v.get(i).copied().flatten())));
             col.extend(std::iter::repeat_n(None, s.outcome.kl.len()));
         }
         let src = r.prompts.get(&s.replicate);
