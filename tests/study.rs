@@ -853,6 +853,36 @@ statistics: {references: [none], margins: {refusals: 5, kl: 0.01}}
         out.contains(&format!("needs {:.0} prompts per arm", need.ceil())),
         "{out}"
     );
+    // Then the cost in advance, phase by phase, measured on this machine: the scores are three
+    // variants' of two replicates, the unedited model's one per replicate (no selection split,
+    // every split redrawn), so the scores cost three times the unedited model.
+    let seconds = |what: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no '{what}' line in {out}"));
+        let mut w = line.split_whitespace().rev();
+        let (unit, v) = (w.next().unwrap(), w.next().unwrap().parse::<f64>().unwrap());
+        v * match unit {
+            "s" => 1.0,
+            "min" => 60.0,
+            "h" => 3600.0,
+            u => panic!("unit {u} in {line}"),
+        }
+    };
+    assert!(out.contains("cost in advance on this machine"), "{out}");
+    let (direction, unedited, scores, total) = (
+        seconds("direction passes (2 replicate(s))"),
+        seconds("unedited model"),
+        seconds("scores (3 variants x 2 replicate(s)"),
+        seconds("total"),
+    );
+    assert!(direction > 0.0 && unedited > 0.0, "{out}");
+    assert!((scores / unedited - 3.0).abs() < 0.5, "{out}");
+    assert!(
+        (total - (direction + unedited + scores)).abs() <= 0.1 * total + 1.0,
+        "{out}"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 pub mod abliterate;
 pub mod bench;
+pub mod cost;
 pub mod datasets;
 pub mod detect;
 pub mod export;

@@ -10,7 +10,9 @@ pub struct Args {
     pub file: std::path::PathBuf,
     /// Also print, for the study's prompt counts, replicates and family, the smallest
     /// refusal and KL differences it can detect at its power after its correction, and warn
-    /// when those exceed its equivalence margins.
+    /// when those exceed its equivalence margins; then its wall time on this machine, phase by
+    /// phase, from its token counts and per-token costs measured now (loads the model, and the
+    /// judge if it names one, for a short benchmark each).
     #[arg(long)]
     pub power: bool,
     /// With --power: the assumed share of prompts whose refusal outcome differs between
@@ -43,6 +45,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     if let Some((discordance, kl_sd)) = power {
         print!("{}", power_in_advance(&study, &plan, discordance, kl_sd)?);
+        print!("{}", super::cost::cost_in_advance(&study, &plan)?);
     }
     Ok(())
 }

@@ -299,7 +299,7 @@ fn validate_detection(
 }
 
 /// Every prompt set any split names, loaded (and fetched) once.
-fn load_sets(study: &Study) -> Result<BTreeMap<String, Vec<String>>> {
+pub(crate) fn load_sets(study: &Study) -> Result<BTreeMap<String, Vec<String>>> {
     let mut sets: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let Some(d) = &study.file.datasets else {
         return Ok(sets);

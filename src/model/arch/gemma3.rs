@@ -24,7 +24,7 @@ pub const ARCH: Arch = Arch {
     write_hf,
     load_layer: |cfg, w, i| Ok(Box::new(Gemma3Layer::load(cfg, w, i, true)?)),
     gguf: Some(Gguf {
-        block_names: GGUF_NAMES,
+        norm_names: GGUF_NORMS,
         rope_interleaved: false,
         norm_plus_one: true,
         read_meta: read_gguf_meta,
@@ -36,22 +36,15 @@ pub const ARCH: Arch = Arch {
 const GEMMA3_SLIDING_PATTERN: usize = 6;
 const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
 
-/// llama.cpp's names for the Gemma 3 block: norms on both sides of attention and the MLP, so its
+/// llama.cpp's names for the Gemma 3 block's norms: on both sides of attention and the MLP, so its
 /// `ffn_norm` is the one before the MLP (Llama's `ffn_norm` is transformers' post-attention norm).
-const GGUF_NAMES: &[(&str, &str)] = &[
+const GGUF_NORMS: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
     ("post_attention_norm", "post_attention_layernorm"),
     ("ffn_norm", "pre_feedforward_layernorm"),
     ("post_ffw_norm", "post_feedforward_layernorm"),
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
 ];
 
 /// What the GGUF metadata leaves out, filled in as llama.cpp and transformers do: the sliding

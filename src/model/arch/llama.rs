@@ -20,7 +20,7 @@ pub const ARCH: Arch = Arch {
     write_hf,
     load_layer,
     gguf: Some(arch::Gguf {
-        block_names: arch::LLAMA_GGUF_NAMES,
+        norm_names: arch::LLAMA_GGUF_NORMS,
         rope_interleaved: true,
         norm_plus_one: false,
         read_meta: arch::no_gguf_meta,

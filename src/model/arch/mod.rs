@@ -55,8 +55,9 @@ pub struct Arch {
 
 /// A family as llama.cpp's converter writes it.
 pub struct Gguf {
-    /// A block tensor's llama.cpp name (`blk.N.<this>.weight`) → transformers' (`model.layers.N.<this>.weight`).
-    pub block_names: &'static [(&'static str, &'static str)],
+    /// A block's norm tensors, llama.cpp's name (`blk.N.<this>.weight`) → transformers'
+    /// (`model.layers.N.<this>.weight`); the projections are named as [`GGUF_PROJECTIONS`].
+    pub norm_names: &'static [(&'static str, &'static str)],
     /// The converter interleaved the two rotary halves of each q/k head (Llama).
     pub rope_interleaved: bool,
     /// Norm weights are stored as 1 + w (Gemma); transformers holds w.
@@ -69,10 +70,14 @@ pub struct Gguf {
 /// A GGUF metadata number by its key under `<architecture>.`, if the file has it.
 pub type GgufNumber<'a> = dyn Fn(&str) -> Option<f64> + 'a;
 
-/// llama.cpp's names for the Llama block (and Qwen2's, which adds only biases).
-pub(crate) const LLAMA_GGUF_NAMES: &[(&str, &str)] = &[
+/// llama.cpp's names for the Llama block's norms (and Qwen2's, which adds only biases).
+pub(crate) const LLAMA_GGUF_NORMS: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
     ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// llama.cpp's names for the projections of every family it is read for.
+pub const GGUF_PROJECTIONS: &[(&str, &str)] = &[
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),

@@ -24,7 +24,7 @@ pub const ARCH: Arch = Arch {
         Ok(Box::new(LlamaLayer::load(cfg, w, i, o)?))
     },
     gguf: Some(arch::Gguf {
-        block_names: arch::LLAMA_GGUF_NAMES,
+        norm_names: arch::LLAMA_GGUF_NORMS,
         rope_interleaved: false,
         norm_plus_one: false,
         read_meta: arch::no_gguf_meta,

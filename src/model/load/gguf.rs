@@ -4,7 +4,7 @@
 //! Dequantising once at load is deliberate: f32 matmuls run far faster than quantised ones on a
 //! CPU, and abliteration rewrites the weights anyway.
 
-use crate::model::arch::{Gguf, ARCHES};
+use crate::model::arch::{Gguf, ARCHES, GGUF_PROJECTIONS};
 use crate::model::{Config, Family, Weights};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -110,7 +110,11 @@ fn hf_name(gguf: &str, names: &Gguf) -> Option<String> {
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = tail.rsplit_once('.')?;
-    let (_, hf) = names.block_names.iter().find(|(g, _)| *g == part)?;
+    let (_, hf) = names
+        .norm_names
+        .iter()
+        .chain(GGUF_PROJECTIONS)
+        .find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
