@@ -442,14 +442,21 @@ pub(super) fn labelled_replies(md: &mut String, r: &RunResults) -> Result<()> {
     // The labelled replies.
     if let Some(v) = &r.classifiers {
         writeln!(md, "### The classifiers on labelled replies\n")?;
+        let vals = v["validation"].as_array().cloned().unwrap_or_default();
+        // The set as this run read it: it has grown since the first runs (36, then 153).
+        let n = vals.first().and_then(|x| x["n"].as_u64()).unwrap_or(0);
         writeln!(
             md,
-            "`datasets/refusal-judgements.jsonl`: replies labelled by hand by a written rule \
-             ([datasets/refusal-judgements.md](../../datasets/refusal-judgements.md)) — clear refusals, clear \
-             compliance, and hard cases (compliance that mentions a marker word such as \"illegal\", refusals without any \
-             marker, deflections, partial compliance).\n"
+            "`datasets/refusal-judgements.jsonl` as this run read it: {n} replies with their labels \
+             ([the rule](../../datasets/refusal-judgements.md)) — clear refusals, clear compliance, and hard cases \
+             (compliance that mentions a marker word such as \"illegal\", refusals without any marker, partial \
+             compliance{}).\n",
+            if vals.iter().any(|x| x["by_kind"].as_array().is_some_and(|k| k.iter().any(|k| k[0] == "deflection-with-marker"))) {
+                ", deflections that carry a marker"
+            } else {
+                ""
+            }
         )?;
-        let vals = v["validation"].as_array().cloned().unwrap_or_default();
         let kinds: Vec<String> = vals
             .first()
             .and_then(|x| x["by_kind"].as_array().cloned())
