@@ -78,7 +78,7 @@ pub fn cost_in_advance(study: &Study, plan: &Plan) -> Result<String> {
         .sum();
     let optimising = reps * trials as f64 * one_selection;
     let scores = reps * plan.variants.len() as f64 * one_eval;
-    let judge = judge_cost(study, plan, d, reps)?;
+    let judge = judge_cost(study, plan, d, reps, &rates)?;
     let total = direction + unedited + optimising + scores + judge.as_ref().map_or(0.0, |j| j.1);
     let mut out = String::new();
     writeln!(
@@ -134,14 +134,21 @@ fn judge_cost(
     plan: &Plan,
     d: &crate::study::spec::DatasetsSpec,
     reps: f64,
+    model_rates: &Rates,
 ) -> Result<Option<(String, f64)>> {
     let e = &study.file.evaluation;
     let Some(spec) = e.refusal.iter().find_map(|c| c.strip_prefix("judge:")) else {
         return Ok(None);
     };
-    eprintln!("measuring the judge {spec} ...");
-    let jm = model::load_with(spec, plan.precision)?;
-    let rates = measure(&jm, 16)?;
+    // A study that judges with its own model has measured it already.
+    let measured;
+    let rates = if spec == study.file.model {
+        model_rates
+    } else {
+        eprintln!("measuring the judge {spec} ...");
+        measured = measure(&model::load_with(spec, plan.precision)?, 16)?;
+        &measured
+    };
     let replies = (plan.variants.len() as f64 + 1.0) * reps * d.evaluation.bad.count() as f64;
     // A reply and its request, as the judge reads them after its shared instructions.
     let tokens = e.max_response_tokens as f64 + 48.0;

@@ -219,12 +219,7 @@ fn two_phase_table(md: &mut String, r: &RunResults, estimates: &[TwoPhaseEstimat
             .into_iter()
             .find(|x| x["classifier"].as_str() == Some(e.judge.as_str()))
             .map(|x| format!("{}/{} of the labelled replies", x["correct"], x["n"]));
-        writeln!(
-            md,
-            "### `{}` by two-phase sampling
-",
-            e.judge
-        )?;
+        writeln!(md, "### `{}` by two-phase sampling\n", e.judge)?;
         writeln!(
             md,
             "The judge read every reply on which `heretic` and `phrases` disagree and a seeded sample of the rest \
